@@ -1,0 +1,89 @@
+//! bulkhead-agent: PID 1 inside a bulkhead guest.
+//!
+//! As PID 1 it mounts the pseudo file systems, loads the kernel modules the image builder
+//! listed (in dependency order), reaps orphans and serves the agent protocol on vsock.
+//! Outside a VM (`--listen-unix PATH`) it serves the same protocol on a unix socket.
+//!
+//! A panic in PID 1 is a kernel panic, so nothing on the request path unwraps input;
+//! every request failure is a typed [`AgentError`] and the agent keeps serving.
+
+mod serve;
+mod sys;
+
+use std::os::unix::net::UnixListener;
+use std::time::Instant;
+
+use bulkhead_protocol::AGENT_VSOCK_PORT;
+
+fn log(msg: &str) {
+    // /dev/kmsg would interleave with the kernel log; the console is enough for a first cut.
+    eprintln!("bulkhead-agent: {msg}");
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--listen-unix") {
+        let Some(path) = args.get(i + 1) else {
+            eprintln!("bulkhead-agent: --listen-unix needs a path");
+            std::process::exit(2);
+        };
+        let _ = std::fs::remove_file(path);
+        let listener = match UnixListener::bind(path) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("bulkhead-agent: cannot listen on {path}: {e}");
+                std::process::exit(1);
+            }
+        };
+        let state = serve::AgentState::new(Instant::now(), sys::ModuleReport::default(), false);
+        for conn in listener.incoming().flatten() {
+            let st = state.clone();
+            std::thread::spawn(move || serve::serve_connection(conn, &st));
+        }
+        return;
+    }
+
+    let boot = Instant::now();
+    let pid1 = std::process::id() == 1;
+    if pid1 {
+        sys::early_mounts();
+    }
+    let modules = sys::load_modules("/etc/bulkhead/modules");
+    log(&format!(
+        "loaded {} modules ({} failed) in {} ms",
+        modules.loaded,
+        modules.failed,
+        boot.elapsed().as_millis()
+    ));
+    let port = sys::cmdline_param("bulkhead.agent_port")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(AGENT_VSOCK_PORT);
+    if pid1 {
+        std::thread::spawn(sys::reap_children_forever);
+    }
+    let state = serve::AgentState::new(boot, modules, pid1);
+    loop {
+        match sys::VsockListener::bind(port) {
+            Ok(l) => {
+                log(&format!("listening on vsock port {port}"));
+                loop {
+                    match l.accept() {
+                        Ok(conn) => {
+                            let st = state.clone();
+                            std::thread::spawn(move || serve::serve_connection(conn, &st));
+                        }
+                        Err(e) => {
+                            log(&format!("accept failed: {e}"));
+                            std::thread::sleep(std::time::Duration::from_millis(50));
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                // Never exit as PID 1: retry (the vsock module may still be settling).
+                log(&format!("cannot listen on vsock port {port}: {e}; retrying"));
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! One connection's request loop.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bulkhead_protocol::{
+    decode, encode, read_frame, write_frame, AgentError, FrameError, HealthInfo, Hello,
+    HelloReply, Request, Response, MAX_READ, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
+
+use crate::sys;
+
+#[derive(Clone)]
+pub struct AgentState(Arc<Inner>);
+
+struct Inner {
+    boot: Instant,
+    modules: sys::ModuleReport,
+    /// Running as PID 1 in a guest: shutdown powers the machine off.
+    pid1: bool,
+}
+
+impl AgentState {
+    pub fn new(boot: Instant, modules: sys::ModuleReport, pid1: bool) -> Self {
+        AgentState(Arc::new(Inner {
+            boot,
+            modules,
+            pid1,
+        }))
+    }
+}
+
+/// Serve one connection until the peer closes it or breaks framing.
+pub fn serve_connection<S: Read + Write>(mut conn: S, state: &AgentState) {
+    // Handshake first; anything else closes the connection.
+    let hello = match read_frame(&mut conn).and_then(|p| decode::<Hello>(&p)) {
+        Ok(h) => h,
+        Err(_) => return,
+    };
+    let reply = if hello.magic != Hello::MAGIC {
+        HelloReply::Refused {
+            reason: "bad magic".into(),
+        }
+    } else if hello.version < MIN_PROTOCOL_VERSION {
+        HelloReply::Refused {
+            reason: format!(
+                "protocol {} is older than the oldest supported ({MIN_PROTOCOL_VERSION})",
+                hello.version
+            ),
+        }
+    } else {
+        HelloReply::Accepted {
+            version: hello.version.min(PROTOCOL_VERSION),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+        }
+    };
+    let refused = matches!(reply, HelloReply::Refused { .. });
+    if send(&mut conn, &reply).is_err() || refused {
+        return;
+    }
+
+    loop {
+        let payload = match read_frame(&mut conn) {
+            Ok(p) => p,
+            // Oversized frame: the stream position is lost; say why and drop the connection.
+            Err(FrameError::TooLarge(n)) => {
+                let _ = send(
+                    &mut conn,
+                    &Response::Error(AgentError::Malformed(format!("frame of {n} bytes"))),
+                );
+                return;
+            }
+            Err(_) => return,
+        };
+        let (resp, then_power_off) = match decode::<Request>(&payload) {
+            Ok(req) => handle(req, state),
+            Err(e) => (Response::Error(AgentError::Malformed(e.to_string())), false),
+        };
+        if send(&mut conn, &resp).is_err() {
+            return;
+        }
+        if then_power_off {
+            sys::power_off();
+        }
+    }
+}
+
+fn send<S: Write, T: serde::Serialize>(conn: &mut S, msg: &T) -> Result<(), FrameError> {
+    write_frame(conn, &encode(msg)?)
+}
+
+fn handle(req: Request, state: &AgentState) -> (Response, bool) {
+    let r = match req {
+        Request::Health => Ok(Response::Health(HealthInfo {
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            protocol_version: PROTOCOL_VERSION,
+            kernel_release: sys::kernel_release(),
+            uptime_ms: sys::uptime_ms().unwrap_or(state.0.boot.elapsed().as_millis() as u64),
+            modules_loaded: state.0.modules.loaded,
+            modules_failed: state.0.modules.failed,
+        })),
+        Request::MountVirtiofs { tag, target } => {
+            sys::mount_virtiofs(&tag, &target).map(|_| Response::Ok)
+        }
+        Request::ReadFile { path, offset, len } => read_file(&path, offset, len).map(Response::Data),
+        Request::Shutdown => return (Response::Ok, state.0.pid1),
+    };
+    (r.unwrap_or_else(Response::Error), false)
+}
+
+fn read_file(path: &str, offset: u64, len: u32) -> Result<Vec<u8>, AgentError> {
+    if len > MAX_READ {
+        return Err(AgentError::InvalidArgument(format!(
+            "len {len} exceeds {MAX_READ}"
+        )));
+    }
+    let mut f = std::fs::File::open(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => AgentError::NotFound(path.into()),
+        _ => AgentError::Io(format!("{path}: {e}")),
+    })?;
+    f.seek(SeekFrom::Start(offset))
+        .map_err(|e| AgentError::Io(format!("{path}: {e}")))?;
+    let mut buf = Vec::with_capacity(len as usize);
+    f.take(len as u64)
+        .read_to_end(&mut buf)
+        .map_err(|e| AgentError::Io(format!("{path}: {e}")))?;
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bulkhead_protocol::client::AgentClient;
+    use std::os::unix::net::UnixStream;
+
+    fn agent() -> (UnixStream, std::thread::JoinHandle<()>) {
+        let (a, b) = UnixStream::pair().unwrap();
+        let st = AgentState::new(Instant::now(), sys::ModuleReport::default(), false);
+        let t = std::thread::spawn(move || serve_connection(b, &st));
+        (a, t)
+    }
+
+    #[test]
+    fn handshake_health_read_and_errors() {
+        let (a, t) = agent();
+        let mut c = AgentClient::handshake(a).unwrap();
+        assert_eq!(c.version, PROTOCOL_VERSION);
+        let h = c.health().unwrap();
+        assert_eq!(h.protocol_version, PROTOCOL_VERSION);
+        assert!(!h.kernel_release.is_empty());
+
+        let dir = std::env::temp_dir().join(format!("bh-agent-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("f");
+        std::fs::write(&f, b"0123456789").unwrap();
+        assert_eq!(c.read_file(f.to_str().unwrap(), 3, 4).unwrap(), b"3456");
+        assert_eq!(c.read_file(f.to_str().unwrap(), 100, 4).unwrap(), b"");
+        let e = c.read_file("/nonexistent/bulkhead", 0, 4).unwrap_err();
+        assert!(e.to_string().contains("not found"), "{e}");
+        let e = c.read_file(f.to_str().unwrap(), 0, MAX_READ + 1).unwrap_err();
+        assert!(e.to_string().contains("invalid argument"), "{e}");
+        // Shutdown outside PID 1 answers Ok and powers nothing off.
+        c.expect_ok(&Request::Shutdown).unwrap();
+        // Still serving afterwards.
+        c.health().unwrap();
+        drop(c);
+        t.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn malformed_frame_gets_typed_error_and_connection_lives() {
+        let (mut a, t) = agent();
+        write_frame(&mut a, &encode(&Hello::current()).unwrap()).unwrap();
+        let _: HelloReply = decode(&read_frame(&mut a).unwrap()).unwrap();
+        write_frame(&mut a, &[0xff, 0xff, 0xff]).unwrap();
+        let r: Response = decode(&read_frame(&mut a).unwrap()).unwrap();
+        assert!(matches!(r, Response::Error(AgentError::Malformed(_))));
+        write_frame(&mut a, &encode(&Request::Health).unwrap()).unwrap();
+        let r: Response = decode(&read_frame(&mut a).unwrap()).unwrap();
+        assert!(matches!(r, Response::Health(_)));
+        drop(a);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn oversized_frame_is_refused_and_connection_closed() {
+        let (mut a, t) = agent();
+        write_frame(&mut a, &encode(&Hello::current()).unwrap()).unwrap();
+        let _: HelloReply = decode(&read_frame(&mut a).unwrap()).unwrap();
+        a.write_all(&u32::MAX.to_le_bytes()).unwrap();
+        let r: Response = decode(&read_frame(&mut a).unwrap()).unwrap();
+        assert!(matches!(r, Response::Error(AgentError::Malformed(_))));
+        assert!(matches!(read_frame(&mut a), Err(FrameError::Closed)));
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn bad_magic_and_old_version_are_refused() {
+        for hello in [
+            Hello {
+                magic: *b"XXXX",
+                version: PROTOCOL_VERSION,
+            },
+            Hello {
+                magic: Hello::MAGIC,
+                version: 0,
+            },
+        ] {
+            let (mut a, t) = agent();
+            write_frame(&mut a, &encode(&hello).unwrap()).unwrap();
+            let r: HelloReply = decode(&read_frame(&mut a).unwrap()).unwrap();
+            assert!(matches!(r, HelloReply::Refused { .. }));
+            assert!(matches!(read_frame(&mut a), Err(FrameError::Closed)));
+            t.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn request_before_handshake_closes() {
+        let (mut a, t) = agent();
+        write_frame(&mut a, &encode(&Request::Health).unwrap()).unwrap();
+        assert!(matches!(read_frame(&mut a), Err(FrameError::Closed)));
+        t.join().unwrap();
+    }
+}

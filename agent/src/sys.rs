@@ -1,0 +1,184 @@
+//! The few system calls the agent makes as PID 1.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use bulkhead_protocol::AgentError;
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ModuleReport {
+    pub loaded: u32,
+    pub failed: u32,
+}
+
+fn mount(src: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) -> io::Result<()> {
+    let c = |s: &str| CString::new(s).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput));
+    let (src, target, fstype, data) = (c(src)?, c(target)?, c(fstype)?, c(data)?);
+    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            data.as_ptr().cast(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Mount /proc, /sys, /dev, /run and /tmp. Failures are logged, not fatal.
+pub fn early_mounts() {
+    let nosuid = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    for (src, target, fstype, flags, data) in [
+        ("proc", "/proc", "proc", nosuid, ""),
+        ("sysfs", "/sys", "sysfs", nosuid, ""),
+        ("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755"),
+        ("tmpfs", "/run", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=0755"),
+        ("tmpfs", "/tmp", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, ""),
+    ] {
+        let _ = std::fs::create_dir_all(target);
+        if let Err(e) = mount(src, target, fstype, flags, data) {
+            if e.raw_os_error() != Some(libc::EBUSY) {
+                eprintln!("bulkhead-agent: mount {target}: {e}");
+            }
+        }
+    }
+}
+
+/// Load every module listed (one path per line) in order; a missing list loads nothing.
+pub fn load_modules(list: &str) -> ModuleReport {
+    let mut rep = ModuleReport::default();
+    let Ok(text) = std::fs::read_to_string(list) else {
+        return rep;
+    };
+    for path in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        match finit_module(path) {
+            Ok(()) => rep.loaded += 1,
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => rep.loaded += 1,
+            Err(e) => {
+                rep.failed += 1;
+                eprintln!("bulkhead-agent: module {path}: {e}");
+            }
+        }
+    }
+    rep
+}
+
+fn finit_module(path: &str) -> io::Result<()> {
+    let f = File::open(path)?;
+    let params = c"";
+    // SAFETY: finit_module takes a valid fd and a NUL-terminated parameter string.
+    let rc = unsafe { libc::syscall(libc::SYS_finit_module, f.as_raw_fd(), params.as_ptr(), 0) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Value of `key=value` on the kernel command line.
+pub fn cmdline_param(key: &str) -> Option<String> {
+    let text = std::fs::read_to_string("/proc/cmdline").ok()?;
+    text.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=').map(str::to_owned))
+}
+
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+pub fn uptime_ms() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/uptime").ok()?;
+    let secs: f64 = text.split_whitespace().next()?.parse().ok()?;
+    Some((secs * 1000.0) as u64)
+}
+
+/// PID 1 inherits every orphan; reap them so they never pile up as zombies.
+pub fn reap_children_forever() {
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid with a valid status pointer.
+        let rc = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if rc < 0 {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+}
+
+pub fn mount_virtiofs(tag: &str, target: &str) -> Result<(), AgentError> {
+    if tag.is_empty() || tag.len() > 36 || !target.starts_with('/') || target.contains('\0') {
+        return Err(AgentError::InvalidArgument(format!(
+            "tag {tag:?} / target {target:?}"
+        )));
+    }
+    std::fs::create_dir_all(target).map_err(|e| AgentError::Io(format!("{target}: {e}")))?;
+    mount(tag, target, "virtiofs", 0, "")
+        .map_err(|e| AgentError::Io(format!("mount virtiofs {tag} on {target}: {e}")))
+}
+
+pub fn power_off() {
+    // SAFETY: sync and reboot take no pointers; reboot only returns on failure.
+    unsafe {
+        libc::sync();
+        libc::reboot(libc::LINUX_REBOOT_CMD_POWER_OFF);
+    }
+}
+
+/// A listening AF_VSOCK stream socket.
+pub struct VsockListener(OwnedFd);
+
+impl VsockListener {
+    pub fn bind(port: u32) -> io::Result<Self> {
+        // SAFETY: plain socket(2) call; the result is checked before use.
+        let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh socket we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sockaddr_vm is plain data; zeroed is a valid starting value.
+        let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+        addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+        addr.svm_port = port;
+        addr.svm_cid = libc::VMADDR_CID_ANY;
+        // SAFETY: addr is a valid sockaddr_vm and the length matches it.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_vm).cast(),
+                std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+            )
+        };
+        // SAFETY: listen on a bound socket we own.
+        if rc < 0 || unsafe { libc::listen(fd.as_raw_fd(), 64) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(VsockListener(fd))
+    }
+
+    pub fn accept(&self) -> io::Result<File> {
+        // SAFETY: accept4 with null address pointers is allowed.
+        let fd = unsafe {
+            libc::accept4(
+                self.0.as_raw_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: accept4 returned a new fd that we now own.
+        Ok(unsafe { File::from_raw_fd(fd) })
+    }
+}

@@ -1,0 +1,172 @@
+//! Host-side client for the agent, over a hybrid vsock unix socket (the VMM's vsock
+//! socket: connect, send `CONNECT <port>\n`, read `OK <hostport>\n`).
+//!
+//! Everything read from the agent is untrusted: frames are bounded by [`MAX_FRAME`] and
+//! decoding failures are errors, never panics.
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::{
+    decode, encode, read_frame, write_frame, AgentError, FrameError, Hello, HelloReply,
+    Request, Response, MIN_PROTOCOL_VERSION,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to {path}: {source}")]
+    Connect { path: String, source: io::Error },
+    #[error("vsock handshake failed: {0}")]
+    Handshake(String),
+    #[error("agent refused the connection: {0}")]
+    Refused(String),
+    #[error("agent speaks protocol {0}, oldest supported is {MIN_PROTOCOL_VERSION}")]
+    Version(u32),
+    #[error("agent error: {0}")]
+    Agent(#[from] AgentError),
+    #[error("unexpected response: {0}")]
+    Unexpected(String),
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+}
+
+/// Open a stream to `port` in the guest through the VMM's hybrid vsock socket.
+pub fn connect_hybrid_vsock(
+    socket: &Path,
+    port: u32,
+    timeout: Duration,
+) -> Result<UnixStream, ClientError> {
+    let mut s = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
+        path: socket.display().to_string(),
+        source,
+    })?;
+    s.set_read_timeout(Some(timeout))
+        .and_then(|_| s.set_write_timeout(Some(timeout)))
+        .map_err(|e| ClientError::Handshake(e.to_string()))?;
+    s.write_all(format!("CONNECT {port}\n").as_bytes())
+        .map_err(|e| ClientError::Handshake(e.to_string()))?;
+    // Read the reply a byte at a time so nothing after the newline is consumed.
+    let mut line = Vec::with_capacity(32);
+    loop {
+        let mut b = [0u8; 1];
+        match s.read(&mut b) {
+            Ok(0) => {
+                return Err(ClientError::Handshake(format!(
+                    "connection closed (no listener on guest port {port}?)"
+                )))
+            }
+            Ok(_) if b[0] == b'\n' => break,
+            Ok(_) if line.len() >= 32 => {
+                return Err(ClientError::Handshake("reply line too long".into()))
+            }
+            Ok(_) => line.push(b[0]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ClientError::Handshake(e.to_string())),
+        }
+    }
+    let line = String::from_utf8_lossy(&line);
+    if !line.starts_with("OK ") {
+        return Err(ClientError::Handshake(format!("unexpected reply {line:?}")));
+    }
+    Ok(s)
+}
+
+/// One handshaken connection to the agent.
+pub struct AgentClient<S: Read + Write> {
+    stream: S,
+    pub version: u32,
+    pub agent_version: String,
+}
+
+impl<S: Read + Write> AgentClient<S> {
+    /// Run the version handshake on an open stream.
+    pub fn handshake(mut stream: S) -> Result<Self, ClientError> {
+        write_frame(&mut stream, &encode(&Hello::current())?)?;
+        let reply: HelloReply = decode(&read_frame(&mut stream)?)?;
+        match reply {
+            HelloReply::Accepted {
+                version,
+                agent_version,
+            } => {
+                if version < MIN_PROTOCOL_VERSION {
+                    return Err(ClientError::Version(version));
+                }
+                Ok(AgentClient {
+                    stream,
+                    version,
+                    agent_version,
+                })
+            }
+            HelloReply::Refused { reason } => Err(ClientError::Refused(reason)),
+        }
+    }
+
+    /// Send a request and wait for its response. An [`Response::Error`] becomes
+    /// [`ClientError::Agent`].
+    pub fn call(&mut self, req: &Request) -> Result<Response, ClientError> {
+        write_frame(&mut self.stream, &encode(req)?)?;
+        match decode(&read_frame(&mut self.stream)?)? {
+            Response::Error(e) => Err(e.into()),
+            r => Ok(r),
+        }
+    }
+
+    pub fn health(&mut self) -> Result<crate::HealthInfo, ClientError> {
+        match self.call(&Request::Health)? {
+            Response::Health(h) => Ok(h),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    pub fn read_file(&mut self, path: &str, offset: u64, len: u32) -> Result<Vec<u8>, ClientError> {
+        match self.call(&Request::ReadFile {
+            path: path.into(),
+            offset,
+            len,
+        })? {
+            Response::Data(d) if d.len() <= len as usize => Ok(d),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    pub fn expect_ok(&mut self, req: &Request) -> Result<(), ClientError> {
+        match self.call(req)? {
+            Response::Ok => Ok(()),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::BufRead;
+    use std::os::unix::net::UnixListener;
+
+    #[test]
+    fn hybrid_handshake_and_refusal() {
+        let dir = std::env::temp_dir().join(format!("bh-client-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("v.sock");
+        let _ = std::fs::remove_file(&sock);
+        let l = UnixListener::bind(&sock).unwrap();
+        let t = std::thread::spawn(move || {
+            // First connection: accept. Second: garbage reply.
+            let (s, _) = l.accept().unwrap();
+            let mut r = io::BufReader::new(s.try_clone().unwrap());
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            assert_eq!(line, "CONNECT 1024\n");
+            (&s).write_all(b"OK 1073741824\n").unwrap();
+            let (mut s2, _) = l.accept().unwrap();
+            s2.write_all(b"NOPE\n").unwrap();
+        });
+        connect_hybrid_vsock(&sock, 1024, Duration::from_secs(5)).unwrap();
+        let e = connect_hybrid_vsock(&sock, 5, Duration::from_secs(5)).unwrap_err();
+        assert!(matches!(e, ClientError::Handshake(_)), "{e}");
+        t.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
