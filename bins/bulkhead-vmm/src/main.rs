@@ -1,1 +1,36 @@
-fn main(){}
+//! Thin entry point: parse the configuration, run the VM, map the outcome to an exit
+//! status (see [`bulkhead_vmm::exit::ExitReason::status`]).
+
+use bulkhead_vmm::config::VmConfig;
+use bulkhead_vmm::exit::ExitReason;
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("BULKHEAD_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        println!("{}", bulkhead_vmm::config::USAGE);
+        return;
+    }
+    let cfg = match VmConfig::from_args(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("bulkhead-vmm: {e}");
+            std::process::exit(2);
+        }
+    };
+    match bulkhead_vmm::vmm::run(&cfg) {
+        Ok(reason) => {
+            if let ExitReason::Crash(msg) = &reason {
+                eprintln!("bulkhead-vmm: guest crashed: {msg}");
+            }
+            std::process::exit(reason.status());
+        }
+        Err(e) => {
+            eprintln!("bulkhead-vmm: {e}");
+            std::process::exit(1);
+        }
+    }
+}

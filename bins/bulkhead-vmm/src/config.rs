@@ -1,0 +1,371 @@
+//! What a VM is made of: from a JSON file (how bulkheadd drives us) or command-line flags.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::layout;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("cannot read config {path}: {msg}")]
+    File { path: String, msg: String },
+}
+
+fn invalid<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError::Invalid(msg.into()))
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SerialOut {
+    Stdout,
+    File(PathBuf),
+    #[default]
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    pub cid: u32,
+    pub socket: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub readonly: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsConfig {
+    pub tag: String,
+    pub socket: PathBuf,
+    #[serde(default = "default_fs_queue")]
+    pub queue_size: u16,
+}
+
+fn default_fs_queue() -> u16 {
+    1024
+}
+
+fn default_cpus() -> u8 {
+    1
+}
+fn default_mem() -> u64 {
+    256
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    #[serde(default)]
+    pub cmdline: String,
+    #[serde(default = "default_cpus")]
+    pub cpus: u8,
+    #[serde(default = "default_mem")]
+    pub memory_mib: u64,
+    #[serde(default)]
+    pub serial: SerialOut,
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+    #[serde(default)]
+    pub rng: bool,
+    /// virtio-console output file.
+    #[serde(default)]
+    pub console: Option<PathBuf>,
+    #[serde(default)]
+    pub fs: Vec<FsConfig>,
+    #[serde(default)]
+    pub api_socket: Option<PathBuf>,
+    /// Also describe virtio-mmio devices with `virtio_mmio.device=` on the command line,
+    /// for kernels built with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES and no ACPI.
+    #[serde(default)]
+    pub legacy_mmio_cmdline: bool,
+    /// Skip the check that refuses PVM KVM (which cannot run stock kernels).
+    #[serde(default)]
+    pub allow_pvm: bool,
+}
+
+pub const USAGE: &str = "usage: bulkhead-vmm (--config FILE.json | --kernel PATH [options])
+  --kernel PATH            ELF vmlinux (PVH entry) or bzImage
+  --initrd PATH            initramfs
+  --cmdline STR            kernel command line
+  --cpus N                 vCPUs (default 1)
+  --memory MIB             guest RAM in MiB (default 256)
+  --serial stdout|none|file:PATH
+  --vsock cid=N,socket=PATH
+  --disk path=PATH[,readonly]      (repeatable)
+  --rng                    virtio-rng fed from the host's getrandom
+  --console PATH           virtio-console output file
+  --fs tag=TAG,socket=PATH (repeatable) vhost-user-fs front end
+  --api-socket PATH        control socket (state, pause, resume, shutdown)
+  --legacy-mmio-cmdline    also describe devices on the kernel command line
+  --allow-pvm              try to boot even on a PVM /dev/kvm";
+
+fn kv_pairs(s: &str) -> Vec<(&str, Option<&str>)> {
+    s.split(',')
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (p, None),
+        })
+        .collect()
+}
+
+impl VmConfig {
+    pub fn from_json(text: &str) -> Result<Self, ConfigError> {
+        let c: VmConfig =
+            serde_json::from_str(text).map_err(|e| ConfigError::Invalid(format!("config: {e}")))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn from_args(args: &[String]) -> Result<Self, ConfigError> {
+        let mut it = args.iter();
+        let mut c = VmConfig {
+            kernel: PathBuf::new(),
+            initrd: None,
+            cmdline: String::new(),
+            cpus: default_cpus(),
+            memory_mib: default_mem(),
+            serial: SerialOut::None,
+            vsock: None,
+            disks: vec![],
+            rng: false,
+            console: None,
+            fs: vec![],
+            api_socket: None,
+            legacy_mmio_cmdline: false,
+            allow_pvm: false,
+        };
+        while let Some(flag) = it.next() {
+            let mut val = || {
+                it.next()
+                    .cloned()
+                    .ok_or_else(|| ConfigError::Invalid(format!("{flag} needs a value")))
+            };
+            match flag.as_str() {
+                "--config" => {
+                    let path = val()?;
+                    let text = std::fs::read_to_string(&path).map_err(|e| ConfigError::File {
+                        path: path.clone(),
+                        msg: e.to_string(),
+                    })?;
+                    return Self::from_json(&text);
+                }
+                "--kernel" => c.kernel = val()?.into(),
+                "--initrd" => c.initrd = Some(val()?.into()),
+                "--cmdline" => c.cmdline = val()?,
+                "--cpus" => {
+                    let v = val()?;
+                    c.cpus = v
+                        .parse()
+                        .map_err(|_| ConfigError::Invalid(format!("--cpus {v}: not a number 0-255")))?
+                }
+                "--memory" => {
+                    let v = val()?;
+                    c.memory_mib = v
+                        .parse()
+                        .map_err(|_| ConfigError::Invalid(format!("--memory {v}: not a number of MiB")))?
+                }
+                "--serial" => {
+                    let v = val()?;
+                    c.serial = match v.as_str() {
+                        "stdout" => SerialOut::Stdout,
+                        "none" => SerialOut::None,
+                        s => match s.strip_prefix("file:") {
+                            Some(p) => SerialOut::File(p.into()),
+                            None => return invalid(format!("--serial {v}: want stdout, none or file:PATH")),
+                        },
+                    }
+                }
+                "--vsock" => {
+                    let v = val()?;
+                    let (mut cid, mut socket) = (None, None);
+                    for (k, x) in kv_pairs(&v) {
+                        match (k, x) {
+                            ("cid", Some(x)) => cid = x.parse().ok(),
+                            ("socket", Some(x)) => socket = Some(PathBuf::from(x)),
+                            _ => return invalid(format!("--vsock: unknown part {k:?}")),
+                        }
+                    }
+                    match (cid, socket) {
+                        (Some(cid), Some(socket)) => c.vsock = Some(VsockConfig { cid, socket }),
+                        _ => return invalid("--vsock needs cid=N,socket=PATH"),
+                    }
+                }
+                "--disk" => {
+                    let v = val()?;
+                    let (mut path, mut readonly) = (None, false);
+                    for (k, x) in kv_pairs(&v) {
+                        match (k, x) {
+                            ("path", Some(x)) => path = Some(PathBuf::from(x)),
+                            ("readonly", None) | ("ro", None) => readonly = true,
+                            _ => return invalid(format!("--disk: unknown part {k:?}")),
+                        }
+                    }
+                    let path = path.ok_or_else(|| ConfigError::Invalid("--disk needs path=PATH".into()))?;
+                    c.disks.push(DiskConfig { path, readonly });
+                }
+                "--rng" => c.rng = true,
+                "--console" => c.console = Some(val()?.into()),
+                "--fs" => {
+                    let v = val()?;
+                    let (mut tag, mut socket) = (None, None);
+                    for (k, x) in kv_pairs(&v) {
+                        match (k, x) {
+                            ("tag", Some(x)) => tag = Some(x.to_owned()),
+                            ("socket", Some(x)) => socket = Some(PathBuf::from(x)),
+                            _ => return invalid(format!("--fs: unknown part {k:?}")),
+                        }
+                    }
+                    match (tag, socket) {
+                        (Some(tag), Some(socket)) => c.fs.push(FsConfig {
+                            tag,
+                            socket,
+                            queue_size: default_fs_queue(),
+                        }),
+                        _ => return invalid("--fs needs tag=TAG,socket=PATH"),
+                    }
+                }
+                "--api-socket" => c.api_socket = Some(val()?.into()),
+                "--legacy-mmio-cmdline" => c.legacy_mmio_cmdline = true,
+                "--allow-pvm" => c.allow_pvm = true,
+                other => return invalid(format!("unknown flag {other:?}\n{USAGE}")),
+            }
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Reject what cannot work, with a message that names the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.kernel.as_os_str().is_empty() {
+            return invalid(format!("no --kernel given\n{USAGE}"));
+        }
+        if self.cpus == 0 || self.cpus > layout::MAX_VCPUS {
+            return invalid(format!(
+                "cpus = {}: must be between 1 and {}",
+                self.cpus,
+                layout::MAX_VCPUS
+            ));
+        }
+        if self.memory_mib < layout::MIN_MEMORY_MIB || self.memory_mib > layout::MAX_MEMORY_MIB {
+            return invalid(format!(
+                "memory = {} MiB: must be between {} MiB and {} MiB",
+                self.memory_mib,
+                layout::MIN_MEMORY_MIB,
+                layout::MAX_MEMORY_MIB
+            ));
+        }
+        if self.cmdline.len() >= layout::CMDLINE_MAX {
+            return invalid(format!(
+                "kernel command line is {} bytes; the limit is {}",
+                self.cmdline.len(),
+                layout::CMDLINE_MAX - 1
+            ));
+        }
+        if let Some(v) = &self.vsock {
+            // 0, 1 and 2 are the hypervisor, local and host; u32::MAX is "any".
+            if v.cid < 3 || v.cid == u32::MAX {
+                return invalid(format!("vsock cid {}: must be between 3 and 2^32-2", v.cid));
+            }
+        }
+        for f in &self.fs {
+            if f.tag.is_empty() || f.tag.len() > 36 {
+                return invalid(format!("fs tag {:?}: must be 1 to 36 bytes", f.tag));
+            }
+            if !f.queue_size.is_power_of_two() || f.queue_size > 32768 {
+                return invalid(format!("fs queue_size {}: must be a power of two <= 32768", f.queue_size));
+            }
+        }
+        let devices = self.disks.len()
+            + self.fs.len()
+            + usize::from(self.vsock.is_some())
+            + usize::from(self.rng)
+            + usize::from(self.console.is_some());
+        if devices > layout::MAX_VIRTIO_DEVICES {
+            return invalid(format!(
+                "{devices} virtio devices: at most {} fit",
+                layout::MAX_VIRTIO_DEVICES
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_mib << 20
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn flags_parse() {
+        let c = VmConfig::from_args(&args(
+            "--kernel /k --initrd /i --cpus 2 --memory 512 --serial file:/tmp/s \
+             --vsock cid=3,socket=/v --disk path=/d,readonly --disk path=/e --rng \
+             --fs tag=share,socket=/f --api-socket /a",
+        ))
+        .unwrap();
+        assert_eq!(c.cpus, 2);
+        assert_eq!(c.memory_bytes(), 512 << 20);
+        assert_eq!(c.serial, SerialOut::File("/tmp/s".into()));
+        assert_eq!(c.vsock.as_ref().unwrap().cid, 3);
+        assert!(c.disks[0].readonly && !c.disks[1].readonly);
+        assert!(c.rng);
+        assert_eq!(c.fs[0].tag, "share");
+    }
+
+    #[test]
+    fn impossible_sizes_are_refused_with_the_field_named() {
+        for (a, want) in [
+            ("--kernel /k --cpus 0", "cpus = 0"),
+            ("--kernel /k --cpus 255", "cpus = 255"),
+            ("--kernel /k --memory 1", "memory = 1 MiB"),
+            ("--kernel /k --memory 99999999999", "memory = 99999999999 MiB"),
+            ("--kernel /k --memory lots", "--memory lots"),
+            ("--kernel /k --vsock cid=2,socket=/v", "vsock cid 2"),
+            ("--cpus 1", "no --kernel"),
+            ("--kernel /k --bogus", "unknown flag"),
+        ] {
+            let e = VmConfig::from_args(&args(a)).unwrap_err().to_string();
+            assert!(e.contains(want), "{a}: {e}");
+        }
+    }
+
+    #[test]
+    fn json_rejects_unknown_fields_and_bad_values() {
+        assert!(VmConfig::from_json(r#"{"kernel":"/k","memory_mib":128}"#).is_ok());
+        let e = VmConfig::from_json(r#"{"kernel":"/k","memroy_mib":128}"#).unwrap_err();
+        assert!(e.to_string().contains("memroy_mib"), "{e}");
+        let e = VmConfig::from_json(r#"{"kernel":"/k","cpus":0}"#).unwrap_err();
+        assert!(e.to_string().contains("cpus"), "{e}");
+        assert!(VmConfig::from_json("{not json").is_err());
+    }
+
+    #[test]
+    fn too_long_cmdline_is_refused() {
+        let mut c = VmConfig::from_args(&args("--kernel /k")).unwrap();
+        c.cmdline = "x".repeat(layout::CMDLINE_MAX);
+        assert!(c.validate().unwrap_err().to_string().contains("command line"));
+    }
+}

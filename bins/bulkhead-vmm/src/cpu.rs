@@ -1,0 +1,388 @@
+//! vCPU setup (CPUID, MSRs, FPU, LAPIC, entry registers) and the per-vCPU run loop.
+
+use std::cell::Cell;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::boot::{BootEntry, EntryMode};
+use crate::bus::Bus;
+use crate::exit::{ExitHandle, ExitReason};
+use crate::layout::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CpuError {
+    #[error("vCPU {id}: {what}: {source}")]
+    Kvm {
+        id: u8,
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot write boot page tables or GDT: {0}")]
+    Memory(String),
+}
+
+fn kvm_err(id: u8, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> CpuError {
+    move |source| CpuError::Kvm { id, what, source }
+}
+
+/// A GDT entry from flags (access byte + granularity nibble), base and limit.
+fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
+    let (flags, base, limit) = (u64::from(flags), u64::from(base), u64::from(limit));
+    ((base & 0xff00_0000) << 32)
+        | ((flags & 0xf0ff) << 40)
+        | ((limit & 0x000f_0000) << 32)
+        | ((base & 0x00ff_ffff) << 16)
+        | (limit & 0x0000_ffff)
+}
+
+fn segment(entry: u64, index: u16) -> kvm_segment {
+    let flags = |shift: u32, bits: u32| ((entry >> shift) & ((1 << bits) - 1)) as u8;
+    let base = (((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000)) as u64;
+    let limit_raw = ((entry & 0xffff) | ((entry >> 32) & 0x000f_0000)) as u32;
+    let g = flags(55, 1);
+    kvm_segment {
+        base,
+        limit: if g == 1 { (limit_raw << 12) | 0xfff } else { limit_raw },
+        selector: index * 8,
+        type_: flags(40, 4),
+        present: flags(47, 1),
+        dpl: flags(45, 2),
+        db: flags(54, 1),
+        s: flags(44, 1),
+        l: flags(53, 1),
+        g,
+        avl: flags(52, 1),
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+/// CPUID as KVM supports it, with this vCPU's APIC id and the hypervisor bit.
+pub fn cpuid_for(base: &CpuId, id: u8, cpus: u8) -> CpuId {
+    let mut c = base.clone();
+    for e in c.as_mut_slice() {
+        match e.function {
+            1 => {
+                e.ebx = (e.ebx & 0x0000_ffff) | (u32::from(id) << 24) | (u32::from(cpus) << 16);
+                e.ecx |= 1 << 31;
+                if cpus > 1 {
+                    e.edx |= 1 << 28;
+                }
+            }
+            0xb | 0x1f => e.edx = u32::from(id),
+            _ => {}
+        }
+    }
+    c
+}
+
+pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, CpuError> {
+    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err(0, "KVM_GET_SUPPORTED_CPUID"))
+}
+
+/// Everything a vCPU needs before its first KVM_RUN. `entry` only for the boot vCPU; the
+/// others wait in the in-kernel LAPIC for INIT/SIPI from the guest.
+pub fn configure(
+    vcpu: &VcpuFd,
+    id: u8,
+    cpus: u8,
+    base_cpuid: &CpuId,
+    mem: &GuestMemoryMmap,
+    entry: Option<&BootEntry>,
+) -> Result<(), CpuError> {
+    vcpu.set_cpuid2(&cpuid_for(base_cpuid, id, cpus))
+        .map_err(kvm_err(id, "KVM_SET_CPUID2"))?;
+    // IA32_MISC_ENABLE: fast string operations on.
+    let msrs = Msrs::from_entries(&[kvm_msr_entry {
+        index: 0x1a0,
+        data: 1,
+        ..Default::default()
+    }])
+    .map_err(|_| CpuError::Memory("MSR list".into()))?;
+    vcpu.set_msrs(&msrs).map_err(kvm_err(id, "KVM_SET_MSRS"))?;
+    vcpu.set_fpu(&kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    })
+    .map_err(kvm_err(id, "KVM_SET_FPU"))?;
+    // LINT0 as ExtINT (the 8259 path), LINT1 as NMI.
+    let mut lapic = vcpu.get_lapic().map_err(kvm_err(id, "KVM_GET_LAPIC"))?;
+    for (off, mode) in [(0x350usize, 7u32), (0x360, 4)] {
+        let raw: [u8; 4] = std::array::from_fn(|i| lapic.regs[off + i] as u8);
+        let v = (u32::from_le_bytes(raw) & !0x700) | (mode << 8);
+        for (i, b) in v.to_le_bytes().iter().enumerate() {
+            lapic.regs[off + i] = *b as i8;
+        }
+    }
+    vcpu.set_lapic(&lapic).map_err(kvm_err(id, "KVM_SET_LAPIC"))?;
+    if let Some(e) = entry {
+        set_entry_registers(vcpu, id, mem, e)?;
+    }
+    Ok(())
+}
+
+fn set_entry_registers(vcpu: &VcpuFd, id: u8, mem: &GuestMemoryMmap, e: &BootEntry) -> Result<(), CpuError> {
+    let wmem = |v: u64, a: u64| {
+        mem.write_obj(v, GuestAddress(a))
+            .map_err(|err| CpuError::Memory(err.to_string()))
+    };
+    let mut sregs = vcpu.get_sregs().map_err(kvm_err(id, "KVM_GET_SREGS"))?;
+    let mut regs = kvm_regs {
+        rflags: 0x2,
+        rip: e.rip,
+        ..Default::default()
+    };
+    let (code, data) = match e.mode {
+        EntryMode::Pvh => (gdt_entry(0xc09b, 0, 0xfffff), gdt_entry(0xc093, 0, 0xfffff)),
+        EntryMode::Linux64 => (gdt_entry(0xa09b, 0, 0xfffff), gdt_entry(0xc093, 0, 0xfffff)),
+    };
+    let tss = gdt_entry(0x808b, 0, 0xfffff);
+    let gdt = [0u64, code, data, tss];
+    for (i, ent) in gdt.iter().enumerate() {
+        wmem(*ent, GDT_START + 8 * i as u64)?;
+    }
+    sregs.gdt.base = GDT_START;
+    sregs.gdt.limit = (gdt.len() * 8 - 1) as u16;
+    sregs.idt.base = 0;
+    sregs.idt.limit = 0;
+    let (cs, ds, tr) = (segment(code, 1), segment(data, 2), segment(tss, 3));
+    sregs.cs = cs;
+    sregs.ds = ds;
+    sregs.es = ds;
+    sregs.fs = ds;
+    sregs.gs = ds;
+    sregs.ss = ds;
+    sregs.tr = tr;
+    match e.mode {
+        EntryMode::Pvh => {
+            sregs.cr0 = 0x11; // PE | ET
+            sregs.cr4 = 0;
+            regs.rbx = e.params_addr;
+        }
+        EntryMode::Linux64 => {
+            // Identity-map the first 4 GiB with 2 MiB pages.
+            wmem(PDPT_START | 0x3, PML4_START)?;
+            for i in 0..4u64 {
+                wmem((PD_START + i * 0x1000) | 0x3, PDPT_START + i * 8)?;
+            }
+            for j in 0..2048u64 {
+                wmem((j << 21) | 0x83, PD_START + j * 8)?;
+            }
+            sregs.cr3 = PML4_START;
+            sregs.cr4 = 1 << 5; // PAE
+            sregs.cr0 = 0x8000_0011; // PG | ET | PE
+            sregs.efer = (1 << 8) | (1 << 10); // LME | LMA
+            regs.rsi = e.params_addr;
+            regs.rsp = BOOT_STACK_TOP;
+            regs.rbp = BOOT_STACK_TOP;
+        }
+    }
+    vcpu.set_sregs(&sregs).map_err(kvm_err(id, "KVM_SET_SREGS"))?;
+    vcpu.set_regs(&regs).map_err(kvm_err(id, "KVM_SET_REGS"))?;
+    Ok(())
+}
+
+/// Run state shared by the control socket and the vCPU threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    Running,
+    Paused,
+}
+
+pub struct VcpuControl {
+    state: Mutex<(RunState, usize)>,
+    cv: Condvar,
+}
+
+impl Default for VcpuControl {
+    fn default() -> Self {
+        VcpuControl {
+            state: Mutex::new((RunState::Running, 0)),
+            cv: Condvar::new(),
+        }
+    }
+}
+
+impl VcpuControl {
+    pub fn state(&self) -> RunState {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).0
+    }
+
+    pub fn set(&self, s: RunState) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).0 = s;
+        self.cv.notify_all();
+    }
+
+    /// Wait until `n` vCPUs have parked, or `timeout` passes.
+    pub fn wait_parked(&self, n: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        while g.1 < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            g = self.cv.wait_timeout(g, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        true
+    }
+
+    fn park_while_paused(&self) {
+        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if g.0 != RunState::Paused {
+            return;
+        }
+        g.1 += 1;
+        self.cv.notify_all();
+        while g.0 == RunState::Paused {
+            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+        g.1 -= 1;
+    }
+}
+
+thread_local! {
+    static KVM_RUN: Cell<*mut kvm_bindings::kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// Signal used to kick a vCPU out of KVM_RUN.
+pub fn kick_signal() -> i32 {
+    libc::SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let p = KVM_RUN.with(Cell::get);
+    if !p.is_null() {
+        // SAFETY: p points at this thread's mmapped kvm_run, set before the first
+        // KVM_RUN and valid for the vCPU's lifetime; a single aligned byte store.
+        unsafe { (*p).immediate_exit = 1 };
+    }
+}
+
+pub fn install_kick_handler() -> std::io::Result<()> {
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+}
+
+pub struct VcpuRunner {
+    pub id: u8,
+    pub vcpu: VcpuFd,
+    pub pio: Bus,
+    pub mmio: Bus,
+    pub exit: ExitHandle,
+    pub control: Arc<VcpuControl>,
+}
+
+impl VcpuRunner {
+    /// Run until the VM ends; the reason goes to the shared exit handle.
+    pub fn run(mut self) {
+        KVM_RUN.with(|c| c.set(self.vcpu.get_kvm_run() as *mut _));
+        loop {
+            if self.exit.reason().is_some() {
+                return;
+            }
+            match self.vcpu.run() {
+                Ok(exit) => match exit {
+                    VcpuExit::IoIn(port, data) => {
+                        self.pio.read(u64::from(port), data);
+                    }
+                    VcpuExit::IoOut(port, data) => {
+                        self.pio.write(u64::from(port), data);
+                    }
+                    VcpuExit::MmioRead(addr, data) => {
+                        self.mmio.read(addr, data);
+                    }
+                    VcpuExit::MmioWrite(addr, data) => {
+                        self.mmio.write(addr, data);
+                    }
+                    VcpuExit::Hlt => {
+                        // With the in-kernel LAPIC a halt only exits when the vCPU can
+                        // never wake again: interrupts off and halted.
+                        self.exit.request(ExitReason::PowerOff);
+                        return;
+                    }
+                    VcpuExit::Shutdown => {
+                        // Triple fault: Linux's last-resort reboot path.
+                        self.exit.request(ExitReason::Reboot);
+                        return;
+                    }
+                    VcpuExit::SystemEvent(kind, _) => {
+                        let r = match kind {
+                            kvm_bindings::KVM_SYSTEM_EVENT_RESET => ExitReason::Reboot,
+                            kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => ExitReason::PowerOff,
+                            k => ExitReason::Crash(format!("vCPU {}: system event {k}", self.id)),
+                        };
+                        self.exit.request(r);
+                        return;
+                    }
+                    VcpuExit::FailEntry(reason, cpu) => {
+                        self.exit.request(ExitReason::Crash(format!(
+                            "vCPU {}: KVM could not enter the guest (hardware reason {reason:#x}, cpu {cpu})",
+                            self.id
+                        )));
+                        return;
+                    }
+                    VcpuExit::InternalError => {
+                        self.exit.request(ExitReason::Crash(format!(
+                            "vCPU {}: KVM internal error (instruction emulation failed: this /dev/kvm cannot run this guest)",
+                            self.id
+                        )));
+                        return;
+                    }
+                    other => {
+                        self.exit.request(ExitReason::Crash(format!(
+                            "vCPU {}: unexpected KVM exit {other:?}",
+                            self.id
+                        )));
+                        return;
+                    }
+                },
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.vcpu.set_kvm_immediate_exit(0);
+                    self.control.park_while_paused();
+                }
+                Err(e) => {
+                    self.exit.request(ExitReason::Crash(format!("vCPU {}: KVM_RUN: {e}", self.id)));
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gdt_entries_decode_to_flat_segments() {
+        let code64 = segment(gdt_entry(0xa09b, 0, 0xfffff), 1);
+        assert_eq!((code64.l, code64.db, code64.g, code64.type_), (1, 0, 1, 0xb));
+        assert_eq!(code64.limit, 0xffff_ffff);
+        assert_eq!(code64.selector, 8);
+        let code32 = segment(gdt_entry(0xc09b, 0, 0xfffff), 1);
+        assert_eq!((code32.l, code32.db), (0, 1));
+        let data = segment(gdt_entry(0xc093, 0, 0xfffff), 2);
+        assert_eq!((data.type_, data.present, data.s), (3, 1, 1));
+        let tss = segment(gdt_entry(0x808b, 0, 0xfffff), 3);
+        assert_eq!((tss.type_, tss.s), (0xb, 0));
+    }
+
+    #[test]
+    fn pause_parks_and_resume_releases() {
+        let c = Arc::new(VcpuControl::default());
+        c.set(RunState::Paused);
+        let c2 = c.clone();
+        let t = std::thread::spawn(move || c2.park_while_paused());
+        assert!(c.wait_parked(1, Duration::from_secs(5)));
+        c.set(RunState::Running);
+        t.join().unwrap();
+        assert!(!c.wait_parked(1, Duration::from_millis(10)));
+    }
+}

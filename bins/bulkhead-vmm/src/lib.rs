@@ -1,0 +1,14 @@
+//! bulkhead-vmm: a KVM virtual machine monitor for bulkhead sandboxes, built on rust-vmm
+//! crates. See docs/ARCHITECTURE.md for where it sits.
+
+pub mod acpi;
+pub mod boot;
+pub mod bus;
+pub mod config;
+pub mod cpu;
+pub mod exit;
+pub mod layout;
+pub mod legacy;
+pub mod memory;
+pub mod virtio;
+pub mod vmm;

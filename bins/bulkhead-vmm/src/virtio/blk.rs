@@ -1,0 +1,314 @@
+//! virtio-blk on a raw image file: read, write (unless read-only), flush, get-id.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use virtio_queue::{DescriptorChain, Queue};
+use vm_memory::GuestMemoryMmap;
+
+use super::{drain_queue, ActivateError, Activation, Interrupt, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1};
+
+const SECTOR: u64 = 512;
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+const S_UNSUPP: u8 = 2;
+const F_RO: u64 = 1 << 5;
+const F_FLUSH: u64 = 1 << 9;
+const F_SEG_MAX: u64 = 1 << 2;
+/// Bounce-buffer size: requests are copied in pieces this big, whatever their length.
+const CHUNK: usize = 128 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlkError {
+    #[error("cannot open disk image {path}: {source}")]
+    Open { path: String, source: std::io::Error },
+    #[error("disk image {path} is {len} bytes, not a multiple of 512")]
+    Size { path: String, len: u64 },
+}
+
+pub struct Blk {
+    file: File,
+    readonly: bool,
+    sectors: u64,
+    id: [u8; 20],
+    config: [u8; 16],
+    active: Option<(GuestMemoryMmap, Queue, Arc<Interrupt>)>,
+    buf: Vec<u8>,
+}
+
+impl Blk {
+    pub fn open(path: &Path, readonly: bool) -> Result<Self, BlkError> {
+        let p = path.display().to_string();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!readonly)
+            .open(path)
+            .map_err(|source| BlkError::Open { path: p.clone(), source })?;
+        let len = file
+            .metadata()
+            .map_err(|source| BlkError::Open { path: p.clone(), source })?
+            .len();
+        if len % SECTOR != 0 {
+            return Err(BlkError::Size { path: p, len });
+        }
+        let sectors = len / SECTOR;
+        let mut config = [0u8; 16];
+        config[..8].copy_from_slice(&sectors.to_le_bytes());
+        // size_max (unused, 0) then seg_max.
+        config[12..16].copy_from_slice(&126u32.to_le_bytes());
+        let mut id = [0u8; 20];
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let n = name.len().min(20);
+        id[..n].copy_from_slice(&name.as_bytes()[..n]);
+        Ok(Blk {
+            file,
+            readonly,
+            sectors,
+            id,
+            config,
+            active: None,
+            buf: vec![0u8; CHUNK],
+        })
+    }
+
+    /// Serve one request; returns bytes written into the chain (data + status byte).
+    fn request(&mut self, mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> u32 {
+        let (Ok(mut r), Ok(mut w)) = (chain.clone().reader(mem), chain.writer(mem)) else {
+            return 0;
+        };
+        // The status byte is the last writable byte; without one there is no way to answer.
+        let Some(data_len) = w.available_bytes().checked_sub(1) else {
+            return 0;
+        };
+        let Ok(mut status_w) = w.split_at(data_len) else { return 0 };
+        let mut hdr = [0u8; 16];
+        let (status, written) = if r.read_exact(&mut hdr).is_err() {
+            (S_IOERR, 0)
+        } else {
+            let t = u32::from_le_bytes(hdr[0..4].try_into().unwrap_or_default());
+            let sector = u64::from_le_bytes(hdr[8..16].try_into().unwrap_or_default());
+            match t {
+                T_IN => self.read_into(&mut w, sector, data_len),
+                T_OUT if self.readonly => (S_IOERR, 0),
+                T_OUT => (self.write_from(&mut r, sector), 0),
+                T_FLUSH => (if self.readonly || self.file.sync_data().is_ok() { S_OK } else { S_IOERR }, 0),
+                T_GET_ID => {
+                    let n = data_len.min(20);
+                    match w.write_all(&self.id[..n]) {
+                        Ok(()) => (S_OK, n),
+                        Err(_) => (S_IOERR, 0),
+                    }
+                }
+                _ => (S_UNSUPP, 0),
+            }
+        };
+        if status_w.write_all(&[status]).is_err() {
+            return written as u32;
+        }
+        written as u32 + 1
+    }
+
+    fn in_range(&self, sector: u64, len: usize) -> Option<u64> {
+        let off = sector.checked_mul(SECTOR)?;
+        let end = off.checked_add(len as u64)?;
+        (end <= self.sectors * SECTOR && len as u64 % SECTOR == 0).then_some(off)
+    }
+
+    fn read_into(&mut self, w: &mut virtio_queue::Writer<'_>, sector: u64, len: usize) -> (u8, usize) {
+        let Some(mut off) = self.in_range(sector, len) else { return (S_IOERR, 0) };
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(CHUNK);
+            if self.file.read_exact_at(&mut self.buf[..n], off).is_err() || w.write_all(&self.buf[..n]).is_err() {
+                return (S_IOERR, done);
+            }
+            off += n as u64;
+            done += n;
+        }
+        (S_OK, done)
+    }
+
+    fn write_from(&mut self, r: &mut virtio_queue::Reader<'_>, sector: u64) -> u8 {
+        let len = r.available_bytes();
+        let Some(mut off) = self.in_range(sector, len) else { return S_IOERR };
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(CHUNK);
+            if r.read_exact(&mut self.buf[..n]).is_err() || self.file.write_all_at(&self.buf[..n], off).is_err() {
+                return S_IOERR;
+            }
+            off += n as u64;
+            done += n;
+        }
+        S_OK
+    }
+}
+
+impl VirtioDevice for Blk {
+    fn device_type(&self) -> u32 {
+        TYPE_BLOCK
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[256]
+    }
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | F_FLUSH | F_SEG_MAX | if self.readonly { F_RO } else { 0 }
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        super::read_config_bytes(&self.config, offset, data)
+    }
+    fn activate(&mut self, mut act: Activation) -> Result<(), ActivateError> {
+        let q = act.queues.pop().ok_or_else(|| ActivateError::Failed("no queue".into()))?;
+        self.active = Some((act.mem, q, act.interrupt));
+        Ok(())
+    }
+    fn reset(&mut self) {
+        self.active = None;
+    }
+    fn queue_notify(&mut self, _queue: usize) {
+        let Some((mem, mut q, irq)) = self.active.take() else { return };
+        drain_queue(&mem, &mut q, &irq, |chain| self.request(&mem, chain));
+        self.active = Some((mem, q, irq));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::testutil::*;
+    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    fn image(name: &str, len: usize) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("bh-blk-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join(name);
+        let data: Vec<u8> = (0..len).map(|i| (i / 512) as u8).collect();
+        std::fs::write(&p, data).unwrap();
+        p
+    }
+
+    fn hdr(mem: &GuestMemoryMmap, at: u64, t: u32, sector: u64) {
+        mem.write_obj(t, GuestAddress(at)).unwrap();
+        mem.write_obj(0u32, GuestAddress(at + 4)).unwrap();
+        mem.write_obj(sector, GuestAddress(at + 8)).unwrap();
+    }
+
+    fn run(blk: &mut Blk, mem: &GuestMemoryMmap, chains: &[&[RawDescriptor]]) -> Vec<u32> {
+        let vq = MockSplitQueue::new(mem, 32);
+        let mut off = 0;
+        for c in chains {
+            vq.add_desc_chains(c, off).unwrap();
+            off += c.len() as u16;
+        }
+        let (act, _irq) = activation(mem, vec![vq.create_queue().unwrap()]);
+        blk.activate(act).unwrap();
+        blk.queue_notify(0);
+        used_lens(mem, &vq)
+    }
+
+    fn d(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+        RawDescriptor::from(Descriptor::new(addr, len, flags, next))
+    }
+
+    #[test]
+    fn read_write_flush_id_and_bad_requests() {
+        let mem = test_mem();
+        let p = image("rw.img", 4096);
+        let mut blk = Blk::open(&p, false).unwrap();
+        hdr(&mem, 0x10000, T_IN, 2);
+        hdr(&mem, 0x11000, T_OUT, 3);
+        mem.write_slice(&[0xab; 512], GuestAddress(0x31000)).unwrap();
+        hdr(&mem, 0x12000, T_IN, 8); // past the end
+        hdr(&mem, 0x13000, T_GET_ID, 0);
+        hdr(&mem, 0x14000, 99, 0);
+        hdr(&mem, 0x15000, T_FLUSH, 0);
+        // Linux >= 6.2 style: header and data in one readable descriptor.
+        hdr(&mem, 0x16000, T_OUT, 4);
+        mem.write_slice(&[0xcd; 512], GuestAddress(0x16010)).unwrap();
+        let lens = run(
+            &mut blk,
+            &mem,
+            &[
+                &[d(0x10000, 16, F_NEXT, 1), d(0x30000, 512, F_WRITE | F_NEXT, 2), d(0x40000, 1, F_WRITE, 0)],
+                &[d(0x11000, 16, F_NEXT, 4), d(0x31000, 512, F_NEXT, 5), d(0x40001, 1, F_WRITE, 0)],
+                &[d(0x12000, 16, F_NEXT, 7), d(0x32000, 512, F_WRITE | F_NEXT, 8), d(0x40002, 1, F_WRITE, 0)],
+                &[d(0x13000, 16, F_NEXT, 10), d(0x33000, 20, F_WRITE | F_NEXT, 11), d(0x40003, 1, F_WRITE, 0)],
+                &[d(0x14000, 16, F_NEXT, 13), d(0x40004, 1, F_WRITE, 0)],
+                &[d(0x15000, 16, F_NEXT, 15), d(0x40005, 1, F_WRITE, 0)],
+                &[d(0x16000, 16 + 512, F_NEXT, 17), d(0x40006, 1, F_WRITE, 0)],
+            ],
+        );
+        assert_eq!(lens, vec![513, 1, 1, 21, 1, 1, 1]);
+        let st: Vec<u8> = (0..7).map(|i| mem.read_obj(GuestAddress(0x40000 + i)).unwrap()).collect();
+        assert_eq!(st, vec![S_OK, S_OK, S_IOERR, S_OK, S_UNSUPP, S_OK, S_OK]);
+        let mut b = [0u8; 512];
+        mem.read_slice(&mut b, GuestAddress(0x30000)).unwrap();
+        assert_eq!(b, [2u8; 512]);
+        let disk = std::fs::read(&p).unwrap();
+        assert_eq!(&disk[3 * 512..4 * 512], &[0xab; 512][..]);
+        assert_eq!(&disk[4 * 512..5 * 512], &[0xcd; 512][..]);
+        let mut id = [0u8; 6];
+        mem.read_slice(&mut id, GuestAddress(0x33000)).unwrap();
+        assert_eq!(&id, b"rw.img");
+    }
+
+    #[test]
+    fn readonly_disk_refuses_writes() {
+        let mem = test_mem();
+        let p = image("ro.img", 2048);
+        let mut blk = Blk::open(&p, true).unwrap();
+        assert_ne!(blk.features() & F_RO, 0);
+        hdr(&mem, 0x10000, T_OUT, 0);
+        let lens = run(&mut blk, &mem, &[&[d(0x10000, 16, F_NEXT, 1), d(0x31000, 512, F_NEXT, 2), d(0x40000, 1, F_WRITE, 0)]]);
+        assert_eq!(lens, vec![1]);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x40000)).unwrap(), S_IOERR);
+        assert_eq!(std::fs::read(&p).unwrap()[0], 0);
+    }
+
+    #[test]
+    fn hostile_chains_are_rejected_and_the_device_lives_on() {
+        let mem = test_mem();
+        let p = image("hostile.img", 4096);
+        let mut blk = Blk::open(&p, false).unwrap();
+        hdr(&mem, 0x10000, T_IN, 0);
+        let lens = run(
+            &mut blk,
+            &mem,
+            &[
+                // No writable status byte at all.
+                &[d(0x10000, 16, 0, 0)],
+                // Header in a writable descriptor (wrong direction).
+                &[d(0x10000, 16, F_WRITE | F_NEXT, 2), d(0x40000, 1, F_WRITE, 0)],
+                // Data buffer outside guest memory.
+                &[d(0x10000, 16, F_NEXT, 4), d(0xffff_0000, 512, F_WRITE | F_NEXT, 5), d(0x40001, 1, F_WRITE, 0)],
+                // Zero-length header.
+                &[d(0x10000, 0, F_NEXT, 7), d(0x40002, 1, F_WRITE, 0)],
+                // A loop: next points back at itself.
+                &[d(0x10000, 16, F_NEXT, 8)],
+                // A good read afterwards still works.
+                &[d(0x10000, 16, F_NEXT, 10), d(0x30000, 512, F_WRITE | F_NEXT, 11), d(0x40003, 1, F_WRITE, 0)],
+            ],
+        );
+        assert_eq!(lens.last(), Some(&513));
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x40003)).unwrap(), S_OK);
+        // The wrong-direction header request was answered with an error, not data.
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x40000)).unwrap(), S_IOERR);
+    }
+
+    #[test]
+    fn odd_sized_and_missing_images_are_named() {
+        let p = image("odd.img", 1000);
+        assert!(Blk::open(&p, true).err().unwrap().to_string().contains("multiple of 512"));
+        let e = Blk::open(Path::new("/nonexistent/disk.img"), true).err().unwrap();
+        assert!(e.to_string().contains("/nonexistent/disk.img"));
+    }
+}

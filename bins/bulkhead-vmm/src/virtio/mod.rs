@@ -1,0 +1,224 @@
+//! Virtio devices over the MMIO transport.
+//!
+//! In-process devices (vsock, blk, rng, console) are driven from the VMM's event loop:
+//! each queue's notify register is an ioeventfd the loop waits on, and each device
+//! raises its interrupt through an irqfd. A vhost-user device hands those same two
+//! eventfds to its back end, so its data path never passes through this process.
+
+pub mod blk;
+pub mod console;
+pub mod mmio;
+pub mod rng;
+pub mod vhost_user_fs;
+pub mod vsock;
+
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub const VIRTIO_F_RING_EVENT_IDX: u64 = 1 << 29;
+
+pub const TYPE_NET: u32 = 1;
+pub const TYPE_BLOCK: u32 = 2;
+pub const TYPE_CONSOLE: u32 = 3;
+pub const TYPE_RNG: u32 = 4;
+pub const TYPE_VSOCK: u32 = 19;
+pub const TYPE_FS: u32 = 26;
+
+pub const INT_VRING: u32 = 1;
+pub const INT_CONFIG: u32 = 2;
+
+/// A device's interrupt line: the ISR status the driver reads, and the irqfd.
+pub struct Interrupt {
+    pub status: AtomicU32,
+    pub evt: EventFd,
+}
+
+impl Interrupt {
+    pub fn new(evt: EventFd) -> Arc<Self> {
+        Arc::new(Interrupt {
+            status: AtomicU32::new(0),
+            evt,
+        })
+    }
+
+    pub fn signal(&self, kind: u32) {
+        self.status.fetch_or(kind, Ordering::SeqCst);
+        if let Err(e) = self.evt.write(1) {
+            tracing::warn!("cannot raise virtio interrupt: {e}");
+        }
+    }
+}
+
+/// Lets a device watch its own file descriptors from the VMM's event loop.
+#[derive(Clone)]
+pub struct EventSink {
+    epoll: Arc<Epoll>,
+    slot: u32,
+}
+
+/// Tokens below this are queue indices; devices use tokens from here up.
+pub const DEVICE_TOKEN_BASE: u32 = 0x100;
+
+impl EventSink {
+    pub fn new(epoll: Arc<Epoll>, slot: u32) -> Self {
+        EventSink { epoll, slot }
+    }
+
+    fn data(&self, token: u32) -> u64 {
+        (u64::from(self.slot) << 32) | u64::from(token)
+    }
+
+    pub fn add(&self, fd: RawFd, token: u32, events: EventSet) -> std::io::Result<()> {
+        self.epoll
+            .ctl(ControlOperation::Add, fd, EpollEvent::new(events, self.data(token)))
+    }
+
+    pub fn modify(&self, fd: RawFd, token: u32, events: EventSet) -> std::io::Result<()> {
+        self.epoll
+            .ctl(ControlOperation::Modify, fd, EpollEvent::new(events, self.data(token)))
+    }
+
+    pub fn remove(&self, fd: RawFd) {
+        let _ = self
+            .epoll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+    }
+}
+
+/// What a device gets when the driver sets DRIVER_OK.
+pub struct Activation {
+    pub mem: GuestMemoryMmap,
+    pub queues: Vec<Queue>,
+    pub interrupt: Arc<Interrupt>,
+    pub acked_features: u64,
+    /// The queue notify ioeventfds (for vhost-user back ends).
+    pub kicks: Vec<EventFd>,
+    pub events: EventSink,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("{0}")]
+    Failed(String),
+}
+
+pub trait VirtioDevice: Send {
+    fn device_type(&self) -> u32;
+    fn queue_max_sizes(&self) -> &[u16];
+    fn features(&self) -> u64;
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    fn activate(&mut self, act: Activation) -> Result<(), ActivateError>;
+    /// The driver reset the device; drop queues and connections.
+    fn reset(&mut self) {}
+    /// A queue notification (ioeventfd) arrived.
+    fn queue_notify(&mut self, _queue: usize) {}
+    /// An event on a descriptor registered through [`EventSink`].
+    fn handle_event(&mut self, _token: u32, _events: EventSet) {}
+    /// Interrupts come straight from another process (vhost-user), so the ISR must read
+    /// as "used buffer" whenever the driver looks.
+    fn external_interrupts(&self) -> bool {
+        false
+    }
+}
+
+/// Copy a device config structure into a driver read, tolerating any offset and size.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(off) = usize::try_from(offset) else { return };
+    if off >= config.len() {
+        return;
+    }
+    let n = data.len().min(config.len() - off);
+    data[..n].copy_from_slice(&config[off..off + n]);
+}
+
+/// Pop-process-complete helper shared by the simple devices: hands each available chain
+/// to `f`, which returns the number of bytes written to the chain; then notifies once.
+pub fn drain_queue<F>(mem: &GuestMemoryMmap, q: &mut Queue, irq: &Interrupt, mut f: F)
+where
+    F: FnMut(virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> u32,
+{
+    let mut used_any = false;
+    loop {
+        // A queue whose rings point outside guest memory yields an error, not a panic.
+        let Some(chain) = (match q.pop_descriptor_chain(mem) {
+            c @ Some(_) => c,
+            None => None,
+        }) else {
+            break;
+        };
+        let head = chain.head_index();
+        let len = f(chain);
+        if let Err(e) = q.add_used(mem, head, len) {
+            tracing::warn!("add_used failed: {e}");
+            break;
+        }
+        used_any = true;
+    }
+    if used_any && q.needs_notification(mem).unwrap_or(true) {
+        irq.signal(INT_VRING);
+    }
+}
+
+#[cfg(test)]
+pub mod testutil {
+    //! Mock guest memory and queues for device tests.
+    use super::*;
+    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+    pub const F_NEXT: u16 = 1;
+    pub const F_WRITE: u16 = 2;
+    pub const VRING_DESC_F_WRITE: u16 = F_WRITE;
+
+    pub fn test_mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap()
+    }
+
+    pub fn activation(mem: &GuestMemoryMmap, queues: Vec<Queue>) -> (Activation, Arc<Interrupt>) {
+        let irq = Interrupt::new(EventFd::new(0).unwrap());
+        let act = Activation {
+            mem: mem.clone(),
+            queues,
+            interrupt: irq.clone(),
+            acked_features: VIRTIO_F_VERSION_1,
+            kicks: vec![],
+            events: EventSink::new(Arc::new(Epoll::new().unwrap()), 1),
+        };
+        (act, irq)
+    }
+
+    /// (head id, len) of every used-ring entry so far.
+    pub fn used<M: GuestMemoryBackend>(vq: &MockSplitQueue<'_, M>) -> Vec<(u32, u32)> {
+        let n = vq.used().idx().load();
+        (0..n)
+            .map(|i| {
+                let e = vq.used().ring().ref_at(i as usize).unwrap().load();
+                (e.id(), e.len())
+            })
+            .collect()
+    }
+
+    pub fn used_lens<M: GuestMemoryBackend>(_mem: &GuestMemoryMmap, vq: &MockSplitQueue<'_, M>) -> Vec<u32> {
+        used(vq).into_iter().map(|(_, l)| l).collect()
+    }
+
+    pub fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+        RawDescriptor::from(Descriptor::new(addr, len, flags, next))
+    }
+
+    pub fn read_bytes(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+        v
+    }
+}

@@ -1,0 +1,217 @@
+use super::*;
+use crate::virtio::testutil::*;
+use std::io::BufRead;
+use std::time::Duration;
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Bytes, GuestAddress};
+
+const CID: u32 = 3;
+const RX_BUF: u64 = 0x100000;
+const TX_BUF: u64 = 0x200000;
+
+struct Rig<'a> {
+    mem: &'a GuestMemoryMmap,
+    rx: MockSplitQueue<'a, GuestMemoryMmap>,
+    tx: MockSplitQueue<'a, GuestMemoryMmap>,
+    tx_next: u16,
+    rx_seen: usize,
+    dev: Vsock,
+    dir: std::path::PathBuf,
+}
+
+fn rig<'a>(mem: &'a GuestMemoryMmap, name: &str) -> Rig<'a> {
+    let dir = std::env::temp_dir().join(format!("bh-vsock-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let rx = MockSplitQueue::create(mem, GuestAddress(0), 64);
+    let tx = MockSplitQueue::create(mem, GuestAddress(0x10000), 64);
+    // 32 rx buffers of 4 KiB each.
+    let descs: Vec<_> = (0..32).map(|i| desc(RX_BUF + i * 0x1000, 0x1000, F_WRITE, 0)).collect();
+    rx.add_desc_chains(&descs, 0).unwrap();
+    let mut dev = Vsock::new(CID, &dir.join("v.sock")).unwrap();
+    let (act, _) = activation(mem, vec![rx.create_queue().unwrap(), tx.create_queue().unwrap(), Queue::new(16).unwrap()]);
+    dev.activate(act).unwrap();
+    Rig { mem, rx, tx, tx_next: 0, rx_seen: 0, dev, dir }
+}
+
+impl Rig<'_> {
+    /// New packets the device put in rx buffers.
+    fn rx_packets(&mut self) -> Vec<(Hdr, Vec<u8>)> {
+        let u = used(&self.rx);
+        let out = u[self.rx_seen..]
+            .iter()
+            .filter(|(_, len)| *len as usize >= HDR_LEN)
+            .map(|&(id, len)| {
+                let addr = RX_BUF + u64::from(id) * 0x1000;
+                let b = read_bytes(self.mem, addr, len as usize);
+                (Hdr::from_bytes(b[..HDR_LEN].try_into().unwrap()), b[HDR_LEN..].to_vec())
+            })
+            .collect();
+        self.rx_seen = u.len();
+        out
+    }
+
+    fn guest_send(&mut self, h: Hdr, data: &[u8]) {
+        let addr = TX_BUF + u64::from(self.tx_next) * 0x1000;
+        let mut b = h.to_bytes().to_vec();
+        b.extend_from_slice(data);
+        self.mem.write_slice(&b, GuestAddress(addr)).unwrap();
+        self.tx.add_desc_chains(&[desc(addr, b.len() as u32, 0, 0)], self.tx_next).unwrap();
+        self.tx_next += 1;
+        self.dev.queue_notify(TX);
+    }
+
+    fn guest_hdr(&self, src_port: u32, dst_port: u32, op: u16) -> Hdr {
+        Hdr {
+            src_cid: u64::from(CID),
+            dst_cid: HOST_CID,
+            src_port,
+            dst_port,
+            type_: TYPE_STREAM,
+            op,
+            buf_alloc: 65536,
+            ..Default::default()
+        }
+    }
+
+    fn pump(&mut self) {
+        let tokens: Vec<u32> = self.dev.pending.keys().chain(self.dev.tokens.keys()).copied().collect();
+        self.dev.handle_event(LISTENER_TOKEN, EventSet::IN);
+        for t in tokens {
+            self.dev.handle_event(t, EventSet::IN);
+        }
+        let tokens: Vec<u32> = self.dev.pending.keys().copied().collect();
+        for t in tokens {
+            self.dev.handle_event(t, EventSet::IN);
+        }
+    }
+}
+
+#[test]
+fn host_connect_round_trip() {
+    let mem = test_mem();
+    let mut r = rig(&mem, "host");
+    let mut client = UnixStream::connect(r.dir.join("v.sock")).unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    client.write_all(b"CONNECT 1024\n").unwrap();
+    r.pump();
+    let p = r.rx_packets();
+    assert_eq!(p.len(), 1);
+    let req = p[0].0;
+    assert_eq!((req.op, req.dst_port, req.dst_cid, req.src_cid), (OP_REQUEST, 1024, 3, HOST_CID));
+    let host_port = req.src_port;
+    // Guest accepts.
+    let resp = r.guest_hdr(1024, host_port, OP_RESPONSE);
+    r.guest_send(resp, b"");
+    let mut line = String::new();
+    std::io::BufReader::new(&client).read_line(&mut line).unwrap();
+    assert_eq!(line, format!("OK {host_port}\n"));
+    // Host to guest data.
+    client.write_all(b"ping").unwrap();
+    r.pump();
+    let p = r.rx_packets();
+    assert_eq!(p.len(), 1);
+    assert_eq!((p[0].0.op, p[0].1.as_slice()), (OP_RW, &b"ping"[..]));
+    // Guest to host data.
+    let mut rw = r.guest_hdr(1024, host_port, OP_RW);
+    rw.len = 4;
+    r.guest_send(rw, b"pong");
+    let mut b = [0u8; 4];
+    client.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"pong");
+    // Host closes: the guest is told.
+    drop(client);
+    r.pump();
+    let p = r.rx_packets();
+    assert!(p.iter().any(|(h, _)| h.op == OP_SHUTDOWN && h.flags == SHUT_RCV | SHUT_SEND), "{p:?}");
+}
+
+#[test]
+fn guest_connect_to_host_listener_and_refusal() {
+    let mem = test_mem();
+    let mut r = rig(&mem, "guest");
+    let l = UnixListener::bind(r.dir.join("v.sock_5000")).unwrap();
+    r.guest_send(r.guest_hdr(40000, 5000, OP_REQUEST), b"");
+    let (mut s, _) = l.accept().unwrap();
+    let p = r.rx_packets();
+    assert_eq!((p[0].0.op, p[0].0.dst_port), (OP_RESPONSE, 40000));
+    let mut rw = r.guest_hdr(40000, 5000, OP_RW);
+    rw.len = 5;
+    r.guest_send(rw, b"hello");
+    let mut b = [0u8; 5];
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"hello");
+    // Nobody listens on 5001.
+    r.guest_send(r.guest_hdr(40001, 5001, OP_REQUEST), b"");
+    let p = r.rx_packets();
+    assert_eq!(p[0].0.op, OP_RST);
+}
+
+#[test]
+fn hostile_packets_get_rst_and_the_device_lives_on() {
+    let mem = test_mem();
+    let mut r = rig(&mem, "hostile");
+    let l = UnixListener::bind(r.dir.join("v.sock_6000")).unwrap();
+    // Spoofed source cid.
+    let mut h = r.guest_hdr(1, 6000, OP_REQUEST);
+    h.src_cid = 99;
+    r.guest_send(h, b"");
+    // Wrong socket type.
+    let mut h = r.guest_hdr(2, 6000, OP_REQUEST);
+    h.type_ = 2;
+    r.guest_send(h, b"");
+    // Data for a connection that does not exist.
+    let mut h = r.guest_hdr(3, 6000, OP_RW);
+    h.len = 3;
+    r.guest_send(h, b"abc");
+    // Unknown op.
+    r.guest_send(r.guest_hdr(4, 6000, 99), b"");
+    let p = r.rx_packets();
+    assert_eq!(p.iter().map(|(h, _)| h.op).collect::<Vec<_>>(), vec![OP_RST; 4]);
+    // A connection whose RW claims more bytes than the descriptor holds is reset.
+    r.guest_send(r.guest_hdr(5, 6000, OP_REQUEST), b"");
+    let (_s, _) = l.accept().unwrap();
+    let mut h = r.guest_hdr(5, 6000, OP_RW);
+    h.len = 1 << 20;
+    r.guest_send(h, b"short");
+    let p = r.rx_packets();
+    assert_eq!(p.iter().map(|(h, _)| h.op).collect::<Vec<_>>(), vec![OP_RESPONSE, OP_RST]);
+    assert!(r.dev.conns.is_empty());
+    // Short header, zero-length and out-of-memory descriptors on tx: consumed, no reply.
+    for d in [desc(TX_BUF, 10, 0, 0), desc(TX_BUF, 0, 0, 0), desc(0xffff_0000, 44, 0, 0), desc(TX_BUF, 44, F_WRITE, 0)] {
+        r.tx.add_desc_chains(&[d], r.tx_next).unwrap();
+        r.tx_next += 1;
+        r.dev.queue_notify(TX);
+    }
+    assert!(r.rx_packets().is_empty());
+    // A descriptor loop on tx.
+    r.tx.add_desc_chains(&[desc(TX_BUF, 44, F_NEXT, r.tx_next)], r.tx_next).unwrap();
+    r.tx_next += 1;
+    r.dev.queue_notify(TX);
+    // Still serving: a fresh connection works.
+    r.guest_send(r.guest_hdr(6, 6000, OP_REQUEST), b"");
+    let p = r.rx_packets();
+    assert_eq!(p.last().map(|(h, _)| h.op), Some(OP_RESPONSE));
+}
+
+#[test]
+fn bad_connect_lines_are_dropped() {
+    let mem = test_mem();
+    let mut r = rig(&mem, "badline");
+    for line in [&b"HELLO 1\n"[..], b"CONNECT x\n", &[b'A'; 64][..]] {
+        let mut c = UnixStream::connect(r.dir.join("v.sock")).unwrap();
+        c.write_all(line).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        r.pump();
+        let mut b = [0u8; 1];
+        assert_eq!(c.read(&mut b).unwrap_or(0), 0, "line {line:?} was not dropped");
+    }
+    assert!(r.rx_packets().is_empty());
+    assert!(r.dev.pending.is_empty());
+}
+
+#[test]
+fn header_round_trips() {
+    let h = Hdr { src_cid: 3, dst_cid: 2, src_port: 7, dst_port: 9, len: 11, type_: 1, op: 5, flags: 3, buf_alloc: 13, fwd_cnt: 17 };
+    assert_eq!(Hdr::from_bytes(&h.to_bytes()), h);
+}

@@ -1,0 +1,72 @@
+//! Host capability probes shared by `bulkhead-vmm` and `bulkhead check`.
+
+use std::path::Path;
+
+/// What kind of KVM `/dev/kvm` is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvmKind {
+    /// Hardware virtualization (VT-x): boots stock kernels.
+    Vmx,
+    /// Hardware virtualization (AMD-V): boots stock kernels.
+    Svm,
+    /// Pagetable-based KVM without VT-x/AMD-V: runs toy guests, not stock kernels.
+    Pvm,
+    /// No /dev/kvm at all.
+    Missing,
+    /// /dev/kvm exists but the CPU flags show neither vmx nor svm.
+    Unknown,
+}
+
+impl KvmKind {
+    pub fn boots_stock_kernels(self) -> bool {
+        matches!(self, KvmKind::Vmx | KvmKind::Svm)
+    }
+}
+
+/// Classify from the pieces, so the logic is testable without a host.
+pub fn classify(dev_kvm: bool, pvm_module: bool, cpu_flags: &str) -> KvmKind {
+    if !dev_kvm {
+        return KvmKind::Missing;
+    }
+    if pvm_module {
+        return KvmKind::Pvm;
+    }
+    let has = |f: &str| cpu_flags.split_whitespace().any(|x| x == f);
+    if has("vmx") {
+        KvmKind::Vmx
+    } else if has("svm") {
+        KvmKind::Svm
+    } else {
+        KvmKind::Unknown
+    }
+}
+
+pub fn cpu_flags() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| t.lines().find(|l| l.starts_with("flags")).map(|l| l.split_once(':').map(|x| x.1).unwrap_or("").to_owned()))
+        .unwrap_or_default()
+}
+
+pub fn kvm_kind() -> KvmKind {
+    classify(
+        Path::new("/dev/kvm").exists(),
+        Path::new("/sys/module/kvm_pvm").exists(),
+        &cpu_flags(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classification() {
+        assert_eq!(classify(false, false, "vmx"), KvmKind::Missing);
+        assert_eq!(classify(true, true, "fpu"), KvmKind::Pvm);
+        assert_eq!(classify(true, false, "fpu vmx sse"), KvmKind::Vmx);
+        assert_eq!(classify(true, false, "fpu svm"), KvmKind::Svm);
+        assert_eq!(classify(true, false, "fpu svmx"), KvmKind::Unknown);
+        assert!(KvmKind::Svm.boots_stock_kernels() && !KvmKind::Pvm.boots_stock_kernels());
+    }
+}
