@@ -15,23 +15,34 @@ use std::time::Instant;
 
 use bulkhead_protocol::AGENT_VSOCK_PORT;
 
-fn log(msg: &str) {
-    // /dev/kmsg would interleave with the kernel log; the console is enough for a first cut.
-    eprintln!("bulkhead-agent: {msg}");
+/// Log a line. As PID 1 the kernel log is the one channel that always works (it reaches
+/// the console even before user space has a usable tty); otherwise stderr. Never fails:
+/// `eprintln!` panics on a write error, which in PID 1 is a kernel panic.
+pub fn log(msg: &str) {
+    use std::io::Write;
+    let line = format!("bulkhead-agent: {msg}\n");
+    if std::process::id() == 1 {
+        if let Ok(mut k) = std::fs::OpenOptions::new().write(true).open("/dev/kmsg") {
+            if k.write_all(line.as_bytes()).is_ok() {
+                return;
+            }
+        }
+    }
+    let _ = std::io::stderr().write_all(line.as_bytes());
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--listen-unix") {
         let Some(path) = args.get(i + 1) else {
-            eprintln!("bulkhead-agent: --listen-unix needs a path");
+            log("--listen-unix needs a path");
             std::process::exit(2);
         };
         let _ = std::fs::remove_file(path);
         let listener = match UnixListener::bind(path) {
             Ok(l) => l,
             Err(e) => {
-                eprintln!("bulkhead-agent: cannot listen on {path}: {e}");
+                log(&format!("cannot listen on {path}: {e}"));
                 std::process::exit(1);
             }
         };
@@ -47,6 +58,8 @@ fn main() {
     let pid1 = std::process::id() == 1;
     if pid1 {
         sys::early_mounts();
+        // A panic must at least say where it happened before the kernel panics.
+        std::panic::set_hook(Box::new(|info| log(&format!("panic: {info}"))));
     }
     let modules = sys::load_modules("/etc/bulkhead/modules");
     log(&format!(
@@ -81,7 +94,9 @@ fn main() {
             }
             Err(e) => {
                 // Never exit as PID 1: retry (the vsock module may still be settling).
-                log(&format!("cannot listen on vsock port {port}: {e}; retrying"));
+                log(&format!(
+                    "cannot listen on vsock port {port}: {e}; retrying"
+                ));
                 std::thread::sleep(std::time::Duration::from_millis(500));
             }
         }

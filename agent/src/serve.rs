@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bulkhead_protocol::{
-    decode, encode, read_frame, write_frame, AgentError, FrameError, HealthInfo, Hello,
-    HelloReply, Request, Response, MAX_READ, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    decode, encode, read_frame, write_frame, AgentError, FrameError, HealthInfo, Hello, HelloReply,
+    Request, Response, MAX_READ, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 
 use crate::sys;
@@ -103,7 +103,9 @@ fn handle(req: Request, state: &AgentState) -> (Response, bool) {
         Request::MountVirtiofs { tag, target } => {
             sys::mount_virtiofs(&tag, &target).map(|_| Response::Ok)
         }
-        Request::ReadFile { path, offset, len } => read_file(&path, offset, len).map(Response::Data),
+        Request::ReadFile { path, offset, len } => {
+            read_file(&path, offset, len).map(Response::Data)
+        }
         Request::Shutdown => return (Response::Ok, state.0.pid1),
     };
     (r.unwrap_or_else(Response::Error), false)
@@ -158,7 +160,9 @@ mod tests {
         assert_eq!(c.read_file(f.to_str().unwrap(), 100, 4).unwrap(), b"");
         let e = c.read_file("/nonexistent/bulkhead", 0, 4).unwrap_err();
         assert!(e.to_string().contains("not found"), "{e}");
-        let e = c.read_file(f.to_str().unwrap(), 0, MAX_READ + 1).unwrap_err();
+        let e = c
+            .read_file(f.to_str().unwrap(), 0, MAX_READ + 1)
+            .unwrap_err();
         assert!(e.to_string().contains("invalid argument"), "{e}");
         // Shutdown outside PID 1 answers Ok and powers nothing off.
         c.expect_ok(&Request::Shutdown).unwrap();

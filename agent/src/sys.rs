@@ -13,7 +13,13 @@ pub struct ModuleReport {
     pub failed: u32,
 }
 
-fn mount(src: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) -> io::Result<()> {
+fn mount(
+    src: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> io::Result<()> {
     let c = |s: &str| CString::new(s).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput));
     let (src, target, fstype, data) = (c(src)?, c(target)?, c(fstype)?, c(data)?);
     // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
@@ -40,13 +46,25 @@ pub fn early_mounts() {
         ("proc", "/proc", "proc", nosuid, ""),
         ("sysfs", "/sys", "sysfs", nosuid, ""),
         ("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755"),
-        ("tmpfs", "/run", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=0755"),
-        ("tmpfs", "/tmp", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, ""),
+        (
+            "tmpfs",
+            "/run",
+            "tmpfs",
+            libc::MS_NOSUID | libc::MS_NODEV,
+            "mode=0755",
+        ),
+        (
+            "tmpfs",
+            "/tmp",
+            "tmpfs",
+            libc::MS_NOSUID | libc::MS_NODEV,
+            "",
+        ),
     ] {
         let _ = std::fs::create_dir_all(target);
         if let Err(e) = mount(src, target, fstype, flags, data) {
             if e.raw_os_error() != Some(libc::EBUSY) {
-                eprintln!("bulkhead-agent: mount {target}: {e}");
+                crate::log(&format!("mount {target}: {e}"));
             }
         }
     }
@@ -64,7 +82,7 @@ pub fn load_modules(list: &str) -> ModuleReport {
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => rep.loaded += 1,
             Err(e) => {
                 rep.failed += 1;
-                eprintln!("bulkhead-agent: module {path}: {e}");
+                crate::log(&format!("module {path}: {e}"));
             }
         }
     }

@@ -5,7 +5,9 @@
 use acpi_tables::aml::{Device, Interrupt, Memory32Fixed, Name, Package, Path, ResourceTemplate};
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
-use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
@@ -62,7 +64,15 @@ pub fn dsdt(devices: &[MmioDesc]) -> Vec<u8> {
 }
 
 fn fadt(dsdt_addr: u64) -> Vec<u8> {
-    let io = |port: u16| GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, port.into());
+    let io = |port: u16| {
+        GAS::new(
+            AddressSpace::SystemIo,
+            8,
+            0,
+            AccessSize::ByteAccess,
+            port.into(),
+        )
+    };
     let mut f = FADTBuilder::new(OEM_ID, *b"BHFADT  ", 1)
         .flag(Flags::HwReducedAcpi)
         .flag(Flags::PwrButton)
@@ -80,7 +90,12 @@ fn fadt(dsdt_addr: u64) -> Vec<u8> {
 }
 
 fn madt(cpus: u8) -> Vec<u8> {
-    let mut m = MADT::new(OEM_ID, *b"BHMADT  ", 1, LocalInterruptController::Address(LAPIC_ADDR as u32));
+    let mut m = MADT::new(
+        OEM_ID,
+        *b"BHMADT  ",
+        1,
+        LocalInterruptController::Address(LAPIC_ADDR as u32),
+    );
     for id in 0..cpus {
         m.add_structure(ProcessorLocalApic::new(id, id, EnabledStatus::Enabled));
     }
@@ -93,7 +108,11 @@ fn madt(cpus: u8) -> Vec<u8> {
 }
 
 /// Write all tables below 1 MiB and return the RSDP's address.
-pub fn write_tables(mem: &GuestMemoryMmap, cpus: u8, devices: &[MmioDesc]) -> Result<u64, AcpiError> {
+pub fn write_tables(
+    mem: &GuestMemoryMmap,
+    cpus: u8,
+    devices: &[MmioDesc],
+) -> Result<u64, AcpiError> {
     let align = |a: u64| (a + 15) & !15;
     let rsdp_addr = ACPI_START;
     let xsdt_addr = align(rsdp_addr + 36);
@@ -106,7 +125,10 @@ pub fn write_tables(mem: &GuestMemoryMmap, cpus: u8, devices: &[MmioDesc]) -> Re
     let dsdt_addr = align(madt_addr + madt_bytes.len() as u64);
     let end = dsdt_addr + dsdt_bytes.len() as u64;
     if end > ACPI_END {
-        return Err(AcpiError::TooBig((end - ACPI_START) as usize, ACPI_END - ACPI_START));
+        return Err(AcpiError::TooBig(
+            (end - ACPI_START) as usize,
+            ACPI_END - ACPI_START,
+        ));
     }
     let fadt_bytes = fadt(dsdt_addr);
     let mut xsdt = XSDT::new(OEM_ID, *b"BHXSDT  ", 1);
@@ -143,8 +165,14 @@ mod tests {
     fn tables_chain_and_checksum() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
         let devs = [
-            MmioDesc { base: VIRTIO_MMIO_START, gsi: 5 },
-            MmioDesc { base: VIRTIO_MMIO_START + 0x1000, gsi: 6 },
+            MmioDesc {
+                base: VIRTIO_MMIO_START,
+                gsi: 5,
+            },
+            MmioDesc {
+                base: VIRTIO_MMIO_START + 0x1000,
+                gsi: 6,
+            },
         ];
         let rsdp = write_tables(&mem, 2, &devs).unwrap();
         let r = read(&mem, rsdp, 36);
@@ -191,7 +219,10 @@ mod tests {
     #[test]
     fn dsdt_names_each_device_with_its_window_and_irq() {
         let devs: Vec<MmioDesc> = (0..3)
-            .map(|i| MmioDesc { base: VIRTIO_MMIO_START + i * 0x1000, gsi: 5 + i as u32 })
+            .map(|i| MmioDesc {
+                base: VIRTIO_MMIO_START + i * 0x1000,
+                gsi: 5 + i as u32,
+            })
             .collect();
         let d = dsdt(&devs);
         let count = d.windows(8).filter(|w| w == b"LNRO0005").count();

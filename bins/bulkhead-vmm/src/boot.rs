@@ -12,7 +12,9 @@ use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::boot_params;
-use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
 use linux_loader::loader::{BzImage, Elf, KernelLoader, PvhBootCapability};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -21,7 +23,10 @@ use crate::layout::*;
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     #[error("cannot open kernel {path}: {source}")]
-    KernelOpen { path: String, source: std::io::Error },
+    KernelOpen {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("kernel {path} is neither an ELF vmlinux nor a bzImage")]
     KernelFormat { path: String },
     #[error("cannot load kernel {path}: {msg}")]
@@ -29,7 +34,10 @@ pub enum BootError {
     #[error("ELF kernel {path} has no PVH entry note; boot its bzImage instead")]
     NoPvhEntry { path: String },
     #[error("cannot open initramfs {path}: {source}")]
-    InitrdOpen { path: String, source: std::io::Error },
+    InitrdOpen {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("initramfs {path} is empty")]
     InitrdEmpty { path: String },
     #[error("initramfs {path} ({size} bytes) does not fit in guest memory above the kernel")]
@@ -117,23 +125,31 @@ pub fn load(
     };
 
     let (entry, kernel_end, setup_header) = if is_elf {
-        let r = Elf::load(mem, None, &mut kernel, Some(GuestAddress(HIMEM_START))).map_err(load_err)?;
+        let r =
+            Elf::load(mem, None, &mut kernel, Some(GuestAddress(HIMEM_START))).map_err(load_err)?;
         let PvhBootCapability::PvhEntryPresent(entry) = r.pvh_boot_cap else {
             return Err(BootError::NoPvhEntry { path: kpath });
         };
         (entry.raw_value(), r.kernel_end, None)
     } else if is_bz {
-        let r = BzImage::load(mem, None, &mut kernel, Some(GuestAddress(HIMEM_START))).map_err(load_err)?;
+        let r = BzImage::load(mem, None, &mut kernel, Some(GuestAddress(HIMEM_START)))
+            .map_err(load_err)?;
         // The 64-bit entry point sits 0x200 bytes into the protected-mode kernel.
-        (r.kernel_load.raw_value() + 0x200, r.kernel_end, r.setup_header)
+        (
+            r.kernel_load.raw_value() + 0x200,
+            r.kernel_end,
+            r.setup_header,
+        )
     } else {
         return Err(BootError::KernelFormat { path: kpath });
     };
 
     // Command line.
-    let mut cl = linux_loader::cmdline::Cmdline::new(CMDLINE_MAX).map_err(|e| BootError::Cmdline(e.to_string()))?;
+    let mut cl = linux_loader::cmdline::Cmdline::new(CMDLINE_MAX)
+        .map_err(|e| BootError::Cmdline(e.to_string()))?;
     if !cmdline.is_empty() {
-        cl.insert_str(cmdline).map_err(|e| BootError::Cmdline(e.to_string()))?;
+        cl.insert_str(cmdline)
+            .map_err(|e| BootError::Cmdline(e.to_string()))?;
     }
     linux_loader::loader::load_cmdline(mem, GuestAddress(CMDLINE_START), &cl)
         .map_err(|e| BootError::Cmdline(e.to_string()))?;
@@ -293,7 +309,15 @@ mod tests {
         let p = tmp("garbage", &[0x55u8; 4096]);
         let e = load(&m, 64 << 20, &p, None, "", ACPI_START).unwrap_err();
         assert!(matches!(e, BootError::KernelFormat { .. }), "{e}");
-        let e = load(&m, 64 << 20, Path::new("/nonexistent/vmlinux"), None, "", ACPI_START).unwrap_err();
+        let e = load(
+            &m,
+            64 << 20,
+            Path::new("/nonexistent/vmlinux"),
+            None,
+            "",
+            ACPI_START,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("/nonexistent/vmlinux"), "{e}");
         // A truncated ELF header.
         let p = tmp("short-elf", b"\x7fELF\x02\x01\x01");

@@ -21,8 +21,18 @@ pub struct Overlap {
 }
 
 impl Bus {
-    pub fn insert(&mut self, base: u64, len: u64, dev: Arc<Mutex<dyn BusDevice>>) -> Result<(), Overlap> {
-        if len == 0 || self.ranges.iter().any(|(b, l, _)| base < b + l && *b < base + len) {
+    pub fn insert(
+        &mut self,
+        base: u64,
+        len: u64,
+        dev: Arc<Mutex<dyn BusDevice>>,
+    ) -> Result<(), Overlap> {
+        if len == 0
+            || self
+                .ranges
+                .iter()
+                .any(|(b, l, _)| base < b + l && *b < base + len)
+        {
             return Err(Overlap { base, len });
         }
         self.ranges.push((base, len, dev));
@@ -31,7 +41,10 @@ impl Bus {
     }
 
     fn find(&self, addr: u64, size: usize) -> Option<(u64, &Arc<Mutex<dyn BusDevice>>)> {
-        let i = self.ranges.partition_point(|r| r.0 <= addr).checked_sub(1)?;
+        let i = self
+            .ranges
+            .partition_point(|r| r.0 <= addr)
+            .checked_sub(1)?;
         let (base, len, dev) = &self.ranges[i];
         let off = addr - base;
         (off.checked_add(size as u64)? <= *len).then_some((off, dev))
@@ -41,7 +54,9 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.find(addr, data.len()) {
             Some((off, dev)) => {
-                dev.lock().unwrap_or_else(|p| p.into_inner()).read(off, data);
+                dev.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .read(off, data);
                 true
             }
             None => {
@@ -54,7 +69,9 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.find(addr, data.len()) {
             Some((off, dev)) => {
-                dev.lock().unwrap_or_else(|p| p.into_inner()).write(off, data);
+                dev.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .write(off, data);
                 true
             }
             None => false,

@@ -170,15 +170,15 @@ impl VmConfig {
                 "--cmdline" => c.cmdline = val()?,
                 "--cpus" => {
                     let v = val()?;
-                    c.cpus = v
-                        .parse()
-                        .map_err(|_| ConfigError::Invalid(format!("--cpus {v}: not a number 0-255")))?
+                    c.cpus = v.parse().map_err(|_| {
+                        ConfigError::Invalid(format!("--cpus {v}: not a number 0-255"))
+                    })?
                 }
                 "--memory" => {
                     let v = val()?;
-                    c.memory_mib = v
-                        .parse()
-                        .map_err(|_| ConfigError::Invalid(format!("--memory {v}: not a number of MiB")))?
+                    c.memory_mib = v.parse().map_err(|_| {
+                        ConfigError::Invalid(format!("--memory {v}: not a number of MiB"))
+                    })?
                 }
                 "--serial" => {
                     let v = val()?;
@@ -187,7 +187,11 @@ impl VmConfig {
                         "none" => SerialOut::None,
                         s => match s.strip_prefix("file:") {
                             Some(p) => SerialOut::File(p.into()),
-                            None => return invalid(format!("--serial {v}: want stdout, none or file:PATH")),
+                            None => {
+                                return invalid(format!(
+                                    "--serial {v}: want stdout, none or file:PATH"
+                                ))
+                            }
                         },
                     }
                 }
@@ -216,7 +220,8 @@ impl VmConfig {
                             _ => return invalid(format!("--disk: unknown part {k:?}")),
                         }
                     }
-                    let path = path.ok_or_else(|| ConfigError::Invalid("--disk needs path=PATH".into()))?;
+                    let path =
+                        path.ok_or_else(|| ConfigError::Invalid("--disk needs path=PATH".into()))?;
                     c.disks.push(DiskConfig { path, readonly });
                 }
                 "--rng" => c.rng = true,
@@ -288,7 +293,10 @@ impl VmConfig {
                 return invalid(format!("fs tag {:?}: must be 1 to 36 bytes", f.tag));
             }
             if !f.queue_size.is_power_of_two() || f.queue_size > 32768 {
-                return invalid(format!("fs queue_size {}: must be a power of two <= 32768", f.queue_size));
+                return invalid(format!(
+                    "fs queue_size {}: must be a power of two <= 32768",
+                    f.queue_size
+                ));
             }
         }
         let devices = self.disks.len()
@@ -341,7 +349,10 @@ mod tests {
             ("--kernel /k --cpus 0", "cpus = 0"),
             ("--kernel /k --cpus 255", "cpus = 255"),
             ("--kernel /k --memory 1", "memory = 1 MiB"),
-            ("--kernel /k --memory 99999999999", "memory = 99999999999 MiB"),
+            (
+                "--kernel /k --memory 99999999999",
+                "memory = 99999999999 MiB",
+            ),
             ("--kernel /k --memory lots", "--memory lots"),
             ("--kernel /k --vsock cid=2,socket=/v", "vsock cid 2"),
             ("--cpus 1", "no --kernel"),
@@ -366,6 +377,10 @@ mod tests {
     fn too_long_cmdline_is_refused() {
         let mut c = VmConfig::from_args(&args("--kernel /k")).unwrap();
         c.cmdline = "x".repeat(layout::CMDLINE_MAX);
-        assert!(c.validate().unwrap_err().to_string().contains("command line"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("command line"));
     }
 }

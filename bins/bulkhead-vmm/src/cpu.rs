@@ -4,7 +4,9 @@ use std::cell::Cell;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{
+    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -46,7 +48,11 @@ fn segment(entry: u64, index: u16) -> kvm_segment {
     let g = flags(55, 1);
     kvm_segment {
         base,
-        limit: if g == 1 { (limit_raw << 12) | 0xfff } else { limit_raw },
+        limit: if g == 1 {
+            (limit_raw << 12) | 0xfff
+        } else {
+            limit_raw
+        },
         selector: index * 8,
         type_: flags(40, 4),
         present: flags(47, 1),
@@ -120,14 +126,20 @@ pub fn configure(
             lapic.regs[off + i] = *b as i8;
         }
     }
-    vcpu.set_lapic(&lapic).map_err(kvm_err(id, "KVM_SET_LAPIC"))?;
+    vcpu.set_lapic(&lapic)
+        .map_err(kvm_err(id, "KVM_SET_LAPIC"))?;
     if let Some(e) = entry {
         set_entry_registers(vcpu, id, mem, e)?;
     }
     Ok(())
 }
 
-fn set_entry_registers(vcpu: &VcpuFd, id: u8, mem: &GuestMemoryMmap, e: &BootEntry) -> Result<(), CpuError> {
+fn set_entry_registers(
+    vcpu: &VcpuFd,
+    id: u8,
+    mem: &GuestMemoryMmap,
+    e: &BootEntry,
+) -> Result<(), CpuError> {
     let wmem = |v: u64, a: u64| {
         mem.write_obj(v, GuestAddress(a))
             .map_err(|err| CpuError::Memory(err.to_string()))
@@ -183,7 +195,8 @@ fn set_entry_registers(vcpu: &VcpuFd, id: u8, mem: &GuestMemoryMmap, e: &BootEnt
             regs.rbp = BOOT_STACK_TOP;
         }
     }
-    vcpu.set_sregs(&sregs).map_err(kvm_err(id, "KVM_SET_SREGS"))?;
+    vcpu.set_sregs(&sregs)
+        .map_err(kvm_err(id, "KVM_SET_SREGS"))?;
     vcpu.set_regs(&regs).map_err(kvm_err(id, "KVM_SET_REGS"))?;
     Ok(())
 }
@@ -228,7 +241,11 @@ impl VcpuControl {
             if left.is_zero() {
                 return false;
             }
-            g = self.cv.wait_timeout(g, left).unwrap_or_else(|p| p.into_inner()).0;
+            g = self
+                .cv
+                .wait_timeout(g, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
         true
     }
@@ -348,7 +365,8 @@ impl VcpuRunner {
                     self.control.park_while_paused();
                 }
                 Err(e) => {
-                    self.exit.request(ExitReason::Crash(format!("vCPU {}: KVM_RUN: {e}", self.id)));
+                    self.exit
+                        .request(ExitReason::Crash(format!("vCPU {}: KVM_RUN: {e}", self.id)));
                     return;
                 }
             }
@@ -363,7 +381,10 @@ mod tests {
     #[test]
     fn gdt_entries_decode_to_flat_segments() {
         let code64 = segment(gdt_entry(0xa09b, 0, 0xfffff), 1);
-        assert_eq!((code64.l, code64.db, code64.g, code64.type_), (1, 0, 1, 0xb));
+        assert_eq!(
+            (code64.l, code64.db, code64.g, code64.type_),
+            (1, 0, 1, 0xb)
+        );
         assert_eq!(code64.limit, 0xffff_ffff);
         assert_eq!(code64.selector, 8);
         let code32 = segment(gdt_entry(0xc09b, 0, 0xfffff), 1);

@@ -35,7 +35,10 @@ pub struct ExitHandle(Arc<(Mutex<Option<ExitReason>>, EventFd)>);
 
 impl ExitHandle {
     pub fn new() -> std::io::Result<Self> {
-        Ok(ExitHandle(Arc::new((Mutex::new(None), EventFd::new(EFD_NONBLOCK)?))))
+        Ok(ExitHandle(Arc::new((
+            Mutex::new(None),
+            EventFd::new(EFD_NONBLOCK)?,
+        ))))
     }
 
     pub fn request(&self, reason: ExitReason) {

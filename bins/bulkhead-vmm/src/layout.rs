@@ -79,7 +79,10 @@ mod tests {
         assert_eq!(ram_ranges(128 << 20), vec![(0, 128 << 20)]);
         assert_eq!(
             ram_ranges(4 << 30),
-            vec![(0, MMIO_HOLE_START), (MMIO_HOLE_END, (4 << 30) - MMIO_HOLE_START)]
+            vec![
+                (0, MMIO_HOLE_START),
+                (MMIO_HOLE_END, (4 << 30) - MMIO_HOLE_START)
+            ]
         );
         let total: u64 = ram_ranges(5 << 30).iter().map(|r| r.1).sum();
         assert_eq!(total, 5 << 30);
@@ -97,7 +100,10 @@ mod tests {
         ];
         for (i, a) in areas.iter().enumerate() {
             for b in &areas[i + 1..] {
-                assert!(a.0 + a.1 <= b.0 || b.0 + b.1 <= a.0, "{a:x?} overlaps {b:x?}");
+                assert!(
+                    a.0 + a.1 <= b.0 || b.0 + b.1 <= a.0,
+                    "{a:x?} overlaps {b:x?}"
+                );
             }
         }
         assert!(CMDLINE_START + CMDLINE_MAX as u64 <= EBDA_START);

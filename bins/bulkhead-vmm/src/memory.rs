@@ -84,7 +84,9 @@ mod tests {
         let ram = create(64 << 20).unwrap();
         assert_eq!(ram.regions.len(), 1);
         assert_eq!(ram.regions[0].size, 64 << 20);
-        ram.mem.write_obj(0xdead_beef_u32, GuestAddress(0x1000)).unwrap();
+        ram.mem
+            .write_obj(0xdead_beef_u32, GuestAddress(0x1000))
+            .unwrap();
         // The same bytes are visible through the memfd.
         let mut b = [0u8; 4];
         use std::os::unix::fs::FileExt;

@@ -35,7 +35,10 @@ pub enum VmmError {
     #[error("cannot open /dev/kvm: {0}")]
     KvmOpen(kvm_ioctls::Error),
     #[error("KVM: {what}: {source}")]
-    Kvm { what: &'static str, source: kvm_ioctls::Error },
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
     #[error(transparent)]
     Memory(#[from] memory::MemoryError),
     #[error(transparent)]
@@ -47,7 +50,10 @@ pub enum VmmError {
     #[error("{0}")]
     Device(String),
     #[error("{what}: {source}")]
-    Io { what: String, source: std::io::Error },
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
 }
 
 fn kerr(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
@@ -78,14 +84,22 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
     let kvm_h = Kvm::new().map_err(VmmError::KvmOpen)?;
     let max_vcpus = kvm_h.get_max_vcpus();
     if usize::from(cfg.cpus) > max_vcpus {
-        return Err(VmmError::Device(format!("cpus = {}: this host's KVM allows at most {max_vcpus}", cfg.cpus)));
+        return Err(VmmError::Device(format!(
+            "cpus = {}: this host's KVM allows at most {max_vcpus}",
+            cfg.cpus
+        )));
     }
     let vm = kvm_h.create_vm().map_err(kerr("KVM_CREATE_VM"))?;
-    vm.set_tss_address(KVM_TSS_ADDR as usize).map_err(kerr("KVM_SET_TSS_ADDR"))?;
-    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR).map_err(kerr("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    vm.set_tss_address(KVM_TSS_ADDR as usize)
+        .map_err(kerr("KVM_SET_TSS_ADDR"))?;
+    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
+        .map_err(kerr("KVM_SET_IDENTITY_MAP_ADDR"))?;
     vm.create_irq_chip().map_err(kerr("KVM_CREATE_IRQCHIP"))?;
-    vm.create_pit2(kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() })
-        .map_err(kerr("KVM_CREATE_PIT2"))?;
+    vm.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .map_err(kerr("KVM_CREATE_PIT2"))?;
 
     let mem_size = cfg.memory_bytes();
     let ram = memory::create(mem_size)?;
@@ -109,25 +123,45 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
     // Serial console on COM1.
     let out: Box<dyn Write + Send> = match &cfg.serial {
         SerialOut::Stdout => Box::new(std::io::stdout()),
-        SerialOut::File(p) => Box::new(std::fs::File::create(p).map_err(io(format!("serial output {}", p.display())))?),
+        SerialOut::File(p) => Box::new(
+            std::fs::File::create(p).map_err(io(format!("serial output {}", p.display())))?,
+        ),
         SerialOut::None => Box::new(std::io::sink()),
     };
     let serial_out = SharedOut(Arc::new(Mutex::new(out)));
     let serial_evt = EventFd::new(EFD_NONBLOCK).map_err(io("eventfd"))?;
-    vm.register_irqfd(&serial_evt, COM1_IRQ).map_err(kerr("KVM_IRQFD (serial)"))?;
+    vm.register_irqfd(&serial_evt, COM1_IRQ)
+        .map_err(kerr("KVM_IRQFD (serial)"))?;
     let serial = SerialDevice(Serial::new(IrqTrigger(serial_evt), serial_out.clone()));
     let bus_err = |e: crate::bus::Overlap| VmmError::Device(e.to_string());
-    pio.insert(u64::from(COM1_PORT), 8, Arc::new(Mutex::new(serial))).map_err(bus_err)?;
-    pio.insert(u64::from(I8042_PORT), 5, Arc::new(Mutex::new(I8042 { exit: exit.clone() }))).map_err(bus_err)?;
-    pio.insert(u64::from(ACPI_SLEEP_CTL_PORT), 3, Arc::new(Mutex::new(AcpiPm { exit: exit.clone() }))).map_err(bus_err)?;
+    pio.insert(u64::from(COM1_PORT), 8, Arc::new(Mutex::new(serial)))
+        .map_err(bus_err)?;
+    pio.insert(
+        u64::from(I8042_PORT),
+        5,
+        Arc::new(Mutex::new(I8042 { exit: exit.clone() })),
+    )
+    .map_err(bus_err)?;
+    pio.insert(
+        u64::from(ACPI_SLEEP_CTL_PORT),
+        3,
+        Arc::new(Mutex::new(AcpiPm { exit: exit.clone() })),
+    )
+    .map_err(bus_err)?;
 
     // Virtio devices, in a fixed order so a config always yields the same guest layout.
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     if let Some(v) = &cfg.vsock {
-        devices.push(Box::new(virtio::vsock::Vsock::new(v.cid, &v.socket).map_err(|e| VmmError::Device(e.to_string()))?));
+        devices.push(Box::new(
+            virtio::vsock::Vsock::new(v.cid, &v.socket)
+                .map_err(|e| VmmError::Device(e.to_string()))?,
+        ));
     }
     for d in &cfg.disks {
-        devices.push(Box::new(virtio::blk::Blk::open(&d.path, d.readonly).map_err(|e| VmmError::Device(e.to_string()))?));
+        devices.push(Box::new(
+            virtio::blk::Blk::open(&d.path, d.readonly)
+                .map_err(|e| VmmError::Device(e.to_string()))?,
+        ));
     }
     if cfg.rng {
         devices.push(Box::new(virtio::rng::Rng::default()));
@@ -137,8 +171,14 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
         devices.push(Box::new(virtio::console::Console::new(f)));
     }
     for f in &cfg.fs {
-        let dev = virtio::vhost_user_fs::VhostUserFs::connect(&f.socket, &f.tag, f.queue_size, ram.regions.clone(), ram.file.as_raw_fd())
-            .map_err(|e| VmmError::Device(e.to_string()))?;
+        let dev = virtio::vhost_user_fs::VhostUserFs::connect(
+            &f.socket,
+            &f.tag,
+            f.queue_size,
+            ram.regions.clone(),
+            ram.file.as_raw_fd(),
+        )
+        .map_err(|e| VmmError::Device(e.to_string()))?;
         devices.push(Box::new(dev));
     }
 
@@ -149,7 +189,8 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
         let gsi = VIRTIO_IRQ_BASE + i as u32;
         let slot = i as u32 + 1;
         let irq_evt = EventFd::new(EFD_NONBLOCK).map_err(io("eventfd"))?;
-        vm.register_irqfd(&irq_evt, gsi).map_err(kerr("KVM_IRQFD"))?;
+        vm.register_irqfd(&irq_evt, gsi)
+            .map_err(kerr("KVM_IRQFD"))?;
         let external = dev.external_interrupts();
         let mut kicks = Vec::new();
         for q in 0..dev.queue_max_sizes().len() {
@@ -158,16 +199,34 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
                 .map_err(kerr("KVM_IOEVENTFD"))?;
             if !external {
                 epoll
-                    .ctl(ControlOperation::Add, k.as_raw_fd(), EpollEvent::new(EventSet::IN, (u64::from(slot) << 32) | q as u64))
+                    .ctl(
+                        ControlOperation::Add,
+                        k.as_raw_fd(),
+                        EpollEvent::new(EventSet::IN, (u64::from(slot) << 32) | q as u64),
+                    )
                     .map_err(io("epoll add"))?;
             }
             kicks.push(k);
         }
-        let kick_copies = kicks.iter().map(|k| k.try_clone()).collect::<Result<Vec<_>, _>>().map_err(io("eventfd dup"))?;
-        let t = MmioTransport::new(dev, ram.mem.clone(), Interrupt::new(irq_evt), kick_copies, EventSink::new(epoll.clone(), slot));
+        let kick_copies = kicks
+            .iter()
+            .map(|k| k.try_clone())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(io("eventfd dup"))?;
+        let t = MmioTransport::new(
+            dev,
+            ram.mem.clone(),
+            Interrupt::new(irq_evt),
+            kick_copies,
+            EventSink::new(epoll.clone(), slot),
+        );
         let t = Arc::new(Mutex::new(t));
-        mmio.insert(base, VIRTIO_MMIO_SIZE, t.clone()).map_err(bus_err)?;
-        slots.push(DeviceSlot { transport: t, kicks });
+        mmio.insert(base, VIRTIO_MMIO_SIZE, t.clone())
+            .map_err(bus_err)?;
+        slots.push(DeviceSlot {
+            transport: t,
+            kicks,
+        });
         descs.push(MmioDesc { base, gsi });
     }
 
@@ -178,36 +237,79 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
             cmdline.push_str(&format!(" virtio_mmio.device=4K@{:#x}:{}", d.base, d.gsi));
         }
     }
-    let entry = boot::load(&ram.mem, mem_size, &cfg.kernel, cfg.initrd.as_deref(), cmdline.trim(), rsdp)?;
+    let entry = boot::load(
+        &ram.mem,
+        mem_size,
+        &cfg.kernel,
+        cfg.initrd.as_deref(),
+        cmdline.trim(),
+        rsdp,
+    )?;
 
     cpu::install_kick_handler().map_err(io("vCPU kick signal handler"))?;
     let base_cpuid = cpu::supported_cpuid(&kvm_h)?;
     let control = Arc::new(VcpuControl::default());
     let mut runners = Vec::new();
     for id in 0..cfg.cpus {
-        let vcpu = vm.create_vcpu(u64::from(id)).map_err(kerr("KVM_CREATE_VCPU"))?;
-        cpu::configure(&vcpu, id, cfg.cpus, &base_cpuid, &ram.mem, (id == 0).then_some(&entry))?;
-        runners.push(VcpuRunner { id, vcpu, pio: pio.clone(), mmio: mmio.clone(), exit: exit.clone(), control: control.clone() });
+        let vcpu = vm
+            .create_vcpu(u64::from(id))
+            .map_err(kerr("KVM_CREATE_VCPU"))?;
+        cpu::configure(
+            &vcpu,
+            id,
+            cfg.cpus,
+            &base_cpuid,
+            &ram.mem,
+            (id == 0).then_some(&entry),
+        )?;
+        runners.push(VcpuRunner {
+            id,
+            vcpu,
+            pio: pio.clone(),
+            mmio: mmio.clone(),
+            exit: exit.clone(),
+            control: control.clone(),
+        });
     }
     let mut threads = Vec::new();
     for r in runners {
         let name = format!("vcpu{}", r.id);
-        threads.push(std::thread::Builder::new().name(name).spawn(move || r.run()).map_err(io("spawn vCPU thread"))?);
+        threads.push(
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(move || r.run())
+                .map_err(io("spawn vCPU thread"))?,
+        );
     }
-    tracing::info!(cpus = cfg.cpus, memory_mib = cfg.memory_mib, devices = slots.len(), "VM started");
+    tracing::info!(
+        cpus = cfg.cpus,
+        memory_mib = cfg.memory_mib,
+        devices = slots.len(),
+        "VM started"
+    );
 
     let api = match &cfg.api_socket {
         Some(p) => {
             let _ = std::fs::remove_file(p);
             let l = UnixListener::bind(p).map_err(io(format!("control socket {}", p.display())))?;
             l.set_nonblocking(true).map_err(io("control socket"))?;
-            epoll.ctl(ControlOperation::Add, l.as_raw_fd(), EpollEvent::new(EventSet::IN, u64::from(TOK_API))).map_err(io("epoll add"))?;
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    l.as_raw_fd(),
+                    EpollEvent::new(EventSet::IN, u64::from(TOK_API)),
+                )
+                .map_err(io("epoll add"))?;
             Some(l)
         }
         None => None,
     };
     epoll
-        .ctl(ControlOperation::Add, exit.eventfd().as_raw_fd(), EpollEvent::new(EventSet::IN, u64::from(TOK_EXIT)))
+        .ctl(
+            ControlOperation::Add,
+            exit.eventfd().as_raw_fd(),
+            EpollEvent::new(EventSet::IN, u64::from(TOK_EXIT)),
+        )
         .map_err(io("epoll add"))?;
 
     let pthreads: Vec<libc::pthread_t> = threads.iter().map(|t| t.as_pthread_t()).collect();
@@ -218,7 +320,12 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
         let n = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) => return Err(VmmError::Io { what: "epoll wait".into(), source: e }),
+            Err(e) => {
+                return Err(VmmError::Io {
+                    what: "epoll wait".into(),
+                    source: e,
+                })
+            }
         };
         for ev in &events[..n] {
             let (slot, token) = ((ev.data() >> 32) as u32, ev.data() as u32);
@@ -231,7 +338,13 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
                             let tok = next_conn_tok;
                             next_conn_tok = next_conn_tok.wrapping_add(1).max(TOK_API_CONN);
                             if s.set_nonblocking(true).is_ok()
-                                && epoll.ctl(ControlOperation::Add, s.as_raw_fd(), EpollEvent::new(EventSet::IN, u64::from(tok))).is_ok()
+                                && epoll
+                                    .ctl(
+                                        ControlOperation::Add,
+                                        s.as_raw_fd(),
+                                        EpollEvent::new(EventSet::IN, u64::from(tok)),
+                                    )
+                                    .is_ok()
                             {
                                 api_conns.insert(tok, (s, Vec::new()));
                             }
@@ -244,14 +357,20 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
                         };
                         if done {
                             if let Some((s, _)) = api_conns.remove(&tok) {
-                                let _ = epoll.ctl(ControlOperation::Delete, s.as_raw_fd(), EpollEvent::default());
+                                let _ = epoll.ctl(
+                                    ControlOperation::Delete,
+                                    s.as_raw_fd(),
+                                    EpollEvent::default(),
+                                );
                             }
                         }
                     }
                 }
                 continue;
             }
-            let Some(d) = slots.get((slot - 1) as usize) else { continue };
+            let Some(d) = slots.get((slot - 1) as usize) else {
+                continue;
+            };
             let mut t = d.transport.lock().unwrap_or_else(|p| p.into_inner());
             if token < DEVICE_TOKEN_BASE {
                 if let Some(k) = d.kicks.get(token as usize) {
@@ -265,7 +384,9 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
             }
         }
     }
-    let reason = exit.reason().unwrap_or(ExitReason::Crash("event loop ended without a reason".into()));
+    let reason = exit.reason().unwrap_or(ExitReason::Crash(
+        "event loop ended without a reason".into(),
+    ));
     let _ = SharedOut::flush(&mut serial_out.clone());
     // Let vCPUs that are mid-exit see the reason; they are not joined (a vCPU can sit in
     // KVM_RUN indefinitely) and end with the process.
@@ -306,7 +427,13 @@ fn serve_api(
     false
 }
 
-fn api_request(line: &[u8], control: &VcpuControl, vcpus: &[libc::pthread_t], exit: &ExitHandle, cfg: &VmConfig) -> serde_json::Value {
+fn api_request(
+    line: &[u8],
+    control: &VcpuControl,
+    vcpus: &[libc::pthread_t],
+    exit: &ExitHandle,
+    cfg: &VmConfig,
+) -> serde_json::Value {
     use serde_json::json;
     let req: serde_json::Value = match serde_json::from_slice(line) {
         Ok(v) => v,
@@ -318,7 +445,9 @@ fn api_request(line: &[u8], control: &VcpuControl, vcpus: &[libc::pthread_t], ex
     };
     match req.get("op").and_then(|o| o.as_str()) {
         Some("state") => json!({"ok": true, "state": state(control)}),
-        Some("info") => json!({"ok": true, "state": state(control), "cpus": cfg.cpus, "memory_mib": cfg.memory_mib}),
+        Some("info") => {
+            json!({"ok": true, "state": state(control), "cpus": cfg.cpus, "memory_mib": cfg.memory_mib})
+        }
         Some("pause") => {
             if control.state() == RunState::Paused {
                 return json!({"ok": true, "state": "paused"});

@@ -44,7 +44,11 @@ pub fn classify(dev_kvm: bool, pvm_module: bool, cpu_flags: &str) -> KvmKind {
 pub fn cpu_flags() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|t| t.lines().find(|l| l.starts_with("flags")).map(|l| l.split_once(':').map(|x| x.1).unwrap_or("").to_owned()))
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("flags"))
+                .map(|l| l.split_once(':').map(|x| x.1).unwrap_or("").to_owned())
+        })
         .unwrap_or_default()
 }
 

@@ -10,8 +10,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::{
-    decode, encode, read_frame, write_frame, AgentError, FrameError, Hello, HelloReply,
-    Request, Response, MIN_PROTOCOL_VERSION,
+    decode, encode, read_frame, write_frame, AgentError, FrameError, Hello, HelloReply, Request,
+    Response, MIN_PROTOCOL_VERSION,
 };
 
 #[derive(Debug, thiserror::Error)]

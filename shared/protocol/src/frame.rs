@@ -48,7 +48,9 @@ pub fn write_frame<W: Write>(w: &mut W, payload: &[u8]) -> Result<(), FrameError
     let len = u32::try_from(payload.len())
         .ok()
         .filter(|l| *l <= MAX_FRAME)
-        .ok_or(FrameError::TooLarge(payload.len().min(u32::MAX as usize) as u32))?;
+        .ok_or(FrameError::TooLarge(
+            payload.len().min(u32::MAX as usize) as u32
+        ))?;
     let mut out = Vec::with_capacity(4 + payload.len());
     out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(payload);

@@ -64,11 +64,7 @@ pub enum Request {
     MountVirtiofs { tag: String, target: String },
     /// Read at most `len` bytes (capped at [`MAX_READ`]) at `offset` from a guest path
     /// (a file or a block device). Diagnostic; used by the test node.
-    ReadFile {
-        path: String,
-        offset: u64,
-        len: u32,
-    },
+    ReadFile { path: String, offset: u64, len: u32 },
     /// Flush file systems and power the guest off. Answered before the power-off.
     Shutdown,
 }

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::GuestMemoryMmap;
 
-use super::{drain_queue, ActivateError, Activation, Interrupt, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1};
+use super::{
+    drain_queue, ActivateError, Activation, Interrupt, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
+};
 
 const SECTOR: u64 = 512;
 const T_IN: u32 = 0;
@@ -28,7 +30,10 @@ const CHUNK: usize = 128 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum BlkError {
     #[error("cannot open disk image {path}: {source}")]
-    Open { path: String, source: std::io::Error },
+    Open {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("disk image {path} is {len} bytes, not a multiple of 512")]
     Size { path: String, len: u64 },
 }
@@ -50,10 +55,16 @@ impl Blk {
             .read(true)
             .write(!readonly)
             .open(path)
-            .map_err(|source| BlkError::Open { path: p.clone(), source })?;
+            .map_err(|source| BlkError::Open {
+                path: p.clone(),
+                source,
+            })?;
         let len = file
             .metadata()
-            .map_err(|source| BlkError::Open { path: p.clone(), source })?
+            .map_err(|source| BlkError::Open {
+                path: p.clone(),
+                source,
+            })?
             .len();
         if len % SECTOR != 0 {
             return Err(BlkError::Size { path: p, len });
@@ -64,7 +75,10 @@ impl Blk {
         // size_max (unused, 0) then seg_max.
         config[12..16].copy_from_slice(&126u32.to_le_bytes());
         let mut id = [0u8; 20];
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let n = name.len().min(20);
         id[..n].copy_from_slice(&name.as_bytes()[..n]);
         Ok(Blk {
@@ -87,7 +101,9 @@ impl Blk {
         let Some(data_len) = w.available_bytes().checked_sub(1) else {
             return 0;
         };
-        let Ok(mut status_w) = w.split_at(data_len) else { return 0 };
+        let Ok(mut status_w) = w.split_at(data_len) else {
+            return 0;
+        };
         let mut hdr = [0u8; 16];
         let (status, written) = if r.read_exact(&mut hdr).is_err() {
             (S_IOERR, 0)
@@ -98,7 +114,14 @@ impl Blk {
                 T_IN => self.read_into(&mut w, sector, data_len),
                 T_OUT if self.readonly => (S_IOERR, 0),
                 T_OUT => (self.write_from(&mut r, sector), 0),
-                T_FLUSH => (if self.readonly || self.file.sync_data().is_ok() { S_OK } else { S_IOERR }, 0),
+                T_FLUSH => (
+                    if self.readonly || self.file.sync_data().is_ok() {
+                        S_OK
+                    } else {
+                        S_IOERR
+                    },
+                    0,
+                ),
                 T_GET_ID => {
                     let n = data_len.min(20);
                     match w.write_all(&self.id[..n]) {
@@ -121,12 +144,21 @@ impl Blk {
         (end <= self.sectors * SECTOR && len as u64 % SECTOR == 0).then_some(off)
     }
 
-    fn read_into(&mut self, w: &mut virtio_queue::Writer<'_>, sector: u64, len: usize) -> (u8, usize) {
-        let Some(mut off) = self.in_range(sector, len) else { return (S_IOERR, 0) };
+    fn read_into(
+        &mut self,
+        w: &mut virtio_queue::Writer<'_>,
+        sector: u64,
+        len: usize,
+    ) -> (u8, usize) {
+        let Some(mut off) = self.in_range(sector, len) else {
+            return (S_IOERR, 0);
+        };
         let mut done = 0;
         while done < len {
             let n = (len - done).min(CHUNK);
-            if self.file.read_exact_at(&mut self.buf[..n], off).is_err() || w.write_all(&self.buf[..n]).is_err() {
+            if self.file.read_exact_at(&mut self.buf[..n], off).is_err()
+                || w.write_all(&self.buf[..n]).is_err()
+            {
                 return (S_IOERR, done);
             }
             off += n as u64;
@@ -137,11 +169,15 @@ impl Blk {
 
     fn write_from(&mut self, r: &mut virtio_queue::Reader<'_>, sector: u64) -> u8 {
         let len = r.available_bytes();
-        let Some(mut off) = self.in_range(sector, len) else { return S_IOERR };
+        let Some(mut off) = self.in_range(sector, len) else {
+            return S_IOERR;
+        };
         let mut done = 0;
         while done < len {
             let n = (len - done).min(CHUNK);
-            if r.read_exact(&mut self.buf[..n]).is_err() || self.file.write_all_at(&self.buf[..n], off).is_err() {
+            if r.read_exact(&mut self.buf[..n]).is_err()
+                || self.file.write_all_at(&self.buf[..n], off).is_err()
+            {
                 return S_IOERR;
             }
             off += n as u64;
@@ -165,7 +201,10 @@ impl VirtioDevice for Blk {
         super::read_config_bytes(&self.config, offset, data)
     }
     fn activate(&mut self, mut act: Activation) -> Result<(), ActivateError> {
-        let q = act.queues.pop().ok_or_else(|| ActivateError::Failed("no queue".into()))?;
+        let q = act
+            .queues
+            .pop()
+            .ok_or_else(|| ActivateError::Failed("no queue".into()))?;
         self.active = Some((act.mem, q, act.interrupt));
         Ok(())
     }
@@ -173,7 +212,9 @@ impl VirtioDevice for Blk {
         self.active = None;
     }
     fn queue_notify(&mut self, _queue: usize) {
-        let Some((mem, mut q, irq)) = self.active.take() else { return };
+        let Some((mem, mut q, irq)) = self.active.take() else {
+            return;
+        };
         drain_queue(&mem, &mut q, &irq, |chain| self.request(&mem, chain));
         self.active = Some((mem, q, irq));
     }
@@ -226,29 +267,49 @@ mod tests {
         let mut blk = Blk::open(&p, false).unwrap();
         hdr(&mem, 0x10000, T_IN, 2);
         hdr(&mem, 0x11000, T_OUT, 3);
-        mem.write_slice(&[0xab; 512], GuestAddress(0x31000)).unwrap();
+        mem.write_slice(&[0xab; 512], GuestAddress(0x31000))
+            .unwrap();
         hdr(&mem, 0x12000, T_IN, 8); // past the end
         hdr(&mem, 0x13000, T_GET_ID, 0);
         hdr(&mem, 0x14000, 99, 0);
         hdr(&mem, 0x15000, T_FLUSH, 0);
         // Linux >= 6.2 style: header and data in one readable descriptor.
         hdr(&mem, 0x16000, T_OUT, 4);
-        mem.write_slice(&[0xcd; 512], GuestAddress(0x16010)).unwrap();
+        mem.write_slice(&[0xcd; 512], GuestAddress(0x16010))
+            .unwrap();
         let lens = run(
             &mut blk,
             &mem,
             &[
-                &[d(0x10000, 16, F_NEXT, 1), d(0x30000, 512, F_WRITE | F_NEXT, 2), d(0x40000, 1, F_WRITE, 0)],
-                &[d(0x11000, 16, F_NEXT, 4), d(0x31000, 512, F_NEXT, 5), d(0x40001, 1, F_WRITE, 0)],
-                &[d(0x12000, 16, F_NEXT, 7), d(0x32000, 512, F_WRITE | F_NEXT, 8), d(0x40002, 1, F_WRITE, 0)],
-                &[d(0x13000, 16, F_NEXT, 10), d(0x33000, 20, F_WRITE | F_NEXT, 11), d(0x40003, 1, F_WRITE, 0)],
+                &[
+                    d(0x10000, 16, F_NEXT, 1),
+                    d(0x30000, 512, F_WRITE | F_NEXT, 2),
+                    d(0x40000, 1, F_WRITE, 0),
+                ],
+                &[
+                    d(0x11000, 16, F_NEXT, 4),
+                    d(0x31000, 512, F_NEXT, 5),
+                    d(0x40001, 1, F_WRITE, 0),
+                ],
+                &[
+                    d(0x12000, 16, F_NEXT, 7),
+                    d(0x32000, 512, F_WRITE | F_NEXT, 8),
+                    d(0x40002, 1, F_WRITE, 0),
+                ],
+                &[
+                    d(0x13000, 16, F_NEXT, 10),
+                    d(0x33000, 20, F_WRITE | F_NEXT, 11),
+                    d(0x40003, 1, F_WRITE, 0),
+                ],
                 &[d(0x14000, 16, F_NEXT, 13), d(0x40004, 1, F_WRITE, 0)],
                 &[d(0x15000, 16, F_NEXT, 15), d(0x40005, 1, F_WRITE, 0)],
                 &[d(0x16000, 16 + 512, F_NEXT, 17), d(0x40006, 1, F_WRITE, 0)],
             ],
         );
         assert_eq!(lens, vec![513, 1, 1, 21, 1, 1, 1]);
-        let st: Vec<u8> = (0..7).map(|i| mem.read_obj(GuestAddress(0x40000 + i)).unwrap()).collect();
+        let st: Vec<u8> = (0..7)
+            .map(|i| mem.read_obj(GuestAddress(0x40000 + i)).unwrap())
+            .collect();
         assert_eq!(st, vec![S_OK, S_OK, S_IOERR, S_OK, S_UNSUPP, S_OK, S_OK]);
         let mut b = [0u8; 512];
         mem.read_slice(&mut b, GuestAddress(0x30000)).unwrap();
@@ -268,7 +329,15 @@ mod tests {
         let mut blk = Blk::open(&p, true).unwrap();
         assert_ne!(blk.features() & F_RO, 0);
         hdr(&mem, 0x10000, T_OUT, 0);
-        let lens = run(&mut blk, &mem, &[&[d(0x10000, 16, F_NEXT, 1), d(0x31000, 512, F_NEXT, 2), d(0x40000, 1, F_WRITE, 0)]]);
+        let lens = run(
+            &mut blk,
+            &mem,
+            &[&[
+                d(0x10000, 16, F_NEXT, 1),
+                d(0x31000, 512, F_NEXT, 2),
+                d(0x40000, 1, F_WRITE, 0),
+            ]],
+        );
         assert_eq!(lens, vec![1]);
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x40000)).unwrap(), S_IOERR);
         assert_eq!(std::fs::read(&p).unwrap()[0], 0);
@@ -287,15 +356,26 @@ mod tests {
                 // No writable status byte at all.
                 &[d(0x10000, 16, 0, 0)],
                 // Header in a writable descriptor (wrong direction).
-                &[d(0x10000, 16, F_WRITE | F_NEXT, 2), d(0x40000, 1, F_WRITE, 0)],
+                &[
+                    d(0x10000, 16, F_WRITE | F_NEXT, 2),
+                    d(0x40000, 1, F_WRITE, 0),
+                ],
                 // Data buffer outside guest memory.
-                &[d(0x10000, 16, F_NEXT, 4), d(0xffff_0000, 512, F_WRITE | F_NEXT, 5), d(0x40001, 1, F_WRITE, 0)],
+                &[
+                    d(0x10000, 16, F_NEXT, 4),
+                    d(0xffff_0000, 512, F_WRITE | F_NEXT, 5),
+                    d(0x40001, 1, F_WRITE, 0),
+                ],
                 // Zero-length header.
                 &[d(0x10000, 0, F_NEXT, 7), d(0x40002, 1, F_WRITE, 0)],
                 // A loop: next points back at itself.
                 &[d(0x10000, 16, F_NEXT, 8)],
                 // A good read afterwards still works.
-                &[d(0x10000, 16, F_NEXT, 10), d(0x30000, 512, F_WRITE | F_NEXT, 11), d(0x40003, 1, F_WRITE, 0)],
+                &[
+                    d(0x10000, 16, F_NEXT, 10),
+                    d(0x30000, 512, F_WRITE | F_NEXT, 11),
+                    d(0x40003, 1, F_WRITE, 0),
+                ],
             ],
         );
         assert_eq!(lens.last(), Some(&513));
@@ -307,8 +387,14 @@ mod tests {
     #[test]
     fn odd_sized_and_missing_images_are_named() {
         let p = image("odd.img", 1000);
-        assert!(Blk::open(&p, true).err().unwrap().to_string().contains("multiple of 512"));
-        let e = Blk::open(Path::new("/nonexistent/disk.img"), true).err().unwrap();
+        assert!(Blk::open(&p, true)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("multiple of 512"));
+        let e = Blk::open(Path::new("/nonexistent/disk.img"), true)
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("/nonexistent/disk.img"));
     }
 }

@@ -7,7 +7,10 @@ use std::sync::Arc;
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
-use super::{drain_queue, ActivateError, Activation, Interrupt, VirtioDevice, TYPE_CONSOLE, VIRTIO_F_VERSION_1};
+use super::{
+    drain_queue, ActivateError, Activation, Interrupt, VirtioDevice, TYPE_CONSOLE,
+    VIRTIO_F_VERSION_1,
+};
 
 const RECEIVEQ: usize = 0;
 const TRANSMITQ: usize = 1;
@@ -51,11 +54,15 @@ impl VirtioDevice for Console {
         if queue == RECEIVEQ {
             return;
         }
-        let Some((mem, qs, irq)) = self.active.as_mut() else { return };
+        let Some((mem, qs, irq)) = self.active.as_mut() else {
+            return;
+        };
         let out = &mut self.out;
         let mut buf = [0u8; 4096];
         drain_queue(mem, &mut qs[TRANSMITQ], irq, |chain| {
-            let Ok(mut r) = chain.reader(mem) else { return 0 };
+            let Ok(mut r) = chain.reader(mem) else {
+                return 0;
+            };
             loop {
                 match r.read(&mut buf) {
                     Ok(0) | Err(_) => break,
@@ -86,8 +93,19 @@ mod tests {
         let txq = MockSplitQueue::create(&mem, GuestAddress(0x10000), 16);
         mem.write_slice(b"hello ", GuestAddress(0x100000)).unwrap();
         mem.write_slice(b"world", GuestAddress(0x100100)).unwrap();
-        txq.add_desc_chains(&[desc(0x100000, 6, F_NEXT, 1), desc(0x100100, 5, 0, 0), desc(0xffff_0000, 9, 0, 0)], 0).unwrap();
-        let (act, _) = activation(&mem, vec![rxq.create_queue().unwrap(), txq.create_queue().unwrap()]);
+        txq.add_desc_chains(
+            &[
+                desc(0x100000, 6, F_NEXT, 1),
+                desc(0x100100, 5, 0, 0),
+                desc(0xffff_0000, 9, 0, 0),
+            ],
+            0,
+        )
+        .unwrap();
+        let (act, _) = activation(
+            &mem,
+            vec![rxq.create_queue().unwrap(), txq.create_queue().unwrap()],
+        );
         c.activate(act).unwrap();
         c.queue_notify(TRANSMITQ);
         assert_eq!(used(&txq).len(), 2);

@@ -7,7 +7,9 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{Activation, EventSink, Interrupt, VirtioDevice, INT_CONFIG, INT_VRING, VIRTIO_F_VERSION_1};
+use super::{
+    Activation, EventSink, Interrupt, VirtioDevice, INT_CONFIG, INT_VRING, VIRTIO_F_VERSION_1,
+};
 use crate::bus::BusDevice;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
@@ -108,7 +110,8 @@ impl MmioTransport {
         let mut v = v;
         if v & S_FEATURES_OK != 0 && self.status & S_FEATURES_OK == 0 {
             let offered = self.dev.features();
-            let ok = self.driver_features & !offered == 0 && self.driver_features & VIRTIO_F_VERSION_1 != 0;
+            let ok = self.driver_features & !offered == 0
+                && self.driver_features & VIRTIO_F_VERSION_1 != 0;
             if !ok {
                 // Leave FEATURES_OK clear: the driver reads it back and gives up.
                 v &= !S_FEATURES_OK;
@@ -141,13 +144,26 @@ impl MmioTransport {
                     let mut n = Queue::new(q.max_size()).expect("same size as before");
                     n.set_size(q.size());
                     n.set_ready(q.ready());
-                    n.set_desc_table_address(Some(q.desc_table() as u32), Some((q.desc_table() >> 32) as u32));
-                    n.set_avail_ring_address(Some(q.avail_ring() as u32), Some((q.avail_ring() >> 32) as u32));
-                    n.set_used_ring_address(Some(q.used_ring() as u32), Some((q.used_ring() >> 32) as u32));
+                    n.set_desc_table_address(
+                        Some(q.desc_table() as u32),
+                        Some((q.desc_table() >> 32) as u32),
+                    );
+                    n.set_avail_ring_address(
+                        Some(q.avail_ring() as u32),
+                        Some((q.avail_ring() >> 32) as u32),
+                    );
+                    n.set_used_ring_address(
+                        Some(q.used_ring() as u32),
+                        Some((q.used_ring() >> 32) as u32),
+                    );
                     n
                 })
                 .collect();
-            let kicks = self.kicks.iter().filter_map(|k| k.try_clone().ok()).collect();
+            let kicks = self
+                .kicks
+                .iter()
+                .filter_map(|k| k.try_clone().ok())
+                .collect();
             self.dev
                 .activate(Activation {
                     mem: self.mem.clone(),
@@ -162,7 +178,10 @@ impl MmioTransport {
         match result {
             Ok(()) => self.activated = true,
             Err(e) => {
-                tracing::warn!("virtio device type {} failed to activate: {e}", self.dev.device_type());
+                tracing::warn!(
+                    "virtio device type {} failed to activate: {e}",
+                    self.dev.device_type()
+                );
                 self.status |= S_NEEDS_RESET;
                 self.interrupt.signal(INT_CONFIG);
             }
@@ -194,6 +213,10 @@ impl MmioTransport {
                 }
             }
             0x70 => self.status,
+            // Shared memory regions (SHMLen/SHMBase): none. The spec says a missing
+            // region reads as length ~0; 0 would announce an empty region at 0, which
+            // the virtiofs driver then fails to reserve.
+            0xb0 | 0xb4 | 0xb8 | 0xbc => u32::MAX,
             0xfc => self.config_generation,
             _ => 0,
         }
@@ -207,8 +230,14 @@ impl MmioTransport {
             0x20 => {
                 if self.status & S_FEATURES_OK == 0 {
                     match self.driver_features_sel {
-                        0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
-                        1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32),
+                        0 => {
+                            self.driver_features =
+                                (self.driver_features & !0xffff_ffff) | u64::from(v)
+                        }
+                        1 => {
+                            self.driver_features =
+                                (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
+                        }
                         _ => {}
                     }
                 }
@@ -237,7 +266,11 @@ impl MmioTransport {
             0x70 => self.set_status(v),
             0x80 | 0x84 | 0x90 | 0x94 | 0xa0 | 0xa4 if queue_writable => {
                 if let Some(q) = self.queue() {
-                    let (lo, hi) = if offset & 4 == 0 { (Some(v), None) } else { (None, Some(v)) };
+                    let (lo, hi) = if offset & 4 == 0 {
+                        (Some(v), None)
+                    } else {
+                        (None, Some(v))
+                    };
                     match offset & !7 {
                         0x80 => q.set_desc_table_address(lo, hi),
                         0x90 => q.set_avail_ring_address(lo, hi),
@@ -356,6 +389,8 @@ mod tests {
         assert_eq!(r(&mut t, 0x34), 16);
         w(&mut t, 0x30, 7);
         assert_eq!(r(&mut t, 0x34), 0); // no such queue
+        w(&mut t, 0xac, 0);
+        assert_eq!((r(&mut t, 0xb0), r(&mut t, 0xb4)), (u32::MAX, u32::MAX));
         let mut b = [0u8; 2];
         t.read(0x102, &mut b);
         assert_eq!(b, [3, 4]);

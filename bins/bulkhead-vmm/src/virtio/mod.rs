@@ -76,13 +76,19 @@ impl EventSink {
     }
 
     pub fn add(&self, fd: RawFd, token: u32, events: EventSet) -> std::io::Result<()> {
-        self.epoll
-            .ctl(ControlOperation::Add, fd, EpollEvent::new(events, self.data(token)))
+        self.epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(events, self.data(token)),
+        )
     }
 
     pub fn modify(&self, fd: RawFd, token: u32, events: EventSet) -> std::io::Result<()> {
-        self.epoll
-            .ctl(ControlOperation::Modify, fd, EpollEvent::new(events, self.data(token)))
+        self.epoll.ctl(
+            ControlOperation::Modify,
+            fd,
+            EpollEvent::new(events, self.data(token)),
+        )
     }
 
     pub fn remove(&self, fd: RawFd) {
@@ -132,7 +138,9 @@ pub trait VirtioDevice: Send {
 /// Copy a device config structure into a driver read, tolerating any offset and size.
 pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     data.fill(0);
-    let Ok(off) = usize::try_from(offset) else { return };
+    let Ok(off) = usize::try_from(offset) else {
+        return;
+    };
     if off >= config.len() {
         return;
     }
@@ -208,7 +216,10 @@ pub mod testutil {
             .collect()
     }
 
-    pub fn used_lens<M: GuestMemoryBackend>(_mem: &GuestMemoryMmap, vq: &MockSplitQueue<'_, M>) -> Vec<u32> {
+    pub fn used_lens<M: GuestMemoryBackend>(
+        _mem: &GuestMemoryMmap,
+        vq: &MockSplitQueue<'_, M>,
+    ) -> Vec<u32> {
         used(vq).into_iter().map(|(_, l)| l).collect()
     }
 

@@ -3,7 +3,9 @@
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
-use super::{drain_queue, ActivateError, Activation, Interrupt, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1};
+use super::{
+    drain_queue, ActivateError, Activation, Interrupt, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1,
+};
 use std::io::Write;
 use std::sync::Arc;
 
@@ -42,7 +44,10 @@ impl VirtioDevice for Rng {
         data.fill(0);
     }
     fn activate(&mut self, mut act: Activation) -> Result<(), ActivateError> {
-        let q = act.queues.pop().ok_or_else(|| ActivateError::Failed("no queue".into()))?;
+        let q = act
+            .queues
+            .pop()
+            .ok_or_else(|| ActivateError::Failed("no queue".into()))?;
         self.active = Some((act.mem, q, act.interrupt));
         Ok(())
     }
@@ -50,10 +55,14 @@ impl VirtioDevice for Rng {
         self.active = None;
     }
     fn queue_notify(&mut self, _queue: usize) {
-        let Some((mem, q, irq)) = self.active.as_mut() else { return };
+        let Some((mem, q, irq)) = self.active.as_mut() else {
+            return;
+        };
         let mut buf = vec![0u8; MAX_PER_REQUEST];
         drain_queue(mem, q, irq, |chain| {
-            let Ok(mut w) = chain.writer(mem) else { return 0 };
+            let Ok(mut w) = chain.writer(mem) else {
+                return 0;
+            };
             let n = w.available_bytes().min(MAX_PER_REQUEST);
             if n == 0 || !fill_random(&mut buf[..n]) {
                 return 0;

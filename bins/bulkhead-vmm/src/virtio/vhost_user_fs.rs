@@ -14,7 +14,9 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
-use super::{ActivateError, Activation, VirtioDevice, TYPE_FS, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1};
+use super::{
+    ActivateError, Activation, VirtioDevice, TYPE_FS, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
+};
 use crate::memory::RamRegion;
 
 const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
@@ -25,7 +27,11 @@ pub enum FsError {
     #[error("cannot connect to vhost-user-fs back end at {path}: {msg}")]
     Connect { path: String, msg: String },
     #[error("vhost-user-fs back end at {path}: {what}: {msg}")]
-    Setup { path: String, what: &'static str, msg: String },
+    Setup {
+        path: String,
+        what: &'static str,
+        msg: String,
+    },
 }
 
 pub struct VhostUserFs {
@@ -40,11 +46,21 @@ pub struct VhostUserFs {
 }
 
 impl VhostUserFs {
-    pub fn connect(socket: &Path, tag: &str, queue_size: u16, regions: Vec<RamRegion>, mem_fd: RawFd) -> Result<Self, FsError> {
+    pub fn connect(
+        socket: &Path,
+        tag: &str,
+        queue_size: u16,
+        regions: Vec<RamRegion>,
+        mem_fd: RawFd,
+    ) -> Result<Self, FsError> {
         let path = socket.display().to_string();
         let setup = |what: &'static str| {
             let path = path.clone();
-            move |e: vhost::Error| FsError::Setup { path, what, msg: e.to_string() }
+            move |e: vhost::Error| FsError::Setup {
+                path,
+                what,
+                msg: e.to_string(),
+            }
         };
         let mut fe = Frontend::connect(socket, 2).map_err(|e| FsError::Connect {
             path: path.clone(),
@@ -53,9 +69,13 @@ impl VhostUserFs {
         fe.set_owner().map_err(setup("SET_OWNER"))?;
         let backend_features = fe.get_features().map_err(setup("GET_FEATURES"))?;
         if backend_features & PROTOCOL_FEATURES_BIT != 0 {
-            let offered = fe.get_protocol_features().map_err(setup("GET_PROTOCOL_FEATURES"))?;
-            let want = offered & (VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK);
-            fe.set_protocol_features(want).map_err(setup("SET_PROTOCOL_FEATURES"))?;
+            let offered = fe
+                .get_protocol_features()
+                .map_err(setup("GET_PROTOCOL_FEATURES"))?;
+            let want =
+                offered & (VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK);
+            fe.set_protocol_features(want)
+                .map_err(setup("SET_PROTOCOL_FEATURES"))?;
         }
         let mut config = [0u8; 40];
         let n = tag.len().min(36);
@@ -74,7 +94,8 @@ impl VhostUserFs {
     }
 
     fn setup_rings(&mut self, act: &Activation) -> Result<(), vhost::Error> {
-        let features = (act.acked_features & self.features()) | (self.backend_features & PROTOCOL_FEATURES_BIT);
+        let features = (act.acked_features & self.features())
+            | (self.backend_features & PROTOCOL_FEATURES_BIT);
         self.fe.set_features(features)?;
         let regions: Vec<VhostUserMemoryRegionInfo> = self
             .regions

@@ -19,7 +19,10 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
-use super::{ActivateError, Activation, EventSink, Interrupt, VirtioDevice, DEVICE_TOKEN_BASE, INT_VRING, TYPE_VSOCK, VIRTIO_F_VERSION_1};
+use super::{
+    ActivateError, Activation, EventSink, Interrupt, VirtioDevice, DEVICE_TOKEN_BASE, INT_VRING,
+    TYPE_VSOCK, VIRTIO_F_VERSION_1,
+};
 
 pub const HOST_CID: u64 = 2;
 const HDR_LEN: usize = 44;
@@ -196,10 +199,12 @@ impl Vsock {
             path: socket.display().to_string(),
             source,
         })?;
-        listener.set_nonblocking(true).map_err(|source| VsockError {
-            path: socket.display().to_string(),
-            source,
-        })?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| VsockError {
+                path: socket.display().to_string(),
+                source,
+            })?;
         Ok(Vsock {
             cid: u64::from(cid),
             socket: socket.to_owned(),
@@ -280,7 +285,13 @@ impl Vsock {
         }
     }
 
-    fn add_conn(&mut self, key: Key, stream: UnixStream, state: ConnState, peer: Option<&Hdr>) -> bool {
+    fn add_conn(
+        &mut self,
+        key: Key,
+        stream: UnixStream,
+        state: ConnState,
+        peer: Option<&Hdr>,
+    ) -> bool {
         if self.conns.len() >= MAX_CONNS || stream.set_nonblocking(true).is_err() {
             return false;
         }
@@ -352,7 +363,9 @@ impl Vsock {
             },
             OP_RST => self.remove_conn(key),
             OP_SHUTDOWN => {
-                let Some(c) = self.conns.get_mut(&key) else { return };
+                let Some(c) = self.conns.get_mut(&key) else {
+                    return;
+                };
                 c.peer_shut_send |= h.flags & SHUT_SEND != 0;
                 c.peer_shut_rcv |= h.flags & SHUT_RCV != 0;
                 let _ = c.flush_out();
@@ -410,7 +423,9 @@ impl Vsock {
     /// After a flush: count what the socket took toward `fwd_cnt`, and tell the guest
     /// about freed credit once enough has accumulated.
     fn account_flushed(&mut self, key: Key, before: usize) {
-        let Some(c) = self.conns.get_mut(&key) else { return };
+        let Some(c) = self.conns.get_mut(&key) else {
+            return;
+        };
         let taken = before.saturating_sub(c.out.len()) as u32;
         c.fwd_cnt = c.fwd_cnt.wrapping_add(taken);
         if c.fwd_cnt.wrapping_sub(c.last_fwd_cnt_sent) >= BUF_ALLOC / 4 {
@@ -421,10 +436,16 @@ impl Vsock {
     }
 
     fn process_tx(&mut self) {
-        let Some(mem) = self.active.as_ref().map(|a| a.mem.clone()) else { return };
+        let Some(mem) = self.active.as_ref().map(|a| a.mem.clone()) else {
+            return;
+        };
         let mut used = false;
         loop {
-            let Some(chain) = self.active.as_mut().and_then(|a| a.tx.pop_descriptor_chain(&mem)) else {
+            let Some(chain) = self
+                .active
+                .as_mut()
+                .and_then(|a| a.tx.pop_descriptor_chain(&mem))
+            else {
                 break;
             };
             let head = chain.head_index();
@@ -434,7 +455,9 @@ impl Vsock {
                     self.handle_tx_packet(Hdr::from_bytes(&hb), &mut r);
                 }
             }
-            let Some(a) = self.active.as_mut() else { return };
+            let Some(a) = self.active.as_mut() else {
+                return;
+            };
             if a.tx.add_used(&mem, head, 0).is_err() {
                 break;
             }
@@ -449,13 +472,19 @@ impl Vsock {
 
     /// Fill rx buffers: control packets first, then data from readable sockets.
     fn process_rx(&mut self) {
-        let Some(mem) = self.active.as_ref().map(|a| a.mem.clone()) else { return };
+        let Some(mem) = self.active.as_ref().map(|a| a.mem.clone()) else {
+            return;
+        };
         let mut used = false;
         loop {
             let next_conn = if self.ctrl.is_empty() {
                 self.conns
                     .iter()
-                    .find(|(_, c)| c.readable && c.state == ConnState::Established && (c.credit() > 0 || c.host_eof))
+                    .find(|(_, c)| {
+                        c.readable
+                            && c.state == ConnState::Established
+                            && (c.credit() > 0 || c.host_eof)
+                    })
                     .map(|(k, _)| *k)
             } else {
                 None
@@ -463,7 +492,11 @@ impl Vsock {
             if self.ctrl.is_empty() && next_conn.is_none() {
                 break;
             }
-            let Some(chain) = self.active.as_mut().and_then(|a| a.rx.pop_descriptor_chain(&mem)) else {
+            let Some(chain) = self
+                .active
+                .as_mut()
+                .and_then(|a| a.rx.pop_descriptor_chain(&mem))
+            else {
                 self.rx_starved = true;
                 break;
             };
@@ -480,7 +513,9 @@ impl Vsock {
                     written = self.fill_data_packet(key, &mut w);
                 }
             }
-            let Some(a) = self.active.as_mut() else { return };
+            let Some(a) = self.active.as_mut() else {
+                return;
+            };
             if a.rx.add_used(&mem, head, written).is_err() {
                 break;
             }
@@ -495,7 +530,9 @@ impl Vsock {
 
     fn fill_data_packet(&mut self, key: Key, w: &mut virtio_queue::Writer<'_>) -> u32 {
         let room = w.available_bytes() - HDR_LEN;
-        let Some(c) = self.conns.get_mut(&key) else { return 0 };
+        let Some(c) = self.conns.get_mut(&key) else {
+            return 0;
+        };
         let max = room.min(MAX_PKT_DATA).min(c.credit() as usize);
         let n = if max == 0 || c.host_eof {
             Ok(0)
@@ -550,7 +587,12 @@ impl Vsock {
         let Some(a) = &self.active else { return };
         for c in self.conns.values_mut() {
             let mut want = EventSet::empty();
-            if c.state == ConnState::Established && !c.host_eof && !c.readable && !self.rx_starved && c.credit() > 0 {
+            if c.state == ConnState::Established
+                && !c.host_eof
+                && !c.readable
+                && !self.rx_starved
+                && c.credit() > 0
+            {
                 want |= EventSet::IN;
             }
             if !c.out.is_empty() {
@@ -574,7 +616,9 @@ impl Vsock {
             let Some(l) = &self.listener else { return };
             match l.accept() {
                 Ok((s, _)) => {
-                    if s.set_nonblocking(true).is_err() || self.pending.len() + self.conns.len() >= MAX_CONNS {
+                    if s.set_nonblocking(true).is_err()
+                        || self.pending.len() + self.conns.len() >= MAX_CONNS
+                    {
                         continue;
                     }
                     let token = self.alloc_token();
@@ -583,7 +627,13 @@ impl Vsock {
                             continue;
                         }
                     }
-                    self.pending.insert(token, PendingHost { stream: s, buf: Vec::new() });
+                    self.pending.insert(
+                        token,
+                        PendingHost {
+                            stream: s,
+                            buf: Vec::new(),
+                        },
+                    );
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(_) => return,
@@ -592,11 +642,18 @@ impl Vsock {
     }
 
     fn pending_readable(&mut self, token: u32) {
-        let Some(p) = self.pending.get_mut(&token) else { return };
+        let Some(p) = self.pending.get_mut(&token) else {
+            return;
+        };
         let mut b = [0u8; CONNECT_LINE_MAX];
-        let n = match p.stream.read(&mut b[..CONNECT_LINE_MAX - p.buf.len().min(CONNECT_LINE_MAX - 1)]) {
+        let n = match p
+            .stream
+            .read(&mut b[..CONNECT_LINE_MAX - p.buf.len().min(CONNECT_LINE_MAX - 1)])
+        {
             Ok(n) => n,
-            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => return,
+            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {
+                return
+            }
             Err(_) => 0,
         };
         p.buf.extend_from_slice(&b[..n]);
@@ -604,7 +661,9 @@ impl Vsock {
         if n != 0 && line_end.is_none() && p.buf.len() < CONNECT_LINE_MAX {
             return;
         }
-        let Some(p) = self.pending.remove(&token) else { return };
+        let Some(p) = self.pending.remove(&token) else {
+            return;
+        };
         if let Some(a) = &self.active {
             a.events.remove(p.stream.as_raw_fd());
         }
@@ -616,7 +675,9 @@ impl Vsock {
         let local = self.next_local_port;
         self.next_local_port = self.next_local_port.wrapping_add(1).max(1 << 30);
         let key = (local, port);
-        if self.conns.contains_key(&key) || !self.add_conn(key, p.stream, ConnState::Connecting, None) {
+        if self.conns.contains_key(&key)
+            || !self.add_conn(key, p.stream, ConnState::Connecting, None)
+        {
             return;
         }
         let h = self.conn_hdr(key, OP_REQUEST, 0);
@@ -624,9 +685,15 @@ impl Vsock {
     }
 
     fn conn_event(&mut self, token: u32, events: EventSet) {
-        let Some(&key) = self.tokens.get(&token) else { return };
-        let Some(c) = self.conns.get_mut(&key) else { return };
-        if events.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::READ_HANG_UP | EventSet::ERROR) {
+        let Some(&key) = self.tokens.get(&token) else {
+            return;
+        };
+        let Some(c) = self.conns.get_mut(&key) else {
+            return;
+        };
+        if events
+            .intersects(EventSet::IN | EventSet::HANG_UP | EventSet::READ_HANG_UP | EventSet::ERROR)
+        {
             c.readable = true;
         }
         if events.contains(EventSet::OUT) {

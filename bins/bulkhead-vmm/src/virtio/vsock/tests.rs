@@ -26,12 +26,29 @@ fn rig<'a>(mem: &'a GuestMemoryMmap, name: &str) -> Rig<'a> {
     let rx = MockSplitQueue::create(mem, GuestAddress(0), 64);
     let tx = MockSplitQueue::create(mem, GuestAddress(0x10000), 64);
     // 32 rx buffers of 4 KiB each.
-    let descs: Vec<_> = (0..32).map(|i| desc(RX_BUF + i * 0x1000, 0x1000, F_WRITE, 0)).collect();
+    let descs: Vec<_> = (0..32)
+        .map(|i| desc(RX_BUF + i * 0x1000, 0x1000, F_WRITE, 0))
+        .collect();
     rx.add_desc_chains(&descs, 0).unwrap();
     let mut dev = Vsock::new(CID, &dir.join("v.sock")).unwrap();
-    let (act, _) = activation(mem, vec![rx.create_queue().unwrap(), tx.create_queue().unwrap(), Queue::new(16).unwrap()]);
+    let (act, _) = activation(
+        mem,
+        vec![
+            rx.create_queue().unwrap(),
+            tx.create_queue().unwrap(),
+            Queue::new(16).unwrap(),
+        ],
+    );
     dev.activate(act).unwrap();
-    Rig { mem, rx, tx, tx_next: 0, rx_seen: 0, dev, dir }
+    Rig {
+        mem,
+        rx,
+        tx,
+        tx_next: 0,
+        rx_seen: 0,
+        dev,
+        dir,
+    }
 }
 
 impl Rig<'_> {
@@ -44,7 +61,10 @@ impl Rig<'_> {
             .map(|&(id, len)| {
                 let addr = RX_BUF + u64::from(id) * 0x1000;
                 let b = read_bytes(self.mem, addr, len as usize);
-                (Hdr::from_bytes(b[..HDR_LEN].try_into().unwrap()), b[HDR_LEN..].to_vec())
+                (
+                    Hdr::from_bytes(b[..HDR_LEN].try_into().unwrap()),
+                    b[HDR_LEN..].to_vec(),
+                )
             })
             .collect();
         self.rx_seen = u.len();
@@ -56,7 +76,9 @@ impl Rig<'_> {
         let mut b = h.to_bytes().to_vec();
         b.extend_from_slice(data);
         self.mem.write_slice(&b, GuestAddress(addr)).unwrap();
-        self.tx.add_desc_chains(&[desc(addr, b.len() as u32, 0, 0)], self.tx_next).unwrap();
+        self.tx
+            .add_desc_chains(&[desc(addr, b.len() as u32, 0, 0)], self.tx_next)
+            .unwrap();
         self.tx_next += 1;
         self.dev.queue_notify(TX);
     }
@@ -75,7 +97,13 @@ impl Rig<'_> {
     }
 
     fn pump(&mut self) {
-        let tokens: Vec<u32> = self.dev.pending.keys().chain(self.dev.tokens.keys()).copied().collect();
+        let tokens: Vec<u32> = self
+            .dev
+            .pending
+            .keys()
+            .chain(self.dev.tokens.keys())
+            .copied()
+            .collect();
         self.dev.handle_event(LISTENER_TOKEN, EventSet::IN);
         for t in tokens {
             self.dev.handle_event(t, EventSet::IN);
@@ -92,19 +120,26 @@ fn host_connect_round_trip() {
     let mem = test_mem();
     let mut r = rig(&mem, "host");
     let mut client = UnixStream::connect(r.dir.join("v.sock")).unwrap();
-    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     client.write_all(b"CONNECT 1024\n").unwrap();
     r.pump();
     let p = r.rx_packets();
     assert_eq!(p.len(), 1);
     let req = p[0].0;
-    assert_eq!((req.op, req.dst_port, req.dst_cid, req.src_cid), (OP_REQUEST, 1024, 3, HOST_CID));
+    assert_eq!(
+        (req.op, req.dst_port, req.dst_cid, req.src_cid),
+        (OP_REQUEST, 1024, 3, HOST_CID)
+    );
     let host_port = req.src_port;
     // Guest accepts.
     let resp = r.guest_hdr(1024, host_port, OP_RESPONSE);
     r.guest_send(resp, b"");
     let mut line = String::new();
-    std::io::BufReader::new(&client).read_line(&mut line).unwrap();
+    std::io::BufReader::new(&client)
+        .read_line(&mut line)
+        .unwrap();
     assert_eq!(line, format!("OK {host_port}\n"));
     // Host to guest data.
     client.write_all(b"ping").unwrap();
@@ -123,7 +158,11 @@ fn host_connect_round_trip() {
     drop(client);
     r.pump();
     let p = r.rx_packets();
-    assert!(p.iter().any(|(h, _)| h.op == OP_SHUTDOWN && h.flags == SHUT_RCV | SHUT_SEND), "{p:?}");
+    assert!(
+        p.iter()
+            .any(|(h, _)| h.op == OP_SHUTDOWN && h.flags == SHUT_RCV | SHUT_SEND),
+        "{p:?}"
+    );
 }
 
 #[test]
@@ -167,7 +206,10 @@ fn hostile_packets_get_rst_and_the_device_lives_on() {
     // Unknown op.
     r.guest_send(r.guest_hdr(4, 6000, 99), b"");
     let p = r.rx_packets();
-    assert_eq!(p.iter().map(|(h, _)| h.op).collect::<Vec<_>>(), vec![OP_RST; 4]);
+    assert_eq!(
+        p.iter().map(|(h, _)| h.op).collect::<Vec<_>>(),
+        vec![OP_RST; 4]
+    );
     // A connection whose RW claims more bytes than the descriptor holds is reset.
     r.guest_send(r.guest_hdr(5, 6000, OP_REQUEST), b"");
     let (_s, _) = l.accept().unwrap();
@@ -175,17 +217,26 @@ fn hostile_packets_get_rst_and_the_device_lives_on() {
     h.len = 1 << 20;
     r.guest_send(h, b"short");
     let p = r.rx_packets();
-    assert_eq!(p.iter().map(|(h, _)| h.op).collect::<Vec<_>>(), vec![OP_RESPONSE, OP_RST]);
+    assert_eq!(
+        p.iter().map(|(h, _)| h.op).collect::<Vec<_>>(),
+        vec![OP_RESPONSE, OP_RST]
+    );
     assert!(r.dev.conns.is_empty());
     // Short header, zero-length and out-of-memory descriptors on tx: consumed, no reply.
-    for d in [desc(TX_BUF, 10, 0, 0), desc(TX_BUF, 0, 0, 0), desc(0xffff_0000, 44, 0, 0), desc(TX_BUF, 44, F_WRITE, 0)] {
+    for d in [
+        desc(TX_BUF, 10, 0, 0),
+        desc(TX_BUF, 0, 0, 0),
+        desc(0xffff_0000, 44, 0, 0),
+        desc(TX_BUF, 44, F_WRITE, 0),
+    ] {
         r.tx.add_desc_chains(&[d], r.tx_next).unwrap();
         r.tx_next += 1;
         r.dev.queue_notify(TX);
     }
     assert!(r.rx_packets().is_empty());
     // A descriptor loop on tx.
-    r.tx.add_desc_chains(&[desc(TX_BUF, 44, F_NEXT, r.tx_next)], r.tx_next).unwrap();
+    r.tx.add_desc_chains(&[desc(TX_BUF, 44, F_NEXT, r.tx_next)], r.tx_next)
+        .unwrap();
     r.tx_next += 1;
     r.dev.queue_notify(TX);
     // Still serving: a fresh connection works.
@@ -204,7 +255,11 @@ fn bad_connect_lines_are_dropped() {
         c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         r.pump();
         let mut b = [0u8; 1];
-        assert_eq!(c.read(&mut b).unwrap_or(0), 0, "line {line:?} was not dropped");
+        assert_eq!(
+            c.read(&mut b).unwrap_or(0),
+            0,
+            "line {line:?} was not dropped"
+        );
     }
     assert!(r.rx_packets().is_empty());
     assert!(r.dev.pending.is_empty());
@@ -212,6 +267,17 @@ fn bad_connect_lines_are_dropped() {
 
 #[test]
 fn header_round_trips() {
-    let h = Hdr { src_cid: 3, dst_cid: 2, src_port: 7, dst_port: 9, len: 11, type_: 1, op: 5, flags: 3, buf_alloc: 13, fwd_cnt: 17 };
+    let h = Hdr {
+        src_cid: 3,
+        dst_cid: 2,
+        src_port: 7,
+        dst_port: 9,
+        len: 11,
+        type_: 1,
+        op: 5,
+        flags: 3,
+        buf_alloc: 13,
+        fwd_cnt: 17,
+    };
     assert_eq!(Hdr::from_bytes(&h.to_bytes()), h);
 }

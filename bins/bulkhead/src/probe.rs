@@ -1,0 +1,270 @@
+//! Spawn a VMM (optional), wait for the agent's health answer, run checks, report.
+
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use bulkhead_protocol::client::{connect_hybrid_vsock, AgentClient, ClientError};
+use bulkhead_protocol::{Request, AGENT_VSOCK_PORT};
+
+pub const USAGE: &str = "probe options:
+  --socket PATH          the VMM's hybrid vsock socket
+  --cid N                AF_VSOCK cid instead (kernel vhost-vsock, e.g. QEMU)
+  --timeout SECS         give up waiting for the agent (default 120)
+  --mount TAG:TARGET     ask the agent to mount a virtio-fs share
+  --read PATH[:EXPECT]   read a guest file (first 64 bytes); fail unless it starts with EXPECT
+  --shutdown             power the guest off at the end and wait for the VMM to exit
+  --guest-mib N          report the spawned VMM's RSS outside guest memory (mappings
+                         smaller than N MiB) and its CPU time at the first answer
+  -- CMD ARGS...         spawn this VMM first; time is measured from its exec";
+
+enum Target {
+    Hybrid(PathBuf),
+    Cid(u32),
+}
+
+enum Stream {
+    Unix(UnixStream),
+    Vsock(std::fs::File),
+}
+
+impl std::io::Read for Stream {
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(b),
+            Stream::Vsock(s) => s.read(b),
+        }
+    }
+}
+impl std::io::Write for Stream {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write(b),
+            Stream::Vsock(s) => s.write(b),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn connect_cid(cid: u32, port: u32) -> std::io::Result<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket(2); checked below.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is ours from here on.
+    let f = unsafe { std::fs::File::from_raw_fd(fd) };
+    // SAFETY: zeroed sockaddr_vm is valid; fields set below.
+    let mut a: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    a.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    a.svm_cid = cid;
+    a.svm_port = port;
+    // SAFETY: a is a valid sockaddr_vm of the given length.
+    let rc = unsafe {
+        libc::connect(
+            fd,
+            (&a as *const libc::sockaddr_vm).cast(),
+            std::mem::size_of::<libc::sockaddr_vm>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(f)
+}
+
+fn open(target: &Target) -> Result<Stream, ClientError> {
+    match target {
+        Target::Hybrid(p) => {
+            connect_hybrid_vsock(p, AGENT_VSOCK_PORT, Duration::from_secs(10)).map(Stream::Unix)
+        }
+        Target::Cid(c) => connect_cid(*c, AGENT_VSOCK_PORT)
+            .map(Stream::Vsock)
+            .map_err(|e| ClientError::Handshake(e.to_string())),
+    }
+}
+
+pub fn run(args: &[String]) -> Result<()> {
+    let (opts, cmd) = match args.iter().position(|a| a == "--") {
+        Some(i) => (&args[..i], &args[i + 1..]),
+        None => (args, &args[..0]),
+    };
+    let mut target = None;
+    let mut timeout = Duration::from_secs(120);
+    let mut mounts = vec![];
+    let mut reads = vec![];
+    let mut shutdown = false;
+    let mut guest_mib: Option<u64> = None;
+    let mut it = opts.iter();
+    while let Some(o) = it.next() {
+        let mut val = || {
+            it.next()
+                .cloned()
+                .with_context(|| format!("{o} needs a value"))
+        };
+        match o.as_str() {
+            "--socket" => target = Some(Target::Hybrid(val()?.into())),
+            "--cid" => target = Some(Target::Cid(val()?.parse().context("--cid")?)),
+            "--timeout" => timeout = Duration::from_secs(val()?.parse().context("--timeout")?),
+            "--mount" => mounts.push(val()?),
+            "--read" => reads.push(val()?),
+            "--shutdown" => shutdown = true,
+            "--guest-mib" => guest_mib = Some(val()?.parse().context("--guest-mib")?),
+            other => bail!("unknown probe option {other:?}\n{USAGE}"),
+        }
+    }
+    let target = target.context("--socket or --cid is required")?;
+    let start = Instant::now();
+    let mut child: Option<Child> = match cmd.split_first() {
+        Some((prog, rest)) => Some(
+            Command::new(prog)
+                .args(rest)
+                .spawn()
+                .with_context(|| format!("cannot start {prog}"))?,
+        ),
+        None => None,
+    };
+    // Wait for the first health answer.
+    let (mut client, health) = loop {
+        if let Some(c) = child.as_mut() {
+            if let Some(st) = c.try_wait()? {
+                bail!("VMM exited with {st} before the agent answered");
+            }
+        }
+        let attempt = open(&target).map_err(anyhow::Error::from).and_then(|s| {
+            let mut c = AgentClient::handshake(s)?;
+            let h = c.health()?;
+            Ok((c, h))
+        });
+        match attempt {
+            Ok(x) => break x,
+            Err(e) if start.elapsed() > timeout => {
+                if let Some(c) = child.as_mut() {
+                    let _ = c.kill();
+                }
+                bail!("agent did not answer within {timeout:?}: {e:#}");
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    };
+    let first_answer = start.elapsed();
+    println!(
+        "PROBE health ok first_answer_ms={} agent={} protocol={} kernel={} guest_uptime_ms={} modules={}/{}",
+        first_answer.as_millis(),
+        health.agent_version,
+        health.protocol_version,
+        health.kernel_release,
+        health.uptime_ms,
+        health.modules_loaded,
+        health.modules_loaded + health.modules_failed
+    );
+    if let (Some(g), Some(c)) = (guest_mib, child.as_ref()) {
+        let (non_guest, total) = rss_kib(c.id(), g << 10).unwrap_or((0, 0));
+        println!(
+            "PROBE rss non_guest_kib={non_guest} total_kib={total} cpu_ms={}",
+            cpu_ms(c.id()).unwrap_or(0)
+        );
+    }
+    let mut failed = false;
+    for m in &mounts {
+        let (tag, target) = m.split_once(':').context("--mount wants TAG:TARGET")?;
+        match client.expect_ok(&Request::MountVirtiofs {
+            tag: tag.into(),
+            target: target.into(),
+        }) {
+            Ok(()) => println!("PROBE mount {tag} ok"),
+            Err(e) => {
+                failed = true;
+                println!("PROBE mount {tag} FAILED {e}");
+            }
+        }
+    }
+    for r in &reads {
+        let (path, expect) = r.split_once(':').unwrap_or((r, ""));
+        match client.read_file(path, 0, 64) {
+            Ok(d) if d.starts_with(expect.as_bytes()) => {
+                println!(
+                    "PROBE read {path} ok {:?}",
+                    String::from_utf8_lossy(&d[..d.len().min(32)])
+                )
+            }
+            Ok(d) => {
+                failed = true;
+                println!(
+                    "PROBE read {path} FAILED got {:?} want prefix {expect:?}",
+                    String::from_utf8_lossy(&d)
+                );
+            }
+            Err(e) => {
+                failed = true;
+                println!("PROBE read {path} FAILED {e}");
+            }
+        }
+    }
+    if shutdown {
+        let _ = client.expect_ok(&Request::Shutdown);
+        if let Some(c) = child.as_mut() {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if let Some(st) = c.try_wait()? {
+                    println!("PROBE vmm-exit status={}", st.code().unwrap_or(-1));
+                    if st.code() != Some(0) {
+                        failed = true;
+                    }
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                    println!("PROBE vmm-exit FAILED did not exit after guest power-off");
+                    failed = true;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    } else if let Some(mut c) = child {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    if failed {
+        bail!("probe failed");
+    }
+    Ok(())
+}
+
+/// (RSS of mappings smaller than the guest, total RSS) in KiB, from /proc/PID/smaps.
+fn rss_kib(pid: u32, guest_kib: u64) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let (mut size, mut non_guest, mut total) = (0u64, 0u64, 0u64);
+    for line in text.lines() {
+        let mut f = line.split_whitespace();
+        match f.next() {
+            Some("Size:") => size = f.next()?.parse().ok()?,
+            Some("Rss:") => {
+                let rss: u64 = f.next()?.parse().ok()?;
+                total += rss;
+                if size < guest_kib {
+                    non_guest += rss;
+                }
+            }
+            _ => {}
+        }
+    }
+    Some((non_guest, total))
+}
+
+/// User + system CPU time of a process, in milliseconds.
+fn cpu_ms(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some(ticks * 1000 / hz)
+}

@@ -1,0 +1,236 @@
+#!/usr/bin/env python3
+"""Build the bulkhead guest image: vmlinux, bzImage and an initramfs with the agent.
+
+Inputs: Debian's linux-image-<abi>-cloud-amd64 package (pinned below, override with
+BULKHEAD_KERNEL_PKG / BULKHEAD_KERNEL_VERSION) and the bulkhead-agent binary.
+Output: <cache>/guest/<key>/{vmlinux,bzImage,initramfs.cpio.gz,modules.txt,kernel-release}
+where <key> hashes every input, so an unchanged rebuild costs nothing. Prints the output
+directory on stdout.
+"""
+import argparse, glob, gzip, hashlib, io, lzma, os, shutil, struct, subprocess, sys, tempfile
+
+KERNEL_PKG = os.environ.get("BULKHEAD_KERNEL_PKG", "linux-image-6.1.0-56-cloud-amd64")
+KERNEL_VERSION = os.environ.get("BULKHEAD_KERNEL_VERSION", "")  # empty: the archive's candidate
+# What the guest needs; their dependencies are added in load order automatically.
+WANTED = ["virtio_mmio", "vmw_vsock_virtio_transport", "virtio_console", "virtiofs",
+          "overlay", "virtio_blk", "virtio_net", "virtio-rng"]
+
+
+def log(msg):
+    print(f"build-guest: {msg}", file=sys.stderr)
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_deb(cache):
+    debs = os.path.join(cache, "debs")
+    os.makedirs(debs, exist_ok=True)
+    spec = KERNEL_PKG + (f"={KERNEL_VERSION}" if KERNEL_VERSION else "")
+    pattern = os.path.join(debs, f"{KERNEL_PKG}_{KERNEL_VERSION or '*'}_amd64.deb")
+    found = sorted(glob.glob(pattern))
+    if found:
+        return found[-1]
+    log(f"downloading {spec}")
+    r = subprocess.run(["apt-get", "download", spec], cwd=debs, capture_output=True, text=True)
+    found = sorted(glob.glob(pattern))
+    if r.returncode != 0 or not found:
+        sys.exit(f"build-guest: cannot download {spec}: {r.stderr.strip()}\n"
+                 "  (run apt-get update, or set BULKHEAD_KERNEL_PKG / BULKHEAD_KERNEL_VERSION)")
+    return found[-1]
+
+
+def decompress_payload(bz):
+    """The bzImage's compressed vmlinux, decompressed whatever its codec."""
+    setup_sects = bz[0x1f1] or 4
+    off, length = struct.unpack_from("<II", bz, 0x248)
+    data = bz[(setup_sects + 1) * 512 + off:][:length]
+    if data[:2] == b"\x1f\x8b":
+        out = gzip.decompress(data)
+    elif data[:6] == b"\xfd7zXZ\x00":
+        out = lzma.decompress(data, format=lzma.FORMAT_XZ)
+    elif data[:3] == b"\x5d\x00\x00":
+        out = lzma.decompress(data, format=lzma.FORMAT_ALONE)
+    else:
+        tools = {b"\x02\x21\x4c\x18": ["lz4", "-dc"], b"\x28\xb5\x2f\xfd": ["zstd", "-dcq"],
+                 b"BZh": ["bzip2", "-dc"], b"\x89LZO": ["lzop", "-dc"]}
+        cmd = next((c for m, c in tools.items() if data.startswith(m)), None)
+        if cmd is None:
+            sys.exit(f"build-guest: unknown kernel payload codec (magic {data[:4].hex()})")
+        r = subprocess.run(cmd, input=data, capture_output=True)
+        out = r.stdout
+        if not out:
+            sys.exit(f"build-guest: {cmd[0]} failed: {r.stderr.decode(errors='replace')}")
+    if out[:4] != b"\x7fELF":
+        sys.exit("build-guest: decompressed payload is not an ELF vmlinux")
+    return out
+
+
+def modinfo(ko_bytes, key):
+    tag = key.encode() + b"="
+    i = ko_bytes.find(b"\x00" + tag)
+    if i < 0:
+        return ""
+    i += 1 + len(tag)
+    return ko_bytes[i:ko_bytes.index(b"\x00", i)].decode()
+
+
+def module_order(moddir):
+    """Every wanted module plus its dependencies, dependencies first."""
+    paths = {}
+    for p in glob.glob(os.path.join(moddir, "kernel", "**", "*.ko*"), recursive=True):
+        name = os.path.basename(p).split(".ko")[0]
+        paths[name] = p
+        paths.setdefault(name.replace("-", "_"), p)
+    builtin = set()
+    bfile = os.path.join(moddir, "modules.builtin")
+    if os.path.exists(bfile):
+        for line in open(bfile):
+            builtin.add(os.path.basename(line.strip()).split(".ko")[0].replace("-", "_"))
+    order, seen = [], set()
+
+    def read(p):
+        data = open(p, "rb").read()
+        if p.endswith(".xz"):
+            data = lzma.decompress(data)
+        elif p.endswith(".zst"):
+            data = subprocess.run(["zstd", "-dcq"], input=data, capture_output=True).stdout
+        return data
+
+    def visit(name):
+        key = name.replace("-", "_")
+        if key in seen or key in builtin:
+            return
+        seen.add(key)
+        p = paths.get(name) or paths.get(key)
+        if p is None:
+            sys.exit(f"build-guest: module {name} is neither built in nor in the package")
+        data = read(p)
+        for dep in filter(None, modinfo(data, "depends").split(",")):
+            visit(dep)
+        order.append((os.path.basename(p).split(".ko")[0] + ".ko", data))
+
+    for m in WANTED:
+        visit(m)
+    return order
+
+
+def shared_libs(binary):
+    r = subprocess.run(["ldd", binary], capture_output=True, text=True)
+    if "not a dynamic executable" in (r.stdout + r.stderr):
+        return []
+    libs = []
+    for line in r.stdout.splitlines():
+        parts = line.split()
+        if "=>" in parts and parts[parts.index("=>") + 1].startswith("/"):
+            libs.append(parts[parts.index("=>") + 1])
+        elif parts and parts[0].startswith("/"):
+            libs.append(parts[0])
+    return libs
+
+
+# Device nodes the kernel needs before anything is mounted: it opens /dev/console as
+# init's stdio, and Rust's runtime aborts at start-up if fds 0-2 are closed and /dev/null
+# cannot be opened.
+DEV_NODES = [("dev/console", 0o020600, 5, 1), ("dev/null", 0o020666, 1, 3)]
+
+
+def cpio_newc(root, devices=()):
+    """A newc cpio archive of `root` plus `devices` (name, mode, major, minor),
+    deterministic (sorted, fixed mtimes and owners)."""
+    out = io.BytesIO()
+    ino = 1
+    entries = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        rel = os.path.relpath(dirpath, root)
+        if rel != ".":
+            entries.append(rel)
+        entries += [os.path.normpath(os.path.join(rel, f)) for f in sorted(filenames)]
+    rdev = {}
+    for name, mode, major, minor in devices:
+        rdev[name] = (mode, major, minor)
+        entries.append(name)
+    for name in entries + ["TRAILER!!!"]:
+        major = minor = 0
+        if name == "TRAILER!!!":
+            mode, data = 0, b""
+        elif name in rdev:
+            (mode, major, minor), data = rdev[name], b""
+        else:
+            st = os.lstat(os.path.join(root, name))
+            mode = st.st_mode
+            if os.path.islink(os.path.join(root, name)):
+                data = os.readlink(os.path.join(root, name)).encode()
+            elif os.path.isdir(os.path.join(root, name)):
+                data = b""
+            else:
+                data = open(os.path.join(root, name), "rb").read()
+        nb = name.encode() + b"\x00"
+        hdr = b"070701" + b"".join(b"%08X" % v for v in (
+            ino, mode, 0, 0, 1, 0, len(data), 0, 0, major, minor, len(nb), 0))
+        ino += 1
+        out.write(hdr + nb)
+        out.write(b"\x00" * ((4 - (110 + len(nb)) % 4) % 4))
+        out.write(data)
+        out.write(b"\x00" * ((4 - len(data) % 4) % 4))
+    return out.getvalue()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--agent", required=True, help="bulkhead-agent binary")
+    ap.add_argument("--cache", default=os.environ.get("BULKHEAD_CACHE", os.path.join(os.path.dirname(__file__), "..", "..", ".cache")))
+    a = ap.parse_args()
+    cache = os.path.abspath(a.cache)
+    deb = fetch_deb(cache)
+    key = hashlib.sha256()
+    for part in (sha256_file(__file__), sha256_file(deb), sha256_file(a.agent), ",".join(WANTED)):
+        key.update(part.encode())
+    outdir = os.path.join(cache, "guest", key.hexdigest()[:16])
+    if os.path.exists(os.path.join(outdir, "initramfs.cpio.gz")):
+        log(f"cached: {outdir}")
+        print(outdir)
+        return
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        x = os.path.join(tmp, "deb")
+        subprocess.run(["dpkg-deb", "-x", deb, x], check=True)
+        moddir = glob.glob(os.path.join(x, "lib", "modules", "*"))[0]
+        release = os.path.basename(moddir)
+        stage = os.path.join(tmp, "out")
+        os.makedirs(stage)
+        bz = open(glob.glob(os.path.join(x, "boot", "vmlinuz-*"))[0], "rb").read()
+        open(os.path.join(stage, "bzImage"), "wb").write(bz)
+        open(os.path.join(stage, "vmlinux"), "wb").write(decompress_payload(bz))
+        root = os.path.join(tmp, "root")
+        for d in ("proc", "sys", "dev", "run", "tmp", "etc/bulkhead", "lib/modules", "mnt"):
+            os.makedirs(os.path.join(root, d))
+        shutil.copy(a.agent, os.path.join(root, "init"))
+        os.chmod(os.path.join(root, "init"), 0o755)
+        for lib in shared_libs(a.agent):
+            dst = os.path.join(root, lib.lstrip("/"))
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            shutil.copy(lib, dst)
+        names = []
+        for name, data in module_order(moddir):
+            open(os.path.join(root, "lib", "modules", name), "wb").write(data)
+            names.append(f"/lib/modules/{name}")
+        open(os.path.join(root, "etc", "bulkhead", "modules"), "w").write("\n".join(names) + "\n")
+        with open(os.path.join(stage, "initramfs.cpio.gz"), "wb") as f:
+            f.write(gzip.compress(cpio_newc(root, DEV_NODES), compresslevel=6, mtime=0))
+        open(os.path.join(stage, "modules.txt"), "w").write("\n".join(names) + "\n")
+        open(os.path.join(stage, "kernel-release"), "w").write(release + "\n")
+        os.makedirs(os.path.dirname(outdir), exist_ok=True)
+        shutil.rmtree(outdir, ignore_errors=True)
+        os.rename(stage, outdir)
+    log(f"built {outdir}")
+    print(outdir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+#!/usr/bin/env python3
+"""The nested test node: real KVM for bulkhead-vmm on hosts whose own KVM cannot boot a
+stock kernel.
+
+It boots an L1 Linux (the same Debian cloud kernel) under QEMU TCG with `-cpu max -smp 1`,
+where kvm-amd gives a working /dev/kvm, carries the project's binaries and the guest image
+in L1's initramfs, and runs a script there. Results come back on L1's serial console as
+lines this harness parses.
+
+  node.py test   bulkhead-vmm boots the guest; health over vsock, a virtio-blk read and a
+                 virtio-fs read of a host file must all succeed (exit 0 if they do)
+  node.py demo   the same, printing the agent's answer and the boot time
+  node.py bench  N alternating boots of bulkhead-vmm and QEMU -M microvm on L1's KVM,
+                 same kernel and initramfs; prints a table of medians and the ratio
+"""
+import argparse, glob, gzip, hashlib, os, re, shutil, statistics, subprocess, sys, tempfile, time
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, os.path.join(ROOT, "packaging", "guest"))
+import build  # noqa: E402  (the guest image builder: cpio writer, module resolver)
+
+L2_CMDLINE = "console=ttyS0 quiet panic=-1 pci=off"
+
+
+def log(msg):
+    print(f"nested: {msg}", file=sys.stderr, flush=True)
+
+
+def tsc_khz():
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("cpu MHz"):
+            return int(float(line.split(":")[1]) * 1000)
+    return 0
+
+
+def release_bins():
+    out = os.path.join(ROOT, "target", "release")
+    bins = {b: os.path.join(out, b) for b in ("bulkhead-vmm", "bulkhead", "bulkhead-agent")}
+    for b, p in bins.items():
+        if not os.path.exists(p):
+            sys.exit(f"nested: {p} missing: run cargo build --release first")
+    return bins
+
+
+def find_virtiofsd():
+    for p in (os.environ.get("VIRTIOFSD", ""), shutil.which("virtiofsd") or "",
+              "/opt/virtiofsd/bin/virtiofsd", "/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd"):
+        if p and os.path.exists(p):
+            return p
+    sys.exit("nested: virtiofsd not found (cargo install virtiofsd, or set VIRTIOFSD)")
+
+
+def guest_image(bins):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "packaging", "guest", "build.py"),
+                        "--agent", bins["bulkhead-agent"]], capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(r.stderr.strip() or "nested: guest image build failed")
+    return r.stdout.strip().splitlines()[-1]
+
+
+def copy_with_libs(root, binary, dest):
+    dst = os.path.join(root, dest.lstrip("/"))
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    shutil.copy(binary, dst)
+    os.chmod(dst, 0o755)
+    for lib in build.shared_libs(binary):
+        d = os.path.join(root, lib.lstrip("/"))
+        if not os.path.exists(d):
+            os.makedirs(os.path.dirname(d), exist_ok=True)
+            shutil.copy(lib, d)
+
+
+def l1_initramfs(guest_dir, bins, with_qemu, workdir):
+    """Build L1's initramfs; cached under .cache/nested by the hash of its inputs."""
+    deb = build.fetch_deb(os.path.join(ROOT, ".cache"))
+    inputs = [build.sha256_file(__file__), build.sha256_file(deb), guest_dir]
+    inputs += [build.sha256_file(p) for p in sorted(bins.values())]
+    inputs += [build.sha256_file(find_virtiofsd()), str(with_qemu)]
+    key = hashlib.sha256("|".join(inputs).encode()).hexdigest()[:16]
+    cache = os.path.join(ROOT, ".cache", "nested", key)
+    out = os.path.join(cache, "l1.cpio.gz")
+    if os.path.exists(out):
+        return out, os.path.join(cache, "vmlinux")
+    root = os.path.join(workdir, "l1root")
+    for d in ("bin", "sbin", "proc", "sys", "dev", "tmp", "opt/bulkhead", "opt/guest", "opt/data",
+              "opt/share", "lib/modules", "etc", "root"):
+        os.makedirs(os.path.join(root, d), exist_ok=True)
+    busybox = shutil.which("busybox") or "/bin/busybox"
+    shutil.copy(busybox, os.path.join(root, "bin", "busybox"))
+    for b in ("bulkhead-vmm", "bulkhead"):
+        copy_with_libs(root, bins[b], f"/opt/bulkhead/{b}")
+    copy_with_libs(root, find_virtiofsd(), "/opt/bulkhead/virtiofsd")
+    for f in ("vmlinux", "initramfs.cpio.gz"):
+        shutil.copy(os.path.join(guest_dir, f), os.path.join(root, "opt", "guest", f))
+    disk = bytearray(1 << 20)
+    disk[:16] = b"BULKHEAD-DISK-OK"
+    open(os.path.join(root, "opt", "data", "disk.img"), "wb").write(disk)
+    open(os.path.join(root, "opt", "share", "hello.txt"), "w").write("BULKHEAD-VIRTIOFS-OK\n")
+    with tempfile.TemporaryDirectory(dir=workdir) as x:
+        subprocess.run(["dpkg-deb", "-x", deb, x], check=True)
+        moddir = glob.glob(os.path.join(x, "lib", "modules", "*"))[0]
+        shutil.copy(glob.glob(os.path.join(x, "boot", "vmlinuz-*"))[0], os.path.join(workdir, "bzImage"))
+        wanted = ["kvm-amd"] + (["vhost_vsock"] if with_qemu else [])
+        saved = build.WANTED
+        build.WANTED = wanted
+        try:
+            mods = build.module_order(moddir)
+        finally:
+            build.WANTED = saved
+        names = []
+        for name, data in mods:
+            open(os.path.join(root, "lib", "modules", name), "wb").write(data)
+            names.append(name)
+        open(os.path.join(root, "etc", "modules"), "w").write("\n".join(names) + "\n")
+    if with_qemu:
+        qemu = shutil.which("qemu-system-x86_64")
+        if not qemu:
+            sys.exit("nested: qemu-system-x86_64 missing (apt-get install qemu-system-x86)")
+        copy_with_libs(root, qemu, "/opt/qemu/qemu-system-x86_64")
+        for rom in ("qboot.rom", "bios-microvm.bin", "linuxboot_dma.bin", "kvmvapic.bin"):
+            for src in glob.glob(f"/usr/share/qemu/{rom}") + glob.glob(f"/usr/share/seabios/{rom}"):
+                shutil.copy(src, os.path.join(root, "opt", "qemu", rom))
+    init = os.path.join(root, "init")
+    open(init, "w").write(L1_INIT)
+    os.chmod(init, 0o755)
+    os.makedirs(cache, exist_ok=True)
+    tmp_out = out + ".tmp"
+    with open(tmp_out, "wb") as f:
+        f.write(gzip.compress(build.cpio_newc(root, build.DEV_NODES), compresslevel=1, mtime=0))
+    shutil.copy(os.path.join(guest_dir, "vmlinux"), os.path.join(cache, "vmlinux"))
+    os.rename(tmp_out, out)
+    return out, os.path.join(cache, "vmlinux")
+
+
+L1_INIT = r"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin:/opt/bulkhead
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev; mount -t tmpfs tmp /tmp
+for m in $(cat /etc/modules); do insmod /lib/modules/$m 2>/dev/null || echo "L1: insmod $m failed"; done
+echo "NESTED-KVM $(ls /dev/kvm 2>&1) $(grep -o -w svm /proc/cpuinfo | head -1)"
+script=$(sed -n 's/.*bulkhead.script=\([^ ]*\).*/\1/p' /proc/cmdline)
+sh /opt/script.sh
+echo "NESTED-EXIT $?"
+poweroff -f
+"""
+
+
+def run_l1(l1_initrd, vmlinux, script, timeout, mem_mib=1536):
+    """Boot L1 with `script` appended to its initramfs as /opt/script.sh; return its output."""
+    with tempfile.TemporaryDirectory() as d:
+        # A second, tiny initramfs carries the script: the kernel unpacks both.
+        sroot = os.path.join(d, "s")
+        os.makedirs(os.path.join(sroot, "opt"))
+        open(os.path.join(sroot, "opt", "script.sh"), "w").write(script)
+        extra = os.path.join(d, "script.cpio")
+        open(extra, "wb").write(build.cpio_newc(sroot))
+        combined = os.path.join(d, "initrd")
+        with open(combined, "wb") as f:
+            first = open(l1_initrd, "rb").read()
+            f.write(first)
+            # The kernel skips zero padding between archives; a new one must start aligned.
+            f.write(b"\x00" * (-len(first) % 512))
+            f.write(open(extra, "rb").read())
+        cmd = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-smp", "1",
+               "-M", "microvm,acpi=on", "-m", str(mem_mib), "-nographic", "-no-reboot",
+               "-nodefaults", "-serial", "stdio",
+               "-kernel", vmlinux, "-initrd", combined,
+               "-append", f"console=ttyS0 quiet panic=-1 tsc_early_khz={tsc_khz()} rdinit=/init"]
+        t0 = time.monotonic()
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout)
+            out = r.stdout + r.stderr
+        except subprocess.TimeoutExpired as e:
+            out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+            out += f"\nNESTED-TIMEOUT after {timeout}s\n"
+        return out, time.monotonic() - t0
+
+
+def vmm_cmd(extra="", verbose=False):
+    env = "BULKHEAD_LOG=info " if verbose else ""
+    return (f"{env}/opt/bulkhead/bulkhead-vmm --kernel /opt/guest/vmlinux --initrd /opt/guest/initramfs.cpio.gz "
+            f"--cmdline '{L2_CMDLINE.replace(' quiet', '') if verbose else L2_CMDLINE}' --cpus 1 --memory 256 --vsock cid=3,socket=/tmp/v.sock "
+            f"--serial file:/tmp/l2-serial.log {extra}")
+
+
+TEST_SCRIPT = r"""
+virtiofsd --socket-path=/tmp/fs.sock --shared-dir=/opt/share --sandbox=none --cache=never >/tmp/virtiofsd.log 2>&1 &
+for i in $(seq 1 100); do [ -S /tmp/fs.sock ] && break; sleep 0.1; done
+bulkhead probe --socket /tmp/v.sock --timeout 240 --mount share:/mnt/share \
+  --read /dev/vda:BULKHEAD-DISK-OK --read /mnt/share/hello.txt:BULKHEAD-VIRTIOFS-OK --shutdown \
+  -- env VMMCMD --disk path=/opt/data/disk.img,readonly --rng --fs tag=share,socket=/tmp/fs.sock
+rc=$?
+if [ $rc != 0 ] || [ -n "$VERBOSE" ]; then echo "--- L2 serial"; cat /tmp/l2-serial.log; echo "--- virtiofsd"; cat /tmp/virtiofsd.log; fi
+exit $rc
+"""
+
+BENCH_SCRIPT = r"""
+N=NRUNS
+for i in $(seq 1 $N); do
+  echo "BENCH bulkhead-vmm run $i"
+  bulkhead probe --socket /tmp/v.sock --timeout 240 --guest-mib 128 --shutdown -- \
+    /opt/bulkhead/bulkhead-vmm --kernel /opt/guest/vmlinux --initrd /opt/guest/initramfs.cpio.gz \
+    --cmdline 'L2CMD' --cpus 1 --memory 128 --vsock cid=3,socket=/tmp/v.sock --serial none
+  echo "BENCH qemu-microvm run $i"
+  bulkhead probe --cid 3 --timeout 240 --guest-mib 128 -- \
+    /opt/qemu/qemu-system-x86_64 -M microvm,acpi=on,x-option-roms=off -accel kvm -cpu host -m 128 -smp 1 \
+    -nodefaults -no-user-config -nographic -no-reboot -serial none -bios /opt/qemu/qboot.rom \
+    -kernel /opt/guest/vmlinux -initrd /opt/guest/initramfs.cpio.gz -append 'L2CMD' \
+    -device vhost-vsock-device,guest-cid=3
+  sleep 0.5
+done
+"""
+
+
+def parse_probe(out):
+    return re.findall(r"^PROBE (.*)$", out, re.M)
+
+
+def cmd_test(args, demo=False):
+    bins = release_bins()
+    guest = guest_image(bins)
+    with tempfile.TemporaryDirectory() as w:
+        l1, vmlinux = l1_initramfs(guest, bins, False, w)
+        script = TEST_SCRIPT.replace("VMMCMD", vmm_cmd(verbose=args.verbose))
+        log("booting L1 under QEMU TCG; bulkhead-vmm runs in it on kvm-amd")
+        out, secs = run_l1(l1, vmlinux, script, args.timeout)
+    ok = "NESTED-EXIT 0" in out
+    kvm_line = re.search(r"^NESTED-KVM (.*)$", out, re.M)
+    if demo or not ok:
+        print(f"host /dev/kvm cannot boot a stock kernel here; bulkhead-vmm ran inside a nested node "
+              f"(L1 under QEMU TCG, L1 kvm: {kvm_line.group(1).strip() if kvm_line else 'unknown'})")
+    for line in parse_probe(out):
+        print(line)
+    if not ok:
+        print(out[-6000:])
+        print(f"nested node FAILED after {secs:.1f}s")
+        return 1
+    m = re.search(r"first_answer_ms=(\d+)", out)
+    print(f"nested node ok: agent answered {int(m.group(1)) / 1000:.2f}s after bulkhead-vmm exec "
+          f"(L2 time under nested KVM; whole run {secs:.1f}s)")
+    return 0
+
+
+def cmd_bench(args):
+    bins = release_bins()
+    guest = guest_image(bins)
+    with tempfile.TemporaryDirectory() as w:
+        l1, vmlinux = l1_initramfs(guest, bins, True, w)
+        script = BENCH_SCRIPT.replace("NRUNS", str(args.runs)).replace("L2CMD", L2_CMDLINE)
+        log(f"bench: {args.runs} alternating boots each of bulkhead-vmm and QEMU microvm in one L1")
+        out, secs = run_l1(l1, vmlinux, script, args.timeout, mem_mib=2048)
+    res = {"bulkhead-vmm": [], "qemu-microvm": []}
+    cur = None
+    for line in out.splitlines():
+        m = re.match(r"BENCH (\S+) run", line)
+        if m:
+            cur = m.group(1)
+        m = re.search(r"first_answer_ms=(\d+)", line)
+        if m and cur:
+            res[cur].append({"boot": int(m.group(1))})
+        m = re.search(r"non_guest_kib=(\d+) total_kib=(\d+) cpu_ms=(\d+)", line)
+        if m and cur and res[cur]:
+            res[cur][-1].update(rss=int(m.group(1)), cpu=int(m.group(3)))
+    if not res["bulkhead-vmm"] or not res["qemu-microvm"]:
+        print(out[-8000:])
+        print("bench FAILED: missing results")
+        return 1
+    med = lambda xs, k: statistics.median(x[k] for x in xs if k in x)
+    print(f"\nNested node (L1: QEMU TCG -cpu max -smp 1, kvm-amd; L2: Debian cloud kernel "
+          f"{open(os.path.join(guest, 'kernel-release')).read().strip()} vmlinux + agent initramfs, 1 vCPU, 128 MiB)")
+    print(f"{'VMM':<16}{'runs':>5}{'exec->agent answer (ms, median)':>34}{'min':>8}{'max':>8}"
+          f"{'non-guest RSS (MiB)':>21}{'VMM CPU (ms)':>14}")
+    for k, xs in res.items():
+        boots = [x["boot"] for x in xs]
+        print(f"{k:<16}{len(xs):>5}{med(xs, 'boot'):>34.0f}{min(boots):>8}{max(boots):>8}"
+              f"{med(xs, 'rss') / 1024:>21.1f}{med(xs, 'cpu'):>14.0f}")
+    ratio = med(res["qemu-microvm"], "boot") / med(res["bulkhead-vmm"], "boot")
+    print(f"ratio (QEMU microvm / bulkhead-vmm, boot to first answer): {ratio:.2f}x   (whole run {secs:.0f}s)")
+    return 0
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode", choices=["test", "demo", "bench"])
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--timeout", type=int, default=900)
+    ap.add_argument("--verbose", action="store_true", help="guest kernel log and VMM info log")
+    a = ap.parse_args()
+    if a.mode == "bench":
+        sys.exit(cmd_bench(a))
+    sys.exit(cmd_test(a, demo=a.mode == "demo"))
+
+
+if __name__ == "__main__":
+    main()
