@@ -44,6 +44,8 @@ pub enum BootError {
     InitrdTooBig { path: String, size: u64 },
     #[error("cannot read initramfs {path}: {msg}")]
     InitrdRead { path: String, msg: String },
+    #[error("raw image {path} ({size} bytes) does not fit at {addr:#x}")]
+    RawTooBig { path: String, size: u64, addr: u64 },
     #[error("kernel command line: {0}")]
     Cmdline(String),
     #[error("cannot write boot parameters: {0}")]
@@ -57,6 +59,8 @@ pub enum EntryMode {
     Pvh,
     /// 64-bit long mode, `%rsi` = zero page address.
     Linux64,
+    /// Real mode at 0000:rip (toy guests).
+    Real16,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -237,6 +241,54 @@ pub fn load(
             params_addr: ZERO_PAGE_START,
         })
     }
+}
+
+/// Load a flat binary for a toy guest: real mode at 0x1000 (below the EBDA), or 32-bit
+/// flat mode at 1 MiB.
+pub fn load_raw(
+    mem: &GuestMemoryMmap,
+    mem_size: u64,
+    path: &Path,
+    real_mode: bool,
+) -> Result<BootEntry, BootError> {
+    let p = path.display().to_string();
+    let mut f = File::open(path).map_err(|source| BootError::KernelOpen {
+        path: p.clone(),
+        source,
+    })?;
+    let size = f
+        .metadata()
+        .map_err(|source| BootError::KernelOpen {
+            path: p.clone(),
+            source,
+        })?
+        .len();
+    let (addr, limit) = if real_mode {
+        (0x1000, CMDLINE_START)
+    } else {
+        (HIMEM_START, mem_size.min(MMIO_HOLE_START))
+    };
+    if size == 0 || addr + size > limit {
+        return Err(BootError::RawTooBig {
+            path: p,
+            size,
+            addr,
+        });
+    }
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut f, size as usize)
+        .map_err(|e| BootError::KernelLoad {
+            path: p,
+            msg: e.to_string(),
+        })?;
+    Ok(BootEntry {
+        rip: addr,
+        mode: if real_mode {
+            EntryMode::Real16
+        } else {
+            EntryMode::Pvh
+        },
+        params_addr: 0,
+    })
 }
 
 fn load_initrd(

@@ -27,6 +27,19 @@ pub enum SerialOut {
     None,
 }
 
+/// How `kernel` is entered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BootMode {
+    /// A Linux kernel: ELF vmlinux through PVH, or bzImage through the 64-bit protocol.
+    #[default]
+    Linux,
+    /// A flat binary loaded at 0x1000 and entered in real mode at 0000:1000 (toy guests).
+    Raw16,
+    /// A flat binary loaded at 1 MiB and entered in flat 32-bit protected mode (toy guests).
+    Raw32,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VsockConfig {
@@ -67,6 +80,8 @@ fn default_mem() -> u64 {
 pub struct VmConfig {
     pub kernel: PathBuf,
     #[serde(default)]
+    pub boot: BootMode,
+    #[serde(default)]
     pub initrd: Option<PathBuf>,
     #[serde(default)]
     pub cmdline: String,
@@ -100,6 +115,7 @@ pub struct VmConfig {
 
 pub const USAGE: &str = "usage: bulkhead-vmm (--config FILE.json | --kernel PATH [options])
   --kernel PATH            ELF vmlinux (PVH entry) or bzImage
+  --boot linux|raw16|raw32 how to enter it (raw: a flat binary, for toy guests)
   --initrd PATH            initramfs
   --cmdline STR            kernel command line
   --cpus N                 vCPUs (default 1)
@@ -136,6 +152,7 @@ impl VmConfig {
         let mut it = args.iter();
         let mut c = VmConfig {
             kernel: PathBuf::new(),
+            boot: BootMode::Linux,
             initrd: None,
             cmdline: String::new(),
             cpus: default_cpus(),
@@ -166,6 +183,15 @@ impl VmConfig {
                     return Self::from_json(&text);
                 }
                 "--kernel" => c.kernel = val()?.into(),
+                "--boot" => {
+                    let v = val()?;
+                    c.boot = match v.as_str() {
+                        "linux" => BootMode::Linux,
+                        "raw16" => BootMode::Raw16,
+                        "raw32" => BootMode::Raw32,
+                        _ => return invalid(format!("--boot {v}: want linux, raw16 or raw32")),
+                    }
+                }
                 "--initrd" => c.initrd = Some(val()?.into()),
                 "--cmdline" => c.cmdline = val()?,
                 "--cpus" => {

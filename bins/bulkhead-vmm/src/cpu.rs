@@ -150,8 +150,19 @@ fn set_entry_registers(
         rip: e.rip,
         ..Default::default()
     };
+    if e.mode == EntryMode::Real16 {
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        regs.rsp = 0xff0;
+        vcpu.set_sregs(&sregs)
+            .map_err(kvm_err(id, "KVM_SET_SREGS"))?;
+        vcpu.set_regs(&regs).map_err(kvm_err(id, "KVM_SET_REGS"))?;
+        return Ok(());
+    }
     let (code, data) = match e.mode {
-        EntryMode::Pvh => (gdt_entry(0xc09b, 0, 0xfffff), gdt_entry(0xc093, 0, 0xfffff)),
+        EntryMode::Pvh | EntryMode::Real16 => {
+            (gdt_entry(0xc09b, 0, 0xfffff), gdt_entry(0xc093, 0, 0xfffff))
+        }
         EntryMode::Linux64 => (gdt_entry(0xa09b, 0, 0xfffff), gdt_entry(0xc093, 0, 0xfffff)),
     };
     let tss = gdt_entry(0x808b, 0, 0xfffff);
@@ -172,7 +183,7 @@ fn set_entry_registers(
     sregs.ss = ds;
     sregs.tr = tr;
     match e.mode {
-        EntryMode::Pvh => {
+        EntryMode::Pvh | EntryMode::Real16 => {
             sregs.cr0 = 0x11; // PE | ET
             sregs.cr4 = 0;
             regs.rbx = e.params_addr;

@@ -17,7 +17,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::acpi::{self, MmioDesc};
 use crate::boot;
 use crate::bus::Bus;
-use crate::config::{SerialOut, VmConfig};
+use crate::config::{BootMode, SerialOut, VmConfig};
 use crate::cpu::{self, RunState, VcpuControl, VcpuRunner};
 use crate::exit::{ExitHandle, ExitReason};
 use crate::layout::*;
@@ -78,7 +78,11 @@ struct DeviceSlot {
 
 pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
     cfg.validate()?;
-    if !cfg.allow_pvm && bulkhead_host::kvm_kind() == bulkhead_host::KvmKind::Pvm {
+    // Toy guests (raw boot) run on PVM; stock kernels do not.
+    if cfg.boot == BootMode::Linux
+        && !cfg.allow_pvm
+        && bulkhead_host::kvm_kind() == bulkhead_host::KvmKind::Pvm
+    {
         return Err(VmmError::PvmKvm);
     }
     let kvm_h = Kvm::new().map_err(VmmError::KvmOpen)?;
@@ -237,14 +241,18 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
             cmdline.push_str(&format!(" virtio_mmio.device=4K@{:#x}:{}", d.base, d.gsi));
         }
     }
-    let entry = boot::load(
-        &ram.mem,
-        mem_size,
-        &cfg.kernel,
-        cfg.initrd.as_deref(),
-        cmdline.trim(),
-        rsdp,
-    )?;
+    let entry = match cfg.boot {
+        BootMode::Linux => boot::load(
+            &ram.mem,
+            mem_size,
+            &cfg.kernel,
+            cfg.initrd.as_deref(),
+            cmdline.trim(),
+            rsdp,
+        )?,
+        BootMode::Raw16 => boot::load_raw(&ram.mem, mem_size, &cfg.kernel, true)?,
+        BootMode::Raw32 => boot::load_raw(&ram.mem, mem_size, &cfg.kernel, false)?,
+    };
 
     cpu::install_kick_handler().map_err(io("vCPU kick signal handler"))?;
     let base_cpuid = cpu::supported_cpuid(&kvm_h)?;
