@@ -215,9 +215,11 @@ pub fn load(
             params_addr: PVH_INFO_START,
         })
     } else {
-        let mut bp = boot_params::default();
         // setup_header is Some for every bzImage the loader accepts.
-        bp.hdr = setup_header.unwrap_or_default();
+        let mut bp = boot_params {
+            hdr: setup_header.unwrap_or_default(),
+            ..Default::default()
+        };
         bp.hdr.type_of_loader = 0xff;
         bp.hdr.cmd_line_ptr = CMDLINE_START as u32;
         bp.hdr.cmdline_size = cmdline_len as u32;

@@ -8,9 +8,11 @@ pub trait BusDevice: Send {
     fn write(&mut self, offset: u64, data: &[u8]);
 }
 
+pub type SharedDevice = Arc<Mutex<dyn BusDevice>>;
+
 #[derive(Default, Clone)]
 pub struct Bus {
-    ranges: Vec<(u64, u64, Arc<Mutex<dyn BusDevice>>)>,
+    ranges: Vec<(u64, u64, SharedDevice)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -40,7 +42,7 @@ impl Bus {
         Ok(())
     }
 
-    fn find(&self, addr: u64, size: usize) -> Option<(u64, &Arc<Mutex<dyn BusDevice>>)> {
+    fn find(&self, addr: u64, size: usize) -> Option<(u64, &SharedDevice)> {
         let i = self
             .ranges
             .partition_point(|r| r.0 <= addr)

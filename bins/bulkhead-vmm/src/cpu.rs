@@ -43,7 +43,7 @@ fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 
 fn segment(entry: u64, index: u16) -> kvm_segment {
     let flags = |shift: u32, bits: u32| ((entry >> shift) & ((1 << bits) - 1)) as u8;
-    let base = (((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000)) as u64;
+    let base = ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000);
     let limit_raw = ((entry & 0xffff) | ((entry >> 32) & 0x000f_0000)) as u32;
     let g = flags(55, 1);
     kvm_segment {

@@ -141,7 +141,7 @@ impl Blk {
     fn in_range(&self, sector: u64, len: usize) -> Option<u64> {
         let off = sector.checked_mul(SECTOR)?;
         let end = off.checked_add(len as u64)?;
-        (end <= self.sectors * SECTOR && len as u64 % SECTOR == 0).then_some(off)
+        (end <= self.sectors * SECTOR && (len as u64).is_multiple_of(SECTOR)).then_some(off)
     }
 
     fn read_into(

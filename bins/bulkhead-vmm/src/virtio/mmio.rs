@@ -227,21 +227,14 @@ impl MmioTransport {
         let queue_writable = !self.activated && self.status & S_DRIVER_OK == 0;
         match offset {
             0x14 => self.features_sel = v,
-            0x20 => {
-                if self.status & S_FEATURES_OK == 0 {
-                    match self.driver_features_sel {
-                        0 => {
-                            self.driver_features =
-                                (self.driver_features & !0xffff_ffff) | u64::from(v)
-                        }
-                        1 => {
-                            self.driver_features =
-                                (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
-                        }
-                        _ => {}
-                    }
+            0x20 if self.status & S_FEATURES_OK == 0 => match self.driver_features_sel {
+                0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
+                1 => {
+                    self.driver_features =
+                        (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
                 }
-            }
+                _ => {}
+            },
             0x24 => self.driver_features_sel = v,
             0x30 => self.queue_sel = v,
             0x38 if queue_writable => {
@@ -254,11 +247,9 @@ impl MmioTransport {
                     q.set_ready(v == 1);
                 }
             }
-            0x50 => {
-                // Only reached when the ioeventfd did not catch the write.
-                if self.activated && (v as usize) < self.queues.len() {
-                    self.dev.queue_notify(v as usize);
-                }
+            // Only reached when the ioeventfd did not catch the write.
+            0x50 if self.activated && (v as usize) < self.queues.len() => {
+                self.dev.queue_notify(v as usize)
             }
             0x64 => {
                 self.interrupt.status.fetch_and(!v, Ordering::SeqCst);
@@ -287,7 +278,7 @@ impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= 0x100 {
             self.dev.read_config(offset - 0x100, data);
-        } else if data.len() == 4 && offset % 4 == 0 {
+        } else if data.len() == 4 && offset.is_multiple_of(4) {
             data.copy_from_slice(&self.reg_read(offset).to_le_bytes());
         } else {
             data.fill(0);
@@ -300,7 +291,7 @@ impl BusDevice for MmioTransport {
                 self.dev.write_config(offset - 0x100, data);
                 self.config_generation = self.config_generation.wrapping_add(1);
             }
-        } else if let (Ok(b), true) = (<[u8; 4]>::try_from(data), offset % 4 == 0) {
+        } else if let (Ok(b), true) = (<[u8; 4]>::try_from(data), offset.is_multiple_of(4)) {
             self.reg_write(offset, u32::from_le_bytes(b));
         }
     }
@@ -340,7 +331,9 @@ mod tests {
         }
     }
 
-    fn transport() -> (MmioTransport, Arc<Mutex<Option<usize>>>, Arc<Mutex<u32>>) {
+    type Activated = Arc<Mutex<Option<usize>>>;
+
+    fn transport() -> (MmioTransport, Activated, Arc<Mutex<u32>>) {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let a = Arc::default();
         let r = Arc::default();

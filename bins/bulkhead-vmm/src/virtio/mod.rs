@@ -155,14 +155,8 @@ where
     F: FnMut(virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> u32,
 {
     let mut used_any = false;
-    loop {
-        // A queue whose rings point outside guest memory yields an error, not a panic.
-        let Some(chain) = (match q.pop_descriptor_chain(mem) {
-            c @ Some(_) => c,
-            None => None,
-        }) else {
-            break;
-        };
+    // A queue whose rings point outside guest memory yields no chain, not a panic.
+    while let Some(chain) = q.pop_descriptor_chain(mem) {
         let head = chain.head_index();
         let len = f(chain);
         if let Err(e) = q.add_used(mem, head, len) {

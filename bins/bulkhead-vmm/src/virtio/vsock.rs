@@ -440,14 +440,11 @@ impl Vsock {
             return;
         };
         let mut used = false;
-        loop {
-            let Some(chain) = self
-                .active
-                .as_mut()
-                .and_then(|a| a.tx.pop_descriptor_chain(&mem))
-            else {
-                break;
-            };
+        while let Some(chain) = self
+            .active
+            .as_mut()
+            .and_then(|a| a.tx.pop_descriptor_chain(&mem))
+        {
             let head = chain.head_index();
             if let Ok(mut r) = chain.reader(&mem) {
                 let mut hb = [0u8; HDR_LEN];

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Install what building, the guest image and the nested test node need (Debian 12).
+# Idempotent: safe to run again; skips what is already there.
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+SUDO=""
+[ "$(id -u)" = 0 ] || SUDO=sudo
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends \
+    qemu-system-x86 busybox-static cpio lz4 xz-utils zstd dpkg-dev \
+    libseccomp-dev libcap-ng-dev pkg-config gcc python3 >/dev/null
+# virtiofsd, the vhost-user-fs back end (the crate's binary), pinned.
+VIRTIOFSD_VERSION=1.14.0
+if ! /opt/virtiofsd/bin/virtiofsd --version 2>/dev/null | grep -q "$VIRTIOFSD_VERSION"; then
+    echo "install-deps: building virtiofsd $VIRTIOFSD_VERSION (about 2 minutes)" >&2
+    $SUDO cargo install virtiofsd --version "$VIRTIOFSD_VERSION" --locked --root /opt/virtiofsd -q
+fi
