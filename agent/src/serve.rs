@@ -107,6 +107,7 @@ fn handle(req: Request, state: &AgentState) -> (Response, bool) {
             read_file(&path, offset, len).map(Response::Data)
         }
         Request::Shutdown => return (Response::Ok, state.0.pid1),
+        Request::GuestDetails => Ok(Response::GuestDetails(sys::guest_details())),
     };
     (r.unwrap_or_else(Response::Error), false)
 }
@@ -164,6 +165,8 @@ mod tests {
             .read_file(f.to_str().unwrap(), 0, MAX_READ + 1)
             .unwrap_err();
         assert!(e.to_string().contains("invalid argument"), "{e}");
+        let d = c.guest_details().unwrap();
+        assert!(d.cpus_online >= 1 && d.mem_total_kib > 0);
         // Shutdown outside PID 1 answers Ok and powers nothing off.
         c.expect_ok(&Request::Shutdown).unwrap();
         // Still serving afterwards.

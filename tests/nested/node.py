@@ -90,7 +90,7 @@ def l1_initramfs(guest_dir, bins, with_qemu, workdir):
     for b in ("bulkhead-vmm", "bulkhead"):
         copy_with_libs(root, bins[b], f"/opt/bulkhead/{b}")
     copy_with_libs(root, find_virtiofsd(), "/opt/bulkhead/virtiofsd")
-    for f in ("vmlinux", "initramfs.cpio.gz"):
+    for f in ("vmlinux", "bzImage", "initramfs.cpio.gz"):
         shutil.copy(os.path.join(guest_dir, f), os.path.join(root, "opt", "guest", f))
     disk = bytearray(1 << 20)
     disk[:16] = b"BULKHEAD-DISK-OK"
@@ -190,6 +190,15 @@ bulkhead probe --socket /tmp/v.sock --timeout 240 --mount share:/mnt/share \
   --read /dev/vda:BULKHEAD-DISK-OK --read /mnt/share/hello.txt:BULKHEAD-VIRTIOFS-OK --shutdown \
   -- env VMMCMD --disk path=/opt/data/disk.img,readonly --rng --fs tag=share,socket=/tmp/fs.sock
 rc=$?
+echo "NESTED-CASE pvh-vmlinux rc=$rc"
+# The 64-bit bzImage path, two vCPUs, more memory, the virtio console.
+bulkhead probe --socket /tmp/v.sock --timeout 240 --read /sys/class/tty/hvc0/dev:229 --shutdown \
+  -- env VMMCMD2 --console /tmp/l2-hvc.log >/tmp/case2.log 2>&1
+rc2=$?
+cat /tmp/case2.log
+grep -q "cpus=2 " /tmp/case2.log || rc2=1
+echo "NESTED-CASE bzimage-2cpu rc=$rc2"
+[ $rc2 = 0 ] || rc=1
 if [ $rc != 0 ] || [ -n "$VERBOSE" ]; then echo "--- L2 serial"; cat /tmp/l2-serial.log; echo "--- virtiofsd"; cat /tmp/virtiofsd.log; fi
 exit $rc
 """
@@ -221,7 +230,9 @@ def cmd_test(args, demo=False):
     guest = guest_image(bins)
     with tempfile.TemporaryDirectory() as w:
         l1, vmlinux = l1_initramfs(guest, bins, False, w)
-        script = TEST_SCRIPT.replace("VMMCMD", vmm_cmd(verbose=args.verbose))
+        script = TEST_SCRIPT.replace("VMMCMD2", vmm_cmd(verbose=args.verbose).replace(
+            "/opt/guest/vmlinux", "/opt/guest/bzImage").replace("--cpus 1 --memory 256", "--cpus 2 --memory 512"))
+        script = script.replace("VMMCMD", vmm_cmd(verbose=args.verbose))
         log("booting L1 under QEMU TCG; bulkhead-vmm runs in it on kvm-amd")
         out, secs = run_l1(l1, vmlinux, script, args.timeout)
     ok = "NESTED-EXIT 0" in out

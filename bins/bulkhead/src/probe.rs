@@ -163,6 +163,13 @@ pub fn run(args: &[String]) -> Result<()> {
         health.modules_loaded,
         health.modules_loaded + health.modules_failed
     );
+    match client.guest_details() {
+        Ok(d) => println!(
+            "PROBE details cpus={} mem_total_kib={} kernel={}",
+            d.cpus_online, d.mem_total_kib, d.kernel_release
+        ),
+        Err(e) => println!("PROBE details FAILED {e}"),
+    }
     if let (Some(g), Some(c)) = (guest_mib, child.as_ref()) {
         let (non_guest, total) = rss_kib(c.id(), g << 10).unwrap_or((0, 0));
         println!(

@@ -120,6 +120,13 @@ impl<S: Read + Write> AgentClient<S> {
         }
     }
 
+    pub fn guest_details(&mut self) -> Result<crate::GuestDetails, ClientError> {
+        match self.call(&Request::GuestDetails)? {
+            Response::GuestDetails(d) => Ok(d),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     pub fn read_file(&mut self, path: &str, offset: u64, len: u32) -> Result<Vec<u8>, ClientError> {
         match self.call(&Request::ReadFile {
             path: path.into(),

@@ -67,12 +67,15 @@ pub enum Request {
     ReadFile { path: String, offset: u64, len: u32 },
     /// Flush file systems and power the guest off. Answered before the power-off.
     Shutdown,
+    /// What the guest sees: kernel, online CPUs, memory.
+    GuestDetails,
 }
 
 /// Agent to host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
     Health(HealthInfo),
+    GuestDetails(GuestDetails),
     Ok,
     Data(Vec<u8>),
     Error(AgentError),
@@ -89,6 +92,14 @@ pub struct HealthInfo {
     /// Kernel modules the agent loaded at boot, and how many failed.
     pub modules_loaded: u32,
     pub modules_failed: u32,
+}
+
+/// What [`Request::GuestDetails`] reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestDetails {
+    pub kernel_release: String,
+    pub cpus_online: u32,
+    pub mem_total_kib: u64,
 }
 
 /// A typed error from the agent. The agent keeps serving after sending one.
@@ -141,6 +152,7 @@ mod tests {
                 len: 512,
             },
             Request::Shutdown,
+            Request::GuestDetails,
         ];
         for r in reqs {
             let bytes = encode(&r).unwrap();
