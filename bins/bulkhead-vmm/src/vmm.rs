@@ -78,6 +78,7 @@ struct DeviceSlot {
 
 pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
     cfg.validate()?;
+    let t0 = std::time::Instant::now();
     // Toy guests (raw boot) run on PVM; stock kernels do not.
     if cfg.boot == BootMode::Linux
         && !cfg.allow_pvm
@@ -119,6 +120,7 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
         unsafe { vm.set_user_memory_region(region) }.map_err(kerr("KVM_SET_USER_MEMORY_REGION"))?;
     }
 
+    tracing::info!(ms = t0.elapsed().as_secs_f64() * 1e3, "guest memory mapped");
     let exit = ExitHandle::new().map_err(io("exit eventfd"))?;
     let epoll = Arc::new(Epoll::new().map_err(io("epoll"))?);
     let mut pio = Bus::default();
@@ -254,6 +256,7 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
         BootMode::Raw32 => boot::load_raw(&ram.mem, mem_size, &cfg.kernel, false)?,
     };
 
+    tracing::info!(ms = t0.elapsed().as_secs_f64() * 1e3, "kernel loaded");
     cpu::install_kick_handler().map_err(io("vCPU kick signal handler"))?;
     let base_cpuid = cpu::supported_cpuid(&kvm_h)?;
     let control = Arc::new(VcpuControl::default());
@@ -290,6 +293,7 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
         );
     }
     tracing::info!(
+        ms = t0.elapsed().as_secs_f64() * 1e3,
         cpus = cfg.cpus,
         memory_mib = cfg.memory_mib,
         devices = slots.len(),
