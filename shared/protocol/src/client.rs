@@ -10,9 +10,68 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::{
-    decode, encode, read_frame, write_frame, AgentError, FrameError, Hello, HelloReply, Request,
-    Response, MIN_PROTOCOL_VERSION,
+    decode, encode, read_frame, write_frame, AgentError, ContainerInfo, ContainerStats,
+    CreateContainer, ExecProcess, ExitStatus, FrameError, Hello, HelloReply, Request, Response,
+    SandboxConfig, StdioStream, MIN_PROTOCOL_VERSION,
 };
+
+/// Most pids a [`Response::Processes`] answer may carry before the host calls it hostile.
+pub const MAX_PIDS: usize = 65_536;
+
+/// Where the agent listens, as seen from the host.
+#[derive(Debug, Clone)]
+pub enum Endpoint {
+    /// The agent's own unix socket (host mode, no VM).
+    Unix(std::path::PathBuf),
+    /// A guest port behind the VMM's hybrid vsock unix socket.
+    HybridVsock {
+        socket: std::path::PathBuf,
+        port: u32,
+    },
+}
+
+impl Endpoint {
+    /// Open a raw stream to the agent (no handshake yet).
+    pub fn connect(&self, timeout: Duration) -> Result<UnixStream, ClientError> {
+        match self {
+            Endpoint::Unix(path) => {
+                UnixStream::connect(path).map_err(|source| ClientError::Connect {
+                    path: path.display().to_string(),
+                    source,
+                })
+            }
+            Endpoint::HybridVsock { socket, port } => {
+                let s = connect_hybrid_vsock(socket, *port, timeout)?;
+                // Waits (Wait, WaitOom) may be long: no read timeout once connected.
+                s.set_read_timeout(None)
+                    .map_err(|e| ClientError::Handshake(e.to_string()))?;
+                Ok(s)
+            }
+        }
+    }
+
+    /// Connect and run the handshake.
+    pub fn client(&self, timeout: Duration) -> Result<AgentClient<UnixStream>, ClientError> {
+        AgentClient::handshake(self.connect(timeout)?)
+    }
+
+    /// Open a connection carrying one stdio stream of a process.
+    pub fn attach(
+        &self,
+        id: &str,
+        exec_id: Option<&str>,
+        stream: StdioStream,
+        timeout: Duration,
+    ) -> Result<UnixStream, ClientError> {
+        let mut c = self.client(timeout)?;
+        c.expect_ok(&Request::AttachStdio {
+            id: id.into(),
+            exec_id: exec_id.map(Into::into),
+            stream,
+        })?;
+        Ok(c.into_inner())
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -141,6 +200,98 @@ impl<S: Read + Write> AgentClient<S> {
     pub fn expect_ok(&mut self, req: &Request) -> Result<(), ClientError> {
         match self.call(req)? {
             Response::Ok => Ok(()),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// The stream, for a connection that has become a stdio stream.
+    pub fn into_inner(self) -> S {
+        self.stream
+    }
+
+    pub fn create_sandbox(&mut self, cfg: SandboxConfig) -> Result<(), ClientError> {
+        self.expect_ok(&Request::CreateSandbox(cfg))
+    }
+
+    /// Create a container; returns its init's guest pid.
+    pub fn create_container(&mut self, c: CreateContainer) -> Result<u32, ClientError> {
+        self.expect_created(&Request::CreateContainer(c))
+    }
+
+    pub fn start(&mut self, id: &str) -> Result<(), ClientError> {
+        self.expect_ok(&Request::StartContainer { id: id.into() })
+    }
+
+    /// Start an extra process; returns its guest pid.
+    pub fn exec(&mut self, e: ExecProcess) -> Result<u32, ClientError> {
+        self.expect_created(&Request::Exec(e))
+    }
+
+    pub fn signal(
+        &mut self,
+        id: &str,
+        exec_id: Option<&str>,
+        signal: i32,
+        all: bool,
+    ) -> Result<(), ClientError> {
+        self.expect_ok(&Request::Signal {
+            id: id.into(),
+            exec_id: exec_id.map(Into::into),
+            signal,
+            all,
+        })
+    }
+
+    /// Block until the process exits.
+    pub fn wait(&mut self, id: &str, exec_id: Option<&str>) -> Result<ExitStatus, ClientError> {
+        match self.call(&Request::Wait {
+            id: id.into(),
+            exec_id: exec_id.map(Into::into),
+        })? {
+            Response::Exited(s) => Ok(s),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    pub fn delete(&mut self, id: &str, force: bool) -> Result<(), ClientError> {
+        self.expect_ok(&Request::DeleteContainer {
+            id: id.into(),
+            force,
+        })
+    }
+
+    pub fn processes(&mut self, id: &str) -> Result<Vec<u32>, ClientError> {
+        match self.call(&Request::ListProcesses { id: id.into() })? {
+            Response::Processes(p) if p.len() <= MAX_PIDS => Ok(p),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    pub fn stats(&mut self, id: &str) -> Result<ContainerStats, ClientError> {
+        match self.call(&Request::Stats { id: id.into() })? {
+            Response::Stats(s) => Ok(s),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Block until some container has an OOM kill; returns its id.
+    pub fn wait_oom(&mut self) -> Result<String, ClientError> {
+        match self.call(&Request::WaitOom)? {
+            Response::Oom { id } if id.len() <= crate::MAX_ID_LEN => Ok(id),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    pub fn containers(&mut self) -> Result<Vec<ContainerInfo>, ClientError> {
+        match self.call(&Request::ListContainers)? {
+            Response::Containers(c) => Ok(c),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    fn expect_created(&mut self, req: &Request) -> Result<u32, ClientError> {
+        match self.call(req)? {
+            Response::Created { pid } if pid > 0 => Ok(pid),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
     }

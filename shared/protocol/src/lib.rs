@@ -6,7 +6,16 @@
 //!
 //! A connection starts with a version handshake: the host sends [`Hello`], the agent
 //! answers [`HelloReply`]. Only then are [`Request`]s accepted, each answered by exactly
-//! one [`Response`].
+//! one [`Response`]. A connection serves one request at a time; a long wait
+//! ([`Request::Wait`], [`Request::WaitOom`]) holds only its own connection, so callers open
+//! one connection per long wait and keep control calls on another.
+//!
+//! A connection can also become a raw byte stream: after [`Request::AttachStdio`] is
+//! answered with [`Response::Ok`], the connection carries one stdio stream of one process
+//! (no frames) until either side closes it. Each stream has its own connection, so a slow
+//! reader of one process's output never blocks control calls or other streams.
+//!
+//! The full API, with the semantics of every call, is in `docs/agent-api.md`.
 
 pub mod client;
 pub mod frame;
@@ -16,7 +25,7 @@ use serde::{Deserialize, Serialize};
 pub use frame::{read_frame, write_frame, FrameError, MAX_FRAME};
 
 /// Protocol version spoken by this build. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Oldest protocol version this build still accepts from a peer.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
@@ -55,7 +64,11 @@ pub enum HelloReply {
     Refused { reason: String },
 }
 
-/// Host to agent.
+/// Longest container or exec id the agent accepts.
+pub const MAX_ID_LEN: usize = 128;
+
+/// Host to agent. New variants are only ever appended, so the encoding of older ones
+/// stays stable across protocol versions.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
     /// Is the agent alive, and what is it running on?
@@ -69,6 +82,163 @@ pub enum Request {
     Shutdown,
     /// What the guest sees: kernel, online CPUs, memory.
     GuestDetails,
+
+    // ---- protocol 2: sandbox and containers ----
+    /// Set up the pod: its shared IPC and UTS namespaces (and PID namespace when
+    /// `share_pid`), its hostname. At most one sandbox per agent.
+    CreateSandbox(SandboxConfig),
+    /// Kill and delete every container, then tear the sandbox namespaces down.
+    DestroySandbox,
+    /// Create a container from an OCI runtime spec (config.json text). Its process is
+    /// created but not started; its stdio pipes exist from now on, so output written
+    /// before anyone attaches waits in the pipe (and then blocks the writer).
+    CreateContainer(CreateContainer),
+    /// Start a created container's process.
+    StartContainer { id: String },
+    /// Run an extra process in a running container.
+    Exec(ExecProcess),
+    /// Send `signal` to the container's init (or `exec_id`'s process); with `all`, to
+    /// every process in the container.
+    Signal {
+        id: String,
+        exec_id: Option<String>,
+        signal: i32,
+        all: bool,
+    },
+    /// Block until the process exits; answered with [`Response::Exited`]. Holds its
+    /// connection only.
+    Wait { id: String, exec_id: Option<String> },
+    /// Delete a stopped (or created) container; `force` kills a running one first.
+    DeleteContainer { id: String, force: bool },
+    /// Freeze every process of the container (cgroup freezer).
+    Pause { id: String },
+    /// Thaw a paused container.
+    Resume { id: String },
+    /// Change the container's cgroup limits: OCI `linux.resources` JSON.
+    Update { id: String, resources_json: String },
+    /// The container's processes (guest pids).
+    ListProcesses { id: String },
+    /// cpu, memory, io and pids figures from the container's guest cgroup.
+    Stats { id: String },
+    /// Block until a container has a process killed by the OOM killer; answered with
+    /// [`Response::Oom`]. Every OOM kill is reported once, to one waiter, in order.
+    WaitOom,
+    /// Turn this connection into one stdio stream of a process (see the crate docs).
+    AttachStdio {
+        id: String,
+        exec_id: Option<String>,
+        stream: StdioStream,
+    },
+    /// Set the window size of a process's terminal.
+    ResizePty {
+        id: String,
+        exec_id: Option<String>,
+        rows: u16,
+        cols: u16,
+    },
+    /// Close the process's stdin (the process reads end-of-file).
+    CloseStdin { id: String, exec_id: Option<String> },
+    /// Set the guest's wall clock (nanoseconds since the Unix epoch). Refused outside a
+    /// guest, where it would set the host's clock.
+    SetTime { unix_nanos: u64 },
+    /// Every container the agent knows, with its state.
+    ListContainers,
+}
+
+/// What [`Request::CreateSandbox`] sets up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxConfig {
+    pub hostname: Option<String>,
+    /// Containers whose spec joins a PID namespace by path share the sandbox's one.
+    pub share_pid: bool,
+}
+
+/// Where a container's root file system comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Rootfs {
+    /// A directory already visible to the agent (in a guest: under a virtio-fs share).
+    Path(String),
+    /// A block device holding a file system (ext4, erofs), mounted by the agent.
+    Block {
+        device: String,
+        fstype: String,
+        readonly: bool,
+    },
+}
+
+/// What [`Request::CreateContainer`] carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateContainer {
+    pub id: String,
+    /// The OCI runtime spec, as config.json text. `root.path` is replaced by `rootfs`;
+    /// namespaces that name a path join the sandbox's namespaces of that type; the
+    /// network namespace is always the sandbox's (the VM is the network boundary).
+    pub spec_json: String,
+    pub rootfs: Rootfs,
+    /// Give the process a stdin pipe (otherwise it reads /dev/null).
+    pub stdin: bool,
+}
+
+/// What [`Request::Exec`] carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecProcess {
+    pub id: String,
+    pub exec_id: String,
+    /// An OCI `process` object as JSON.
+    pub process_json: String,
+    pub stdin: bool,
+}
+
+/// Which stdio stream [`Request::AttachStdio`] asks for. In terminal mode `Stdout`
+/// carries the terminal's output and `Stderr` is empty.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StdioStream {
+    Stdin,
+    Stdout,
+    Stderr,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitStatus {
+    /// The exit code, or 128 + the signal number when a signal killed it (as shells and
+    /// containerd report it).
+    pub code: i32,
+    /// The signal that killed it, if one did.
+    pub signal: Option<i32>,
+}
+
+/// A container's state as the agent sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ContainerState {
+    Created,
+    Running,
+    Paused,
+    Stopped,
+}
+
+/// One row of [`Response::Containers`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerInfo {
+    pub id: String,
+    pub state: ContainerState,
+    pub pid: Option<u32>,
+}
+
+/// Figures from a container's cgroup (v2). A figure the guest's cgroups do not provide
+/// (controller not enabled) is `None`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerStats {
+    pub cpu_usage_usec: Option<u64>,
+    pub cpu_user_usec: Option<u64>,
+    pub cpu_system_usec: Option<u64>,
+    pub memory_current: Option<u64>,
+    pub memory_limit: Option<u64>,
+    pub memory_oom_kills: Option<u64>,
+    pub pids_current: Option<u64>,
+    pub pids_limit: Option<u64>,
+    pub io_read_bytes: Option<u64>,
+    pub io_write_bytes: Option<u64>,
 }
 
 /// Agent to host.
@@ -79,6 +249,19 @@ pub enum Response {
     Ok,
     Data(Vec<u8>),
     Error(AgentError),
+    // ---- protocol 2 ----
+    /// A process was created (container init or exec); its guest pid.
+    Created {
+        pid: u32,
+    },
+    Exited(ExitStatus),
+    Processes(Vec<u32>),
+    Stats(ContainerStats),
+    /// A process in this container was killed by the OOM killer.
+    Oom {
+        id: String,
+    },
+    Containers(Vec<ContainerInfo>),
 }
 
 /// What [`Request::Health`] reports.
@@ -115,6 +298,15 @@ pub enum AgentError {
     Io(String),
     #[error("unsupported by this agent: {0}")]
     Unsupported(String),
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
+    /// The object exists but is in the wrong state for the call (exec into a stopped
+    /// container, start twice, delete a running one without force).
+    #[error("failed precondition: {0}")]
+    FailedPrecondition(String),
+    /// The container runtime refused or failed (bad spec, missing rootfs, ...).
+    #[error("container runtime: {0}")]
+    Runtime(String),
 }
 
 /// Encode a message into a payload (no length prefix).
