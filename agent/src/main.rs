@@ -7,10 +7,16 @@
 //! A panic in PID 1 is a kernel panic, so nothing on the request path unwraps input;
 //! every request failure is a typed [`AgentError`] and the agent keeps serving.
 
+mod cgroupfs;
+mod containers;
+mod reaper;
 mod serve;
+mod stdio;
 mod sys;
 
 use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use bulkhead_protocol::AGENT_VSOCK_PORT;
@@ -31,13 +37,42 @@ pub fn log(msg: &str) {
     let _ = std::io::stderr().write_all(line.as_bytes());
 }
 
+fn arg_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+    let i = args.iter().position(|a| a == flag)?;
+    args.get(i + 1).map(String::as_str)
+}
+
+/// Start the reaper and the container runtime; a failure here leaves nothing to serve.
+fn runtime(state_dir: PathBuf, in_guest: bool) -> Arc<containers::Runtime> {
+    loop {
+        match reaper::Reaper::start() {
+            Ok(r) => return containers::Runtime::new(state_dir, in_guest, r),
+            Err(e) => {
+                log(&format!("cannot start the reaper: {e}; retrying"));
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if let Some(i) = args.iter().position(|a| a == "--listen-unix") {
-        let Some(path) = args.get(i + 1) else {
+    if args.iter().any(|a| a == "--ns-holder") {
+        sys::ns_holder(
+            args.iter().any(|a| a == "--pid"),
+            arg_value(&args, "--hostname"),
+        );
+    }
+    if args.iter().any(|a| a == "--listen-unix") {
+        let Some(path) = arg_value(&args, "--listen-unix") else {
             log("--listen-unix needs a path");
             std::process::exit(2);
         };
+        let state_dir =
+            PathBuf::from(arg_value(&args, "--state-dir").unwrap_or("/run/bulkhead/agent"));
+        // Orphans of our containers come back to us, as they would to PID 1 in a guest.
+        // SAFETY: prctl with integer arguments only.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
         let _ = std::fs::remove_file(path);
         let listener = match UnixListener::bind(path) {
             Ok(l) => l,
@@ -46,7 +81,8 @@ fn main() {
                 std::process::exit(1);
             }
         };
-        let state = serve::AgentState::new(Instant::now(), sys::ModuleReport::default(), false);
+        let rt = runtime(state_dir, false);
+        let state = serve::AgentState::new(Instant::now(), sys::ModuleReport::default(), false, rt);
         for conn in listener.incoming().flatten() {
             let st = state.clone();
             std::thread::spawn(move || serve::serve_connection(conn, &st));
@@ -71,10 +107,8 @@ fn main() {
     let port = sys::cmdline_param("bulkhead.agent_port")
         .and_then(|p| p.parse().ok())
         .unwrap_or(AGENT_VSOCK_PORT);
-    if pid1 {
-        std::thread::spawn(sys::reap_children_forever);
-    }
-    let state = serve::AgentState::new(boot, modules, pid1);
+    let rt = runtime(PathBuf::from("/run/bulkhead/agent"), pid1);
+    let state = serve::AgentState::new(boot, modules, pid1, rt);
     loop {
         match sys::VsockListener::bind(port) {
             Ok(l) => {

@@ -9,6 +9,7 @@ use bulkhead_protocol::{
     Request, Response, MAX_READ, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 
+use crate::containers::Runtime;
 use crate::sys;
 
 #[derive(Clone)]
@@ -19,20 +20,45 @@ struct Inner {
     modules: sys::ModuleReport,
     /// Running as PID 1 in a guest: shutdown powers the machine off.
     pid1: bool,
+    runtime: Arc<Runtime>,
 }
 
 impl AgentState {
-    pub fn new(boot: Instant, modules: sys::ModuleReport, pid1: bool) -> Self {
+    pub fn new(
+        boot: Instant,
+        modules: sys::ModuleReport,
+        pid1: bool,
+        runtime: Arc<Runtime>,
+    ) -> Self {
         AgentState(Arc::new(Inner {
             boot,
             modules,
             pid1,
+            runtime,
         }))
     }
 }
 
-/// Serve one connection until the peer closes it or breaks framing.
-pub fn serve_connection<S: Read + Write>(mut conn: S, state: &AgentState) {
+/// A connection the agent serves: a unix stream (host mode) or a vsock stream.
+pub trait Conn: Read + Write + Send + Sized + 'static {
+    fn try_clone(&self) -> std::io::Result<Self>;
+}
+
+impl Conn for std::os::unix::net::UnixStream {
+    fn try_clone(&self) -> std::io::Result<Self> {
+        std::os::unix::net::UnixStream::try_clone(self)
+    }
+}
+
+impl Conn for std::fs::File {
+    fn try_clone(&self) -> std::io::Result<Self> {
+        std::fs::File::try_clone(self)
+    }
+}
+
+/// Serve one connection until the peer closes it, breaks framing, or turns it into a
+/// stdio stream.
+pub fn serve_connection<S: Conn>(mut conn: S, state: &AgentState) {
     // Handshake first; anything else closes the connection.
     let hello = match read_frame(&mut conn).and_then(|p| decode::<Hello>(&p)) {
         Ok(h) => h,
@@ -73,10 +99,49 @@ pub fn serve_connection<S: Read + Write>(mut conn: S, state: &AgentState) {
             }
             Err(_) => return,
         };
-        let (resp, then_power_off) = match decode::<Request>(&payload) {
-            Ok(req) => handle(req, state),
-            Err(e) => (Response::Error(AgentError::Malformed(e.to_string())), false),
+        let req = match decode::<Request>(&payload) {
+            Ok(req) => req,
+            Err(e) => {
+                if send(
+                    &mut conn,
+                    &Response::Error(AgentError::Malformed(e.to_string())),
+                )
+                .is_err()
+                {
+                    return;
+                }
+                continue;
+            }
         };
+        if let Request::AttachStdio {
+            id,
+            exec_id,
+            stream,
+        } = &req
+        {
+            // The connection becomes the stream: answer Ok on it, then copy bytes.
+            let attached = conn
+                .try_clone()
+                .map_err(|e| AgentError::Io(e.to_string()))
+                .and_then(|c| {
+                    state
+                        .0
+                        .runtime
+                        .attach(id, exec_id.as_deref(), *stream, c, |c| {
+                            send(c, &Response::Ok).map_err(|e| std::io::Error::other(e.to_string()))
+                        })
+                });
+            match attached {
+                Ok(()) => return,
+                Err(e) => {
+                    if send(&mut conn, &Response::Error(e)).is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            }
+        }
+        let (resp, then_power_off) = handle(req, state);
         if send(&mut conn, &resp).is_err() {
             return;
         }
@@ -108,8 +173,50 @@ fn handle(req: Request, state: &AgentState) -> (Response, bool) {
         }
         Request::Shutdown => return (Response::Ok, state.0.pid1),
         Request::GuestDetails => Ok(Response::GuestDetails(sys::guest_details())),
+        req => handle_container(req, &state.0.runtime),
     };
     (r.unwrap_or_else(Response::Error), false)
+}
+
+fn handle_container(req: Request, rt: &Runtime) -> Result<Response, AgentError> {
+    let ok = |r: Result<(), AgentError>| r.map(|_| Response::Ok);
+    match req {
+        Request::CreateSandbox(cfg) => ok(rt.create_sandbox(cfg)),
+        Request::DestroySandbox => ok(rt.destroy_sandbox()),
+        Request::CreateContainer(c) => rt.create(c).map(|pid| Response::Created { pid }),
+        Request::StartContainer { id } => ok(rt.start(&id)),
+        Request::Exec(e) => rt.exec(e).map(|pid| Response::Created { pid }),
+        Request::Signal {
+            id,
+            exec_id,
+            signal,
+            all,
+        } => ok(rt.signal(&id, exec_id.as_deref(), signal, all)),
+        Request::Wait { id, exec_id } => rt.wait(&id, exec_id.as_deref()).map(Response::Exited),
+        Request::DeleteContainer { id, force } => ok(rt.delete(&id, force)),
+        Request::Pause { id } => ok(rt.pause(&id)),
+        Request::Resume { id } => ok(rt.resume(&id)),
+        Request::Update { id, resources_json } => ok(rt.update(&id, &resources_json)),
+        Request::ListProcesses { id } => rt.processes(&id).map(Response::Processes),
+        Request::Stats { id } => rt.stats(&id).map(Response::Stats),
+        Request::WaitOom => Ok(Response::Oom { id: rt.wait_oom() }),
+        Request::ResizePty {
+            id,
+            exec_id,
+            rows,
+            cols,
+        } => ok(rt.resize(&id, exec_id.as_deref(), rows, cols)),
+        Request::CloseStdin { id, exec_id } => ok(rt.close_stdin(&id, exec_id.as_deref())),
+        Request::SetTime { unix_nanos } => ok(rt.set_time(unix_nanos)),
+        Request::ListContainers => Ok(Response::Containers(rt.list())),
+        // Handled by the caller.
+        Request::Health
+        | Request::MountVirtiofs { .. }
+        | Request::ReadFile { .. }
+        | Request::Shutdown
+        | Request::GuestDetails
+        | Request::AttachStdio { .. } => Err(AgentError::Malformed("misrouted request".into())),
+    }
 }
 
 fn read_file(path: &str, offset: u64, len: u32) -> Result<Vec<u8>, AgentError> {
@@ -139,7 +246,10 @@ mod tests {
 
     fn agent() -> (UnixStream, std::thread::JoinHandle<()>) {
         let (a, b) = UnixStream::pair().unwrap();
-        let st = AgentState::new(Instant::now(), sys::ModuleReport::default(), false);
+        let dir = std::env::temp_dir().join(format!("bh-agent-state-{}", std::process::id()));
+        let reaper = std::sync::Arc::new(crate::reaper::Reaper::default());
+        let rt = Runtime::new(dir, false, reaper);
+        let st = AgentState::new(Instant::now(), sys::ModuleReport::default(), false, rt);
         let t = std::thread::spawn(move || serve_connection(b, &st));
         (a, t)
     }

@@ -13,7 +13,7 @@ pub struct ModuleReport {
     pub failed: u32,
 }
 
-fn mount(
+pub fn mount(
     src: &str,
     target: &str,
     fstype: &str,
@@ -139,15 +139,13 @@ pub fn uptime_ms() -> Option<u64> {
 }
 
 /// PID 1 inherits every orphan; reap them so they never pile up as zombies.
-pub fn reap_children_forever() {
-    loop {
-        let mut status = 0;
-        // SAFETY: waitpid with a valid status pointer.
-        let rc = unsafe { libc::waitpid(-1, &mut status, 0) };
-        if rc < 0 {
-            std::thread::sleep(std::time::Duration::from_millis(200));
-        }
-    }
+/// Detach a mount (lazily: a straggling process keeps it alive, not the agent).
+pub fn umount(target: &std::path::Path) {
+    let Ok(c) = CString::new(target.as_os_str().as_encoded_bytes()) else {
+        return;
+    };
+    // SAFETY: a valid NUL-terminated path.
+    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
 }
 
 pub fn mount_virtiofs(tag: &str, target: &str) -> Result<(), AgentError> {
@@ -216,5 +214,52 @@ impl VsockListener {
         }
         // SAFETY: accept4 returned a new fd that we now own.
         Ok(unsafe { File::from_raw_fd(fd) })
+    }
+}
+
+/// The sandbox's namespace holder (`bulkhead-agent --ns-holder`), started by the agent
+/// with its IPC, UTS (and PID) namespaces already unshared. It sets the hostname, makes
+/// the PID namespace's init when asked to, prints that init's pid (or 0) and sleeps
+/// until it is killed. It dies with the agent.
+pub fn ns_holder(pid_ns: bool, hostname: Option<&str>) -> ! {
+    use std::io::Write;
+    // SAFETY: prctl with integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+    if let Some(h) = hostname {
+        // SAFETY: the pointer and length describe a live byte slice.
+        if unsafe { libc::sethostname(h.as_ptr().cast(), h.len()) } != 0 {
+            crate::log(&format!("sethostname: {}", io::Error::last_os_error()));
+            std::process::exit(1);
+        }
+    }
+    let mut init = 0;
+    if pid_ns {
+        // SAFETY: this process has one thread (it was just exec'd), so the child may run
+        // arbitrary code after fork.
+        init = unsafe { libc::fork() };
+        if init < 0 {
+            crate::log(&format!("fork: {}", io::Error::last_os_error()));
+            std::process::exit(1);
+        }
+        if init == 0 {
+            // PID 1 of the pod's PID namespace: reap whatever is orphaned into it.
+            // SAFETY: prctl with integer arguments; waitpid with a valid pointer.
+            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+            loop {
+                let mut st = 0;
+                // SAFETY: as above.
+                if unsafe { libc::waitpid(-1, &mut st, 0) } < 0 {
+                    // SAFETY: pause takes no arguments.
+                    unsafe { libc::pause() };
+                }
+            }
+        }
+    }
+    let mut out = io::stdout();
+    let _ = writeln!(out, "{init}");
+    let _ = out.flush();
+    loop {
+        // SAFETY: pause takes no arguments.
+        unsafe { libc::pause() };
     }
 }
