@@ -1,0 +1,120 @@
+//! agent-api-tests: run the agent API test list against one agent.
+//!
+//!   agent-api-tests --host-mode AGENT_BIN            start AGENT_BIN in fresh namespaces
+//!   agent-api-tests --unix SOCK --rootfs DIR         an agent already on a unix socket
+//!   agent-api-tests --vsock SOCK [--port N] --rootfs DIR [--in-guest] [--block-rootfs DEV]
+//!                                                    an agent in a guest, via hybrid vsock
+//!   --filter SUBSTR                                  only cases whose name contains it
+//!
+//! Prints one line per case and `summary: N passed, N skipped, N failed`; exits 1 on any
+//! failure.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use bulkhead_agent_tests::cases::{self, Outcome};
+use bulkhead_agent_tests::hostmode::HostAgent;
+use bulkhead_agent_tests::{rootfs, Env};
+use bulkhead_protocol::client::Endpoint;
+use bulkhead_protocol::AGENT_VSOCK_PORT;
+
+fn value(args: &[String], flag: &str) -> Option<String> {
+    let i = args.iter().position(|a| a == flag)?;
+    args.get(i + 1).cloned()
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let filter = value(&args, "--filter").unwrap_or_default();
+    let mut host = None;
+    let mut _loop_dev = None;
+    let env = if let Some(agent) = value(&args, "--host-mode") {
+        let rootfs = rootfs::busybox_rootfs()?;
+        // The block-device rootfs case runs on a loop device where the host allows one.
+        let block = match rootfs::ext4_image(&rootfs).and_then(|img| rootfs::LoopDev::attach(&img))
+        {
+            Ok(d) => Some(d),
+            Err(e) => {
+                println!("note: no loop device for the block rootfs case: {e:#}");
+                None
+            }
+        };
+        let a = HostAgent::start(&PathBuf::from(agent)).context("host-mode agent")?;
+        let env = Env {
+            endpoint: a.endpoint(),
+            rootfs: rootfs.display().to_string(),
+            in_guest: false,
+            block_rootfs: block.as_ref().map(|d| d.0.clone()),
+        };
+        _loop_dev = block;
+        host = Some(a);
+        env
+    } else {
+        let rootfs = value(&args, "--rootfs").context("--rootfs DIR (as the agent sees it)")?;
+        let endpoint = if let Some(sock) = value(&args, "--unix") {
+            Endpoint::Unix(sock.into())
+        } else if let Some(sock) = value(&args, "--vsock") {
+            let port = match value(&args, "--port") {
+                Some(p) => p.parse().context("--port")?,
+                None => AGENT_VSOCK_PORT,
+            };
+            Endpoint::HybridVsock {
+                socket: sock.into(),
+                port,
+            }
+        } else {
+            bail!("one of --host-mode AGENT, --unix SOCK, --vsock SOCK");
+        };
+        Env {
+            endpoint,
+            rootfs,
+            in_guest: args.iter().any(|a| a == "--in-guest"),
+            block_rootfs: value(&args, "--block-rootfs"),
+        }
+    };
+
+    let (mut passed, mut skipped, mut failed) = (0, 0, 0);
+    for (name, case) in cases::all() {
+        if !name.contains(&filter) {
+            continue;
+        }
+        let t = Instant::now();
+        let r = case(&env);
+        let ms = t.elapsed().as_millis();
+        match r {
+            Ok(Outcome::Passed) => {
+                passed += 1;
+                println!("ok   {name} ({ms} ms)");
+            }
+            Ok(Outcome::Skipped(why)) => {
+                skipped += 1;
+                println!("skip {name}: {why}");
+            }
+            Err(e) => {
+                failed += 1;
+                println!("FAIL {name} ({ms} ms): {e:#}");
+                // Leave nothing behind for the next case.
+                if let Ok(mut c) = env.client() {
+                    for info in c.containers().unwrap_or_default() {
+                        let _ = c.delete(&info.id, true);
+                    }
+                    let _ = c.expect_ok(&bulkhead_protocol::Request::DestroySandbox);
+                }
+            }
+        }
+    }
+    if let Some(a) = host.as_mut() {
+        if !a.alive() {
+            failed += 1;
+            println!("FAIL agent_still_running: the agent exited\n{}", a.log());
+        } else if failed > 0 {
+            println!("--- agent log ---\n{}", a.log());
+        }
+    }
+    println!("summary: {passed} passed, {skipped} skipped, {failed} failed");
+    if failed > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
+}
