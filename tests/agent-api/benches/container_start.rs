@@ -29,7 +29,10 @@ fn private_cgroup2() -> Result<()> {
     };
     // SAFETY: unshare(CLONE_NEWNS) before any thread is started.
     if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
-        bail!("unshare mount namespace: {}", std::io::Error::last_os_error());
+        bail!(
+            "unshare mount namespace: {}",
+            std::io::Error::last_os_error()
+        );
     }
     sh("mount --make-rprivate / && (umount -l /sys/fs/cgroup 2>/dev/null || true) && mount -t cgroup2 none /sys/fs/cgroup")
 }
@@ -45,7 +48,10 @@ fn bench_spec(rootfs: &Path, id: &str) -> serde_json::Value {
 }
 
 fn run_peer(bin: &str, bundle: &Path, rootfs: &Path, id: &str) -> Result<Duration> {
-    std::fs::write(bundle.join("config.json"), bench_spec(rootfs, id).to_string())?;
+    std::fs::write(
+        bundle.join("config.json"),
+        bench_spec(rootfs, id).to_string(),
+    )?;
     let t = Instant::now();
     let st = Command::new(bin)
         .args(["--root", "/run/bulkhead-bench-state", "run", "--bundle"])
@@ -125,7 +131,12 @@ fn main() -> Result<()> {
 
     let mut peers: Vec<&str> = Vec::new();
     for p in ["runc", "crun"] {
-        if Command::new(p).arg("--version").stdout(Stdio::null()).status().is_ok() {
+        if Command::new(p)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok()
+        {
             peers.push(p);
         } else {
             println!("note: {p} not installed; left out");

@@ -5,6 +5,9 @@
 //!   agent-api-tests --vsock SOCK [--port N] --rootfs DIR [--in-guest] [--block-rootfs DEV]
 //!                                                    an agent in a guest, via hybrid vsock
 //!   --filter SUBSTR                                  only cases whose name contains it
+//!   --wait-agent SECS                                retry the first connection (guest booting)
+//!   --mount-virtiofs TAG:TARGET                      have the agent mount a share first
+//!   --shutdown                                       power the guest off at the end
 //!
 //! Prints one line per case and `summary: N passed, N skipped, N failed`; exits 1 on any
 //! failure.
@@ -74,6 +77,33 @@ fn main() -> Result<()> {
         }
     };
 
+    if let Some(secs) = value(&args, "--wait-agent") {
+        let deadline = Instant::now() + std::time::Duration::from_secs(secs.parse()?);
+        loop {
+            match env.client().and_then(|mut c| Ok(c.health()?)) {
+                Ok(h) => {
+                    println!(
+                        "agent up: {} protocol {} on {}",
+                        h.agent_version, h.protocol_version, h.kernel_release
+                    );
+                    break;
+                }
+                Err(e) if Instant::now() > deadline => {
+                    return Err(e.context("agent never answered"))
+                }
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(200)),
+            }
+        }
+    }
+    if let Some(m) = value(&args, "--mount-virtiofs") {
+        let (tag, target) = m.split_once(':').context("--mount-virtiofs TAG:TARGET")?;
+        env.client()?
+            .expect_ok(&bulkhead_protocol::Request::MountVirtiofs {
+                tag: tag.into(),
+                target: target.into(),
+            })?;
+    }
+
     let (mut passed, mut skipped, mut failed) = (0, 0, 0);
     for (name, case) in cases::all() {
         if !name.contains(&filter) {
@@ -113,6 +143,10 @@ fn main() -> Result<()> {
         }
     }
     println!("summary: {passed} passed, {skipped} skipped, {failed} failed");
+    if args.iter().any(|a| a == "--shutdown") {
+        env.client()?
+            .expect_ok(&bulkhead_protocol::Request::Shutdown)?;
+    }
     if failed > 0 {
         std::process::exit(1);
     }
