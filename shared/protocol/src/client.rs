@@ -204,6 +204,11 @@ impl<S: Read + Write> AgentClient<S> {
         }
     }
 
+    /// The underlying stream (to set a timeout on it, say).
+    pub fn get_ref(&self) -> &S {
+        &self.stream
+    }
+
     /// The stream, for a connection that has become a stdio stream.
     pub fn into_inner(self) -> S {
         self.stream

@@ -353,6 +353,71 @@ mod tests {
     }
 
     #[test]
+    fn round_trip_container_calls_and_answers() {
+        let reqs = [
+            Request::CreateSandbox(SandboxConfig {
+                hostname: Some("pod".into()),
+                share_pid: true,
+            }),
+            Request::CreateContainer(CreateContainer {
+                id: "c1".into(),
+                spec_json: "{}".into(),
+                rootfs: Rootfs::Block {
+                    device: "/dev/vdb".into(),
+                    fstype: "erofs".into(),
+                    readonly: true,
+                },
+                stdin: true,
+            }),
+            Request::Signal {
+                id: "c1".into(),
+                exec_id: Some("e".into()),
+                signal: 15,
+                all: false,
+            },
+            Request::AttachStdio {
+                id: "c1".into(),
+                exec_id: None,
+                stream: StdioStream::Stderr,
+            },
+            Request::SetTime {
+                unix_nanos: u64::MAX,
+            },
+            Request::ListContainers,
+        ];
+        for r in reqs {
+            assert_eq!(decode::<Request>(&encode(&r).unwrap()).unwrap(), r);
+        }
+        let resps = [
+            Response::Exited(ExitStatus {
+                code: 137,
+                signal: Some(9),
+            }),
+            Response::Stats(ContainerStats {
+                memory_current: Some(1),
+                ..Default::default()
+            }),
+            Response::Containers(vec![ContainerInfo {
+                id: "c1".into(),
+                state: ContainerState::Paused,
+                pid: Some(7),
+            }]),
+        ];
+        for r in resps {
+            assert_eq!(decode::<Response>(&encode(&r).unwrap()).unwrap(), r);
+        }
+    }
+
+    #[test]
+    fn protocol_1_encodings_are_unchanged() {
+        // Variant indices of protocol 1 requests must never move.
+        assert_eq!(encode(&Request::Health).unwrap(), [0]);
+        assert_eq!(encode(&Request::Shutdown).unwrap(), [3]);
+        assert_eq!(encode(&Request::GuestDetails).unwrap(), [4]);
+        assert_eq!(encode(&Response::Ok).unwrap(), [2]);
+    }
+
+    #[test]
     fn trailing_bytes_are_rejected() {
         let mut bytes = encode(&Request::Health).unwrap();
         bytes.push(0);
