@@ -92,8 +92,16 @@ fn main() {
 
     let boot = Instant::now();
     let pid1 = std::process::id() == 1;
+    if pid1 && !args.iter().any(|a| a == "--switched") {
+        if let Err(e) = sys::switch_root_to_tmpfs(&args) {
+            log(&format!(
+                "cannot move the root to a tmpfs: {e}; containers cannot pivot_root"
+            ));
+        }
+    }
     if pid1 {
         sys::early_mounts();
+        sys::enable_cgroup_controllers();
         // A panic must at least say where it happened before the kernel panics.
         std::panic::set_hook(Box::new(|info| log(&format!("panic: {info}"))));
     }

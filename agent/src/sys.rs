@@ -60,6 +60,23 @@ pub fn early_mounts() {
             libc::MS_NOSUID | libc::MS_NODEV,
             "",
         ),
+        // Containers: the cgroup v2 tree (the only hierarchy: every controller is in it),
+        // terminals, POSIX shared memory.
+        ("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid, "nsdelegate"),
+        (
+            "devpts",
+            "/dev/pts",
+            "devpts",
+            libc::MS_NOSUID | libc::MS_NOEXEC,
+            "newinstance,ptmxmode=0666,mode=0620",
+        ),
+        (
+            "tmpfs",
+            "/dev/shm",
+            "tmpfs",
+            libc::MS_NOSUID | libc::MS_NODEV,
+            "mode=1777",
+        ),
     ] {
         let _ = std::fs::create_dir_all(target);
         if let Err(e) = mount(src, target, fstype, flags, data) {
@@ -68,6 +85,78 @@ pub fn early_mounts() {
             }
         }
     }
+}
+
+/// Hand the cgroup controllers down to the agent's container cgroups.
+pub fn enable_cgroup_controllers() {
+    for c in ["cpu", "memory", "pids", "io", "cpuset"] {
+        if let Err(e) = std::fs::write("/sys/fs/cgroup/cgroup.subtree_control", format!("+{c}")) {
+            crate::log(&format!("cgroup controller {c}: {e}"));
+        }
+    }
+}
+
+/// The initramfs root cannot be `pivot_root`ed away from, and every container start
+/// pivots. So, like switch_root: copy the initramfs into a tmpfs, empty the old root
+/// (freeing its memory), move the tmpfs over `/`, chroot into it and re-exec `/init`
+/// with `--switched`. Returns only on failure (then the agent carries on where it is,
+/// and container creation reports the pivot_root error).
+pub fn switch_root_to_tmpfs(args: &[String]) -> io::Result<()> {
+    const NEW: &str = "/.bulkhead-root";
+    std::fs::create_dir_all(NEW)?;
+    mount("tmpfs", NEW, "tmpfs", 0, "mode=0755")?;
+    for entry in std::fs::read_dir("/")? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name == ".bulkhead-root" {
+            continue;
+        }
+        let from = entry.path();
+        copy_tree(&from, &std::path::Path::new(NEW).join(&name))?;
+        // Free the initramfs copy as we go (a symlink or file; a directory recursively).
+        if entry.file_type()?.is_dir() {
+            let _ = std::fs::remove_dir_all(&from);
+        } else {
+            let _ = std::fs::remove_file(&from);
+        }
+    }
+    std::env::set_current_dir(NEW)?;
+    mount(".", "/", "", libc::MS_MOVE, "")?;
+    let dot = CString::new(".").map_err(io::Error::other)?;
+    // SAFETY: a valid NUL-terminated path.
+    if unsafe { libc::chroot(dot.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    std::env::set_current_dir("/")?;
+    use std::os::unix::process::CommandExt;
+    let err = std::process::Command::new("/init")
+        .args(args.iter().skip(1))
+        .arg("--switched")
+        .exec();
+    Err(err)
+}
+
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::symlink_metadata(from)?;
+    let ft = meta.file_type();
+    if ft.is_symlink() {
+        std::os::unix::fs::symlink(std::fs::read_link(from)?, to)?;
+    } else if ft.is_dir() {
+        std::fs::create_dir_all(to)?;
+        for e in std::fs::read_dir(from)? {
+            let e = e?;
+            copy_tree(&e.path(), &to.join(e.file_name()))?;
+        }
+        std::fs::set_permissions(
+            to,
+            std::fs::Permissions::from_mode(meta.permissions().mode()),
+        )?;
+    } else if ft.is_file() {
+        std::fs::copy(from, to)?;
+    }
+    // Device nodes in the initramfs (/dev/console, /dev/null) are replaced by devtmpfs.
+    Ok(())
 }
 
 /// Load every module listed (one path per line) in order; a missing list loads nothing.

@@ -35,7 +35,7 @@ def tsc_khz():
 
 def release_bins():
     out = os.path.join(ROOT, "target", "release")
-    bins = {b: os.path.join(out, b) for b in ("bulkhead-vmm", "bulkhead", "bulkhead-agent")}
+    bins = {b: os.path.join(out, b) for b in ("bulkhead-vmm", "bulkhead", "bulkhead-agent", "agent-api-tests")}
     for b, p in bins.items():
         if not os.path.exists(p):
             sys.exit(f"nested: {p} missing: run cargo build --release first")
@@ -70,6 +70,22 @@ def copy_with_libs(root, binary, dest):
             shutil.copy(lib, d)
 
 
+def busybox_rootfs(dest):
+    """The same layout as tests/agent-api/src/rootfs.rs builds on the host."""
+    busybox = "/bin/busybox"
+    for d in ("bin", "etc", "proc", "sys", "dev", "tmp", "root", "run", "var"):
+        os.makedirs(os.path.join(dest, d), exist_ok=True)
+    shutil.copy(busybox, os.path.join(dest, "bin", "busybox"))
+    applets = subprocess.run([busybox, "--list"], capture_output=True, text=True, check=True).stdout.split()
+    for a in applets:
+        if a != "busybox" and "/" not in a:
+            os.symlink("busybox", os.path.join(dest, "bin", a))
+    os.symlink("bin", os.path.join(dest, "sbin"))
+    open(os.path.join(dest, "etc", "passwd"), "w").write(
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n")
+    open(os.path.join(dest, "etc", "group"), "w").write("root:x:0:\nnogroup:x:65534:\n")
+
+
 def l1_initramfs(guest_dir, bins, with_qemu, workdir):
     """Build L1's initramfs; cached under .cache/nested by the hash of its inputs."""
     deb = build.fetch_deb(os.path.join(ROOT, ".cache"))
@@ -87,8 +103,14 @@ def l1_initramfs(guest_dir, bins, with_qemu, workdir):
         os.makedirs(os.path.join(root, d), exist_ok=True)
     busybox = shutil.which("busybox") or "/bin/busybox"
     shutil.copy(busybox, os.path.join(root, "bin", "busybox"))
-    for b in ("bulkhead-vmm", "bulkhead"):
+    for b in ("bulkhead-vmm", "bulkhead", "agent-api-tests"):
         copy_with_libs(root, bins[b], f"/opt/bulkhead/{b}")
+    # The agent API list's busybox rootfs: shared into the guest over virtio-fs, and as
+    # an ext4 image on a virtio-blk disk for the block-rootfs case.
+    rootfs = os.path.join(root, "opt", "share", "rootfs")
+    busybox_rootfs(rootfs)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", rootfs, os.path.join(root, "opt", "data", "rootfs.ext4"), "16M"],
+                   check=True)
     copy_with_libs(root, find_virtiofsd(), "/opt/bulkhead/virtiofsd")
     for f in ("vmlinux", "bzImage", "initramfs.cpio.gz"):
         shutil.copy(os.path.join(guest_dir, f), os.path.join(root, "opt", "guest", f))
@@ -167,11 +189,19 @@ def run_l1(l1_initrd, vmlinux, script, timeout, mem_mib=1536):
                "-kernel", vmlinux, "-initrd", combined,
                "-append", f"console=ttyS0 quiet panic=-1 tsc_early_khz={tsc_khz()} rdinit=/init"]
         t0 = time.monotonic()
-        try:
-            r = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout)
-            out = r.stdout + r.stderr
-        except subprocess.TimeoutExpired as e:
-            out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        # L1's console goes to a file as it runs, so a slow or stuck run can be watched.
+        live = os.environ.get("BULKHEAD_NESTED_LOG", os.path.join(tempfile.gettempdir(), "bulkhead-nested-l1.log"))
+        with open(live, "w") as lf:
+            p = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT)
+            try:
+                p.wait(timeout=timeout)
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+                timed_out = True
+        out = open(live, errors="replace").read()
+        if timed_out:
             out += f"\nNESTED-TIMEOUT after {timeout}s\n"
         return out, time.monotonic() - t0
 
@@ -192,14 +222,29 @@ bulkhead probe --socket /tmp/v.sock --timeout 240 --mount share:/mnt/share \
 rc=$?
 echo "NESTED-CASE pvh-vmlinux rc=$rc"
 # The 64-bit bzImage path, two vCPUs, more memory, the virtio console.
-bulkhead probe --socket /tmp/v.sock --timeout 240 --read /sys/class/tty/hvc0/dev:229 --shutdown \
+timeout 300 bulkhead probe --socket /tmp/v.sock --timeout 240 --read /sys/class/tty/hvc0/dev:229 --shutdown \
   -- env VMMCMD2 --console /tmp/l2-hvc.log >/tmp/case2.log 2>&1
 rc2=$?
 cat /tmp/case2.log
 grep -q "cpus=2 " /tmp/case2.log || rc2=1
 echo "NESTED-CASE bzimage-2cpu rc=$rc2"
 [ $rc2 = 0 ] || rc=1
+# The agent API list inside the guest: rootfs over virtio-fs, the ext4 copy on virtio-blk.
+virtiofsd --socket-path=/tmp/fs3.sock --shared-dir=/opt/share --sandbox=none --cache=never >/tmp/virtiofsd3.log 2>&1 &
+for i in $(seq 1 100); do [ -S /tmp/fs3.sock ] && break; sleep 0.1; done
+rm -f /tmp/v.sock
+VMMCMD3 --fs tag=share,socket=/tmp/fs3.sock --disk path=/opt/data/rootfs.ext4,readonly >/tmp/vmm3.log 2>&1 &
+timeout 300 agent-api-tests --vsock /tmp/v.sock --wait-agent 240 --mount-virtiofs share:/run/bulkhead/shared \
+  --rootfs /run/bulkhead/shared/rootfs --bench BENCHRUNS 2>&1 | sed 's/^/API /'
+timeout 500 agent-api-tests --vsock /tmp/v.sock \
+  --rootfs /run/bulkhead/shared/rootfs --in-guest --block-rootfs /dev/vda --shutdown >/tmp/api.log 2>&1
+rc3=$?
+sed 's/^/API /' /tmp/api.log
+wait
+if [ $rc3 != 0 ] || [ -n "$VERBOSE" ]; then echo "--- L2 serial (agent API)"; tail -60 /tmp/l2-serial3.log; tail -20 /tmp/vmm3.log; fi
+echo "NESTED-CASE agent-api"
 if [ $rc != 0 ] || [ -n "$VERBOSE" ]; then echo "--- L2 serial"; cat /tmp/l2-serial.log; echo "--- virtiofsd"; cat /tmp/virtiofsd.log; fi
+kill %1 %2 %3 2>/dev/null
 exit $rc
 """
 
@@ -232,10 +277,16 @@ def cmd_test(args, demo=False):
         l1, vmlinux = l1_initramfs(guest, bins, False, w)
         script = TEST_SCRIPT.replace("VMMCMD2", vmm_cmd(verbose=args.verbose).replace(
             "/opt/guest/vmlinux", "/opt/guest/bzImage").replace("--cpus 1 --memory 256", "--cpus 2 --memory 512"))
-        script = script.replace("VMMCMD", vmm_cmd(verbose=args.verbose))
+        script = script.replace("VMMCMD3", vmm_cmd(verbose=args.verbose).replace(
+            "--memory 256", "--memory 512").replace("/tmp/l2-serial.log", "/tmp/l2-serial3.log"))
+        script = script.replace("VMMCMD", vmm_cmd(verbose=args.verbose)).replace("BENCHRUNS", "21")
         log("booting L1 under QEMU TCG; bulkhead-vmm runs in it on kvm-amd")
         out, secs = run_l1(l1, vmlinux, script, args.timeout)
-    ok = "NESTED-EXIT 0" in out
+    api = re.findall(r"^API (.*)$", out, re.M)
+    for line in api:
+        print(f"in guest: {line}")
+    api_ok = any(re.match(r"summary: \d+ passed, \d+ skipped, 0 failed", l) for l in api)
+    ok = "NESTED-EXIT 0" in out and api_ok
     kvm_line = re.search(r"^NESTED-KVM (.*)$", out, re.M)
     if demo or not ok:
         print(f"host /dev/kvm cannot boot a stock kernel here; bulkhead-vmm ran inside a nested node "

@@ -15,9 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use bulkhead_agent_tests::hostmode::HostAgent;
-use bulkhead_agent_tests::{rootfs, spec, TIMEOUT};
-use bulkhead_protocol::{CreateContainer, Rootfs};
-use serde_json::json;
+use bulkhead_agent_tests::{bench_once, bench_spec, median, rootfs};
 
 fn private_cgroup2() -> Result<()> {
     let sh = |script: &str| -> Result<()> {
@@ -37,20 +35,10 @@ fn private_cgroup2() -> Result<()> {
     sh("mount --make-rprivate / && (umount -l /sys/fs/cgroup 2>/dev/null || true) && mount -t cgroup2 none /sys/fs/cgroup")
 }
 
-fn bench_spec(rootfs: &Path, id: &str) -> serde_json::Value {
-    let mut s = spec(&["/bin/true"]);
-    s["root"] = json!({"path": rootfs, "readonly": true});
-    s["linux"]["namespaces"] = json!([
-        {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}
-    ]);
-    s["linux"]["cgroupsPath"] = json!(format!("/bulkhead-bench/{id}"));
-    s
-}
-
 fn run_peer(bin: &str, bundle: &Path, rootfs: &Path, id: &str) -> Result<Duration> {
     std::fs::write(
         bundle.join("config.json"),
-        bench_spec(rootfs, id).to_string(),
+        bench_spec(&rootfs.display().to_string(), id).to_string(),
     )?;
     let t = Instant::now();
     let st = Command::new(bin)
@@ -65,38 +53,6 @@ fn run_peer(bin: &str, bundle: &Path, rootfs: &Path, id: &str) -> Result<Duratio
         bail!("{bin} run {id}: {st}");
     }
     Ok(d)
-}
-
-fn run_agent(a: &HostAgent, rootfs: &Path, id: &str) -> Result<Duration> {
-    let ep = a.endpoint();
-    let spec_json = bench_spec(rootfs, id).to_string();
-    let t = Instant::now();
-    let mut c = ep.client(TIMEOUT)?;
-    let mut w = ep.client(TIMEOUT)?;
-    c.create_container(CreateContainer {
-        id: id.into(),
-        spec_json,
-        rootfs: Rootfs::Path(rootfs.display().to_string()),
-        stdin: false,
-    })?;
-    c.start(id)?;
-    let st = w.wait(id, None)?;
-    c.delete(id, false)?;
-    let d = t.elapsed();
-    if st.code != 0 {
-        bail!("agent run {id}: {st:?}");
-    }
-    Ok(d)
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 fn main() -> Result<()> {
@@ -147,12 +103,13 @@ fn main() -> Result<()> {
         samples.push(((*p).into(), vec![]));
     }
     // Warm-up (page cache, first cgroup creation), not counted.
-    run_agent(&agent, &rootfs, "warm-agent")?;
+    let rootfs_s = rootfs.display().to_string();
+    bench_once(&agent.endpoint(), &rootfs_s, "warm-agent")?;
     for p in &peers {
         run_peer(p, &bundle, &rootfs, &format!("warm-{p}"))?;
     }
     for i in 0..runs {
-        let d = run_agent(&agent, &rootfs, &format!("a{i}"))?;
+        let d = bench_once(&agent.endpoint(), &rootfs_s, &format!("a{i}"))?;
         samples[0].1.push(d.as_secs_f64() * 1e3);
         for (k, p) in peers.iter().enumerate() {
             let d = run_peer(p, &bundle, &rootfs, &format!("{p}{i}"))?;

@@ -484,8 +484,15 @@ fn pause_resume_ps_stats(env: &Env) -> Result<Outcome> {
         false,
     ))?;
     c.start(id)?;
-    std::thread::sleep(Duration::from_millis(200));
-    let ps = c.processes(id)?;
+    // The shell forks its children soon after start; a slow guest takes a while.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let ps = loop {
+        let ps = c.processes(id)?;
+        if ps.len() >= 2 || Instant::now() > deadline {
+            break ps;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     ensure!(ps.contains(&pid) && ps.len() >= 2, "ps {ps:?} (init {pid})");
     let state = |c: &mut bulkhead_protocol::client::AgentClient<_>| -> Result<ContainerState> {
         let l = c.containers()?;
@@ -626,15 +633,18 @@ fn update_and_oom(env: &Env) -> Result<Outcome> {
     let id = "t-oom";
     let mut c = env.client()?;
     let ep = env.endpoint.clone();
-    let oom_waiter = std::thread::spawn(move || ep.client(TIMEOUT).and_then(|mut c| c.wait_oom()));
-    let s = with_tmpfs(
-        spec(&[
-            "sh",
-            "-c",
-            "sleep 0.5; head -c 200M /dev/zero > /scratch/fill; echo survived",
-        ]),
-        "/scratch",
-    );
+    let oom_waiter = std::thread::spawn(move || -> Result<String> {
+        let mut c = ep.client(TIMEOUT)?;
+        c.get_ref()
+            .set_read_timeout(Some(Duration::from_secs(120)))?;
+        Ok(c.wait_oom()?)
+    });
+    // The shell holds 96 MiB in a variable: anonymous memory, over a 32 MiB limit.
+    let s = spec(&[
+        "sh",
+        "-c",
+        "x=$(head -c 100663296 /dev/zero | tr '\\0' a); echo survived ${#x}",
+    ]);
     c.create_container(create_req(env, id, &s, false))?;
     c.expect_ok(&Request::Update {
         id: id.into(),
@@ -647,16 +657,28 @@ fn update_and_oom(env: &Env) -> Result<Outcome> {
         "limit {:?}",
         st.memory_limit
     );
+    let out = collect(
+        env.endpoint
+            .attach(id, None, StdioStream::Stdout, TIMEOUT)?,
+    );
     c.start(id)?;
-    let exit = env.client()?.wait(id, None)?;
+    let mut w = env.client()?;
+    w.get_ref()
+        .set_read_timeout(Some(Duration::from_secs(120)))?;
+    let exit = w
+        .wait(id, None)
+        .context("wait for the OOM-killed container")?;
     let oom_id = oom_waiter
         .join()
-        .map_err(|_| anyhow::anyhow!("oom waiter panicked"))??;
+        .map_err(|_| anyhow::anyhow!("oom waiter panicked"))?
+        .context("OOM event")?;
+    let text = String::from_utf8_lossy(&out.join().unwrap_or_default()).into_owned();
     ensure!(oom_id == id, "oom event for {oom_id}");
     ensure!(
-        exit.signal == Some(libc::SIGKILL) || exit.code != 0,
-        "{exit:?}"
+        !text.contains("survived"),
+        "the hog was not stopped: {text:?}"
     );
+    ensure!(exit.code != 0, "{exit:?}");
     c.delete(id, true)?;
     Ok(Passed)
 }

@@ -126,3 +126,52 @@ pub fn expect_success(o: &Output) -> Result<()> {
     }
     Ok(())
 }
+
+/// The benchmark's spec: `/bin/true` on `rootfs`, no network namespace (the agent never
+/// makes one), a cgroup of its own.
+pub fn bench_spec(rootfs: &str, id: &str) -> Value {
+    let mut s = spec(&["/bin/true"]);
+    s["root"] = json!({"path": rootfs, "readonly": true});
+    s["linux"]["namespaces"] = json!([
+        {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}
+    ]);
+    s["linux"]["cgroupsPath"] = json!(format!("/bulkhead-bench/{id}"));
+    s
+}
+
+/// One benchmark iteration through the agent: create, start, wait (on a second
+/// connection, as a shim would), delete. Returns the wall time.
+pub fn bench_once(ep: &Endpoint, rootfs: &str, id: &str) -> Result<Duration> {
+    let spec_json = bench_spec(rootfs, id).to_string();
+    let t = std::time::Instant::now();
+    let mut c = ep.client(TIMEOUT)?;
+    let mut w = ep.client(TIMEOUT)?;
+    c.create_container(CreateContainer {
+        id: id.into(),
+        spec_json,
+        rootfs: Rootfs::Path(rootfs.into()),
+        stdin: false,
+    })?;
+    c.start(id)?;
+    let st = w.wait(id, None)?;
+    c.delete(id, false)?;
+    let d = t.elapsed();
+    if st.code != 0 {
+        bail!("agent run {id}: {st:?}");
+    }
+    Ok(d)
+}
+
+/// Median of a sample (sorts it).
+pub fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}

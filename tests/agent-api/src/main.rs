@@ -7,6 +7,8 @@
 //!   --filter SUBSTR                                  only cases whose name contains it
 //!   --wait-agent SECS                                retry the first connection (guest booting)
 //!   --mount-virtiofs TAG:TARGET                      have the agent mount a share first
+//!   --bench N                                        instead of the cases: N container
+//!                                                    create+start+wait(/bin/true)+delete runs
 //!   --shutdown                                       power the guest off at the end
 //!
 //! Prints one line per case and `summary: N passed, N skipped, N failed`; exits 1 on any
@@ -102,6 +104,28 @@ fn main() -> Result<()> {
                 tag: tag.into(),
                 target: target.into(),
             })?;
+    }
+
+    if let Some(n) = value(&args, "--bench") {
+        let n: usize = n.parse().context("--bench N")?;
+        anyhow::ensure!(n > 0, "--bench N needs N > 0");
+        bulkhead_agent_tests::bench_once(&env.endpoint, &env.rootfs, "warm")?;
+        let mut v = Vec::with_capacity(n);
+        for i in 0..n {
+            let d = bulkhead_agent_tests::bench_once(&env.endpoint, &env.rootfs, &format!("b{i}"))?;
+            v.push(d.as_secs_f64() * 1e3);
+        }
+        let m = bulkhead_agent_tests::median(&mut v);
+        println!(
+            "bench: container create+start+wait(/bin/true)+delete via the agent, {n} runs: median {m:.2} ms, min {:.2}, max {:.2}",
+            v[0],
+            v[n - 1]
+        );
+        if args.iter().any(|a| a == "--shutdown") {
+            env.client()?
+                .expect_ok(&bulkhead_protocol::Request::Shutdown)?;
+        }
+        return Ok(());
     }
 
     let (mut passed, mut skipped, mut failed) = (0, 0, 0);
