@@ -4,6 +4,7 @@
 //! has only the core files.
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use bulkhead_protocol::ContainerStats;
 
@@ -59,6 +60,43 @@ pub fn oom_kills(dir: &Path) -> Option<u64> {
     keyed(&read(dir, "memory.events")?, "oom_kill")
 }
 
+/// Whether any process is left in the cgroup (or below it). A cgroup that is gone is
+/// empty.
+pub fn populated(dir: &Path) -> bool {
+    match read(dir, "cgroup.events") {
+        Some(t) => keyed(&t, "populated") != Some(0),
+        None => dir.exists(),
+    }
+}
+
+/// SIGKILLs everything in the cgroup (frozen tasks die too) and waits until it is
+/// empty, so that removing the directory cannot fail on a slow guest. Returns whether
+/// it emptied within `timeout`.
+pub fn kill_all(dir: &Path, timeout: Duration) -> bool {
+    if !populated(dir) {
+        return true;
+    }
+    if std::fs::write(dir.join("cgroup.kill"), "1").is_err() {
+        // Kernels before 5.14 have no cgroup.kill.
+        for pid in read(dir, "cgroup.procs").unwrap_or_default().lines() {
+            if let Ok(pid) = pid.trim().parse::<i32>() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+    let deadline = Instant::now() + timeout;
+    while populated(dir) {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,5 +131,21 @@ mod tests {
         assert_eq!(s.pids_current, None);
         assert_eq!((s.io_read_bytes, s.io_write_bytes), (Some(101), Some(22)));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn populated_follows_cgroup_events() {
+        let dir = std::env::temp_dir().join(format!("bh-cg-ev-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("cgroup.events"), "populated 1\nfrozen 0\n").unwrap();
+        assert!(populated(&dir));
+        // Nothing to kill in a fake cgroup: the wait gives up at its deadline.
+        assert!(!kill_all(&dir, Duration::from_millis(30)));
+        std::fs::write(dir.join("cgroup.events"), "populated 0\nfrozen 0\n").unwrap();
+        assert!(!populated(&dir));
+        assert!(kill_all(&dir, Duration::from_secs(5)));
+        std::fs::remove_dir_all(&dir).unwrap();
+        // A cgroup that is gone is empty.
+        assert!(!populated(&dir));
     }
 }

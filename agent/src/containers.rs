@@ -34,6 +34,8 @@ const CGROUP_PARENT: &str = "bulkhead";
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 /// Most containers, and execs per container, one agent keeps.
 const MAX_CONTAINERS: usize = 1024;
+/// How long a delete waits for SIGKILLed processes to leave their cgroup.
+const KILL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 const MAX_EXECS: usize = 1024;
 /// OOM kills queued for [`Runtime::wait_oom`] before the oldest are dropped.
 const MAX_OOM_QUEUE: usize = 256;
@@ -244,16 +246,26 @@ impl Runtime {
 
     pub fn destroy_sandbox(&self) -> Result<(), AgentError> {
         let ids: Vec<String> = self.tables().containers.keys().cloned().collect();
+        let mut failed = Vec::new();
         for id in ids {
             if let Err(e) = self.delete(&id, true) {
                 crate::log(&format!("destroy sandbox: delete {id}: {e}"));
+                failed.push(format!("{id}: {e}"));
             }
         }
         let sb = self.tables().sandbox.take();
         match sb {
             Some(mut sb) => {
                 let _ = sb.holder.kill();
-                Ok(())
+                if failed.is_empty() {
+                    Ok(())
+                } else {
+                    // The sandbox is gone either way; the caller learns what is left.
+                    Err(AgentError::Runtime(format!(
+                        "sandbox destroyed, containers not deleted: {}",
+                        failed.join("; ")
+                    )))
+                }
             }
             None => Err(AgentError::NotFound("sandbox".into())),
         }
@@ -648,6 +660,11 @@ impl Runtime {
                         return Err(AgentError::FailedPrecondition(format!(
                             "container {id} is running; stop it or delete with force"
                         )));
+                    }
+                    // libcontainer gives the kill about 100 ms before it gives up on
+                    // removing the cgroup; a loaded TCG guest needs longer.
+                    if !crate::cgroupfs::kill_all(&Self::cgroup_dir(id), KILL_TIMEOUT) {
+                        crate::log(&format!("delete {id}: cgroup not empty after SIGKILL"));
                     }
                     c.delete(true).map_err(runtime_err)?;
                 }
