@@ -237,7 +237,8 @@ VMMCMD3 --fs tag=share,socket=/tmp/fs3.sock --disk path=/opt/data/rootfs.ext4,re
 timeout 300 agent-api-tests --vsock /tmp/v.sock --wait-agent 240 --mount-virtiofs share:/run/bulkhead/shared \
   --rootfs /run/bulkhead/shared/rootfs --bench BENCHRUNS 2>&1 | sed 's/^/API /'
 timeout 500 agent-api-tests --vsock /tmp/v.sock \
-  --rootfs /run/bulkhead/shared/rootfs --in-guest --block-rootfs /dev/vda --shutdown >/tmp/api.log 2>&1
+  --rootfs /run/bulkhead/shared/rootfs --in-guest --block-rootfs /dev/vda --share /opt/share:/run/bulkhead/shared \
+  --shutdown >/tmp/api.log 2>&1
 rc3=$?
 sed 's/^/API /' /tmp/api.log
 wait

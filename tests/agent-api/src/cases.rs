@@ -42,6 +42,8 @@ pub fn all() -> Vec<(&'static str, Case)> {
         ("delete_rules", delete_rules),
         ("update_memory_limit_and_oom", update_and_oom),
         ("block_rootfs", block_rootfs),
+        ("writes_reach_host_directory", writes_reach_host),
+        ("set_time", set_time),
         ("bad_input_typed_errors", bad_input_typed_errors),
         ("oversized_and_garbage_frames", oversized_and_garbage_frames),
     ]
@@ -639,21 +641,21 @@ fn update_and_oom(env: &Env) -> Result<Outcome> {
             .set_read_timeout(Some(Duration::from_secs(120)))?;
         Ok(c.wait_oom()?)
     });
-    // The shell holds 96 MiB in a variable: anonymous memory, over a 32 MiB limit.
+    // The shell holds 64 MiB in a variable: anonymous memory, four times the limit.
+    const LIMIT: u64 = 16 << 20;
     let s = spec(&[
         "sh",
         "-c",
-        "x=$(head -c 100663296 /dev/zero | tr '\\0' a); echo survived ${#x}",
+        "x=$(head -c 67108864 /dev/zero | tr '\\0' a); echo survived ${#x}",
     ]);
     c.create_container(create_req(env, id, &s, false))?;
     c.expect_ok(&Request::Update {
         id: id.into(),
-        resources_json: json!({"memory": {"limit": 32 * 1024 * 1024, "swap": 32 * 1024 * 1024}})
-            .to_string(),
+        resources_json: json!({"memory": {"limit": LIMIT, "swap": LIMIT}}).to_string(),
     })?;
     let st = c.stats(id)?;
     ensure!(
-        st.memory_limit == Some(32 << 20),
+        st.memory_limit == Some(LIMIT),
         "limit {:?}",
         st.memory_limit
     );
@@ -710,6 +712,95 @@ fn block_rootfs(env: &Env) -> Result<Outcome> {
     let text = String::from_utf8(out.join().unwrap_or_default())?;
     ensure!(st.code == 0 && text.starts_with("root:"), "{st:?} {text:?}");
     c.delete(id, false)?;
+    Ok(Passed)
+}
+
+fn writes_reach_host(env: &Env) -> Result<Outcome> {
+    let Some((host, agent_path)) = &env.share else {
+        return Ok(Skipped(
+            "no writable host directory shared with the agent".into(),
+        ));
+    };
+    // A rootfs and a volume (a bind mount in the spec), both host directories: what the
+    // container writes must land there.
+    let tag = format!("w{}", std::process::id());
+    let host_root = host.join(&tag).join("rootfs");
+    let host_vol = host.join(&tag).join("vol");
+    std::fs::create_dir_all(&host_vol)?;
+    let src = std::path::Path::new(&env.rootfs);
+    // The busybox rootfs is the agent's path; in host mode it is also ours. In a guest the
+    // harness shares a copy, so build a tiny writable rootfs from ours when we can see it.
+    let copy = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(if src.exists() {
+            src.to_path_buf()
+        } else {
+            host.join("rootfs")
+        })
+        .arg(&host_root)
+        .status()?;
+    ensure!(copy.success(), "cp -a rootfs");
+    let agent_dir = format!("{agent_path}/{tag}");
+    let mut s = spec(&[
+        "sh",
+        "-c",
+        "echo from-rootfs > /written; echo from-volume > /data/written",
+    ]);
+    s["root"]["readonly"] = json!(false);
+    s["mounts"].as_array_mut().context("mounts")?.push(json!({
+        "destination": "/data", "type": "bind", "source": format!("{agent_dir}/vol"),
+        "options": ["rbind", "rw"]
+    }));
+    let mut c = env.client()?;
+    let mut req = create_req(env, "t-write", &s, false);
+    req.rootfs = Rootfs::Path(format!("{agent_dir}/rootfs"));
+    c.create_container(req)?;
+    c.start("t-write")?;
+    let st = env.client()?.wait("t-write", None)?;
+    c.delete("t-write", false)?;
+    let root_file = std::fs::read_to_string(host_root.join("written")).unwrap_or_default();
+    let vol_file = std::fs::read_to_string(host_vol.join("written")).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(host.join(&tag));
+    ensure!(st.code == 0, "{st:?}");
+    ensure!(
+        root_file == "from-rootfs\n",
+        "rootfs write on host: {root_file:?}"
+    );
+    ensure!(
+        vol_file == "from-volume\n",
+        "volume write on host: {vol_file:?}"
+    );
+    Ok(Passed)
+}
+
+fn set_time(env: &Env) -> Result<Outcome> {
+    let mut c = env.client()?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+    let target = now + Duration::from_secs(3 * 86_400);
+    let r = c.expect_ok(&Request::SetTime {
+        unix_nanos: target.as_nanos() as u64,
+    });
+    if !env.in_guest {
+        // Host mode must refuse: it would set this machine's clock.
+        let e = agent_err(r)?;
+        ensure!(matches!(e, AgentError::Unsupported(_)), "{e:?}");
+        return Ok(Passed);
+    }
+    r?;
+    let o = run_container(env, "t-time", &spec(&["date", "+%s"]), None)?;
+    expect_success(&o)?;
+    let seen: u64 = o.stdout.trim().parse().context("date output")?;
+    let want = target.as_secs();
+    ensure!(
+        seen.abs_diff(want) < 120,
+        "guest clock {seen}, set to {want}"
+    );
+    // Put it back for what follows.
+    c.expect_ok(&Request::SetTime {
+        unix_nanos: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_nanos() as u64,
+    })?;
     Ok(Passed)
 }
 

@@ -24,6 +24,9 @@ pub struct Env {
     pub in_guest: bool,
     /// A block device holding an ext4 copy of the rootfs, as the agent sees it.
     pub block_rootfs: Option<String>,
+    /// A writable host directory and the path the agent sees it at (the same path in
+    /// host mode; a virtio-fs share in a guest). Writes through one must show in the other.
+    pub share: Option<(std::path::PathBuf, String)>,
 }
 
 pub const TIMEOUT: Duration = Duration::from_secs(30);

@@ -4,6 +4,7 @@
 //!   agent-api-tests --unix SOCK --rootfs DIR         an agent already on a unix socket
 //!   agent-api-tests --vsock SOCK [--port N] --rootfs DIR [--in-guest] [--block-rootfs DEV]
 //!                                                    an agent in a guest, via hybrid vsock
+//!   --share HOSTDIR:AGENTDIR                         a writable host dir the agent sees at AGENTDIR
 //!   --filter SUBSTR                                  only cases whose name contains it
 //!   --wait-agent SECS                                retry the first connection (guest booting)
 //!   --mount-virtiofs TAG:TARGET                      have the agent mount a share first
@@ -51,6 +52,10 @@ fn main() -> Result<()> {
             rootfs: rootfs.display().to_string(),
             in_guest: false,
             block_rootfs: block.as_ref().map(|d| d.0.clone()),
+            share: Some((
+                a.dir.join("share"),
+                a.dir.join("share").display().to_string(),
+            )),
         };
         _loop_dev = block;
         host = Some(a);
@@ -76,6 +81,12 @@ fn main() -> Result<()> {
             rootfs,
             in_guest: args.iter().any(|a| a == "--in-guest"),
             block_rootfs: value(&args, "--block-rootfs"),
+            share: value(&args, "--share")
+                .map(|v| -> Result<_> {
+                    let (host, guest) = v.split_once(':').context("--share HOSTDIR:AGENTDIR")?;
+                    Ok((PathBuf::from(host), guest.to_string()))
+                })
+                .transpose()?,
         }
     };
 
