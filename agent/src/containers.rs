@@ -651,7 +651,8 @@ impl Runtime {
     }
 
     pub fn delete(&self, id: &str, force: bool) -> Result<(), AgentError> {
-        let exited = self.with_proc(id, None, |p| p.exit.get().is_some())?;
+        let init_exit = self.with_proc(id, None, |p| p.exit.clone())?;
+        let exited = init_exit.get().is_some();
         {
             let _lc = self.lc_lock();
             match self.load(id) {
@@ -661,10 +662,16 @@ impl Runtime {
                             "container {id} is running; stop it or delete with force"
                         )));
                     }
-                    // libcontainer gives the kill about 100 ms before it gives up on
-                    // removing the cgroup; a loaded TCG guest needs longer.
+                    // Kill here rather than in libcontainer: it gives the processes
+                    // about 100 ms to leave the cgroup, too short for a loaded TCG
+                    // guest. Then wait for the reaper to collect the init, so that
+                    // libcontainer finds it gone instead of racing the reaper for
+                    // /proc/<pid>/stat.
                     if !crate::cgroupfs::kill_all(&Self::cgroup_dir(id), KILL_TIMEOUT) {
                         crate::log(&format!("delete {id}: cgroup not empty after SIGKILL"));
+                    }
+                    if init_exit.wait_timeout(KILL_TIMEOUT).is_none() {
+                        crate::log(&format!("delete {id}: init not reaped after SIGKILL"));
                     }
                     c.delete(true).map_err(runtime_err)?;
                 }

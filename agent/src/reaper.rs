@@ -41,6 +41,16 @@ impl ExitCell {
         *self.status.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The exit, waiting at most `timeout` for it.
+    pub fn wait_timeout(&self, timeout: std::time::Duration) -> Option<ExitStatus> {
+        let g = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        let (g, _) = self
+            .cv
+            .wait_timeout_while(g, timeout, |s| s.is_none())
+            .unwrap_or_else(|p| p.into_inner());
+        *g
+    }
+
     pub fn wait(&self) -> ExitStatus {
         let mut g = self.status.lock().unwrap_or_else(|p| p.into_inner());
         loop {
@@ -166,6 +176,23 @@ mod tests {
                 signal: Some(9)
             })
         );
+    }
+
+    #[test]
+    fn wait_timeout_returns_the_exit_or_gives_up() {
+        let cell = Arc::new(ExitCell::default());
+        assert_eq!(cell.wait_timeout(Duration::from_millis(20)), None);
+        let setter = cell.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            setter.set(ExitStatus {
+                code: 137,
+                signal: Some(9),
+            });
+        });
+        let got = cell.wait_timeout(Duration::from_secs(10));
+        t.join().unwrap();
+        assert_eq!(got.map(|s| s.code), Some(137));
     }
 
     #[test]
