@@ -160,7 +160,8 @@ export PATH=/bin:/opt/bulkhead
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev; mount -t tmpfs tmp /tmp
 for m in $(cat /etc/modules); do insmod /lib/modules/$m 2>/dev/null || echo "L1: insmod $m failed"; done
 echo "NESTED-KVM $(ls /dev/kvm 2>&1) $(grep -o -w svm /proc/cpuinfo | head -1)"
-script=$(sed -n 's/.*bulkhead.script=\([^ ]*\).*/\1/p' /proc/cmdline)
+# A heartbeat: if it stops, L1 itself froze; if it goes on, something inside it is stuck.
+(while sleep 60; do echo "L1-ALIVE up=$(cut -d' ' -f1 /proc/uptime) load=$(cut -d' ' -f1-3 /proc/loadavg) $(ps -o comm= 2>/dev/null | grep -E '^(bulkhead|agent-api|virtiofsd)' | sort -u | tr '\n' ' ')"; done) &
 sh /opt/script.sh
 echo "NESTED-EXIT $?"
 poweroff -f
@@ -190,9 +191,14 @@ def run_l1(l1_initrd, vmlinux, script, timeout, mem_mib=1536):
                "-append", f"console=ttyS0 quiet panic=-1 tsc_early_khz={tsc_khz()} rdinit=/init"]
         t0 = time.monotonic()
         # L1's console goes to a file as it runs, so a slow or stuck run can be watched.
-        live = os.environ.get("BULKHEAD_NESTED_LOG", os.path.join(tempfile.gettempdir(), "bulkhead-nested-l1.log"))
+        # One file per run: two runs side by side must not write into each other's log.
+        live = os.environ.get("BULKHEAD_NESTED_LOG",
+                              os.path.join(tempfile.gettempdir(), f"bulkhead-nested-l1-{os.getpid()}.log"))
+        log(f"L1 console: {live}")
+        # A monitor socket beside the log, to look inside an L1 that stalls.
+        cmd += ["-monitor", f"unix:{live}.mon,server=on,wait=off"]
         with open(live, "w") as lf:
-            p = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT)
+            p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=lf, stderr=subprocess.STDOUT)
             try:
                 p.wait(timeout=timeout)
                 timed_out = False
@@ -215,6 +221,7 @@ def vmm_cmd(extra="", verbose=False):
 
 TEST_SCRIPT = r"""
 virtiofsd --socket-path=/tmp/fs.sock --shared-dir=/opt/share --sandbox=none --cache=never >/tmp/virtiofsd.log 2>&1 &
+fs1=$!
 for i in $(seq 1 100); do [ -S /tmp/fs.sock ] && break; sleep 0.1; done
 bulkhead probe --socket /tmp/v.sock --timeout 240 --mount share:/mnt/share \
   --read /dev/vda:BULKHEAD-DISK-OK --read /mnt/share/hello.txt:BULKHEAD-VIRTIOFS-OK --shutdown \
@@ -231,21 +238,32 @@ echo "NESTED-CASE bzimage-2cpu rc=$rc2"
 [ $rc2 = 0 ] || rc=1
 # The agent API list inside the guest: rootfs over virtio-fs, the ext4 copy on virtio-blk.
 virtiofsd --socket-path=/tmp/fs3.sock --shared-dir=/opt/share --sandbox=none --cache=never >/tmp/virtiofsd3.log 2>&1 &
+fs3=$!
 for i in $(seq 1 100); do [ -S /tmp/fs3.sock ] && break; sleep 0.1; done
 rm -f /tmp/v.sock
 VMMCMD3 --fs tag=share,socket=/tmp/fs3.sock --disk path=/opt/data/rootfs.ext4,readonly >/tmp/vmm3.log 2>&1 &
-timeout 300 agent-api-tests --vsock /tmp/v.sock --wait-agent 240 --mount-virtiofs share:/run/bulkhead/shared \
-  --rootfs /run/bulkhead/shared/rootfs --bench BENCHRUNS 2>&1 | sed 's/^/API /'
-timeout 500 agent-api-tests --vsock /tmp/v.sock \
-  --rootfs /run/bulkhead/shared/rootfs --in-guest --block-rootfs /dev/vda --share /opt/share:/run/bulkhead/shared \
-  --shutdown >/tmp/api.log 2>&1
+vmm3=$!
+timeout 300 agent-api-tests --vsock /tmp/v.sock --wait-agent 180 --mount-virtiofs share:/run/bulkhead/shared \
+  --rootfs /run/bulkhead/shared/rootfs --bench BENCHRUNS >/tmp/api-bench.log 2>&1
 rc3=$?
-sed 's/^/API /' /tmp/api.log
-wait
-if [ $rc3 != 0 ] || [ -n "$VERBOSE" ]; then echo "--- L2 serial (agent API)"; tail -60 /tmp/l2-serial3.log; tail -20 /tmp/vmm3.log; fi
+sed 's/^/API /' /tmp/api-bench.log
+if [ $rc3 = 0 ]; then
+  timeout 400 agent-api-tests --vsock /tmp/v.sock \
+    --rootfs /run/bulkhead/shared/rootfs --in-guest --block-rootfs /dev/vda --share /opt/share:/run/bulkhead/shared \
+    --shutdown >/tmp/api.log 2>&1
+  rc3=$?
+  sed 's/^/API /' /tmp/api.log
+fi
+# The guest powers off after --shutdown; never wait on a VMM that did not get there.
+for i in $(seq 1 300); do kill -0 $vmm3 2>/dev/null || break; sleep 0.1; done
+if kill -0 $vmm3 2>/dev/null; then echo "API VMM still running after the tests: killed"; kill -9 $vmm3; rc3=1; fi
+if [ $rc3 != 0 ] || [ -n "$VERBOSE" ]; then
+  echo "--- L2 serial (agent API)"; tail -80 /tmp/l2-serial3.log; echo "--- VMM log (agent API)"; tail -40 /tmp/vmm3.log
+fi
 echo "NESTED-CASE agent-api"
 if [ $rc != 0 ] || [ -n "$VERBOSE" ]; then echo "--- L2 serial"; cat /tmp/l2-serial.log; echo "--- virtiofsd"; cat /tmp/virtiofsd.log; fi
-kill %1 %2 %3 2>/dev/null
+kill $fs1 $fs3 2>/dev/null
+[ $rc3 = 0 ] || rc=1
 exit $rc
 """
 
@@ -278,7 +296,8 @@ def cmd_test(args, demo=False):
         l1, vmlinux = l1_initramfs(guest, bins, False, w)
         script = TEST_SCRIPT.replace("VMMCMD2", vmm_cmd(verbose=args.verbose).replace(
             "/opt/guest/vmlinux", "/opt/guest/bzImage").replace("--cpus 1 --memory 256", "--cpus 2 --memory 512"))
-        script = script.replace("VMMCMD3", vmm_cmd(verbose=args.verbose).replace(
+        # The API VM logs its boot (serial and VMM) so that a stall can be read afterwards.
+        script = script.replace("VMMCMD3", vmm_cmd(verbose=True).replace(
             "--memory 256", "--memory 512").replace("/tmp/l2-serial.log", "/tmp/l2-serial3.log"))
         script = script.replace("VMMCMD", vmm_cmd(verbose=args.verbose)).replace("BENCHRUNS", "21")
         log("booting L1 under QEMU TCG; bulkhead-vmm runs in it on kvm-amd")
@@ -299,7 +318,8 @@ def cmd_test(args, demo=False):
         print(f"nested node FAILED after {secs:.1f}s")
         return 1
     m = re.search(r"first_answer_ms=(\d+)", out)
-    print(f"nested node ok: agent answered {int(m.group(1)) / 1000:.2f}s after bulkhead-vmm exec "
+    first = f"{int(m.group(1)) / 1000:.2f}s" if m else "(no figure)"
+    print(f"nested node ok: agent answered {first} after bulkhead-vmm exec "
           f"(L2 time under nested KVM; whole run {secs:.1f}s)")
     return 0
 
