@@ -13,6 +13,7 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -488,10 +489,15 @@ impl Runtime {
         }
         let dir = self.state.join("console");
         std::fs::create_dir_all(&dir).map_err(io_err("console dir"))?;
-        let sock = dir.join(format!("{}.sock", std::process::id() as u64 ^ rand_u64()));
+        // Builds run one at a time (the lc lock), so a counter keeps names apart.
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let sock = dir.join(format!("{}.sock", SEQ.fetch_add(1, Ordering::Relaxed)));
         let _ = std::fs::remove_file(&sock);
         let listener = UnixListener::bind(&sock).map_err(io_err("console socket"))?;
-        let receiver = std::thread::spawn(move || receive_master(listener));
+        let receiver = std::thread::Builder::new()
+            .name("console-recv".into())
+            .spawn(move || receive_master(listener))
+            .map_err(io_err("console receiver thread"))?;
         let built = build(base.with_console_socket(Some(&sock)));
         if built.is_err() {
             // Unblock the receiver if libcontainer never connected.
@@ -629,15 +635,12 @@ impl Runtime {
                 )));
             }
             if exec_id.is_some() {
-                // SAFETY: kill(2) on a pid this agent still holds as an unreaped child
-                // or has registered (an exit would have been recorded first).
-                if unsafe { libc::kill(pid as i32, sig) } != 0 {
-                    return Err(AgentError::Io(format!(
-                        "kill {pid}: {}",
-                        std::io::Error::last_os_error()
-                    )));
-                }
-                return Ok(());
+                // The pid is still ours: its exit has not been recorded, so it is not
+                // reaped and cannot have been reused.
+                let sig = nix::sys::signal::Signal::try_from(sig)
+                    .map_err(|_| AgentError::InvalidArgument(format!("signal {sig}")))?;
+                return nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig)
+                    .map_err(|e| AgentError::Io(format!("kill {pid}: {e}")));
             }
         }
         let _lc = self.lc_lock();
@@ -829,17 +832,25 @@ impl Runtime {
     // ---- OOM events ----
 
     fn poll_oom(&self) {
-        let mut t = self.tables();
+        // Read the cgroup files without the tables lock: every call takes that lock.
+        let ids: Vec<String> = self.tables().containers.keys().cloned().collect();
+        let counts: Vec<(String, u64)> = ids
+            .into_iter()
+            .filter_map(|id| crate::cgroupfs::oom_kills(&Self::cgroup_dir(&id)).map(|n| (id, n)))
+            .collect();
         let mut hits = Vec::new();
-        for (id, c) in t.containers.iter_mut() {
-            if let Some(n) = crate::cgroupfs::oom_kills(&Self::cgroup_dir(id)) {
-                if n > c.oom_kills {
-                    c.oom_kills = n;
-                    hits.push(id.clone());
+        {
+            let mut t = self.tables();
+            for (id, n) in counts {
+                // A container deleted meanwhile is simply not found.
+                if let Some(c) = t.containers.get_mut(&id) {
+                    if n > c.oom_kills {
+                        c.oom_kills = n;
+                        hits.push(id);
+                    }
                 }
             }
         }
-        drop(t);
         if hits.is_empty() {
             return;
         }
@@ -898,11 +909,4 @@ fn receive_master(listener: UnixListener) -> Result<File, AgentError> {
     Err(AgentError::Runtime(
         "no terminal received on the console socket".into(),
     ))
-}
-
-fn rand_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(Instant::now().elapsed().as_nanos());
-    h.finish()
 }

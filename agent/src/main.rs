@@ -37,6 +37,14 @@ pub fn log(msg: &str) {
     let _ = std::io::stderr().write_all(line.as_bytes());
 }
 
+/// Start a named thread. `std::thread::spawn` panics when the system cannot make a
+/// thread, and in PID 1 a panic is a kernel panic: here the work is dropped and logged.
+pub fn spawn(name: &str, f: impl FnOnce() + Send + 'static) {
+    if let Err(e) = std::thread::Builder::new().name(name.into()).spawn(f) {
+        log(&format!("cannot start {name} thread: {e}"));
+    }
+}
+
 fn arg_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
     let i = args.iter().position(|a| a == flag)?;
     args.get(i + 1).map(String::as_str)
@@ -85,7 +93,7 @@ fn main() {
         let state = serve::AgentState::new(Instant::now(), sys::ModuleReport::default(), false, rt);
         for conn in listener.incoming().flatten() {
             let st = state.clone();
-            std::thread::spawn(move || serve::serve_connection(conn, &st));
+            spawn("conn", move || serve::serve_connection(conn, &st));
         }
         return;
     }
@@ -125,7 +133,7 @@ fn main() {
                     match l.accept() {
                         Ok(conn) => {
                             let st = state.clone();
-                            std::thread::spawn(move || serve::serve_connection(conn, &st));
+                            spawn("conn", move || serve::serve_connection(conn, &st));
                         }
                         Err(e) => {
                             log(&format!("accept failed: {e}"));

@@ -151,7 +151,7 @@ impl ProcIo {
                     }
                 };
                 ready(&mut conn).map_err(|e| AgentError::Io(e.to_string()))?;
-                spawn("stdio-out", move || {
+                crate::spawn("stdio-out", move || {
                     // Ends at EOF (every writer gone), a terminal's EIO, or a closed peer.
                     let _ = std::io::copy(&mut src, &mut conn);
                 });
@@ -169,7 +169,7 @@ impl ProcIo {
                 }
                 ready(&mut conn).map_err(|e| AgentError::Io(e.to_string()))?;
                 let me = self.clone();
-                spawn("stdio-in", move || {
+                crate::spawn("stdio-in", move || {
                     let mut buf = vec![0u8; 32 * 1024];
                     loop {
                         let n = match conn.read(&mut buf) {
@@ -191,11 +191,5 @@ impl ProcIo {
             }
         }
         Ok(())
-    }
-}
-
-fn spawn(name: &str, f: impl FnOnce() + Send + 'static) {
-    if let Err(e) = std::thread::Builder::new().name(name.into()).spawn(f) {
-        crate::log(&format!("cannot start {name} thread: {e}"));
     }
 }
