@@ -1,4 +1,8 @@
-//! Host capability probes shared by `bulkhead-vmm` and `bulkhead check`.
+//! Host capability probes and runtime configuration shared by `bulkhead-vmm`, bulkheadd
+//! and the `bulkhead` CLI.
+
+pub mod check;
+pub mod config;
 
 use std::path::Path;
 
@@ -50,6 +54,15 @@ pub fn cpu_flags() -> String {
                 .map(|l| l.split_once(':').map(|x| x.1).unwrap_or("").to_owned())
         })
         .unwrap_or_default()
+}
+
+/// Can this process open /dev/kvm for reading and writing?
+pub fn dev_kvm_accessible() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
 }
 
 pub fn kvm_kind() -> KvmKind {

@@ -1,0 +1,482 @@
+//! The D-Bus face of the daemon: `org.bulkhead.Manager1` and one `org.bulkhead.Sandbox1`
+//! object per sandbox, under an ObjectManager. Each method checks the caller, reads its
+//! arguments and calls into [`Daemon`]; nothing here holds state of its own.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+use bulkhead_dbus::{known_options, option, Error, SandboxRow, MANAGER_PATH};
+use zbus::message::Header;
+use zbus::object_server::SignalEmitter;
+use zbus::zvariant::{ObjectPath, OwnedObjectPath, OwnedValue};
+use zbus::{interface, Connection};
+
+use crate::daemon::{Changed, Daemon, NewContainer, Sandbox};
+
+/// Calls that change something, or hand out a process's stdio, need uid 0 or the uid
+/// bulkheadd runs as.
+async fn require_admin(conn: &Connection, hdr: &Header<'_>) -> Result<(), Error> {
+    let sender = hdr
+        .sender()
+        .ok_or_else(|| Error::AccessDenied("the call has no sender".into()))?;
+    let dbus = zbus::fdo::DBusProxy::new(conn).await?;
+    let uid = dbus
+        .get_connection_unix_user(sender.clone().into())
+        .await
+        .map_err(|e| Error::AccessDenied(format!("cannot tell who {sender} is: {e}")))?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if uid == 0 || uid == me {
+        Ok(())
+    } else {
+        Err(Error::AccessDenied(format!(
+            "uid {uid} may not change sandboxes (root only)"
+        )))
+    }
+}
+
+pub struct ManagerIface {
+    pub d: Arc<Daemon>,
+}
+
+#[interface(name = "org.bulkhead.Manager1")]
+impl ManagerIface {
+    async fn create_sandbox(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        id: String,
+        options: HashMap<String, OwnedValue>,
+    ) -> Result<OwnedObjectPath, Error> {
+        require_admin(conn, &hdr).await?;
+        known_options(&options, &["backend", "cpus", "memory_mib"])?;
+        self.d
+            .create_sandbox(
+                id,
+                option::<String>(&options, "backend")?,
+                option::<u32>(&options, "cpus")?,
+                option::<u32>(&options, "memory_mib")?,
+            )
+            .await
+    }
+
+    async fn list_sandboxes(&self) -> Vec<SandboxRow> {
+        self.d
+            .list()
+            .iter()
+            .map(|sb| {
+                let r = sb.snapshot();
+                (r.id, r.state, r.backend, sb.path.clone())
+            })
+            .collect()
+    }
+
+    async fn get_sandbox(&self, id: String) -> Result<OwnedObjectPath, Error> {
+        Ok(self.d.get(&id)?.path.clone())
+    }
+
+    async fn remove_sandbox(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        id: String,
+        force: bool,
+    ) -> Result<(), Error> {
+        require_admin(conn, &hdr).await?;
+        self.d.remove_sandbox(&id, force).await
+    }
+
+    #[zbus(property)]
+    async fn version(&self) -> String {
+        env!("CARGO_PKG_VERSION").into()
+    }
+
+    #[zbus(property)]
+    async fn backends(&self) -> Vec<String> {
+        self.d
+            .backends
+            .iter()
+            .map(|b| b.as_str().to_string())
+            .collect()
+    }
+
+    #[zbus(property)]
+    async fn state_directory(&self) -> String {
+        self.d.state_dir.display().to_string()
+    }
+
+    #[zbus(signal)]
+    async fn sandbox_new(e: &SignalEmitter<'_>, id: &str, path: ObjectPath<'_>)
+        -> zbus::Result<()>;
+
+    #[zbus(signal)]
+    async fn sandbox_state_changed(
+        e: &SignalEmitter<'_>,
+        id: &str,
+        path: ObjectPath<'_>,
+        state: &str,
+    ) -> zbus::Result<()>;
+
+    #[zbus(signal)]
+    async fn sandbox_removed(
+        e: &SignalEmitter<'_>,
+        id: &str,
+        path: ObjectPath<'_>,
+        reason: &str,
+    ) -> zbus::Result<()>;
+}
+
+pub struct SandboxIface {
+    d: Arc<Daemon>,
+    sb: Arc<Sandbox>,
+}
+
+/// An empty exec id names the container's init.
+fn exec_id_opt(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
+}
+
+#[interface(name = "org.bulkhead.Sandbox1")]
+impl SandboxIface {
+    async fn create_container(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        id: String,
+        spec_json: String,
+        rootfs: String,
+        options: HashMap<String, OwnedValue>,
+    ) -> Result<(), Error> {
+        require_admin(conn, &hdr).await?;
+        known_options(&options, &["stdin", "terminal", "overlay"])?;
+        let stdin = option::<bool>(&options, "stdin")?.unwrap_or(false);
+        let terminal = option::<bool>(&options, "terminal")?;
+        let overlay = option::<bool>(&options, "overlay")?.unwrap_or(false);
+        let n = NewContainer {
+            id,
+            spec_json,
+            rootfs,
+            stdin,
+            terminal,
+            overlay,
+        };
+        self.d.create_container(&self.sb.id, n).await
+    }
+
+    async fn start_container(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        id: String,
+    ) -> Result<(), Error> {
+        require_admin(conn, &hdr).await?;
+        self.d.start_container(&self.sb.id, id).await
+    }
+
+    async fn exec(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        id: String,
+        exec_id: String,
+        process_json: String,
+        options: HashMap<String, OwnedValue>,
+    ) -> Result<(), Error> {
+        require_admin(conn, &hdr).await?;
+        known_options(&options, &["stdin"])?;
+        let stdin = option::<bool>(&options, "stdin")?.unwrap_or(false);
+        self.d
+            .exec(&self.sb.id, id, exec_id, process_json, stdin)
+            .await
+    }
+
+    async fn signal(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        id: String,
+        exec_id: String,
+        signal: i32,
+        all: bool,
+    ) -> Result<(), Error> {
+        require_admin(conn, &hdr).await?;
+        if !(1..=64).contains(&signal) {
+            return Err(Error::InvalidArgument(format!(
+                "signal {signal}: want 1 to 64"
+            )));
+        }
+        let cid = id.clone();
+        let eid = exec_id_opt(exec_id);
+        self.d
+            .container_call(&self.sb.id, &id, move |c| {
+                c.signal(&cid, eid.as_deref(), signal, all)
+            })
+            .await
+    }
+
+    async fn attach(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        id: String,
+        exec_id: String,
+        stream: String,
+    ) -> Result<zbus::zvariant::OwnedFd, Error> {
+        require_admin(conn, &hdr).await?;
+        let s = self
+            .d
+            .attach(&self.sb.id, id, exec_id_opt(exec_id), &stream)
+            .await?;
+        Ok(OwnedFd::from(s).into())
+    }
+
+    async fn delete_container(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        id: String,
+        force: bool,
+    ) -> Result<(), Error> {
+        require_admin(conn, &hdr).await?;
+        self.d.delete_container(&self.sb.id, id, force).await
+    }
+
+    async fn pause(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        id: String,
+    ) -> Result<(), Error> {
+        require_admin(conn, &hdr).await?;
+        self.d.pause(&self.sb.id, id, true).await
+    }
+
+    async fn resume(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        id: String,
+    ) -> Result<(), Error> {
+        require_admin(conn, &hdr).await?;
+        self.d.pause(&self.sb.id, id, false).await
+    }
+
+    async fn update(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        id: String,
+        resources_json: String,
+    ) -> Result<(), Error> {
+        require_admin(conn, &hdr).await?;
+        serde_json::from_str::<serde_json::Value>(&resources_json)
+            .ok()
+            .filter(|v| v.is_object())
+            .ok_or_else(|| {
+                Error::InvalidArgument(
+                    "resources must be an OCI linux.resources JSON object".into(),
+                )
+            })?;
+        let cid = id.clone();
+        self.d
+            .container_call(&self.sb.id, &id, move |c| {
+                c.expect_ok(&bulkhead_protocol::Request::Update {
+                    id: cid,
+                    resources_json,
+                })
+            })
+            .await
+    }
+
+    async fn processes(&self, id: String) -> Result<Vec<u32>, Error> {
+        let cid = id.clone();
+        self.d
+            .container_call(&self.sb.id, &id, move |c| c.processes(&cid))
+            .await
+    }
+
+    async fn stats(&self, id: String) -> Result<HashMap<String, u64>, Error> {
+        let cid = id.clone();
+        let s = self
+            .d
+            .container_call(&self.sb.id, &id, move |c| c.stats(&cid))
+            .await?;
+        let pairs = [
+            ("cpu_usage_usec", s.cpu_usage_usec),
+            ("cpu_user_usec", s.cpu_user_usec),
+            ("cpu_system_usec", s.cpu_system_usec),
+            ("memory_current", s.memory_current),
+            ("memory_limit", s.memory_limit),
+            ("memory_oom_kills", s.memory_oom_kills),
+            ("pids_current", s.pids_current),
+            ("pids_limit", s.pids_limit),
+            ("io_read_bytes", s.io_read_bytes),
+            ("io_write_bytes", s.io_write_bytes),
+        ];
+        Ok(pairs
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k.to_string(), v)))
+            .collect())
+    }
+
+    async fn resize_pty(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        id: String,
+        exec_id: String,
+        rows: u16,
+        cols: u16,
+    ) -> Result<(), Error> {
+        require_admin(conn, &hdr).await?;
+        let cid = id.clone();
+        let eid = exec_id_opt(exec_id);
+        self.d
+            .container_call(&self.sb.id, &id, move |c| {
+                c.expect_ok(&bulkhead_protocol::Request::ResizePty {
+                    id: cid,
+                    exec_id: eid,
+                    rows,
+                    cols,
+                })
+            })
+            .await
+    }
+
+    async fn close_stdin(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        id: String,
+        exec_id: String,
+    ) -> Result<(), Error> {
+        require_admin(conn, &hdr).await?;
+        let cid = id.clone();
+        let eid = exec_id_opt(exec_id);
+        self.d
+            .container_call(&self.sb.id, &id, move |c| {
+                c.expect_ok(&bulkhead_protocol::Request::CloseStdin {
+                    id: cid,
+                    exec_id: eid,
+                })
+            })
+            .await
+    }
+
+    #[zbus(property)]
+    async fn id(&self) -> String {
+        self.sb.id.clone()
+    }
+
+    #[zbus(property)]
+    async fn state(&self) -> String {
+        self.sb.snapshot().state
+    }
+
+    #[zbus(property)]
+    async fn backend(&self) -> String {
+        self.sb.snapshot().backend
+    }
+
+    #[zbus(property)]
+    async fn cpus(&self) -> u32 {
+        self.sb.snapshot().cpus
+    }
+
+    #[zbus(property, name = "MemoryMiB")]
+    async fn memory_mib(&self) -> u32 {
+        self.sb.snapshot().memory_mib
+    }
+
+    #[zbus(property)]
+    async fn created_at(&self) -> u64 {
+        self.sb.snapshot().created_at_us
+    }
+
+    #[zbus(property)]
+    async fn containers(&self) -> Vec<(String, String)> {
+        self.sb
+            .snapshot()
+            .containers
+            .into_iter()
+            .map(|c| (c.id, c.state))
+            .collect()
+    }
+
+    #[zbus(property)]
+    async fn components(&self) -> Vec<(String, u32)> {
+        self.sb
+            .snapshot()
+            .components
+            .into_iter()
+            .map(|c| (c.name, c.pid))
+            .collect()
+    }
+
+    #[zbus(property)]
+    async fn timings(&self) -> HashMap<String, u64> {
+        self.sb.snapshot().timings.into_iter().collect()
+    }
+
+    /// A container's init exited with this status (128 + signal when killed).
+    #[zbus(signal)]
+    async fn container_exited(e: &SignalEmitter<'_>, id: &str, status: i32) -> zbus::Result<()>;
+}
+
+/// Put a sandbox's object on the bus and announce it.
+pub async fn add_sandbox(conn: &Connection, d: &Arc<Daemon>, sb: &Arc<Sandbox>) {
+    let iface = SandboxIface {
+        d: d.clone(),
+        sb: sb.clone(),
+    };
+    if let Err(e) = conn.object_server().at(&sb.path, iface).await {
+        tracing::error!(sandbox = %sb.id, "cannot export the sandbox object: {e}");
+    }
+    if let Ok(em) = SignalEmitter::new(conn, MANAGER_PATH) {
+        let _ = ManagerIface::sandbox_new(&em, &sb.id, sb.path.as_ref()).await;
+    }
+}
+
+/// Take a sandbox's object off the bus and announce why.
+pub async fn remove_sandbox(conn: &Connection, sb: &Arc<Sandbox>, reason: &str) {
+    let _ = conn
+        .object_server()
+        .remove::<SandboxIface, _>(&sb.path)
+        .await;
+    if let Ok(em) = SignalEmitter::new(conn, MANAGER_PATH) {
+        let _ = ManagerIface::sandbox_removed(&em, &sb.id, sb.path.as_ref(), reason).await;
+    }
+}
+
+/// Send PropertiesChanged for what changed (and the manager's state signal).
+pub async fn notify(conn: &Connection, sb: &Arc<Sandbox>, what: Changed) {
+    let Ok(iref) = conn
+        .object_server()
+        .interface::<_, SandboxIface>(&sb.path)
+        .await
+    else {
+        return;
+    };
+    let em = iref.signal_emitter();
+    let iface = iref.get().await;
+    if what.state {
+        let _ = iface.state_changed(em).await;
+        if let Ok(m) = SignalEmitter::new(conn, MANAGER_PATH) {
+            let state = sb.snapshot().state;
+            let _ = ManagerIface::sandbox_state_changed(&m, &sb.id, sb.path.as_ref(), &state).await;
+        }
+    }
+    if what.containers {
+        let _ = iface.containers_changed(em).await;
+    }
+    if what.components {
+        let _ = iface.components_changed(em).await;
+    }
+}
+
+pub async fn container_exited(conn: &Connection, sb: &Arc<Sandbox>, cid: &str, status: i32) {
+    if let Ok(em) = SignalEmitter::new(conn, sb.path.clone()) {
+        let _ = SandboxIface::container_exited(&em, cid, status).await;
+    }
+}

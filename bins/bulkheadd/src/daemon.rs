@@ -1,0 +1,858 @@
+//! The manager's state and every sandbox operation: create (components, boot, agent
+//! set-up), containers, teardown, and adoption of what a previous bulkheadd left running.
+//! The D-Bus interfaces (`api.rs`) are thin wrappers over this.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bulkhead_dbus::{random_id, sandbox_path, valid_id, Error};
+use bulkhead_host::config::{Backend, Config};
+use bulkhead_protocol::{CreateContainer, ExecProcess, Request, Rootfs, SandboxConfig};
+use zbus::zvariant::OwnedObjectPath;
+
+use crate::agent::Agent;
+use crate::backend::{self, GUEST_SHARED};
+use crate::store::{Component, ContainerRec, SandboxRec, Store};
+use crate::{api, mounts, supervisor};
+
+pub struct Daemon {
+    pub cfg: Config,
+    pub state_dir: PathBuf,
+    pub store: Store,
+    /// Backends this host can run, best first.
+    pub backends: Vec<Backend>,
+    /// QEMU runs on TCG here (no KVM that boots stock kernels).
+    pub tcg: bool,
+    sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
+    conn: OnceLock<zbus::Connection>,
+}
+
+pub struct Sandbox {
+    pub id: String,
+    pub path: OwnedObjectPath,
+    pub rec: Mutex<SandboxRec>,
+    pub agent: Agent,
+    removing: AtomicBool,
+}
+
+/// What `CreateContainer` asks for.
+pub struct NewContainer {
+    pub id: String,
+    pub spec_json: String,
+    /// A host directory.
+    pub rootfs: String,
+    pub stdin: bool,
+    /// Overrides the spec's `process.terminal`.
+    pub terminal: Option<bool>,
+    /// Keep `rootfs` read-only under a private overlay layer.
+    pub overlay: bool,
+}
+
+/// Which sandbox properties changed, for the change signals.
+#[derive(Default, Clone, Copy)]
+pub struct Changed {
+    pub state: bool,
+    pub containers: bool,
+    pub components: bool,
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+fn io_err(what: &str) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |e| Error::Failed(format!("{what}: {e}"))
+}
+
+/// The last lines of a component's log, to say why it died.
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text[text.len().saturating_sub(600)..]).into_owned();
+    text.lines()
+        .rev()
+        .take(4)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+/// Carry the spec's host bind mounts into the guest: each source is bind-mounted into
+/// the container's directory in the shared directory (`<cdir>/mounts/<n>`) and the spec
+/// is rewritten to bind it from there. Sources under /proc, /sys and /dev name the
+/// guest's own and are left alone.
+fn share_bind_mounts(
+    spec: &mut serde_json::Value,
+    cdir: &Path,
+    guest_cdir: &str,
+) -> Result<(), Error> {
+    let Some(list) = spec.get_mut("mounts").and_then(|m| m.as_array_mut()) else {
+        return Ok(());
+    };
+    for (n, m) in list.iter_mut().enumerate() {
+        let opts: Vec<&str> = m
+            .get("options")
+            .and_then(|o| o.as_array())
+            .map(|o| o.iter().filter_map(|x| x.as_str()).collect())
+            .unwrap_or_default();
+        let is_bind = m.get("type").and_then(|t| t.as_str()) == Some("bind")
+            || opts.iter().any(|o| *o == "bind" || *o == "rbind");
+        if !is_bind {
+            continue;
+        }
+        let src = m
+            .get("source")
+            .and_then(|s| s.as_str())
+            .ok_or_else(|| Error::InvalidArgument(format!("bind mount {n} has no source")))?
+            .to_string();
+        let src_path = Path::new(&src);
+        if !src_path.is_absolute() {
+            return Err(Error::InvalidArgument(format!(
+                "bind mount source {src:?} is not an absolute path"
+            )));
+        }
+        if ["/proc", "/sys", "/dev"]
+            .iter()
+            .any(|p| src_path.starts_with(p))
+        {
+            continue;
+        }
+        let meta = std::fs::metadata(src_path)
+            .map_err(|e| Error::InvalidArgument(format!("bind mount source {src}: {e}")))?;
+        let target = cdir.join("mounts").join(n.to_string());
+        std::fs::create_dir_all(cdir.join("mounts")).map_err(io_err("cannot create mounts"))?;
+        if meta.is_dir() {
+            std::fs::create_dir_all(&target)
+        } else {
+            std::fs::File::create(&target).map(|_| ())
+        }
+        .map_err(io_err("cannot create a mount point"))?;
+        mounts::bind(src_path, &target)
+            .map_err(|e| Error::Failed(format!("cannot share bind mount source {src}: {e}")))?;
+        m["source"] = serde_json::Value::String(format!("{guest_cdir}/mounts/{n}"));
+    }
+    Ok(())
+}
+
+impl Sandbox {
+    pub fn snapshot(&self) -> SandboxRec {
+        self.rec.lock().expect("rec lock").clone()
+    }
+
+    fn vmm(&self) -> Option<Component> {
+        self.rec
+            .lock()
+            .expect("rec lock")
+            .components
+            .iter()
+            .find(|c| c.name == "vmm")
+            .cloned()
+    }
+}
+
+impl Daemon {
+    pub fn new(cfg: Config, state_dir: PathBuf) -> anyhow::Result<Arc<Daemon>> {
+        let report = bulkhead_host::check::check(&cfg);
+        let mut backends: Vec<Backend> = report
+            .backends
+            .iter()
+            .filter(|b| b.usable)
+            .filter_map(|b| Backend::parse(b.name))
+            .collect();
+        if let Some(pref) = report.chosen() {
+            backends.retain(|b| *b != pref);
+            backends.insert(0, pref);
+        }
+        let tcg = bulkhead_host::check::qemu_accel(bulkhead_host::kvm_kind()) == "tcg";
+        Ok(Arc::new(Daemon {
+            store: Store::new(&state_dir)?,
+            cfg,
+            state_dir,
+            backends,
+            tcg,
+            sandboxes: Mutex::new(HashMap::new()),
+            conn: OnceLock::new(),
+        }))
+    }
+
+    pub fn set_connection(&self, conn: zbus::Connection) {
+        let _ = self.conn.set(conn);
+    }
+
+    fn conn(&self) -> Option<&zbus::Connection> {
+        self.conn.get()
+    }
+
+    pub fn get(&self, id: &str) -> Result<Arc<Sandbox>, Error> {
+        self.sandboxes
+            .lock()
+            .expect("sandboxes lock")
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("no sandbox {id:?}")))
+    }
+
+    pub fn list(&self) -> Vec<Arc<Sandbox>> {
+        let mut v: Vec<_> = self
+            .sandboxes
+            .lock()
+            .expect("sandboxes lock")
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+
+    fn save(&self, sb: &Sandbox) {
+        let rec = sb.snapshot();
+        if let Err(e) = self.store.save(&rec) {
+            tracing::error!(sandbox = %sb.id, "cannot save state: {e}");
+        }
+    }
+
+    /// Change the record, save it, and send the change signals.
+    async fn update(&self, sb: &Arc<Sandbox>, what: Changed, f: impl FnOnce(&mut SandboxRec)) {
+        f(&mut sb.rec.lock().expect("rec lock"));
+        self.save(sb);
+        self.notify(sb, what).await;
+    }
+
+    async fn notify(&self, sb: &Arc<Sandbox>, what: Changed) {
+        if let Some(conn) = self.conn() {
+            api::notify(conn, sb, what).await;
+        }
+    }
+
+    // ---- sandboxes ----
+
+    pub async fn create_sandbox(
+        self: &Arc<Self>,
+        id: String,
+        backend: Option<String>,
+        cpus: Option<u32>,
+        memory_mib: Option<u32>,
+    ) -> Result<OwnedObjectPath, Error> {
+        let t0 = Instant::now();
+        let id = if id.is_empty() { random_id() } else { id };
+        valid_id(&id).map_err(Error::InvalidArgument)?;
+        let backend = match backend {
+            None => *self.backends.first().ok_or_else(|| {
+                Error::FailedPrecondition(
+                    "no hypervisor backend can run on this host (see `bulkhead check`)".into(),
+                )
+            })?,
+            Some(name) => {
+                let b = Backend::parse(&name).ok_or_else(|| {
+                    Error::InvalidArgument(format!("backend {name:?}: want bulkhead-vmm or qemu"))
+                })?;
+                if !self.backends.contains(&b) {
+                    return Err(Error::FailedPrecondition(format!(
+                        "backend {name} cannot run on this host (see `bulkhead check`)"
+                    )));
+                }
+                b
+            }
+        };
+        let cpus = cpus.unwrap_or(self.cfg.cpus);
+        let memory_mib = memory_mib.unwrap_or(self.cfg.memory_mib);
+        if !(1..=64).contains(&cpus) {
+            return Err(Error::InvalidArgument(format!("cpus {cpus}: want 1 to 64")));
+        }
+        if !(64..=65536).contains(&memory_mib) {
+            return Err(Error::InvalidArgument(format!(
+                "memory_mib {memory_mib}: want 64 to 65536"
+            )));
+        }
+        let run_dir = self.state_dir.join("run").join(random_id());
+        let rec = SandboxRec {
+            id: id.clone(),
+            backend: backend.as_str().into(),
+            cpus,
+            memory_mib,
+            created_at_us: now_us(),
+            state: "creating".into(),
+            run_dir: run_dir.clone(),
+            components: vec![],
+            containers: vec![],
+            timings: Default::default(),
+        };
+        let sb = Arc::new(Sandbox {
+            id: id.clone(),
+            path: sandbox_path(&id),
+            agent: Agent::new(rec.vsock_socket()),
+            rec: Mutex::new(rec),
+            removing: AtomicBool::new(false),
+        });
+        {
+            let mut map = self.sandboxes.lock().expect("sandboxes lock");
+            if map.contains_key(&id) {
+                return Err(Error::AlreadyExists(format!("sandbox {id:?} exists")));
+            }
+            map.insert(id.clone(), sb.clone());
+        }
+        let created = async {
+            std::fs::create_dir_all(sb.snapshot().shared_dir())
+                .map_err(io_err("cannot create the sandbox's directories"))?;
+            self.save(&sb);
+            if let Some(conn) = self.conn() {
+                api::add_sandbox(conn, self, &sb).await;
+            }
+            self.boot(&sb, t0).await
+        }
+        .await;
+        match created {
+            Ok(()) => {
+                self.update(
+                    &sb,
+                    Changed {
+                        state: true,
+                        ..Default::default()
+                    },
+                    |r| r.state = "running".into(),
+                )
+                .await;
+                tracing::info!(sandbox = %id, backend = backend.as_str(), "sandbox running in {:?}", t0.elapsed());
+                Ok(sb.path.clone())
+            }
+            Err(e) => {
+                tracing::warn!(sandbox = %id, "create failed: {e}");
+                self.teardown(&sb, &format!("create failed: {e}"), false)
+                    .await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Start the components in order, wait for the agent, set the guest up.
+    async fn boot(self: &Arc<Self>, sb: &Arc<Sandbox>, t0: Instant) -> Result<(), Error> {
+        let rec = sb.snapshot();
+        let specs = backend::plan(&self.cfg, &rec, self.tcg).map_err(|e| Error::Backend(e.0))?;
+        for mut spec in specs {
+            let log = rec.run_dir.join(format!("{}.log", spec.name));
+            if spec.name == "vmm" {
+                let us = t0.elapsed().as_micros() as u64;
+                sb.rec
+                    .lock()
+                    .expect("rec lock")
+                    .timings
+                    .insert("vmm_exec".into(), us);
+            }
+            let comp = supervisor::spawn(spec.name, &mut spec.command, &log)
+                .map_err(|e| Error::Backend(format!("cannot start {}: {e}", spec.name)))?;
+            tracing::debug!(sandbox = %sb.id, "started {} pid {}", comp.name, comp.pid);
+            self.update(
+                sb,
+                Changed {
+                    components: true,
+                    ..Default::default()
+                },
+                |r| r.components.push(comp.clone()),
+            )
+            .await;
+            self.watch_component(sb, comp.clone());
+            if let Some(sock) = spec.ready_socket {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while !sock.exists() {
+                    if !supervisor::alive(&comp) || Instant::now() > deadline {
+                        return Err(Error::Backend(format!(
+                            "{} did not create {}: {}",
+                            spec.name,
+                            sock.display(),
+                            log_tail(&log)
+                        )));
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+        }
+        sb.rec
+            .lock()
+            .expect("rec lock")
+            .timings
+            .insert("components_started".into(), t0.elapsed().as_micros() as u64);
+        let vmm = sb
+            .vmm()
+            .ok_or_else(|| Error::Backend("no VMM component".into()))?;
+        let run = rec.run_dir.clone();
+        sb.agent
+            .wait_ready(Duration::from_secs(self.cfg.boot_timeout_s), || {
+                (!supervisor::alive(&vmm)).then(|| {
+                    format!(
+                        "the VMM exited while the guest booted: {} / serial: {}",
+                        log_tail(&run.join("vmm.log")),
+                        log_tail(&run.join("serial.log"))
+                    )
+                })
+            })
+            .await?;
+        sb.rec
+            .lock()
+            .expect("rec lock")
+            .timings
+            .insert("agent_ready".into(), t0.elapsed().as_micros() as u64);
+        let hostname = sb.id.chars().take(63).collect::<String>();
+        let unix_nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        sb.agent
+            .call(move |c| {
+                c.create_sandbox(SandboxConfig {
+                    hostname: Some(hostname),
+                    share_pid: false,
+                })?;
+                c.expect_ok(&Request::MountVirtiofs {
+                    tag: backend::SHARE_TAG.into(),
+                    target: GUEST_SHARED.into(),
+                })?;
+                c.expect_ok(&Request::SetTime { unix_nanos })
+            })
+            .await?;
+        self.save(sb);
+        Ok(())
+    }
+
+    /// When a component exits on its own, the sandbox cannot go on: tear it down.
+    fn watch_component(self: &Arc<Self>, sb: &Arc<Sandbox>, comp: Component) {
+        let d = self.clone();
+        let sb = sb.clone();
+        tokio::spawn(async move {
+            let status = supervisor::watch(comp.clone()).await;
+            if sb.removing.load(Ordering::SeqCst) {
+                return;
+            }
+            let why = format!(
+                "{} (pid {}) exited{}",
+                comp.name,
+                comp.pid,
+                status
+                    .map(|s| format!(" with status {s}"))
+                    .unwrap_or_default()
+            );
+            tracing::warn!(sandbox = %sb.id, "{why}: tearing the sandbox down");
+            d.teardown(&sb, &why, false).await;
+        });
+    }
+
+    pub async fn remove_sandbox(self: &Arc<Self>, id: &str, force: bool) -> Result<(), Error> {
+        let sb = self.get(id)?;
+        if !force {
+            let running: Vec<String> = sb
+                .snapshot()
+                .containers
+                .iter()
+                .filter(|c| c.state == "running" || c.state == "paused")
+                .map(|c| c.id.clone())
+                .collect();
+            if !running.is_empty() {
+                return Err(Error::FailedPrecondition(format!(
+                    "sandbox {id} has running containers {running:?}: stop them or use force"
+                )));
+            }
+        }
+        self.teardown(&sb, "removed", true).await;
+        Ok(())
+    }
+
+    /// Stop everything of a sandbox and forget it. `graceful`: ask the guest to power off
+    /// first. Runs once per sandbox; later callers return at once.
+    pub async fn teardown(self: &Arc<Self>, sb: &Arc<Sandbox>, reason: &str, graceful: bool) {
+        if sb.removing.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.update(
+            sb,
+            Changed {
+                state: true,
+                ..Default::default()
+            },
+            |r| r.state = "stopping".into(),
+        )
+        .await;
+        let vmm = sb.vmm();
+        if graceful && vmm.as_ref().is_some_and(supervisor::alive) {
+            let agent = sb.agent.clone();
+            let bye = async {
+                let _ = agent.request(Request::DestroySandbox).await;
+                let _ = agent.request(Request::Shutdown).await;
+                while vmm.as_ref().is_some_and(supervisor::alive) {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            };
+            if tokio::time::timeout(Duration::from_secs(10), bye)
+                .await
+                .is_err()
+            {
+                tracing::warn!(sandbox = %sb.id, "guest did not power off in 10 s; killing");
+            }
+        }
+        let rec = sb.snapshot();
+        supervisor::stop_all(&rec.components, Duration::from_secs(2)).await;
+        if let Err(e) = mounts::unmount_and_remove(&rec.run_dir) {
+            tracing::error!(sandbox = %sb.id, "cleanup: {e}");
+        }
+        if let Err(e) = self.store.remove(&sb.id) {
+            tracing::error!(sandbox = %sb.id, "cannot remove state file: {e}");
+        }
+        self.sandboxes
+            .lock()
+            .expect("sandboxes lock")
+            .remove(&sb.id);
+        if let Some(conn) = self.conn() {
+            api::remove_sandbox(conn, sb, reason).await;
+        }
+        tracing::info!(sandbox = %sb.id, "sandbox removed: {reason}");
+    }
+
+    /// Take over the sandboxes a previous bulkheadd left: watch the live ones again,
+    /// clean up after the dead ones.
+    pub async fn adopt(self: &Arc<Self>) {
+        for r in self.store.load_all() {
+            let rec = match r {
+                Ok(rec) => rec,
+                Err(e) => {
+                    tracing::error!("unreadable sandbox record: {e}");
+                    continue;
+                }
+            };
+            let id = rec.id.clone();
+            let all_alive =
+                !rec.components.is_empty() && rec.components.iter().all(supervisor::alive);
+            let sb = Arc::new(Sandbox {
+                id: id.clone(),
+                path: sandbox_path(&id),
+                agent: Agent::new(rec.vsock_socket()),
+                rec: Mutex::new(rec.clone()),
+                removing: AtomicBool::new(false),
+            });
+            self.sandboxes
+                .lock()
+                .expect("sandboxes lock")
+                .insert(id.clone(), sb.clone());
+            if let Some(conn) = self.conn() {
+                api::add_sandbox(conn, self, &sb).await;
+            }
+            if !all_alive || rec.state != "running" {
+                let why = if rec.state != "running" {
+                    format!("the manager restarted while it was {}", rec.state)
+                } else {
+                    "a component died while the manager was down".into()
+                };
+                tracing::warn!(sandbox = %id, "not adopting: {why}");
+                self.teardown(&sb, &why, false).await;
+                continue;
+            }
+            for c in &rec.components {
+                self.watch_component(&sb, c.clone());
+            }
+            for c in rec
+                .containers
+                .iter()
+                .filter(|c| c.state == "running" || c.state == "paused")
+            {
+                self.watch_exit(&sb, c.id.clone());
+            }
+            tracing::info!(sandbox = %id, "adopted ({} components)", rec.components.len());
+        }
+    }
+
+    // ---- containers ----
+
+    fn running(&self, id: &str) -> Result<Arc<Sandbox>, Error> {
+        let sb = self.get(id)?;
+        let state = sb.snapshot().state;
+        if state != "running" {
+            return Err(Error::FailedPrecondition(format!(
+                "sandbox {id} is {state}"
+            )));
+        }
+        Ok(sb)
+    }
+
+    fn container_state(sb: &Sandbox, cid: &str) -> Result<String, Error> {
+        sb.snapshot()
+            .container(cid)
+            .map(|c| c.state.clone())
+            .ok_or_else(|| Error::NotFound(format!("no container {cid:?} in sandbox {}", sb.id)))
+    }
+
+    pub async fn create_container(
+        self: &Arc<Self>,
+        sid: &str,
+        n: NewContainer,
+    ) -> Result<(), Error> {
+        let NewContainer {
+            id: cid,
+            spec_json,
+            rootfs,
+            stdin,
+            terminal,
+            overlay,
+        } = n;
+        let sb = self.running(sid)?;
+        valid_id(&cid).map_err(Error::InvalidArgument)?;
+        let mut spec: serde_json::Value = serde_json::from_str(&spec_json)
+            .map_err(|e| Error::InvalidArgument(format!("spec is not valid JSON: {e}")))?;
+        if !spec.is_object() || !spec.get("process").is_some_and(|p| p.is_object()) {
+            return Err(Error::InvalidArgument(
+                "spec must be an OCI runtime spec object with a process".into(),
+            ));
+        }
+        if let Some(t) = terminal {
+            spec["process"]["terminal"] = serde_json::Value::Bool(t);
+        }
+        let src = PathBuf::from(&rootfs);
+        if !src.is_absolute() || !src.is_dir() {
+            return Err(Error::InvalidArgument(format!(
+                "rootfs {rootfs:?} is not an existing directory (absolute path)"
+            )));
+        }
+        let mount = {
+            let mut r = sb.rec.lock().expect("rec lock");
+            if r.container(&cid).is_some() {
+                return Err(Error::AlreadyExists(format!(
+                    "container {cid:?} exists in sandbox {sid}"
+                )));
+            }
+            let mount = r.shared_dir().join(&cid).join("rootfs");
+            r.containers.push(ContainerRec {
+                id: cid.clone(),
+                state: "creating".into(),
+                rootfs_mount: mount.clone(),
+                exit_code: None,
+            });
+            mount
+        };
+        self.save(&sb);
+        let result = async {
+            std::fs::create_dir_all(&mount)
+                .map_err(io_err("cannot create the rootfs mount point"))?;
+            if overlay {
+                // Upper and work live outside the shared directory: the guest sees only
+                // the merged view.
+                let layer = sb.snapshot().run_dir.join("layers").join(&cid);
+                let (upper, work) = (layer.join("upper"), layer.join("work"));
+                std::fs::create_dir_all(&upper)
+                    .and_then(|_| std::fs::create_dir_all(&work))
+                    .map_err(io_err("cannot create the container's layer"))?;
+                mounts::overlay(&src, &upper, &work, &mount)
+                    .map_err(io_err("cannot mount the rootfs overlay"))?;
+            } else {
+                mounts::bind(&src, &mount).map_err(io_err("cannot bind-mount the rootfs"))?;
+            }
+            let cdir = mount.parent().unwrap_or(&mount);
+            share_bind_mounts(&mut spec, cdir, &format!("{GUEST_SHARED}/{cid}"))?;
+            let req = CreateContainer {
+                id: cid.clone(),
+                spec_json: spec.to_string(),
+                rootfs: Rootfs::Path(format!("{GUEST_SHARED}/{cid}/rootfs")),
+                stdin,
+            };
+            sb.agent.call(move |c| c.create_container(req)).await
+        }
+        .await;
+        match result {
+            Ok(_pid) => {
+                self.update(
+                    &sb,
+                    Changed {
+                        containers: true,
+                        ..Default::default()
+                    },
+                    |r| {
+                        if let Some(c) = r.container_mut(&cid) {
+                            c.state = "created".into();
+                        }
+                    },
+                )
+                .await;
+                Ok(())
+            }
+            Err(e) => {
+                if let Some(dir) = mount.parent() {
+                    let _ = mounts::unmount_and_remove(dir);
+                }
+                let _ = std::fs::remove_dir_all(sb.snapshot().run_dir.join("layers").join(&cid));
+                sb.rec
+                    .lock()
+                    .expect("rec lock")
+                    .containers
+                    .retain(|c| c.id != cid);
+                self.save(&sb);
+                Err(e)
+            }
+        }
+    }
+
+    pub async fn start_container(self: &Arc<Self>, sid: &str, cid: String) -> Result<(), Error> {
+        let sb = self.running(sid)?;
+        Self::container_state(&sb, &cid)?;
+        let id = cid.clone();
+        sb.agent.call(move |c| c.start(&id)).await?;
+        self.set_container_state(&sb, &cid, "running", None).await;
+        self.watch_exit(&sb, cid);
+        Ok(())
+    }
+
+    async fn set_container_state(
+        &self,
+        sb: &Arc<Sandbox>,
+        cid: &str,
+        state: &str,
+        code: Option<i32>,
+    ) {
+        self.update(
+            sb,
+            Changed {
+                containers: true,
+                ..Default::default()
+            },
+            |r| {
+                if let Some(c) = r.container_mut(cid) {
+                    c.state = state.into();
+                    if code.is_some() {
+                        c.exit_code = code;
+                    }
+                }
+            },
+        )
+        .await;
+    }
+
+    /// Follow a running container until its init exits, then record the exit.
+    fn watch_exit(self: &Arc<Self>, sb: &Arc<Sandbox>, cid: String) {
+        let d = self.clone();
+        let sb = sb.clone();
+        tokio::spawn(async move {
+            let id = cid.clone();
+            match sb.agent.call(move |c| c.wait(&id, None)).await {
+                Ok(st) => {
+                    d.set_container_state(&sb, &cid, "stopped", Some(st.code))
+                        .await;
+                    if let Some(conn) = d.conn() {
+                        api::container_exited(conn, &sb, &cid, st.code).await;
+                    }
+                }
+                Err(e) if !sb.removing.load(Ordering::SeqCst) => {
+                    tracing::warn!(sandbox = %sb.id, container = %cid, "lost the exit: {e}")
+                }
+                Err(_) => {}
+            }
+        });
+    }
+
+    pub async fn exec(
+        &self,
+        sid: &str,
+        cid: String,
+        exec_id: String,
+        process_json: String,
+        stdin: bool,
+    ) -> Result<(), Error> {
+        let sb = self.running(sid)?;
+        Self::container_state(&sb, &cid)?;
+        valid_id(&exec_id).map_err(Error::InvalidArgument)?;
+        serde_json::from_str::<serde_json::Value>(&process_json)
+            .ok()
+            .filter(|v| v.is_object())
+            .ok_or_else(|| {
+                Error::InvalidArgument("process must be an OCI process JSON object".into())
+            })?;
+        let e = ExecProcess {
+            id: cid,
+            exec_id,
+            process_json,
+            stdin,
+        };
+        sb.agent.call(move |c| c.exec(e)).await.map(|_| ())
+    }
+
+    /// A plain agent call on a container of a running sandbox.
+    pub async fn container_call<T: Send + 'static>(
+        &self,
+        sid: &str,
+        cid: &str,
+        f: impl FnOnce(
+                &mut bulkhead_protocol::client::AgentClient<std::os::unix::net::UnixStream>,
+            ) -> Result<T, bulkhead_protocol::client::ClientError>
+            + Send
+            + 'static,
+    ) -> Result<T, Error> {
+        let sb = self.running(sid)?;
+        Self::container_state(&sb, cid)?;
+        sb.agent.call(f).await
+    }
+
+    pub async fn pause(&self, sid: &str, cid: String, pause: bool) -> Result<(), Error> {
+        let id = cid.clone();
+        self.container_call(sid, &cid, move |c| {
+            c.expect_ok(&if pause {
+                Request::Pause { id }
+            } else {
+                Request::Resume { id }
+            })
+        })
+        .await?;
+        let sb = self.get(sid)?;
+        self.set_container_state(&sb, &cid, if pause { "paused" } else { "running" }, None)
+            .await;
+        Ok(())
+    }
+
+    pub async fn delete_container(&self, sid: &str, cid: String, force: bool) -> Result<(), Error> {
+        let id = cid.clone();
+        self.container_call(sid, &cid, move |c| c.delete(&id, force))
+            .await?;
+        let sb = self.get(sid)?;
+        let mount = sb
+            .snapshot()
+            .container(&cid)
+            .map(|c| c.rootfs_mount.clone());
+        if let Some(m) = mount.as_ref().and_then(|m| m.parent()) {
+            mounts::unmount_and_remove(m).map_err(io_err("cannot unmount the rootfs"))?;
+        }
+        let _ = std::fs::remove_dir_all(sb.snapshot().run_dir.join("layers").join(&cid));
+        self.update(
+            &sb,
+            Changed {
+                containers: true,
+                ..Default::default()
+            },
+            |r| r.containers.retain(|c| c.id != cid),
+        )
+        .await;
+        Ok(())
+    }
+
+    pub async fn attach(
+        &self,
+        sid: &str,
+        cid: String,
+        exec_id: Option<String>,
+        stream: &str,
+    ) -> Result<std::os::unix::net::UnixStream, Error> {
+        use bulkhead_protocol::StdioStream;
+        let sb = self.running(sid)?;
+        Self::container_state(&sb, &cid)?;
+        let which = match stream {
+            "stdin" => StdioStream::Stdin,
+            "stdout" => StdioStream::Stdout,
+            "stderr" => StdioStream::Stderr,
+            "wait" => return sb.agent.wait_stream(cid, exec_id).await,
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "stream {other:?}: want stdin, stdout, stderr or wait"
+                )))
+            }
+        };
+        sb.agent.attach_stdio(cid, exec_id, which).await
+    }
+}

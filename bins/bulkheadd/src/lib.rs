@@ -1,0 +1,65 @@
+//! bulkheadd: the manager. It owns `org.bulkhead.Manager1` on the bus, starts each
+//! sandbox's components (VMM, virtiofsd, vhost-user back ends) as separate processes,
+//! keeps every sandbox's record on disk, and adopts the sandboxes still running when it
+//! starts again. See docs/ARCHITECTURE.md and docs/dbus-api.md.
+
+pub mod agent;
+pub mod api;
+pub mod backend;
+pub mod daemon;
+pub mod mounts;
+pub mod store;
+pub mod supervisor;
+
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use bulkhead_dbus::{MANAGER_NAME, MANAGER_PATH};
+
+pub struct Options {
+    pub state_dir: PathBuf,
+    pub bus_address: String,
+}
+
+/// Serve until SIGTERM or SIGINT. Sandboxes keep running when bulkheadd stops: the next
+/// bulkheadd adopts them.
+pub async fn serve(opts: Options) -> Result<()> {
+    std::fs::create_dir_all(&opts.state_dir)
+        .with_context(|| format!("cannot create {}", opts.state_dir.display()))?;
+    let lock = std::fs::File::create(opts.state_dir.join("bulkheadd.lock"))?;
+    // SAFETY: flock on an fd we own; held for the life of the process.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!(
+            "another bulkheadd already serves {}",
+            opts.state_dir.display()
+        );
+    }
+    let cfg = bulkhead_host::config::Config::load()?;
+    let d = daemon::Daemon::new(cfg, opts.state_dir.clone())?;
+    let conn = zbus::connection::Builder::address(opts.bus_address.as_str())?
+        .serve_at(MANAGER_PATH, api::ManagerIface { d: d.clone() })?
+        .serve_at(MANAGER_PATH, zbus::fdo::ObjectManager)?
+        .build()
+        .await
+        .with_context(|| format!("cannot connect to the bus at {}", opts.bus_address))?;
+    d.set_connection(conn.clone());
+    d.adopt().await;
+    conn.request_name(MANAGER_NAME)
+        .await
+        .with_context(|| format!("cannot own {MANAGER_NAME} (another bulkheadd?)"))?;
+    tracing::info!(
+        bus = %opts.bus_address,
+        state = %opts.state_dir.display(),
+        backends = ?d.backends,
+        "bulkheadd ready"
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("stopping; sandboxes keep running and are adopted by the next bulkheadd");
+    drop(lock);
+    Ok(())
+}

@@ -1,0 +1,190 @@
+//! Bind mounts of container root file systems into a sandbox's shared directory, and
+//! finding every mount under a directory before it is removed, so that removing a
+//! sandbox can never delete through a mount into a user's files.
+
+use std::ffi::CString;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+fn cstr(p: &Path) -> io::Result<CString> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::other("path has a NUL byte"))
+}
+
+/// `mount --rbind src dst`, then make it private so nothing propagates back to `src`.
+pub fn bind(src: &Path, dst: &Path) -> io::Result<()> {
+    let (s, d) = (cstr(src)?, cstr(dst)?);
+    // SAFETY: both strings are NUL-terminated and live across the calls.
+    let rc = unsafe {
+        libc::mount(
+            s.as_ptr(),
+            d.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND | libc::MS_REC,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above; a propagation change takes no source or data.
+    let rc = unsafe {
+        libc::mount(
+            std::ptr::null(),
+            d.as_ptr(),
+            std::ptr::null(),
+            libc::MS_PRIVATE | libc::MS_REC,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        let _ = unmount(dst);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// An overlay at `target`: `lower` read-only below a private `upper` (with `work`), so
+/// a container writes to its own layer and never into a shared image.
+pub fn overlay(lower: &Path, upper: &Path, work: &Path, target: &Path) -> io::Result<()> {
+    for p in [lower, upper, work] {
+        let s = p.as_os_str().as_bytes();
+        if s.iter().any(|b| matches!(b, b',' | b':' | b'\\')) {
+            return Err(io::Error::other(format!(
+                "{}: overlay paths may not contain ',', ':' or '\\'",
+                p.display()
+            )));
+        }
+    }
+    let data = cstr(Path::new(&format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.display(),
+        upper.display(),
+        work.display()
+    )))?;
+    let (fs, d) = (cstr(Path::new("overlay"))?, cstr(target)?);
+    // SAFETY: every pointer is a NUL-terminated string living across the call.
+    let rc = unsafe {
+        libc::mount(
+            fs.as_ptr(),
+            d.as_ptr(),
+            fs.as_ptr(),
+            0,
+            data.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Lazy unmount (`umount -l`); not mounted is not an error.
+pub fn unmount(p: &Path) -> io::Result<()> {
+    let c = cstr(p)?;
+    // SAFETY: NUL-terminated path.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINVAL) && e.raw_os_error() != Some(libc::ENOENT) {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Undo mountinfo's octal escapes (`\040` for a space).
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 4 <= b.len() {
+            if let Some(v) = std::str::from_utf8(&b[i + 1..i + 4])
+                .ok()
+                .and_then(|t| u8::from_str_radix(t, 8).ok())
+            {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Mount points at or below `dir`, deepest first.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut v: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|m| PathBuf::from(unescape(m)))
+        .filter(|m| m.starts_with(dir))
+        .collect();
+    v.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    v.dedup();
+    v
+}
+
+/// Unmount everything under `dir`, then remove it. Refuses to remove anything while a
+/// mount is left, so a user's directory is never deleted through a bind mount.
+pub fn unmount_and_remove(dir: &Path) -> io::Result<()> {
+    for _ in 0..3 {
+        let left = mounts_under(dir);
+        if left.is_empty() {
+            break;
+        }
+        for m in left {
+            unmount(&m)?;
+        }
+    }
+    let left = mounts_under(dir);
+    if !left.is_empty() {
+        return Err(io::Error::other(format!(
+            "mounts left under {}: {left:?}; not removing it",
+            dir.display()
+        )));
+    }
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape(r"/a\040b"), "/a b");
+        assert_eq!(unescape(r"/plain"), "/plain");
+        assert_eq!(unescape(r"/end\"), "/end\\");
+    }
+
+    #[test]
+    fn bind_then_remove_keeps_the_source() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root for mount(2)");
+            return;
+        }
+        let base = std::env::temp_dir().join(format!("bh-mnt-{}", std::process::id()));
+        let src = base.join("src");
+        let run = base.join("run");
+        let dst = run.join("shared/c1/rootfs");
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::create_dir_all(&dst).unwrap();
+        std::fs::write(src.join("keep"), b"x").unwrap();
+        bind(&src, &dst).unwrap();
+        assert!(dst.join("keep").exists());
+        assert_eq!(mounts_under(&run), vec![dst.clone()]);
+        unmount_and_remove(&run).unwrap();
+        assert!(!run.exists());
+        assert!(src.join("keep").exists(), "the bind source must survive");
+        std::fs::remove_dir_all(base).unwrap();
+    }
+}

@@ -1,0 +1,157 @@
+//! Sandbox records on disk, so a bulkheadd that was killed and started again finds every
+//! sandbox still running. One JSON file per sandbox, `<state>/sandboxes/<id>.json`,
+//! replaced atomically (write, fsync, rename) on every change.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// A host process that belongs to a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Component {
+    pub name: String,
+    pub pid: u32,
+    /// Start time in clock ticks since boot (`/proc/<pid>/stat` field 22): with the pid,
+    /// it names one process even after the pid is reused.
+    pub start_time: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerRec {
+    pub id: String,
+    /// created, running, paused, stopped.
+    pub state: String,
+    /// Where its rootfs is bind-mounted in the shared directory.
+    pub rootfs_mount: PathBuf,
+    pub exit_code: Option<i32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxRec {
+    pub id: String,
+    pub backend: String,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    pub created_at_us: u64,
+    /// creating, running, stopping.
+    pub state: String,
+    /// Sockets, logs and the shared directory; short, so socket paths fit in 108 bytes.
+    pub run_dir: PathBuf,
+    pub components: Vec<Component>,
+    pub containers: Vec<ContainerRec>,
+    pub timings: BTreeMap<String, u64>,
+}
+
+impl SandboxRec {
+    /// The hybrid vsock socket through which the agent is reached.
+    pub fn vsock_socket(&self) -> PathBuf {
+        self.run_dir.join("vsock.sock")
+    }
+
+    /// The directory virtiofsd shares with the guest.
+    pub fn shared_dir(&self) -> PathBuf {
+        self.run_dir.join("shared")
+    }
+
+    pub fn container(&self, id: &str) -> Option<&ContainerRec> {
+        self.containers.iter().find(|c| c.id == id)
+    }
+
+    pub fn container_mut(&mut self, id: &str) -> Option<&mut ContainerRec> {
+        self.containers.iter_mut().find(|c| c.id == id)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    dir: PathBuf,
+}
+
+impl Store {
+    pub fn new(state_dir: &Path) -> std::io::Result<Store> {
+        let dir = state_dir.join("sandboxes");
+        std::fs::create_dir_all(&dir)?;
+        Ok(Store { dir })
+    }
+
+    fn path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.json"))
+    }
+
+    pub fn save(&self, rec: &SandboxRec) -> std::io::Result<()> {
+        let path = self.path(&rec.id);
+        let tmp = path.with_extension("json.tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec_pretty(rec).map_err(std::io::Error::other)?)?;
+        f.sync_all()?;
+        std::fs::rename(tmp, path)
+    }
+
+    pub fn remove(&self, id: &str) -> std::io::Result<()> {
+        match std::fs::remove_file(self.path(id)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every record; a file that cannot be read or parsed is reported, not fatal.
+    pub fn load_all(&self) -> Vec<Result<SandboxRec, String>> {
+        let Ok(rd) = std::fs::read_dir(&self.dir) else {
+            return vec![];
+        };
+        rd.flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .map(|p| {
+                std::fs::read(&p)
+                    .map_err(|e| e.to_string())
+                    .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+                    .map_err(|e| format!("{}: {e}", p.display()))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(id: &str) -> SandboxRec {
+        SandboxRec {
+            id: id.into(),
+            backend: "qemu".into(),
+            cpus: 1,
+            memory_mib: 256,
+            created_at_us: 1,
+            state: "running".into(),
+            run_dir: "/run/x".into(),
+            components: vec![Component {
+                name: "vmm".into(),
+                pid: 42,
+                start_time: 7,
+            }],
+            containers: vec![],
+            timings: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn save_load_remove() {
+        let dir = std::env::temp_dir().join(format!("bh-store-{}", std::process::id()));
+        let s = Store::new(&dir).unwrap();
+        s.save(&rec("a")).unwrap();
+        s.save(&rec("b")).unwrap();
+        std::fs::write(dir.join("sandboxes/bad.json"), b"{not json").unwrap();
+        let mut all = s.load_all();
+        all.sort_by_key(|r| r.as_ref().map(|r| r.id.clone()).unwrap_or_default());
+        assert_eq!(all.len(), 3);
+        assert!(all[0].is_err(), "the corrupt file is reported");
+        assert_eq!(all[1].as_ref().unwrap(), &rec("a"));
+        s.remove("a").unwrap();
+        s.remove("a").unwrap();
+        assert_eq!(s.load_all().len(), 2);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,272 @@
+//! The runtime's configuration: where the guest image and the component binaries are,
+//! and the defaults for a new sandbox.
+//!
+//! Read from `$BULKHEAD_CONFIG`, else `/etc/bulkhead/config.json`, else built-in defaults.
+//! `BULKHEAD_GUEST_DIR` names a directory holding `vmlinux` and `initramfs.cpio.gz` (the
+//! guest image builder's output). A binary not named in the file is looked for beside the
+//! running executable, then on `PATH`, then where our installers put it.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_CONFIG: &str = "/etc/bulkhead/config.json";
+pub const DEFAULT_GUEST_DIR: &str = "/usr/share/bulkhead/guest";
+pub const DEFAULT_STATE_DIR: &str = "/run/bulkhead";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Uncompressed guest kernel (ELF vmlinux with a PVH note).
+    pub guest_kernel: Option<PathBuf>,
+    pub guest_initrd: Option<PathBuf>,
+    /// `bulkhead-vmm` or `qemu`; unset: the best this host can run.
+    pub default_backend: Option<String>,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    /// How long a guest may take to answer after its VMM starts.
+    pub boot_timeout_s: u64,
+    pub bulkhead_vmm: Option<PathBuf>,
+    pub qemu: Option<PathBuf>,
+    pub virtiofsd: Option<PathBuf>,
+    pub vhost_device_vsock: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            guest_kernel: None,
+            guest_initrd: None,
+            default_backend: None,
+            cpus: 1,
+            memory_mib: 256,
+            boot_timeout_s: 120,
+            bulkhead_vmm: None,
+            qemu: None,
+            virtiofsd: None,
+            vhost_device_vsock: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: String,
+        source: serde_json::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Load from `$BULKHEAD_CONFIG` or the default path (absent: defaults).
+    pub fn load() -> Result<Config, ConfigError> {
+        let explicit = std::env::var_os("BULKHEAD_CONFIG").filter(|v| !v.is_empty());
+        let path = explicit
+            .clone()
+            .map(PathBuf::from)
+            .unwrap_or_else(|| DEFAULT_CONFIG.into());
+        let mut cfg = match std::fs::read_to_string(&path) {
+            Ok(text) => Self::parse(&text).map_err(|e| match e {
+                ConfigError::Parse { source, .. } => ConfigError::Parse {
+                    path: path.display().to_string(),
+                    source,
+                },
+                other => other,
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && explicit.is_none() => {
+                Config::default()
+            }
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })
+            }
+        };
+        if let Some(dir) = std::env::var_os("BULKHEAD_GUEST_DIR").filter(|v| !v.is_empty()) {
+            let dir = PathBuf::from(dir);
+            cfg.guest_kernel = Some(dir.join("vmlinux"));
+            cfg.guest_initrd = Some(dir.join("initramfs.cpio.gz"));
+        }
+        Ok(cfg)
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = serde_json::from_str(text).map_err(|source| ConfigError::Parse {
+            path: "config".into(),
+            source,
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=64).contains(&self.cpus) {
+            return Err(ConfigError::Invalid(format!(
+                "cpus = {}: want 1 to 64",
+                self.cpus
+            )));
+        }
+        if !(64..=65536).contains(&self.memory_mib) {
+            return Err(ConfigError::Invalid(format!(
+                "memory_mib = {}: want 64 to 65536",
+                self.memory_mib
+            )));
+        }
+        if let Some(b) = &self.default_backend {
+            if Backend::parse(b).is_none() {
+                return Err(ConfigError::Invalid(format!(
+                    "default_backend = {b:?}: want bulkhead-vmm or qemu"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn kernel(&self) -> PathBuf {
+        self.guest_kernel
+            .clone()
+            .unwrap_or_else(|| Path::new(DEFAULT_GUEST_DIR).join("vmlinux"))
+    }
+
+    pub fn initrd(&self) -> PathBuf {
+        self.guest_initrd
+            .clone()
+            .unwrap_or_else(|| Path::new(DEFAULT_GUEST_DIR).join("initramfs.cpio.gz"))
+    }
+
+    /// Where a component binary is, or `None` if it cannot be found.
+    pub fn binary(&self, which: Binary) -> Option<PathBuf> {
+        let configured = match which {
+            Binary::BulkheadVmm => &self.bulkhead_vmm,
+            Binary::Qemu => &self.qemu,
+            Binary::Virtiofsd => &self.virtiofsd,
+            Binary::VhostDeviceVsock => &self.vhost_device_vsock,
+            Binary::Bulkheadd | Binary::Bulkhead => &None,
+        };
+        if let Some(p) = configured {
+            return p.exists().then(|| p.clone());
+        }
+        find_binary(which.file_name(), which.extra_dirs())
+    }
+}
+
+/// The programs bulkhead runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Binary {
+    Bulkheadd,
+    Bulkhead,
+    BulkheadVmm,
+    Qemu,
+    Virtiofsd,
+    VhostDeviceVsock,
+}
+
+impl Binary {
+    pub fn file_name(self) -> &'static str {
+        match self {
+            Binary::Bulkheadd => "bulkheadd",
+            Binary::Bulkhead => "bulkhead",
+            Binary::BulkheadVmm => "bulkhead-vmm",
+            Binary::Qemu => "qemu-system-x86_64",
+            Binary::Virtiofsd => "virtiofsd",
+            Binary::VhostDeviceVsock => "vhost-device-vsock",
+        }
+    }
+
+    fn extra_dirs(self) -> &'static [&'static str] {
+        match self {
+            Binary::Virtiofsd => &["/opt/virtiofsd/bin", "/usr/libexec", "/usr/lib/qemu"],
+            Binary::VhostDeviceVsock => &["/opt/vhost-device-vsock/bin", "/usr/libexec"],
+            Binary::Bulkheadd | Binary::BulkheadVmm => &["/usr/libexec/bulkhead"],
+            _ => &[],
+        }
+    }
+}
+
+/// Look for `name` beside the running executable, on `PATH`, then in `extra`.
+pub fn find_binary(name: &str, extra: &[&str]) -> Option<PathBuf> {
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join(name)));
+    let on_path: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).map(|d| d.join(name)).collect())
+        .unwrap_or_default();
+    beside
+        .into_iter()
+        .chain(on_path)
+        .chain(extra.iter().map(|d| Path::new(d).join(name)))
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+/// A hypervisor backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Backend {
+    BulkheadVmm,
+    Qemu,
+}
+
+impl Backend {
+    pub fn parse(s: &str) -> Option<Backend> {
+        match s {
+            "bulkhead-vmm" => Some(Backend::BulkheadVmm),
+            "qemu" => Some(Backend::Qemu),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::BulkheadVmm => "bulkhead-vmm",
+            Backend::Qemu => "qemu",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_and_validate() {
+        let c = Config::parse(r#"{"cpus": 2, "default_backend": "qemu"}"#).unwrap();
+        assert_eq!(c.cpus, 2);
+        assert_eq!(c.memory_mib, 256);
+        assert!(Config::parse(r#"{"cpus": 0}"#).is_err());
+        assert!(Config::parse(r#"{"memory_mib": 1}"#).is_err());
+        assert!(Config::parse(r#"{"default_backend": "xen"}"#).is_err());
+        let e = Config::parse(r#"{"cpu": 2}"#).unwrap_err().to_string();
+        assert!(e.contains("unknown field"), "{e}");
+        assert!(Config::parse("{").is_err());
+    }
+
+    #[test]
+    fn backends_by_name() {
+        for b in [Backend::BulkheadVmm, Backend::Qemu] {
+            assert_eq!(Backend::parse(b.as_str()), Some(b));
+        }
+        assert_eq!(Backend::parse("firecracker"), None);
+    }
+
+    #[test]
+    fn finds_binaries_on_path_only_when_executable() {
+        assert!(find_binary("sh", &[]).is_some());
+        assert!(find_binary("no-such-binary-bulkhead", &["/nonexistent"]).is_none());
+    }
+}
