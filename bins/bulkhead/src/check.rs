@@ -1,0 +1,54 @@
+//! `bulkhead check`: what this host can run, why not, and which bus is in use.
+
+use anyhow::Result;
+use serde_json::json;
+
+#[derive(clap::Args, Debug)]
+pub struct CheckArgs {
+    /// Print JSON for scripts.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn check(a: CheckArgs) -> Result<i32> {
+    let cfg = bulkhead_host::config::Config::load()?;
+    let r = bulkhead_host::check::check(&cfg);
+    let state = crate::client::state_dir();
+    let bus = bulkhead_dbus::bus::choose(&state);
+    if a.json {
+        let mut v = serde_json::to_value(&r)?;
+        v["bus_address"] = json!(bus.address);
+        v["bus_kind"] = json!(bus.kind.as_str());
+        v["state_dir"] = json!(state);
+        v["guest_kernel"] = json!(cfg.kernel());
+        v["guest_initrd"] = json!(cfg.initrd());
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("kvm: {}", r.kvm);
+        println!("backend: {}", r.backend.unwrap_or("none"));
+        for b in &r.backends {
+            let how = b.accel.map(|a| format!(" ({a})")).unwrap_or_default();
+            println!(
+                "  {}{how}: {}",
+                b.name,
+                if b.usable { "usable" } else { "not usable" }
+            );
+            for why in &b.reasons {
+                println!("    - {why}");
+            }
+        }
+        for p in &r.problems {
+            println!("problem: {p}");
+        }
+        for n in &r.notes {
+            println!("note: {n}");
+        }
+        println!("bus: {} ({})", bus.address, bus.kind.as_str());
+        println!(
+            "guest image: {} + {}",
+            cfg.kernel().display(),
+            cfg.initrd().display()
+        );
+    }
+    Ok(if r.backend.is_some() { 0 } else { 1 })
+}

@@ -1,0 +1,127 @@
+//! `bulkhead ls` and `bulkhead rm`.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Result;
+use serde_json::json;
+
+use crate::client::{explain, Client};
+
+#[derive(clap::Args, Debug)]
+pub struct LsArgs {
+    /// Print JSON for scripts.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RmArgs {
+    /// Remove even if containers still run.
+    #[arg(short, long)]
+    force: bool,
+    #[arg(required = true)]
+    ids: Vec<String>,
+}
+
+/// CPU time (ms) and RSS (KiB) of a host process, from /proc.
+fn usage(pid: u32) -> (u64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let cpu = stat
+        .rfind(')')
+        .map(|i| stat[i + 2..].split_whitespace().collect::<Vec<_>>())
+        .and_then(|f| Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?))
+        .unwrap_or(0);
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0);
+    (cpu * 1000 / hz, rss)
+}
+
+pub async fn ls(a: LsArgs) -> Result<()> {
+    let c = Client::connect().await?;
+    let rows = c.manager.list_sandboxes().await.map_err(explain)?;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0);
+    let mut out = vec![];
+    for (id, state, backend, _) in rows {
+        let Ok(sb) = c.sandbox(&id).await else {
+            continue;
+        };
+        let containers = sb.containers().await.unwrap_or_default();
+        let components = sb.components().await.unwrap_or_default();
+        let created = sb.created_at().await.unwrap_or(now);
+        let (cpu_ms, rss_kib) = components
+            .iter()
+            .map(|(_, pid)| usage(*pid))
+            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+        out.push(json!({
+            "id": id,
+            "state": state,
+            "backend": backend,
+            "containers": containers.iter().map(|(id, st)| json!({"id": id, "state": st})).collect::<Vec<_>>(),
+            "uptime_s": now.saturating_sub(created) / 1_000_000,
+            "cpu_ms": cpu_ms,
+            "memory_kib": rss_kib,
+            "cpus": sb.cpus().await.unwrap_or(0),
+            "memory_mib": sb.memory_mib().await.unwrap_or(0),
+            "components": components.iter().map(|(n, p)| json!({"name": n, "pid": p})).collect::<Vec<_>>(),
+        }));
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!(
+        "{:<16} {:<9} {:<13} {:>8} {:>9} {:>9}  CONTAINERS",
+        "ID", "STATE", "BACKEND", "UPTIME", "CPU", "MEMORY"
+    );
+    for s in out {
+        let containers: Vec<String> = s["containers"]
+            .as_array()
+            .map(|v| {
+                v.iter()
+                    .map(|c| {
+                        format!(
+                            "{}({})",
+                            c["id"].as_str().unwrap_or(""),
+                            c["state"].as_str().unwrap_or("")
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        println!(
+            "{:<16} {:<9} {:<13} {:>7}s {:>7}ms {:>7}Mi  {}",
+            s["id"].as_str().unwrap_or(""),
+            s["state"].as_str().unwrap_or(""),
+            s["backend"].as_str().unwrap_or(""),
+            s["uptime_s"],
+            s["cpu_ms"],
+            s["memory_kib"].as_u64().unwrap_or(0) / 1024,
+            containers.join(",")
+        );
+    }
+    Ok(())
+}
+
+pub async fn rm(a: RmArgs) -> Result<i32> {
+    let c = Client::connect().await?;
+    let mut code = 0;
+    for id in &a.ids {
+        match c.manager.remove_sandbox(id, a.force).await {
+            Ok(()) => println!("{id}"),
+            Err(e) => {
+                eprintln!("bulkhead: rm {id}: {}", explain(e));
+                code = 1;
+            }
+        }
+    }
+    Ok(code)
+}

@@ -1,0 +1,279 @@
+//! `bulkhead run`: one container in its own VM (or in an existing sandbox), from an
+//! image or a root directory, with the container's exit status as ours.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use zbus::zvariant::Value as V;
+
+use crate::attach;
+use crate::client::{explain, Client};
+use crate::image;
+use crate::stdio;
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Start the container and print its sandbox id; do not wait.
+    #[arg(short, long)]
+    pub detach: bool,
+    /// Remove the sandbox when the container exits.
+    #[arg(long)]
+    pub rm: bool,
+    /// Keep stdin open and copy it to the container.
+    #[arg(short, long)]
+    pub interactive: bool,
+    /// Give the container a terminal.
+    #[arg(short, long)]
+    pub tty: bool,
+    /// The container's id (and its sandbox's, unless --sandbox); random if unset.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Run in this existing sandbox instead of a new VM.
+    #[arg(long)]
+    pub sandbox: Option<String>,
+    /// A host directory to use as the root file system instead of an image.
+    #[arg(long, value_name = "DIR")]
+    pub rootfs: Option<PathBuf>,
+    /// Hypervisor backend: bulkhead-vmm or qemu (default: what `bulkhead check` picks).
+    #[arg(long)]
+    pub backend: Option<String>,
+    #[arg(long)]
+    pub cpus: Option<u32>,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MIB")]
+    pub memory: Option<u32>,
+    /// Environment variable for the process (KEY=VALUE).
+    #[arg(short, long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Working directory in the container.
+    #[arg(short, long)]
+    pub workdir: Option<String>,
+    /// Bind a host directory into the container (HOST:CONTAINER[:ro]).
+    #[arg(short, long = "volume", value_name = "HOST:CONTAINER[:ro]")]
+    pub volume: Vec<String>,
+    /// IMAGE [COMMAND [ARG...]], or COMMAND [ARG...] with --rootfs.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub args: Vec<String>,
+}
+
+/// A runc-style default spec running `args`.
+pub fn default_spec(
+    args: &[String],
+    tty: bool,
+    env: &[String],
+    cwd: &str,
+    hostname: &str,
+) -> Value {
+    let mut v = serde_json::to_value(oci_spec::runtime::Spec::default()).expect("default spec");
+    v["process"]["args"] = json!(args);
+    v["process"]["terminal"] = json!(tty);
+    v["process"]["cwd"] = json!(cwd);
+    let mut all_env: Vec<String> =
+        vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()];
+    if tty {
+        all_env.push("TERM=xterm".into());
+    }
+    for e in env {
+        let key = e.split('=').next().unwrap_or_default();
+        all_env.retain(|x| x.split('=').next() != Some(key));
+        all_env.push(e.clone());
+    }
+    v["process"]["env"] = json!(all_env);
+    v["hostname"] = json!(hostname);
+    v["root"] = json!({"path": "rootfs", "readonly": false});
+    v
+}
+
+fn parse_volume(s: &str) -> Result<(PathBuf, String, bool)> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let (host, ctr, ro) = match parts.as_slice() {
+        [h, c] => (*h, *c, false),
+        [h, c, "ro"] => (*h, *c, true),
+        [h, c, "rw"] => (*h, *c, false),
+        _ => bail!("volume {s:?}: want HOST:CONTAINER[:ro]"),
+    };
+    let host = PathBuf::from(host);
+    if !host.is_absolute() || !ctr.starts_with('/') {
+        bail!("volume {s:?}: both paths must be absolute");
+    }
+    if !host.is_dir() {
+        bail!("volume {s:?}: {} is not a directory", host.display());
+    }
+    Ok((host, ctr.to_string(), ro))
+}
+
+pub async fn run(a: RunArgs) -> Result<i32> {
+    let t0 = Instant::now();
+    for e in &a.env {
+        if !e.contains('=') {
+            bail!("--env {e:?}: want KEY=VALUE");
+        }
+    }
+    let volumes = a
+        .volume
+        .iter()
+        .map(|v| parse_volume(v))
+        .collect::<Result<Vec<_>>>()?;
+    let overlay = a.rootfs.is_none();
+    let (rootfs, image_cfg, cmd) = match &a.rootfs {
+        Some(dir) => {
+            let dir = std::fs::canonicalize(dir)
+                .with_context(|| format!("--rootfs {}", dir.display()))?;
+            if !dir.is_dir() {
+                bail!("--rootfs {}: not a directory", dir.display());
+            }
+            (dir, image::ImageConfig::default(), a.args.clone())
+        }
+        None => {
+            let Some((reference, rest)) = a.args.split_first() else {
+                bail!("bulkhead run: give an IMAGE, or --rootfs DIR and a command");
+            };
+            let img = image::prepare(reference).await?;
+            (img.rootfs, img.config, rest.to_vec())
+        }
+    };
+    let args = image_cfg.command(&cmd);
+    if args.is_empty() {
+        bail!("no command given and the image has none");
+    }
+    let id = a.name.clone().unwrap_or_else(bulkhead_dbus::random_id);
+    bulkhead_dbus::valid_id(&id).map_err(anyhow::Error::msg)?;
+    let mut env = image_cfg.env.clone();
+    env.extend(a.env.iter().cloned());
+    let cwd = a
+        .workdir
+        .clone()
+        .or(image_cfg.working_dir.clone().filter(|w| !w.is_empty()))
+        .unwrap_or_else(|| "/".into());
+    let mut spec = default_spec(&args, a.tty, &env, &cwd, &id);
+    if let Some(user) = &image_cfg.user {
+        image::apply_user(&mut spec, user, &rootfs)?;
+    }
+    let client = Client::connect().await?;
+    let t_bus = t0.elapsed();
+    let sandbox_id = match &a.sandbox {
+        Some(s) => s.clone(),
+        None => {
+            let mut opts: HashMap<&str, V<'_>> = HashMap::new();
+            if let Some(b) = &a.backend {
+                opts.insert("backend", V::from(b.as_str()));
+            }
+            if let Some(c) = a.cpus {
+                opts.insert("cpus", V::from(c));
+            }
+            if let Some(m) = a.memory {
+                opts.insert("memory_mib", V::from(m));
+            }
+            client
+                .manager
+                .create_sandbox(&id, opts)
+                .await
+                .map_err(explain)?;
+            id.clone()
+        }
+    };
+    let t_sandbox = t0.elapsed();
+    let sb = client.sandbox(&sandbox_id).await?;
+    let result = async {
+        for (host, ctr, ro) in &volumes {
+            add_volume(&mut spec, host, ctr, *ro)?;
+        }
+        let mut opts: HashMap<&str, V<'_>> = HashMap::new();
+        opts.insert("stdin", V::from(a.interactive));
+        opts.insert("terminal", V::from(a.tty));
+        opts.insert("overlay", V::from(overlay));
+        sb.create_container(&id, &spec.to_string(), &rootfs.display().to_string(), opts)
+            .await
+            .map_err(explain)?;
+        if a.detach {
+            sb.start_container(&id).await.map_err(explain)?;
+            println!("{sandbox_id}");
+            return Ok(0);
+        }
+        let attached = attach::attach(&sb, &id, "", a.interactive, a.tty).await?;
+        let _raw = if a.tty { stdio::RawTerminal::enter() } else { None };
+        sb.start_container(&id).await.map_err(explain)?;
+        let t_started = t0.elapsed();
+        if a.tty {
+            if let Some((rows, cols)) = stdio::window_size(std::os::fd::AsFd::as_fd(&std::io::stdin())) {
+                let _ = sb.resize_pty(&id, "", rows, cols).await;
+            }
+        }
+        let forward = forward_signals(sb.clone(), id.clone());
+        let status = tokio::task::spawn_blocking(move || attached.finish()).await??;
+        forward.abort();
+        if std::env::var_os("BULKHEAD_TIMINGS").is_some() {
+            let timings = sb.timings().await.unwrap_or_default();
+            eprintln!(
+                "bulkhead: timings ms: bus+manager {:.1}, sandbox ready {:.1} (manager: vmm exec {:.1}, agent ready {:.1}), started {:.1}, exited {:.1}",
+                t_bus.as_secs_f64() * 1e3,
+                t_sandbox.as_secs_f64() * 1e3,
+                timings.get("vmm_exec").copied().unwrap_or(0) as f64 / 1e3,
+                timings.get("agent_ready").copied().unwrap_or(0) as f64 / 1e3,
+                t_started.as_secs_f64() * 1e3,
+                t0.elapsed().as_secs_f64() * 1e3,
+            );
+        }
+        Ok(status.code)
+    }
+    .await;
+    if a.rm && !a.detach {
+        let removed = if a.sandbox.is_some() {
+            sb.delete_container(&id, true).await
+        } else {
+            client.manager.remove_sandbox(&sandbox_id, true).await
+        };
+        if let Err(e) = removed {
+            // Gone already (its VM died) is fine; anything else is worth saying.
+            if !matches!(&e, zbus::Error::MethodError(n, _, _) if n.as_str().ends_with("NotFound"))
+            {
+                eprintln!("bulkhead: cannot remove {sandbox_id}: {}", explain(e));
+            }
+        }
+    } else if result.is_err() && a.sandbox.is_none() {
+        // The container never ran: leave nothing behind.
+        let _ = client.manager.remove_sandbox(&sandbox_id, true).await;
+    }
+    result
+}
+
+/// Bind a host directory into the container. The manager carries every host bind
+/// source into the guest over virtio-fs (see `Sandbox1.CreateContainer`).
+fn add_volume(spec: &mut Value, host: &std::path::Path, ctr: &str, ro: bool) -> Result<()> {
+    let mut opts = vec!["rbind"];
+    if ro {
+        opts.push("ro");
+    }
+    spec["mounts"].as_array_mut().context("spec mounts")?.push(
+        json!({"destination": ctr, "type": "bind", "source": host.display().to_string(), "options": opts}),
+    );
+    Ok(())
+}
+
+/// Pass SIGINT, SIGTERM and SIGHUP on to the container while we follow it.
+fn forward_signals(
+    sb: bulkhead_dbus::Sandbox1Proxy<'static>,
+    id: String,
+) -> tokio::task::JoinHandle<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    tokio::spawn(async move {
+        let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) else {
+            return;
+        };
+        loop {
+            let sig = tokio::select! {
+                _ = int.recv() => libc::SIGINT,
+                _ = term.recv() => libc::SIGTERM,
+                _ = hup.recv() => libc::SIGHUP,
+            };
+            let _ = sb.signal(&id, "", sig, false).await;
+        }
+    })
+}
