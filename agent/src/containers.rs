@@ -320,6 +320,22 @@ impl Runtime {
         }
         linux.set_namespaces(Some(out));
         linux.set_cgroups_path(Some(PathBuf::from(Self::cgroup_rel(id))));
+        // The pod's network namespace is the VM's: its net.* sysctls are set there (the
+        // container runtime would refuse them without a namespace of the container's own).
+        if let Some(sysctls) = linux.sysctl().clone() {
+            let (net, rest): (HashMap<_, _>, HashMap<_, _>) = sysctls
+                .into_iter()
+                .partition(|(k, _)| k.starts_with("net."));
+            if !net.is_empty() && !self.in_guest {
+                return Err(AgentError::Unsupported(
+                    "net.* sysctls outside a guest would change the host's network".into(),
+                ));
+            }
+            for (k, v) in &net {
+                set_net_sysctl(k, v)?;
+            }
+            linux.set_sysctl(Some(rest));
+        }
         Ok(spec)
     }
 
@@ -909,4 +925,23 @@ fn receive_master(listener: UnixListener) -> Result<File, AgentError> {
     Err(AgentError::Runtime(
         "no terminal received on the console socket".into(),
     ))
+}
+
+/// Set one `net.*` sysctl in the guest (the pod's network namespace).
+fn set_net_sysctl(key: &str, value: &str) -> Result<(), AgentError> {
+    let ok = key.len() <= 128
+        && key.starts_with("net.")
+        && key.split('.').all(|p| {
+            !p.is_empty()
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        });
+    if !ok || value.len() > 256 || value.contains('\n') {
+        return Err(AgentError::InvalidArgument(format!(
+            "sysctl {key}={value:?}: malformed"
+        )));
+    }
+    let path = Path::new("/proc/sys").join(key.replace('.', "/"));
+    std::fs::write(&path, value)
+        .map_err(|e| AgentError::InvalidArgument(format!("sysctl {key}={value}: {e}")))
 }
