@@ -134,10 +134,33 @@ pub fn embedded_config(dir: &Path) -> String {
     )
 }
 
+/// Variables an activated bulkheadd gets from the command that wrote its activation
+/// file (dbus-daemon passes its own environment, which is that of whichever command
+/// started the bus, maybe long ago).
+const FORWARDED_ENV: &[&str] = &["BULKHEAD_CONFIG", "BULKHEAD_GUEST_DIR", "BULKHEAD_LOG"];
+
 /// The activation file that lets the embedded bus start bulkheadd on demand.
 pub fn activation_file(bulkheadd: &Path, state_dir: &Path) -> String {
+    // dbus-daemon splits Exec like a shell; values that would need quoting are left out.
+    let plain = |v: &str| {
+        !v.is_empty() && !v.contains(|c: char| c.is_whitespace() || "'\"\\$`".contains(c))
+    };
+    let env: Vec<String> = FORWARDED_ENV
+        .iter()
+        .filter_map(|k| {
+            std::env::var(k)
+                .ok()
+                .filter(|v| plain(v))
+                .map(|v| format!("{k}={v}"))
+        })
+        .collect();
+    let prefix = if env.is_empty() {
+        String::new()
+    } else {
+        format!("/usr/bin/env {} ", env.join(" "))
+    };
     format!(
-        "[D-BUS Service]\nName={MANAGER_NAME}\nExec={} --state-dir {} --log-file {}\n",
+        "[D-BUS Service]\nName={MANAGER_NAME}\nExec={prefix}{} --state-dir {} --log-file {}\n",
         bulkheadd.display(),
         state_dir.display(),
         state_dir.join("bulkheadd.log").display()
