@@ -23,6 +23,14 @@ pub struct RmArgs {
     ids: Vec<String>,
 }
 
+/// Is `pid` a live process (not a zombie)?
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rfind(')').map(|i| !s[i + 2..].starts_with('Z')))
+        .unwrap_or(false)
+}
+
 /// CPU time (ms) and RSS (KiB) of a host process, from /proc.
 fn usage(pid: u32) -> (u64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();

@@ -11,6 +11,8 @@ mod check;
 mod client;
 mod image;
 mod ls;
+mod monitor;
+mod oci;
 mod probe;
 mod registry;
 mod run;
@@ -21,20 +23,75 @@ use clap::{Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(name = "bulkhead", version, about = "Containers in lightweight VMs")]
 struct Cli {
+    #[command(flatten)]
+    global: oci::Global,
     #[command(subcommand)]
     cmd: Cmd,
 }
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Run a container in its own VM.
+    /// Run a container in its own VM (with --bundle: runc's `run`).
     Run(run::RunArgs),
+    /// Run a command in a running container.
+    Exec(oci::ExecArgs),
     /// List live sandboxes.
     Ls(ls::LsArgs),
     /// Remove sandboxes.
     Rm(ls::RmArgs),
     /// What this host can run, and why not.
     Check(check::CheckArgs),
+    /// OCI: create a container from a bundle (it waits for `start`).
+    Create(oci::CreateArgs),
+    /// OCI: start a created container.
+    Start { id: String },
+    /// OCI: the container's state as JSON.
+    State { id: String },
+    /// OCI: send a signal (default SIGTERM).
+    Kill {
+        #[arg(short, long)]
+        all: bool,
+        id: String,
+        #[arg(default_value = "SIGTERM")]
+        signal: String,
+    },
+    /// OCI: delete a container and its sandbox.
+    Delete {
+        #[arg(short, long)]
+        force: bool,
+        id: String,
+    },
+    /// OCI: the container's processes (guest pids).
+    Ps {
+        #[arg(short, long, default_value = "table")]
+        format: String,
+        id: String,
+    },
+    /// OCI: containers in --root.
+    List {
+        #[arg(short, long, default_value = "table")]
+        format: String,
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// OCI: freeze a container's processes.
+    Pause { id: String },
+    /// OCI: thaw them.
+    Resume { id: String },
+    /// OCI: change a container's resource limits.
+    Update(oci::UpdateArgs),
+    /// OCI: resource usage, once (--stats) or every --interval.
+    Events {
+        #[arg(long)]
+        stats: bool,
+        #[arg(long, default_value = "5s")]
+        interval: String,
+        id: String,
+    },
+    /// OCI: what this runtime supports, as JSON.
+    Features,
+    #[command(name = "__monitor", hide = true)]
+    Monitor(monitor::MonitorArgs),
     /// Talk to a guest agent directly (tests and benchmarks).
     Probe {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -55,8 +112,33 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
+    let g = cli.global;
     let r = match cli.cmd {
-        Cmd::Run(a) => rt.block_on(run::run(a)),
+        Cmd::Run(a) => match a.bundle.clone() {
+            Some(bundle) => rt.block_on(oci::run(&g, a.into_oci(bundle))),
+            None => rt.block_on(run::run(a)),
+        },
+        Cmd::Exec(a) => rt.block_on(oci::exec(&g, a)),
+        Cmd::Create(a) => rt.block_on(oci::create(&g, a)),
+        Cmd::Start { id } => rt.block_on(oci::start(&g, &id)),
+        Cmd::State { id } => rt.block_on(oci::state(&g, &id)),
+        Cmd::Kill { all, id, signal } => rt.block_on(oci::kill(&g, &id, &signal, all)),
+        Cmd::Delete { force, id } => rt.block_on(oci::delete(&g, &id, force)),
+        Cmd::Ps { format, id } => rt.block_on(oci::ps(&g, &id, format == "json")),
+        Cmd::List { format, quiet } => rt.block_on(oci::list(&g, quiet, format == "json")),
+        Cmd::Pause { id } => rt.block_on(oci::pause(&g, &id, true)),
+        Cmd::Resume { id } => rt.block_on(oci::pause(&g, &id, false)),
+        Cmd::Update(a) => rt.block_on(oci::update(&g, a)),
+        Cmd::Events {
+            stats,
+            interval,
+            id,
+        } => {
+            let secs = interval.trim_end_matches('s').parse().unwrap_or(5);
+            rt.block_on(oci::events(&g, &id, stats, secs))
+        }
+        Cmd::Features => oci::features(),
+        Cmd::Monitor(a) => rt.block_on(monitor::monitor(a)),
         Cmd::Ls(a) => rt.block_on(ls::ls(a)).map(|_| 0),
         Cmd::Rm(a) => rt.block_on(ls::rm(a)),
         Cmd::Check(a) => check::check(a),
@@ -65,6 +147,7 @@ fn main() {
     match r {
         Ok(code) => std::process::exit(code),
         Err(e) => {
+            g.log_error(&e);
             eprintln!("bulkhead: {e:#}");
             // As docker and podman: 125 when the runtime failed, 137 when the container
             // was killed under us (its VM died).

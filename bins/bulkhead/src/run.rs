@@ -54,9 +54,39 @@ pub struct RunArgs {
     /// Bind a host directory into the container (HOST:CONTAINER[:ro]).
     #[arg(short, long = "volume", value_name = "HOST:CONTAINER[:ro]")]
     pub volume: Vec<String>,
-    /// IMAGE [COMMAND [ARG...]], or COMMAND [ARG...] with --rootfs.
+    /// runc's `run`: the OCI bundle to run (the container id is the first argument).
+    #[arg(short, long)]
+    pub bundle: Option<PathBuf>,
+    /// With --bundle: where to write the container's pid.
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
+    /// With --bundle: runc's console socket.
+    #[arg(long)]
+    pub console_socket: Option<PathBuf>,
+    /// IMAGE [COMMAND [ARG...]], or COMMAND [ARG...] with --rootfs, or ID with --bundle.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub args: Vec<String>,
+}
+
+impl RunArgs {
+    /// runc's `run --bundle B ID`.
+    pub fn into_oci(self, bundle: PathBuf) -> crate::oci::OciRunArgs {
+        crate::oci::OciRunArgs {
+            create: crate::oci::CreateArgs {
+                bundle,
+                pid_file: self.pid_file,
+                console_socket: self.console_socket,
+                no_pivot: false,
+                no_new_keyring: false,
+                preserve_fds: 0,
+                id: self
+                    .name
+                    .or_else(|| self.args.first().cloned())
+                    .unwrap_or_default(),
+            },
+            detach: self.detach,
+        }
+    }
 }
 
 /// A runc-style default spec running `args`.
