@@ -312,8 +312,9 @@ impl VsockListener {
 /// until it is killed. It dies with the agent.
 pub fn ns_holder(pid_ns: bool, hostname: Option<&str>) -> ! {
     use std::io::Write;
-    // SAFETY: prctl with integer arguments only.
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+    // No PR_SET_PDEATHSIG here: it fires when the *thread* that spawned us exits, and the
+    // agent serves each connection on a thread of its own, so the holder would die with
+    // the connection that created the sandbox. DestroySandbox kills the holder.
     if let Some(h) = hostname {
         // SAFETY: the pointer and length describe a live byte slice.
         if unsafe { libc::sethostname(h.as_ptr().cast(), h.len()) } != 0 {

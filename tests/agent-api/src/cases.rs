@@ -532,11 +532,15 @@ fn pause_resume_ps_stats(env: &Env) -> Result<Outcome> {
 }
 
 fn sandbox_shares_namespaces(env: &Env) -> Result<Outcome> {
-    let mut c = env.client()?;
-    c.create_sandbox(SandboxConfig {
+    // The sandbox must outlive the connection that created it (bulkheadd opens one
+    // connection per call): create it on a connection of its own and close that first.
+    env.client()?.create_sandbox(SandboxConfig {
         hostname: Some("podhost".into()),
         share_pid: true,
     })?;
+    // Let the agent notice the closed connection and end its thread.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut c = env.client()?;
     let res = (|| -> Result<Outcome> {
         // Namespaces given by path (as a pod's containers join the pause container's)
         // are the sandbox's; the network namespace is always the guest's.
