@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: unit and device tests, toy guests on the host's KVM, the agent
-# API list in host mode, and the nested node where bulkhead-vmm boots the stock kernel.
+# API list in host mode, the runtime list (bulkheadd on a private bus, the QEMU backend,
+# podman, a local registry, faults, bad input), and the nested node where bulkhead-vmm
+# boots the stock kernel.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 log=$(mktemp)
@@ -12,6 +14,18 @@ failed=$(grep -o '[0-9]* failed;' "$log" | awk '{s+=$1} END {print s+0}')
 echo "== agent API, host mode: the real agent in fresh namespaces, real containers"
 if ./target/release/agent-api-tests --host-mode ./target/release/bulkhead-agent; then
     passed=$((passed + 1)); else failed=$((failed + 1)); fail=1; fi
+echo "== runtime: bulkhead run/exec/ls/rm, the OCI CLI under podman, D-Bus, faults, bad input"
+guest=$(python3 packaging/guest/build.py --agent target/release/bulkhead-agent) || exit 1
+rt=$(mktemp)
+./target/release/runtime-tests --bin-dir target/release --guest "$guest" 2>&1 | tee "$rt"
+rt_line=$(grep -E '^runtime: [0-9]+ passed, [0-9]+ failed' "$rt" | tail -1)
+if [ -n "$rt_line" ]; then
+    passed=$((passed + $(echo "$rt_line" | awk '{print $2}')))
+    rt_failed=$(echo "$rt_line" | awk '{print $4}')
+    failed=$((failed + rt_failed)); [ "$rt_failed" = 0 ] || fail=1
+else
+    failed=$((failed + 1)); fail=1
+fi
 echo "== nested node: bulkhead-vmm boots the stock kernel on real KVM"
 if python3 tests/nested/node.py test; then passed=$((passed + 1)); else failed=$((failed + 1)); fail=1; fi
 echo "summary: $passed passed, $failed failed"

@@ -1,0 +1,697 @@
+//! Cases that boot VMs: each asserts what a user would see.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::Value;
+
+use crate::env::{run_cmd, Env, Out};
+use crate::Case;
+
+pub fn list() -> Vec<Case> {
+    vec![
+        ("check: --json names the backend and the bus", check_json),
+        (
+            "run: prints the guest's kernel, not the host's",
+            run_guest_kernel,
+        ),
+        (
+            "run: exact exit codes, stdout and stderr apart",
+            run_exit_codes,
+        ),
+        ("run: stdin reaches the container", run_stdin),
+        ("run: a terminal", run_tty),
+        (
+            "images: OCI layout, OCI archive, local registry; writes stay private",
+            images,
+        ),
+        (
+            "sandbox: detached, ls, exec, pause/resume, kill, shared volume, busctl",
+            sandbox,
+        ),
+        (
+            "fault: kill -9 bulkheadd mid-run loses nothing",
+            kill_manager,
+        ),
+        (
+            "fault: kill -9 the VMM: exit within 2 s, nothing left",
+            kill_vmm,
+        ),
+        ("podman: run, exit code, stdin, exec, tty, stop", podman),
+    ]
+}
+
+fn rootfs(e: &Env) -> String {
+    e.rootfs.display().to_string()
+}
+
+fn check_json(e: &mut Env) -> Result<()> {
+    let o = e.bh(&["check", "--json"])?;
+    let v: Value = serde_json::from_str(&o.stdout).context("check --json output")?;
+    ensure!(
+        v["bus_address"] == e.bus_address(),
+        "bus_address: {}",
+        v["bus_address"]
+    );
+    ensure!(v["bus_kind"] == "embedded", "bus_kind: {}", v["bus_kind"]);
+    let backend = v["backend"].as_str().context("no backend")?;
+    ensure!(
+        backend == "qemu" || backend == "bulkhead-vmm",
+        "backend {backend}"
+    );
+    let kvm = v["kvm"].as_str().unwrap_or("");
+    if kvm == "Pvm" {
+        ensure!(backend == "qemu", "a PVM KVM must not pick bulkhead-vmm");
+        let vmm = &v["backends"][0];
+        ensure!(
+            vmm["usable"] == false && vmm["reasons"][0].as_str().unwrap_or("").contains("PVM"),
+            "the reason names PVM: {vmm}"
+        );
+    }
+    ensure!(o.code == 0, "check exits 0 when a backend is usable");
+    Ok(())
+}
+
+fn run_guest_kernel(e: &mut Env) -> Result<()> {
+    let o = e.bh(&["run", "--rm", "--rootfs", &rootfs(e), "uname", "-r"])?;
+    o.ok()?;
+    let guest = std::fs::read_to_string(e.guest.join("kernel-release"))?;
+    let host = String::from_utf8(Command::new("uname").arg("-r").output()?.stdout)?;
+    ensure!(
+        o.stdout.trim() == guest.trim(),
+        "guest kernel {:?} != image's {guest:?}",
+        o.stdout
+    );
+    ensure!(
+        o.stdout.trim() != host.trim(),
+        "the container saw the host's kernel"
+    );
+    Ok(())
+}
+
+fn run_exit_codes(e: &mut Env) -> Result<()> {
+    let r = rootfs(e);
+    let o = e.bh(&[
+        "run",
+        "--rm",
+        "--rootfs",
+        &r,
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 42",
+    ])?;
+    ensure!(o.code == 42, "exit {} (want 42): {o:?}", o.code);
+    ensure!(o.stdout == "out\n" && o.stderr == "err\n", "{o:?}");
+    // (A container killed by a signal exits 128 + signal: see the kill -9 cases below;
+    // PID 1 cannot SIGKILL itself inside its PID namespace.)
+    let o = e.bh(&["run", "--rm", "--rootfs", &r, "sh", "-c", "exit 255"])?;
+    ensure!(o.code == 255, "exit {} (want 255)", o.code);
+    let o = e.bh(&["run", "--rm", "--rootfs", &r, "/no/such/binary"])?;
+    ensure!(o.code != 0, "a missing binary must fail: {o:?}");
+    Ok(())
+}
+
+fn run_stdin(e: &mut Env) -> Result<()> {
+    let data: String = (0..2000).map(|i| format!("line {i}\n")).collect();
+    let o = e.bh_in(
+        &[
+            "run",
+            "--rm",
+            "-i",
+            "--rootfs",
+            &rootfs(e),
+            "sh",
+            "-c",
+            "cat; exit 7",
+        ],
+        data.as_bytes(),
+    )?;
+    ensure!(o.code == 7, "exit {}", o.code);
+    ensure!(
+        o.stdout == data,
+        "stdin came back with {} of {} bytes",
+        o.stdout.len(),
+        data.len()
+    );
+    Ok(())
+}
+
+fn run_tty(e: &mut Env) -> Result<()> {
+    // util-linux `script` gives the CLI a terminal.
+    let inner = format!(
+        "stty cols 91 rows 27; {} run --rm -t --rootfs {} sh -c 'tty; stty size; exit 3'",
+        e.bin.join("bulkhead").display(),
+        rootfs(e)
+    );
+    let mut c = Command::new("script");
+    c.args(["-qec", &inner, "/dev/null"]);
+    e.env_on(&mut c);
+    let o = run_cmd(&mut c, None, Duration::from_secs(180))?;
+    ensure!(o.code == 3, "exit {}: {o:?}", o.code);
+    ensure!(
+        o.stdout.contains("/dev/pts/"),
+        "no pty in the guest: {:?}",
+        o.stdout
+    );
+    ensure!(
+        o.stdout.contains("27 91"),
+        "window size not carried: {:?}",
+        o.stdout
+    );
+    Ok(())
+}
+
+fn images(e: &mut Env) -> Result<()> {
+    let layout = e.layout.display().to_string();
+    let o = e.bh(&[
+        "run",
+        "--rm",
+        &layout,
+        "sh",
+        "-c",
+        "cat /etc/passwd; echo x > /marker",
+    ])?;
+    o.ok()?;
+    ensure!(o.stdout.starts_with("root:x:0:0"), "layout: {o:?}");
+    let archive = format!("{}:latest", e.archive.display());
+    let o = e.bh(&[
+        "run",
+        "--rm",
+        &archive,
+        "sh",
+        "-c",
+        "test ! -e /marker && echo clean",
+    ])?;
+    ensure!(
+        o.stdout.trim() == "clean",
+        "a container's writes leaked into the image: {o:?}"
+    );
+    let reg = e.start_registry()?;
+    let o = e.bh(&[
+        "run",
+        "--rm",
+        &format!("{reg}/test/busybox:latest"),
+        "uname",
+        "-r",
+    ])?;
+    o.ok()?;
+    let guest = std::fs::read_to_string(e.guest.join("kernel-release"))?;
+    ensure!(o.stdout.trim() == guest.trim(), "registry image: {o:?}");
+    Ok(())
+}
+
+fn ls_json(e: &Env) -> Result<Vec<Value>> {
+    let o = e.bh(&["ls", "--json"])?;
+    o.ok()?;
+    Ok(serde_json::from_str::<Value>(&o.stdout)?
+        .as_array()
+        .cloned()
+        .unwrap_or_default())
+}
+
+fn find<'a>(v: &'a [Value], id: &str) -> Option<&'a Value> {
+    v.iter().find(|s| s["id"] == id)
+}
+
+fn container_state(e: &Env, sandbox: &str, c: &str) -> Result<String> {
+    let all = ls_json(e)?;
+    let s = find(&all, sandbox).with_context(|| format!("sandbox {sandbox} not listed"))?;
+    Ok(s["containers"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|x| x["id"] == c))
+        .and_then(|x| x["state"].as_str())
+        .unwrap_or("")
+        .to_string())
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
+    let t = Instant::now();
+    while t.elapsed() < timeout {
+        if f()? {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("timed out waiting for {what}")
+}
+
+fn sandbox(e: &mut Env) -> Result<()> {
+    let r = rootfs(e);
+    let o = e.bh(&["run", "-d", "--name", "pod", "--rootfs", &r, "sleep", "600"])?;
+    o.ok()?;
+    ensure!(o.stdout.trim() == "pod", "-d prints the sandbox id: {o:?}");
+    let all = ls_json(e)?;
+    let s = find(&all, "pod").context("pod not in ls --json")?;
+    ensure!(s["state"] == "running", "{s}");
+    let comps: Vec<(String, u64)> = s["components"]
+        .as_array()
+        .context("components")?
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap_or("").to_string(),
+                c["pid"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    for want in ["virtiofsd", "vmm"] {
+        let (_, pid) = comps
+            .iter()
+            .find(|(n, _)| n == want)
+            .with_context(|| format!("no {want} component: {comps:?}"))?;
+        ensure!(
+            Path::new(&format!("/proc/{pid}")).exists(),
+            "{want} pid {pid} not alive"
+        );
+    }
+    // exec, with its own exit status
+    let o = e.bh(&["exec", "pod", "sh", "-c", "echo in-pod; exit 6"])?;
+    ensure!(o.code == 6 && o.stdout == "in-pod\n", "exec: {o:?}");
+    // pause and resume
+    e.bh(&["pause", "pod"])?.ok()?;
+    ensure!(container_state(e, "pod", "pod")? == "paused", "not paused");
+    e.bh(&["resume", "pod"])?.ok()?;
+    ensure!(
+        container_state(e, "pod", "pod")? == "running",
+        "not running after resume"
+    );
+    // two more containers in the same VM share a volume
+    let vol = e.dir.join("vol");
+    std::fs::create_dir_all(&vol)?;
+    let v = format!("{}:/vol", vol.display());
+    let o = e.bh(&[
+        "run",
+        "--rm",
+        "--sandbox",
+        "pod",
+        "--name",
+        "w",
+        "-v",
+        &v,
+        "--rootfs",
+        &r,
+        "sh",
+        "-c",
+        "echo shared > /vol/f; uname -n",
+    ])?;
+    o.ok()?;
+    ensure!(
+        o.stdout.trim() == "pod",
+        "the joined container has the sandbox's hostname: {o:?}"
+    );
+    let o = e.bh(&[
+        "run",
+        "--rm",
+        "--sandbox",
+        "pod",
+        "--name",
+        "rd",
+        "-v",
+        &v,
+        "--rootfs",
+        &r,
+        "cat",
+        "/vol/f",
+    ])?;
+    ensure!(
+        o.stdout == "shared\n",
+        "the second container did not see the first's write: {o:?}"
+    );
+    ensure!(
+        std::fs::read_to_string(vol.join("f"))? == "shared\n",
+        "the write did not reach the host"
+    );
+    // busctl sees the sandbox object with its components
+    let tree = e.busctl(&["tree", "org.bulkhead.Manager1"])?;
+    ensure!(
+        tree.stdout.contains("/org/bulkhead/Manager1/sandbox/pod"),
+        "busctl tree: {tree:?}"
+    );
+    let intro = e.busctl(&[
+        "introspect",
+        "org.bulkhead.Manager1",
+        "/org/bulkhead/Manager1/sandbox/pod",
+    ])?;
+    for want in [
+        "org.bulkhead.Sandbox1",
+        ".Components",
+        ".Containers",
+        ".CreateContainer",
+        "org.freedesktop.DBus.Properties",
+    ] {
+        ensure!(
+            intro.stdout.contains(want),
+            "introspect lacks {want}: {}",
+            intro.stdout
+        );
+    }
+    let comp = e.busctl(&[
+        "get-property",
+        "org.bulkhead.Manager1",
+        "/org/bulkhead/Manager1/sandbox/pod",
+        "org.bulkhead.Sandbox1",
+        "Components",
+    ])?;
+    ensure!(
+        comp.stdout.contains("\"vmm\"") && comp.stdout.contains("\"virtiofsd\""),
+        "{comp:?}"
+    );
+    let managed = e.busctl(&[
+        "call",
+        "org.bulkhead.Manager1",
+        "/org/bulkhead/Manager1",
+        "org.freedesktop.DBus.ObjectManager",
+        "GetManagedObjects",
+    ])?;
+    ensure!(
+        managed.stdout.contains("org.bulkhead.Sandbox1"),
+        "ObjectManager: {managed:?}"
+    );
+    // rm without -f refuses while running; kill stops the container
+    let o = e.bh(&["rm", "pod"])?;
+    ensure!(
+        o.code != 0 && o.stderr.contains("FailedPrecondition"),
+        "rm of a running sandbox: {o:?}"
+    );
+    e.bh(&["kill", "pod", "KILL"])?.ok()?;
+    wait_for("pod to stop", Duration::from_secs(10), || {
+        Ok(container_state(e, "pod", "pod")? == "stopped")
+    })?;
+    e.bh(&["rm", "pod"])?.ok()?;
+    ensure!(
+        find(&ls_json(e)?, "pod").is_none(),
+        "pod still listed after rm"
+    );
+    Ok(())
+}
+
+/// The run directory of a sandbox, from its record.
+fn run_dir(e: &Env, id: &str) -> Result<PathBuf> {
+    let rec: Value = serde_json::from_slice(&std::fs::read(
+        e.state().join("sandboxes").join(format!("{id}.json")),
+    )?)?;
+    Ok(rec["run_dir"].as_str().context("run_dir")?.into())
+}
+
+fn bulkheadd_pid(e: &Env) -> Option<u32> {
+    let want = e.state().display().to_string();
+    procs()
+        .into_iter()
+        .find(|(_, cmd)| cmd.contains("bulkheadd") && cmd.contains(&want))
+        .map(|(p, _)| p)
+}
+
+/// (pid, command line) of every process.
+fn procs() -> Vec<(u32, String)> {
+    std::fs::read_dir("/proc")
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|d| {
+                    let pid: u32 = d.file_name().to_str()?.parse().ok()?;
+                    let cmd = std::fs::read(d.path().join("cmdline")).ok()?;
+                    let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+                    (!cmd.is_empty()).then_some((pid, cmd))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Everything a sandbox could leave behind: processes, mounts, files, its record.
+fn leftovers(e: &Env, id: &str, run: &Path) -> Vec<String> {
+    let mut left = vec![];
+    let r = run.display().to_string();
+    for (pid, cmd) in procs() {
+        if cmd.contains(&r) && pid != std::process::id() {
+            left.push(format!("process {pid}: {cmd}"));
+        }
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    for l in mounts.lines().filter(|l| l.contains(&r)) {
+        left.push(format!("mount: {l}"));
+    }
+    if run.exists() {
+        left.push(format!("directory {r} (sockets, logs, shared dir)"));
+    }
+    let rec = e.state().join("sandboxes").join(format!("{id}.json"));
+    if rec.exists() {
+        left.push(format!("state file {}", rec.display()));
+    }
+    left
+}
+
+fn kill_manager(e: &mut Env) -> Result<()> {
+    let script = "i=0; while [ $i -lt 40 ]; do echo line$i; i=$((i+1)); sleep 0.2; done; sleep 600";
+    let mut c = e.cmd(&[
+        "run",
+        "--rm",
+        "--name",
+        "km",
+        "--rootfs",
+        &rootfs(e),
+        "sh",
+        "-c",
+        script,
+    ]);
+    let out = e.dir.join("km.out");
+    c.stdout(std::fs::File::create(&out)?)
+        .stderr(std::fs::File::create(e.dir.join("km.err"))?);
+    let mut child = c.spawn()?;
+    wait_for("output to start", Duration::from_secs(120), || {
+        Ok(std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .contains("line3"))
+    })?;
+    let pid = bulkheadd_pid(e).context("no bulkheadd")?;
+    // SAFETY: kill(2) on a pid we just found.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(300));
+    ensure!(bulkheadd_pid(e).is_none(), "bulkheadd survived SIGKILL");
+    // The next command brings the manager back; it adopts the sandbox.
+    let o = e.bh(&["exec", "km", "sh", "-c", "echo still-here"])?;
+    ensure!(
+        o.stdout == "still-here\n",
+        "exec after the manager restarted: {o:?}"
+    );
+    ensure!(
+        bulkheadd_pid(e).is_some_and(|p| p != pid),
+        "a new bulkheadd runs"
+    );
+    wait_for("all 40 lines", Duration::from_secs(60), || {
+        Ok(std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .contains("line39"))
+    })?;
+    e.bh(&["kill", "km", "KILL"])?.ok()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("run did not end after the container was killed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let text = std::fs::read_to_string(&out)?;
+    let want: String = (0..40).map(|i| format!("line{i}\n")).collect();
+    ensure!(
+        text == want,
+        "output lost or damaged across the manager's restart: {text:?}"
+    );
+    ensure!(
+        status.code() == Some(137),
+        "run exit {:?} (want 137)",
+        status.code()
+    );
+    Ok(())
+}
+
+fn kill_vmm(e: &mut Env) -> Result<()> {
+    let mut c = e.cmd(&[
+        "run",
+        "--name",
+        "kv",
+        "--rootfs",
+        &rootfs(e),
+        "sleep",
+        "600",
+    ]);
+    c.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut child = c.spawn()?;
+    wait_for("kv to run", Duration::from_secs(120), || {
+        Ok(container_state(e, "kv", "kv").unwrap_or_default() == "running")
+    })?;
+    let run = run_dir(e, "kv")?;
+    let all = ls_json(e)?;
+    let vmm = find(&all, "kv")
+        .and_then(|s| s["components"].as_array().cloned())
+        .and_then(|c| c.into_iter().find(|c| c["name"] == "vmm"))
+        .and_then(|c| c["pid"].as_u64())
+        .context("no vmm pid")?;
+    let t = Instant::now();
+    // SAFETY: kill(2) on the VMM's pid.
+    unsafe { libc::kill(vmm as i32, libc::SIGKILL) };
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(10),
+            "run still waiting 10 s after the VMM died"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let took = t.elapsed();
+    ensure!(
+        took < Duration::from_secs(2),
+        "the client saw the exit after {took:?} (want < 2 s)"
+    );
+    ensure!(
+        status.code() == Some(137),
+        "exit {:?} (want 137)",
+        status.code()
+    );
+    let mut left = vec![];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        left = leftovers(e, "kv", &run);
+        if left.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ensure!(left.is_empty(), "left behind: {left:#?}");
+    ensure!(find(&ls_json(e)?, "kv").is_none(), "kv still listed");
+    println!(
+        "       (client saw the exit {:.0} ms after kill -9 of the VMM)",
+        took.as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
+fn podman(e: &mut Env) -> Result<()> {
+    let pm = e.dir.join("podman");
+    let base: Vec<String> = vec![
+        format!("--root={}", pm.join("root").display()),
+        format!("--runroot={}", pm.join("run").display()),
+        "--cgroup-manager=cgroupfs".into(),
+        "--events-backend=file".into(),
+        format!("--runtime={}", e.runtime_wrapper.display()),
+    ];
+    let podman = |args: &[&str], stdin: Option<&[u8]>| -> Result<Out> {
+        let mut c = Command::new("podman");
+        c.args(&base).args(args);
+        run_cmd(&mut c, stdin, Duration::from_secs(180))
+    };
+    podman(&["load", "-i", &e.archive.display().to_string()], None)?.ok()?;
+    let img = "localhost/latest:latest";
+    let u = [
+        "--network=none",
+        "--ulimit=nofile=1024:1024",
+        "--ulimit=nproc=1024:1024",
+    ];
+    let run = |extra: &[&str], cmd: &[&str], stdin: Option<&[u8]>| {
+        let mut a = vec!["run"];
+        a.extend(extra);
+        a.extend(u);
+        a.push(img);
+        a.extend(cmd);
+        podman(&a, stdin)
+    };
+    let o = run(&["--rm"], &["sh", "-c", "uname -r; exit 3"], None)?;
+    let guest = std::fs::read_to_string(e.guest.join("kernel-release"))?;
+    ensure!(
+        o.code == 3 && o.stdout.trim() == guest.trim(),
+        "podman run: {o:?}"
+    );
+    let o = run(&["--rm", "-i"], &["cat"], Some(b"through podman\n"))?;
+    ensure!(o.stdout == "through podman\n", "podman -i: {o:?}");
+    run(&["-d", "--name", "pd"], &["sleep", "600"], None)?.ok()?;
+    let o = podman(&["exec", "pd", "sh", "-c", "echo exec-ok; exit 4"], None)?;
+    ensure!(o.code == 4 && o.stdout == "exec-ok\n", "podman exec: {o:?}");
+    podman(&["pause", "pd"], None)?.ok()?;
+    podman(&["unpause", "pd"], None)?.ok()?;
+    let o = podman(&["stop", "-t", "1", "pd"], None)?;
+    o.ok()?;
+    let o = podman(&["inspect", "--format", "{{.State.ExitCode}}", "pd"], None)?;
+    ensure!(
+        o.stdout.trim() == "137",
+        "stopped by SIGKILL after the timeout: {o:?}"
+    );
+    podman(&["rm", "pd"], None)?.ok()?;
+    let mut c = Command::new("script");
+    let inner = format!(
+        "podman {} run --rm -t {} {img} tty",
+        base.join(" "),
+        u.join(" ")
+    );
+    c.args(["-qec", &inner, "/dev/null"]);
+    let o = run_cmd(&mut c, None, Duration::from_secs(180))?;
+    ensure!(
+        o.code == 0 && o.stdout.contains("/dev/pts/"),
+        "podman -t: {o:?}"
+    );
+    let o = podman(&["ps", "-aq"], None)?;
+    ensure!(o.stdout.trim().is_empty(), "podman containers left: {o:?}");
+    ensure!(
+        !ls_json(e)?
+            .iter()
+            .any(|s| s["id"].as_str().is_some_and(|i| i.len() == 64)),
+        "podman's sandboxes were not removed"
+    );
+    Ok(())
+}
+
+/// On a failure: the manager's log and the serial consoles of live sandboxes.
+pub fn dump_logs(e: &Env) {
+    let tail = |p: &Path| {
+        let t = std::fs::read_to_string(p).unwrap_or_default();
+        let lines: Vec<&str> = t.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    };
+    println!(
+        "--- bulkheadd.log\n{}",
+        tail(&e.state().join("bulkheadd.log"))
+    );
+    if let Ok(rd) = std::fs::read_dir(e.state().join("run")) {
+        for d in rd.flatten() {
+            for f in [
+                "serial.log",
+                "vmm.log",
+                "virtiofsd.log",
+                "vhost-device-vsock.log",
+            ] {
+                let p = d.path().join(f);
+                if p.exists() {
+                    println!("--- {}\n{}", p.display(), tail(&p));
+                }
+            }
+        }
+    }
+}
+
+/// Remove what is left, stop the manager and the bus.
+pub fn shutdown(e: &Env) {
+    if let Ok(all) = ls_json(e) {
+        for s in all {
+            if let Some(id) = s["id"].as_str() {
+                let _ = e.bh(&["rm", "-f", id]);
+            }
+        }
+    }
+    if let Some(p) = bulkheadd_pid(e) {
+        // SAFETY: kill(2) on our test's bulkheadd.
+        unsafe { libc::kill(p as i32, libc::SIGTERM) };
+    }
+    if let Ok(pid) = std::fs::read_to_string(e.state().join("bus/pid")) {
+        if let Ok(pid) = pid.trim().parse::<i32>() {
+            // SAFETY: kill(2) on our test's dbus-daemon.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+    }
+}

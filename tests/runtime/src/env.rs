@@ -1,0 +1,296 @@
+//! The test environment: a private state directory (so a private embedded bus and
+//! bulkheadd), the guest image, a busybox rootfs, the same rootfs as an OCI layout, an
+//! OCI archive and an image in a local registry on loopback, and a runtime wrapper for
+//! podman (which passes the runtime no environment of ours).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+pub struct Env {
+    pub dir: PathBuf,
+    pub bin: PathBuf,
+    pub guest: PathBuf,
+    pub rootfs: PathBuf,
+    pub layout: PathBuf,
+    pub archive: PathBuf,
+    /// `127.0.0.1:PORT`, while the registry runs.
+    pub registry: Option<String>,
+    registry_proc: Option<Child>,
+    pub runtime_wrapper: PathBuf,
+}
+
+/// What a command did.
+#[derive(Debug)]
+pub struct Out {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+    pub took: Duration,
+}
+
+impl Out {
+    pub fn ok(&self) -> Result<&Self> {
+        if self.code != 0 {
+            bail!(
+                "exit {}: stdout {:?} stderr {:?}",
+                self.code,
+                self.stdout,
+                self.stderr
+            );
+        }
+        Ok(self)
+    }
+}
+
+/// Run a command with a deadline; a command past it is killed and reported.
+pub fn run_cmd(cmd: &mut Command, stdin: Option<&[u8]>, timeout: Duration) -> Result<Out> {
+    let start = Instant::now();
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().with_context(|| format!("cannot run {cmd:?}"))?;
+    if let Some(data) = stdin {
+        let mut w = child.stdin.take().context("stdin")?;
+        let data = data.to_vec();
+        std::thread::spawn(move || {
+            let _ = w.write_all(&data);
+        });
+    }
+    let out_h = read_all(child.stdout.take());
+    let err_h = read_all(child.stderr.take());
+    let code = loop {
+        if let Some(st) = child.try_wait()? {
+            break st.code().unwrap_or_else(|| {
+                128 + std::os::unix::process::ExitStatusExt::signal(&st).unwrap_or(0)
+            });
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{cmd:?} still running after {timeout:?}: killed");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let took = start.elapsed();
+    Ok(Out {
+        code,
+        stdout: out_h.join().unwrap_or_default(),
+        stderr: err_h.join().unwrap_or_default(),
+        took,
+    })
+}
+
+fn read_all<R: std::io::Read + Send + 'static>(r: Option<R>) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = Vec::new();
+        if let Some(mut r) = r {
+            let _ = r.read_to_end(&mut s);
+        }
+        String::from_utf8_lossy(&s).into_owned()
+    })
+}
+
+impl Env {
+    pub fn new(bin: PathBuf, guest: PathBuf) -> Result<Env> {
+        let dir = std::env::temp_dir().join(format!("bh-rt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let rootfs = bulkhead_agent_tests::rootfs::busybox_rootfs()?;
+        std::fs::create_dir_all(rootfs.join("etc"))?;
+        let layout = dir.join("layout");
+        let archive = dir.join("busybox-oci.tar");
+        build_image(&rootfs, &layout, &archive, &dir)?;
+        let wrapper = dir.join("bulkhead-runtime");
+        let mut e = Env {
+            dir,
+            bin,
+            guest,
+            rootfs,
+            layout,
+            archive,
+            registry: None,
+            registry_proc: None,
+            runtime_wrapper: wrapper,
+        };
+        e.write_wrapper()?;
+        Ok(e)
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    fn write_wrapper(&mut self) -> Result<()> {
+        let text = format!(
+            "#!/bin/sh\n# podman and dockerd run the OCI runtime with an environment of their own.\n\
+             export BULKHEAD_ROOT={} BULKHEAD_GUEST_DIR={} BULKHEAD_DATA={}\nexec {} \"$@\"\n",
+            self.state().display(),
+            self.guest.display(),
+            self.dir.join("data").display(),
+            self.bin.join("bulkhead").display()
+        );
+        std::fs::write(&self.runtime_wrapper, text)?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            &self.runtime_wrapper,
+            std::fs::Permissions::from_mode(0o755),
+        )?;
+        Ok(())
+    }
+
+    /// `bulkhead ARGS` in this environment.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(self.bin.join("bulkhead"));
+        self.env_on(&mut c);
+        c.args(args);
+        c
+    }
+
+    pub fn env_on(&self, c: &mut Command) {
+        c.env("BULKHEAD_ROOT", self.state())
+            .env("BULKHEAD_GUEST_DIR", &self.guest)
+            .env("BULKHEAD_DATA", self.dir.join("data"))
+            .env_remove("BULKHEAD_BUS_ADDRESS")
+            .env_remove("DBUS_SYSTEM_BUS_ADDRESS")
+            .env_remove("BULKHEAD_CONFIG");
+    }
+
+    pub fn bh(&self, args: &[&str]) -> Result<Out> {
+        run_cmd(&mut self.cmd(args), None, Duration::from_secs(180))
+    }
+
+    pub fn bh_in(&self, args: &[&str], stdin: &[u8]) -> Result<Out> {
+        run_cmd(&mut self.cmd(args), Some(stdin), Duration::from_secs(180))
+    }
+
+    pub fn bus_address(&self) -> String {
+        format!("unix:path={}", self.state().join("bus/socket").display())
+    }
+
+    /// `busctl --address=<our bus> ARGS`.
+    pub fn busctl(&self, args: &[&str]) -> Result<Out> {
+        let mut c = Command::new("busctl");
+        c.arg(format!("--address={}", self.bus_address()))
+            .args(args);
+        run_cmd(&mut c, None, Duration::from_secs(60))
+    }
+
+    /// Start a local registry on a free loopback port and push the test image to it.
+    pub fn start_registry(&mut self) -> Result<String> {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            l.local_addr()?.port()
+        };
+        let addr = format!("127.0.0.1:{port}");
+        let cfg = self.dir.join("registry.yml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+                self.dir.join("registry").display()
+            ),
+        )?;
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.join("registry.log"))?)
+            .spawn()
+            .context("docker-registry (apt-get install docker-registry)")?;
+        self.registry_proc = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            if Instant::now() > deadline {
+                bail!("the registry did not listen on {addr}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        run_cmd(
+            Command::new("skopeo").args([
+                "copy",
+                "--dest-tls-verify=false",
+                &format!("oci:{}:latest", self.layout.display()),
+                &format!("docker://{addr}/test/busybox:latest"),
+            ]),
+            None,
+            Duration::from_secs(60),
+        )?
+        .ok()?;
+        self.registry = Some(addr.clone());
+        Ok(addr)
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(mut r) = self.registry_proc.take() {
+            let _ = r.kill();
+            let _ = r.wait();
+        }
+    }
+}
+
+/// The busybox rootfs as an OCI layout (umoci) and an OCI archive (a tar of it).
+fn build_image(rootfs: &Path, layout: &Path, archive: &Path, dir: &Path) -> Result<()> {
+    let umoci = |args: &[&str]| -> Result<()> {
+        run_cmd(
+            Command::new("umoci").args(args),
+            None,
+            Duration::from_secs(120),
+        )?
+        .ok()
+        .with_context(|| format!("umoci {args:?} (apt-get install umoci)"))?;
+        Ok(())
+    };
+    let l = layout.display().to_string();
+    let img = format!("{l}:latest");
+    let bundle = dir.join("umoci-bundle");
+    let _ = std::fs::remove_dir_all(layout);
+    let _ = std::fs::remove_dir_all(&bundle);
+    umoci(&["init", "--layout", &l])?;
+    umoci(&["new", "--image", &img])?;
+    umoci(&["unpack", "--image", &img, &bundle.display().to_string()])?;
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", rootfs.display()))
+        .arg(bundle.join("rootfs"))
+        .status()?;
+    if !status.success() {
+        bail!("cannot copy the rootfs into the image bundle");
+    }
+    std::fs::write(
+        bundle.join("rootfs/etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\n",
+    )?;
+    std::fs::write(bundle.join("rootfs/etc/group"), "root:x:0:\n")?;
+    umoci(&["repack", "--image", &img, &bundle.display().to_string()])?;
+    umoci(&[
+        "config",
+        "--image",
+        &img,
+        "--config.cmd",
+        "sh",
+        "--config.env",
+        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    ])?;
+    let _ = std::fs::remove_dir_all(&bundle);
+    run_cmd(
+        Command::new("tar")
+            .arg("-C")
+            .arg(layout)
+            .arg("-cf")
+            .arg(archive)
+            .arg("."),
+        None,
+        Duration::from_secs(60),
+    )?
+    .ok()?;
+    Ok(())
+}

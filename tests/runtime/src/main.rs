@@ -1,0 +1,85 @@
+//! The runtime's end-to-end test list, against real parts: the `bulkhead` CLI, a private
+//! dbus-daemon and bulkheadd it starts itself, the QEMU backend (TCG here), virtiofsd,
+//! vhost-device-vsock, the guest kernel and agent, podman with conmon, a local
+//! docker-registry, busctl. Prints one line per case and a summary.
+//!
+//!   runtime-tests --bin-dir target/release --guest DIR [--only SUBSTRING]
+
+mod bad_input;
+mod cases;
+mod env;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+
+pub type Case = (&'static str, fn(&mut env::Env) -> Result<()>);
+
+fn main() {
+    let mut bin = PathBuf::from("target/release");
+    let mut guest = None;
+    let mut only: Option<String> = None;
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--bin-dir" => bin = it.next().expect("--bin-dir DIR").into(),
+            "--guest" => guest = it.next().map(PathBuf::from),
+            "--only" => only = it.next(),
+            other => {
+                eprintln!("unknown argument {other}");
+                std::process::exit(2);
+            }
+        }
+    }
+    let r = (|| -> Result<(usize, usize)> {
+        let guest = guest.context("--guest DIR (the guest image builder's output) is required")?;
+        let bin = std::fs::canonicalize(&bin)?;
+        let mut e = env::Env::new(bin, guest)?;
+        let list: Vec<Case> = cases::list();
+        let (mut passed, mut failed) = (0, 0);
+        for (name, f) in list {
+            if only.as_deref().is_some_and(|o| !name.contains(o)) {
+                continue;
+            }
+            let t = Instant::now();
+            match f(&mut e) {
+                Ok(()) => {
+                    passed += 1;
+                    println!("ok     {name} ({:.1}s)", t.elapsed().as_secs_f64());
+                }
+                Err(err) => {
+                    failed += 1;
+                    println!("FAILED {name} ({:.1}s): {err:#}", t.elapsed().as_secs_f64());
+                    cases::dump_logs(&e);
+                }
+            }
+        }
+        if only.as_deref().is_none_or(|o| "bad input".contains(o)) {
+            for (name, res) in bad_input::run(&e) {
+                match res {
+                    Ok(()) => {
+                        passed += 1;
+                        println!("ok     {name}");
+                    }
+                    Err(err) => {
+                        failed += 1;
+                        println!("FAILED {name}: {err:#}");
+                    }
+                }
+            }
+        }
+        cases::shutdown(&e);
+        Ok((passed, failed))
+    })();
+    match r {
+        Ok((p, f)) => {
+            println!("runtime: {p} passed, {f} failed");
+            std::process::exit(if f == 0 { 0 } else { 1 });
+        }
+        Err(e) => {
+            println!("runtime: setup failed: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
