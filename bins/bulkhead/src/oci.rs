@@ -331,10 +331,9 @@ pub fn parse_signal(s: &str) -> Result<i32> {
 
 pub async fn kill(g: &Global, id: &str, sig: &str, all: bool) -> Result<i32> {
     let sig = parse_signal(sig)?;
-    let r = load(g, id)?;
     let client = Client::connect().await?;
-    let sb = client.sandbox(&r.sandbox).await?;
-    sb.signal(&r.id, "", sig, all).await.map_err(explain)?;
+    let sb = client.sandbox(&locate(g, &client, id).await?).await?;
+    sb.signal(id, "", sig, all).await.map_err(explain)?;
     Ok(0)
 }
 
@@ -355,23 +354,21 @@ pub async fn delete(g: &Global, id: &str, force: bool) -> Result<i32> {
 }
 
 pub async fn pause(g: &Global, id: &str, pause: bool) -> Result<i32> {
-    let r = load(g, id)?;
     let client = Client::connect().await?;
-    let sb = client.sandbox(&r.sandbox).await?;
+    let sb = client.sandbox(&locate(g, &client, id).await?).await?;
     if pause {
-        sb.pause(&r.id).await
+        sb.pause(id).await
     } else {
-        sb.resume(&r.id).await
+        sb.resume(id).await
     }
     .map_err(explain)?;
     Ok(0)
 }
 
 pub async fn ps(g: &Global, id: &str, json_out: bool) -> Result<i32> {
-    let r = load(g, id)?;
     let client = Client::connect().await?;
-    let sb = client.sandbox(&r.sandbox).await?;
-    let pids = sb.processes(&r.id).await.map_err(explain)?;
+    let sb = client.sandbox(&locate(g, &client, id).await?).await?;
+    let pids = sb.processes(id).await.map_err(explain)?;
     if json_out {
         println!("{}", serde_json::to_string(&pids)?);
     } else {

@@ -48,7 +48,9 @@ fn parse() -> Result<(bulkheadd::Options, Option<PathBuf>)> {
 fn init_logging(log_file: Option<&PathBuf>) -> Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("BULKHEAD_LOG")
         .unwrap_or_else(|_| "info".into());
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false);
     match log_file {
         Some(p) => {
             let f = std::fs::OpenOptions::new()
