@@ -35,7 +35,7 @@ def tsc_khz():
 
 def release_bins():
     out = os.path.join(ROOT, "target", "release")
-    bins = {b: os.path.join(out, b) for b in ("bulkhead-vmm", "bulkhead", "bulkhead-agent", "agent-api-tests")}
+    bins = {b: os.path.join(out, b) for b in ("bulkhead-vmm", "bulkhead", "bulkheadd", "bulkhead-agent", "agent-api-tests")}
     for b, p in bins.items():
         if not os.path.exists(p):
             sys.exit(f"nested: {p} missing: run cargo build --release first")
@@ -103,8 +103,12 @@ def l1_initramfs(guest_dir, bins, with_qemu, workdir):
         os.makedirs(os.path.join(root, d), exist_ok=True)
     busybox = shutil.which("busybox") or "/bin/busybox"
     shutil.copy(busybox, os.path.join(root, "bin", "busybox"))
-    for b in ("bulkhead-vmm", "bulkhead", "agent-api-tests"):
+    for b in ("bulkhead-vmm", "bulkhead", "bulkheadd", "agent-api-tests"):
         copy_with_libs(root, bins[b], f"/opt/bulkhead/{b}")
+    # The embedded bus for `bulkhead run` (dbus-daemon resolves the policy's users).
+    copy_with_libs(root, shutil.which("dbus-daemon") or "/usr/bin/dbus-daemon", "/opt/bulkhead/dbus-daemon")
+    open(os.path.join(root, "etc", "passwd"), "w").write("root:x:0:0:root:/root:/bin/sh\n")
+    open(os.path.join(root, "etc", "group"), "w").write("root:x:0:\n")
     # The agent API list's busybox rootfs: shared into the guest over virtio-fs, and as
     # an ext4 image on a virtio-blk disk for the block-rootfs case.
     rootfs = os.path.join(root, "opt", "share", "rootfs")
@@ -112,7 +116,7 @@ def l1_initramfs(guest_dir, bins, with_qemu, workdir):
     subprocess.run(["mkfs.ext4", "-q", "-F", "-d", rootfs, os.path.join(root, "opt", "data", "rootfs.ext4"), "16M"],
                    check=True)
     copy_with_libs(root, find_virtiofsd(), "/opt/bulkhead/virtiofsd")
-    for f in ("vmlinux", "bzImage", "initramfs.cpio.gz"):
+    for f in ("vmlinux", "bzImage", "initramfs.cpio.gz", "kernel-release"):
         shutil.copy(os.path.join(guest_dir, f), os.path.join(root, "opt", "guest", f))
     disk = bytearray(1 << 20)
     disk[:16] = b"BULKHEAD-DISK-OK"
@@ -287,6 +291,20 @@ echo "NESTED-CASE agent-api"
 if [ $rc != 0 ] || [ -n "$VERBOSE" ]; then echo "--- L2 serial"; cat /tmp/l2-serial.log; echo "--- virtiofsd"; cat /tmp/virtiofsd.log; fi
 kill $fs1 $fs3 2>/dev/null
 [ $rc3 = 0 ] || rc=1
+# bulkhead run as a user runs it: the embedded bus and bulkheadd start on demand, and
+# bulkhead check picks bulkhead-vmm on this KVM.
+export BULKHEAD_ROOT=/tmp/bhroot BULKHEAD_GUEST_DIR=/opt/guest BULKHEAD_DATA=/tmp/bhdata
+backend=$(bulkhead check | sed -n 's/^backend: //p')
+out=$(BULKHEAD_TIMINGS=1 timeout 300 bulkhead run --rm --rootfs /opt/share/rootfs sh -c 'uname -r; exit 7' 2>/tmp/run.err)
+rc4=$?
+cat /tmp/run.err
+echo "NESTED-RUN backend=$backend rc=$rc4 out=$out"
+if [ "$backend" != bulkhead-vmm ] || [ $rc4 != 7 ] || [ "$out" != "$(cat /opt/guest/kernel-release)" ]; then
+  rc=1; echo "--- bulkheadd.log"; tail -30 /tmp/bhroot/bulkheadd.log; bulkhead check
+fi
+left=$(ls /tmp/bhroot/run /tmp/bhroot/sandboxes 2>/dev/null | grep -v : | grep -c .)
+echo "NESTED-CASE bulkhead-run backend=$backend rc=$rc4 left=$left"
+[ "$left" = 0 ] || rc=1
 exit $rc
 """
 
@@ -335,6 +353,8 @@ def cmd_test(args, demo=False):
         print(f"host /dev/kvm cannot boot a stock kernel here; bulkhead-vmm ran inside a nested node "
               f"(L1 under QEMU TCG, L1 kvm: {kvm_line.group(1).strip() if kvm_line else 'unknown'})")
     for line in parse_probe(out):
+        print(line)
+    for line in re.findall(r"^(NESTED-CASE .*|NESTED-RUN .*|bulkhead: timings.*)$", out, re.M):
         print(line)
     if not ok:
         print(out[-6000:])
