@@ -154,10 +154,18 @@ pub fn activation_file(bulkheadd: &Path, state_dir: &Path) -> String {
                 .map(|v| format!("{k}={v}"))
         })
         .collect();
+    // Exec wants an absolute path; env is not always in /usr/bin (busybox systems).
+    let env_bin = std::env::var_os("PATH")
+        .and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("env"))
+                .find(|p| p.is_file())
+        })
+        .unwrap_or_else(|| "/usr/bin/env".into());
     let prefix = if env.is_empty() {
         String::new()
     } else {
-        format!("/usr/bin/env {} ", env.join(" "))
+        format!("{} {} ", env_bin.display(), env.join(" "))
     };
     format!(
         "[D-BUS Service]\nName={MANAGER_NAME}\nExec={prefix}{} --state-dir {} --log-file {}\n",
