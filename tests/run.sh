@@ -8,9 +8,12 @@ cd "$(dirname "$0")/.."
 log=$(mktemp)
 fail=0
 cargo build --release -q || exit 1
-cargo test --workspace 2>&1 | tee "$log" || fail=1
+cargo test --workspace 2>&1 | tee "$log"
+test_rc=${PIPESTATUS[0]}
 passed=$(grep -o 'test result: [a-zA-Z]*\. [0-9]* passed' "$log" | awk '{s+=$4} END {print s+0}')
 failed=$(grep -o '[0-9]* failed;' "$log" | awk '{s+=$1} END {print s+0}')
+# A test binary that did not build counts as a failure even with no failed test.
+if [ "$test_rc" != 0 ]; then fail=1; [ "$failed" != 0 ] || failed=1; fi
 echo "== agent API, host mode: the real agent in fresh namespaces, real containers"
 if ./target/release/agent-api-tests --host-mode ./target/release/bulkhead-agent; then
     passed=$((passed + 1)); else failed=$((failed + 1)); fail=1; fi
