@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 
-use crate::env::{run_cmd, Env, Out};
+use bulkhead_runtime_tests::env::{run_cmd, Env, Out};
 
 type Check = Box<dyn Fn(&Env) -> Result<Out>>;
 

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 
-use crate::env::{run_cmd, Env, Out};
 use crate::Case;
+use bulkhead_runtime_tests::env::{run_cmd, Env, Out};
 
 pub fn list() -> Vec<Case> {
     vec![

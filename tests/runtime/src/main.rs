@@ -7,14 +7,16 @@
 
 mod bad_input;
 mod cases;
-mod env;
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 
-pub type Case = (&'static str, fn(&mut env::Env) -> Result<()>);
+pub type Case = (
+    &'static str,
+    fn(&mut bulkhead_runtime_tests::env::Env) -> Result<()>,
+);
 
 fn main() {
     let mut bin = PathBuf::from("target/release");
@@ -35,7 +37,7 @@ fn main() {
     let r = (|| -> Result<(usize, usize)> {
         let guest = guest.context("--guest DIR (the guest image builder's output) is required")?;
         let bin = std::fs::canonicalize(&bin)?;
-        let mut e = env::Env::new(bin, guest)?;
+        let mut e = bulkhead_runtime_tests::env::Env::new(bin, guest)?;
         let list: Vec<Case> = cases::list();
         let (mut passed, mut failed) = (0, 0);
         for (name, f) in list {

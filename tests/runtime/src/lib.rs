@@ -1,0 +1,4 @@
+//! Shared by the runtime test list and the start-up benchmark: a private environment
+//! (state directory, embedded bus, guest image, busybox rootfs and images, registry).
+
+pub mod env;
