@@ -9,6 +9,7 @@
 mod attach;
 mod check;
 mod client;
+mod hooks;
 mod image;
 mod ls;
 mod monitor;

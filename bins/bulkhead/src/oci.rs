@@ -73,6 +73,9 @@ struct Record {
     created: String,
     pid: u32,
     annotations: HashMap<String, String>,
+    /// The spec's hooks: run here, on the host, never in the guest.
+    #[serde(default)]
+    hooks: Value,
 }
 
 fn record_path(g: &Global, id: &str) -> PathBuf {
@@ -192,7 +195,11 @@ pub async fn create(g: &Global, a: CreateArgs) -> Result<i32> {
     r
 }
 
-async fn create_in(g: &Global, a: &CreateArgs, spec: Value, rootfs: PathBuf) -> Result<i32> {
+async fn create_in(g: &Global, a: &CreateArgs, mut spec: Value, rootfs: PathBuf) -> Result<i32> {
+    let hooks = spec
+        .as_object_mut()
+        .and_then(|o| o.remove("hooks"))
+        .unwrap_or(Value::Null);
     let tty = spec["process"]["terminal"].as_bool().unwrap_or(false);
     if tty && a.console_socket.is_none() {
         bail!("the spec asks for a terminal: --console-socket is required");
@@ -230,18 +237,21 @@ async fn create_in(g: &Global, a: &CreateArgs, spec: Value, rootfs: PathBuf) -> 
         }
         let pid = monitor::spawn(&margs)?;
         let bundle = std::fs::canonicalize(&a.bundle)?;
-        save(
-            g,
-            &Record {
-                id: a.id.clone(),
-                sandbox: a.id.clone(),
-                bundle,
-                rootfs: rootfs.clone(),
-                created: now_rfc3339(),
-                pid,
-                annotations,
-            },
-        )?;
+        let rec = Record {
+            id: a.id.clone(),
+            sandbox: a.id.clone(),
+            bundle,
+            rootfs: rootfs.clone(),
+            created: now_rfc3339(),
+            pid,
+            annotations,
+            hooks,
+        };
+        save(g, &rec)?;
+        // runc runs these between create and start; a failing one fails the create.
+        for stage in ["createRuntime", "prestart"] {
+            crate::hooks::run_stage(&rec.hooks, stage, &state_json(&rec, "created"))?;
+        }
         if let Some(p) = &a.pid_file {
             write_pid_file(p, pid)?;
         }
@@ -307,6 +317,10 @@ pub async fn start(g: &Global, id: &str) -> Result<i32> {
     let client = Client::connect().await?;
     let sb = client.sandbox(&r.sandbox).await?;
     sb.start_container(&r.id).await.map_err(explain)?;
+    // Poststart failures are reported, not fatal (the container already runs).
+    if let Err(e) = crate::hooks::run_stage(&r.hooks, "poststart", &state_json(&r, "running")) {
+        tracing::warn!("{e:#}");
+    }
     Ok(0)
 }
 
@@ -348,6 +362,9 @@ pub async fn delete(g: &Global, id: &str, force: bool) -> Result<i32> {
         Err(zbus::Error::MethodError(n, _, _)) if n.as_str().ends_with(".NotFound") => {}
         Err(e) => return Err(explain(e)),
         Ok(()) => {}
+    }
+    if let Err(e) = crate::hooks::run_stage(&r.hooks, "poststop", &state_json(&r, "stopped")) {
+        tracing::warn!("{e:#}");
     }
     std::fs::remove_dir_all(g.root().join(id))?;
     Ok(0)

@@ -42,8 +42,11 @@ fn need(cfg: &Config, b: Binary) -> Result<PathBuf, PlanError> {
 }
 
 /// The kernel command line both backends give the guest.
-pub fn kernel_cmdline(tcg: bool) -> String {
-    let mut c = String::from("console=ttyS0 quiet panic=-1 pci=off");
+pub fn kernel_cmdline(tcg: bool, debug: bool) -> String {
+    let mut c = String::from("console=ttyS0 panic=-1 pci=off");
+    if !debug {
+        c.push_str(" quiet");
+    }
     if tcg {
         // Under TCG the guest's TSC calibration can hang when the host is busy; hand it
         // the host's TSC frequency.
@@ -106,7 +109,7 @@ pub fn plan(cfg: &Config, rec: &SandboxRec, tcg: bool) -> Result<Vec<ComponentSp
                 .arg("--initrd")
                 .arg(&initrd)
                 .arg("--cmdline")
-                .arg(kernel_cmdline(false))
+                .arg(kernel_cmdline(false, cfg.guest_debug))
                 .args(["--cpus", &rec.cpus.to_string()])
                 .args(["--memory", &rec.memory_mib.to_string()])
                 .arg("--serial")
@@ -184,7 +187,7 @@ fn qemu_command(
         .arg("-initrd")
         .arg(initrd)
         .arg("-append")
-        .arg(kernel_cmdline(tcg))
+        .arg(kernel_cmdline(tcg, cfg.guest_debug))
         .arg("-chardev")
         .arg(format!("socket,id=vsock,path={}", vsock_vu.display()))
         .args(["-device", "vhost-user-vsock-device,chardev=vsock"])
@@ -197,7 +200,13 @@ fn qemu_command(
             "-device",
             &format!("vhost-user-fs-device,chardev=fs,tag={SHARE_TAG}"),
         ])
-        .args(["-device", "virtio-rng-device"]);
+        .args(["-device", "virtio-rng-device"])
+        // For operators: `info registers`, `info lapic` on a guest that seems stuck.
+        .arg("-monitor")
+        .arg(format!(
+            "unix:{},server=on,wait=off",
+            rec.run_dir.join("qemu-monitor.sock").display()
+        ));
     Ok(c)
 }
 
@@ -207,11 +216,12 @@ mod tests {
 
     #[test]
     fn tcg_cmdline_carries_tsc() {
-        let c = kernel_cmdline(true);
-        assert!(c.starts_with("console=ttyS0"));
+        let c = kernel_cmdline(true, false);
+        assert!(c.starts_with("console=ttyS0") && c.contains(" quiet"));
+        assert!(!kernel_cmdline(false, true).contains("quiet"));
         if host_tsc_khz().is_some() {
             assert!(c.contains("tsc_early_khz="), "{c}");
         }
-        assert!(!kernel_cmdline(false).contains("tsc_early_khz"));
+        assert!(!kernel_cmdline(false, false).contains("tsc_early_khz"));
     }
 }

@@ -141,6 +141,26 @@ fn share_bind_mounts(
     Ok(())
 }
 
+/// Wait until each component has created its socket; a component that exits first, or
+/// takes over 10 s, fails the sandbox with the tail of its log.
+async fn wait_sockets(pending: &[(Component, PathBuf, PathBuf)]) -> Result<(), Error> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for (comp, sock, log) in pending {
+        while !sock.exists() {
+            if !supervisor::alive(comp) || Instant::now() > deadline {
+                return Err(Error::Backend(format!(
+                    "{} did not create {}: {}",
+                    comp.name,
+                    sock.display(),
+                    log_tail(log)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    Ok(())
+}
+
 impl Sandbox {
     pub fn snapshot(&self) -> SandboxRec {
         self.rec.lock().expect("rec lock").clone()
@@ -335,8 +355,13 @@ impl Daemon {
     async fn boot(self: &Arc<Self>, sb: &Arc<Sandbox>, t0: Instant) -> Result<(), Error> {
         let rec = sb.snapshot();
         let specs = backend::plan(&self.cfg, &rec, self.tcg).map_err(|e| Error::Backend(e.0))?;
+        // Back ends start together; the VMM starts once every socket it connects to is there.
+        let mut pending: Vec<(Component, PathBuf, PathBuf)> = vec![];
         for mut spec in specs {
             let log = rec.run_dir.join(format!("{}.log", spec.name));
+            if spec.ready_socket.is_none() {
+                wait_sockets(&std::mem::take(&mut pending)).await?;
+            }
             if spec.name == "vmm" {
                 let us = t0.elapsed().as_micros() as u64;
                 sb.rec
@@ -359,20 +384,10 @@ impl Daemon {
             .await;
             self.watch_component(sb, comp.clone());
             if let Some(sock) = spec.ready_socket {
-                let deadline = Instant::now() + Duration::from_secs(10);
-                while !sock.exists() {
-                    if !supervisor::alive(&comp) || Instant::now() > deadline {
-                        return Err(Error::Backend(format!(
-                            "{} did not create {}: {}",
-                            spec.name,
-                            sock.display(),
-                            log_tail(&log)
-                        )));
-                    }
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
+                pending.push((comp, sock, log));
             }
         }
+        wait_sockets(&pending).await?;
         sb.rec
             .lock()
             .expect("rec lock")
@@ -382,6 +397,7 @@ impl Daemon {
             .vmm()
             .ok_or_else(|| Error::Backend("no VMM component".into()))?;
         let run = rec.run_dir.clone();
+        let serial = run.join("serial.log");
         sb.agent
             .wait_ready(Duration::from_secs(self.cfg.boot_timeout_s), || {
                 (!supervisor::alive(&vmm)).then(|| {
@@ -392,7 +408,13 @@ impl Daemon {
                     )
                 })
             })
-            .await?;
+            .await
+            .map_err(|e| match e {
+                Error::Backend(m) => {
+                    Error::Backend(format!("{m} / guest serial: {}", log_tail(&serial)))
+                }
+                other => other,
+            })?;
         sb.rec
             .lock()
             .expect("rec lock")
@@ -608,6 +630,11 @@ impl Daemon {
         }
         if let Some(t) = terminal {
             spec["process"]["terminal"] = serde_json::Value::Bool(t);
+        }
+        // Hooks name host binaries and run on the host (the OCI CLI runs them): the guest
+        // could not run them, and must not be asked to.
+        if let Some(o) = spec.as_object_mut() {
+            o.remove("hooks");
         }
         let src = PathBuf::from(&rootfs);
         if !src.is_absolute() || !src.is_dir() {

@@ -26,6 +26,8 @@ pub struct Config {
     pub memory_mib: u32,
     /// How long a guest may take to answer after its VMM starts.
     pub boot_timeout_s: u64,
+    /// Let the guest kernel log its boot to the serial console (`<run>/serial.log`).
+    pub guest_debug: bool,
     pub bulkhead_vmm: Option<PathBuf>,
     pub qemu: Option<PathBuf>,
     pub virtiofsd: Option<PathBuf>,
@@ -41,6 +43,7 @@ impl Default for Config {
             cpus: 1,
             memory_mib: 256,
             boot_timeout_s: 120,
+            guest_debug: false,
             bulkhead_vmm: None,
             qemu: None,
             virtiofsd: None,

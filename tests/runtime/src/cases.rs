@@ -40,6 +40,10 @@ pub fn list() -> Vec<Case> {
             kill_vmm,
         ),
         ("podman: run, exit code, stdin, exec, tty, stop", podman),
+        (
+            "dockerd: run, exit code, stdin, exec, stop (containerd's runc shim)",
+            docker,
+        ),
     ]
 }
 
@@ -647,6 +651,102 @@ fn podman(e: &mut Env) -> Result<()> {
     Ok(())
 }
 
+/// dockerd 20.10 with private roots, no bridge and no iptables, and bulkhead declared as
+/// a runtime: containerd's runc shim runs our OCI CLI as it would run runc.
+fn docker(e: &mut Env) -> Result<()> {
+    let reg = match e.registry.clone() {
+        Some(r) => r,
+        None => e.start_registry()?,
+    };
+    let dk = e.dir.join("docker");
+    std::fs::create_dir_all(&dk)?;
+    let sock = dk.join("docker.sock");
+    let cfg = serde_json::json!({
+        "data-root": dk.join("data"), "exec-root": dk.join("exec"), "pidfile": dk.join("docker.pid"),
+        "hosts": [format!("unix://{}", sock.display())],
+        "bridge": "none", "iptables": false, "ip-masq": false, "ip-forward": false,
+        "runtimes": {"bulkhead": {"path": e.runtime_wrapper}},
+    });
+    std::fs::write(dk.join("daemon.json"), cfg.to_string())?;
+    let mut daemon = Command::new("dockerd")
+        .arg("--config-file")
+        .arg(dk.join("daemon.json"))
+        .stdout(std::fs::File::create(dk.join("dockerd.log"))?)
+        .stderr(std::fs::File::create(dk.join("dockerd.err"))?)
+        .spawn()
+        .context("dockerd (apt-get install docker.io)")?;
+    // Debian's client matches the daemon; another docker on PATH may not.
+    let cli = if Path::new("/usr/bin/docker").exists() {
+        "/usr/bin/docker"
+    } else {
+        "docker"
+    };
+    let host = format!("unix://{}", sock.display());
+    let docker = |args: &[&str], stdin: Option<&[u8]>| -> Result<Out> {
+        let mut c = Command::new(cli);
+        c.args(["-H", &host]).args(args);
+        run_cmd(&mut c, stdin, Duration::from_secs(180))
+    };
+    let res = (|| -> Result<()> {
+        wait_for("dockerd", Duration::from_secs(60), || {
+            Ok(docker(&["info"], None)?.code == 0)
+        })?;
+        let img = format!("{reg}/test/busybox:latest");
+        docker(&["pull", &img], None)?.ok()?;
+        let base = ["--runtime=bulkhead", "--network=none"];
+        let run = |extra: &[&str], cmd: &[&str], stdin: Option<&[u8]>| {
+            let mut a = vec!["run"];
+            a.extend(extra);
+            a.extend(base);
+            a.push(&img);
+            a.extend(cmd);
+            docker(&a, stdin)
+        };
+        let o = run(&["--rm"], &["sh", "-c", "uname -r; exit 3"], None)?;
+        let guest = std::fs::read_to_string(e.guest.join("kernel-release"))?;
+        ensure!(
+            o.code == 3 && o.stdout.trim() == guest.trim(),
+            "docker run: {o:?}"
+        );
+        let o = run(&["--rm", "-i"], &["cat"], Some(b"through dockerd\n"))?;
+        ensure!(o.stdout == "through dockerd\n", "docker run -i: {o:?}");
+        run(&["-d", "--name", "dk"], &["sleep", "600"], None)?.ok()?;
+        let o = docker(&["exec", "dk", "sh", "-c", "echo exec-ok; exit 4"], None)?;
+        ensure!(o.code == 4 && o.stdout == "exec-ok\n", "docker exec: {o:?}");
+        docker(&["stop", "-t", "1", "dk"], None)?.ok()?;
+        let o = docker(&["inspect", "--format", "{{.State.ExitCode}}", "dk"], None)?;
+        ensure!(
+            o.stdout.trim() == "137",
+            "stopped by SIGKILL after the timeout: {o:?}"
+        );
+        docker(&["rm", "dk"], None)?.ok()?;
+        ensure!(
+            !ls_json(e)?
+                .iter()
+                .any(|s| s["id"].as_str().is_some_and(|i| i.len() == 64)),
+            "dockerd's sandboxes were not removed"
+        );
+        Ok(())
+    })();
+    // SAFETY: kill(2) on the dockerd we started.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while daemon.try_wait()?.is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    if res.is_err() {
+        let err = std::fs::read_to_string(dk.join("dockerd.err")).unwrap_or_default();
+        let tail: Vec<&str> = err.lines().rev().take(8).collect();
+        println!(
+            "--- dockerd.err (last lines, newest first)\n{}",
+            tail.join("\n")
+        );
+    }
+    res
+}
+
 /// On a failure: the manager's log and the serial consoles of live sandboxes.
 pub fn dump_logs(e: &Env) {
     let tail = |p: &Path| {
@@ -675,8 +775,8 @@ pub fn dump_logs(e: &Env) {
     }
 }
 
-/// Remove what is left, stop the manager and the bus.
-pub fn shutdown(e: &Env) {
+/// Remove every sandbox left.
+pub fn shutdown_sandboxes(e: &Env) {
     if let Ok(all) = ls_json(e) {
         for s in all {
             if let Some(id) = s["id"].as_str() {
@@ -684,6 +784,11 @@ pub fn shutdown(e: &Env) {
             }
         }
     }
+}
+
+/// Remove what is left, stop the manager and the bus.
+pub fn shutdown(e: &Env) {
+    shutdown_sandboxes(e);
     if let Some(p) = bulkheadd_pid(e) {
         // SAFETY: kill(2) on our test's bulkheadd.
         unsafe { libc::kill(p as i32, libc::SIGTERM) };
