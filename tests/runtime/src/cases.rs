@@ -14,6 +14,10 @@ pub fn list() -> Vec<Case> {
     vec![
         ("check: --json names the backend and the bus", check_json),
         (
+            "systemd files: dbus-daemon takes the policy, systemd-analyze the unit",
+            systemd_files,
+        ),
+        (
             "run: prints the guest's kernel, not the host's",
             run_guest_kernel,
         ),
@@ -75,6 +79,61 @@ fn check_json(e: &mut Env) -> Result<()> {
         );
     }
     ensure!(o.code == 0, "check exits 0 when a backend is usable");
+    Ok(())
+}
+
+fn systemd_files(e: &mut Env) -> Result<()> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../systemd")
+        .canonicalize()?;
+    // The unit, with ExecStart pointing at the binary we built: no warning at all.
+    let unit = std::fs::read_to_string(dir.join("bulkheadd.service"))?.replace(
+        "/usr/libexec/bulkhead/bulkheadd",
+        &e.bin.join("bulkheadd").display().to_string(),
+    );
+    let u = e.dir.join("bulkheadd.service");
+    std::fs::write(&u, unit)?;
+    let o = run_cmd(
+        Command::new("systemd-analyze").arg("verify").arg(&u),
+        None,
+        Duration::from_secs(60),
+    )?;
+    ensure!(
+        o.code == 0 && o.stderr.trim().is_empty(),
+        "systemd-analyze verify: {o:?}"
+    );
+    // The policy, included in a bus config: dbus-daemon refuses to start on a bad one.
+    let conf = e.dir.join("policy-check.conf");
+    let sock = e.dir.join("policy-check.sock");
+    std::fs::write(
+        &conf,
+        format!(
+            "<!DOCTYPE busconfig PUBLIC \"-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN\" \
+             \"http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd\">\n<busconfig>\
+             <listen>unix:path={}</listen><auth>EXTERNAL</auth>\
+             <policy context=\"default\"><allow user=\"*\"/></policy>\
+             <include>{}</include></busconfig>\n",
+            sock.display(),
+            dir.join("org.bulkhead.Manager1.conf").display()
+        ),
+    )?;
+    let o = run_cmd(
+        Command::new("dbus-daemon")
+            .arg(format!("--config-file={}", conf.display()))
+            .args(["--fork", "--print-pid=1"]),
+        None,
+        Duration::from_secs(30),
+    )?;
+    ensure!(o.code == 0, "dbus-daemon refused the policy: {o:?}");
+    if let Ok(pid) = o.stdout.trim().parse::<i32>() {
+        // SAFETY: kill(2) on the dbus-daemon this case started.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+    let act = std::fs::read_to_string(dir.join("org.bulkhead.Manager1.service"))?;
+    ensure!(
+        act.contains("SystemdService=bulkheadd.service"),
+        "activation file: {act}"
+    );
     Ok(())
 }
 
