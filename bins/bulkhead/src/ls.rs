@@ -33,21 +33,13 @@ pub fn alive(pid: u32) -> bool {
 
 /// CPU time (ms) and RSS (KiB) of a host process, from /proc.
 fn usage(pid: u32) -> (u64, u64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let cpu = stat
-        .rfind(')')
-        .map(|i| stat[i + 2..].split_whitespace().collect::<Vec<_>>())
-        .and_then(|f| Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?))
-        .unwrap_or(0);
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
         .find(|l| l.starts_with("VmRSS:"))
         .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         .unwrap_or(0);
-    (cpu * 1000 / hz, rss)
+    (crate::probe::cpu_ms(pid).unwrap_or(0), rss)
 }
 
 pub async fn ls(a: LsArgs) -> Result<()> {

@@ -266,7 +266,7 @@ fn rss_kib(pid: u32, guest_kib: u64) -> Option<(u64, u64)> {
 }
 
 /// User + system CPU time of a process, in milliseconds.
-fn cpu_ms(pid: u32) -> Option<u64> {
+pub fn cpu_ms(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &stat[stat.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
