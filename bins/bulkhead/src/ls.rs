@@ -23,6 +23,11 @@ pub struct RmArgs {
     ids: Vec<String>,
 }
 
+/// Where detached containers' output is kept, per sandbox.
+pub fn log_dir(sandbox: &str) -> std::path::PathBuf {
+    crate::client::state_dir().join("logs").join(sandbox)
+}
+
 /// Is `pid` a live process (not a zombie)?
 pub fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -116,7 +121,12 @@ pub async fn rm(a: RmArgs) -> Result<i32> {
     let mut code = 0;
     for id in &a.ids {
         match c.manager.remove_sandbox(id, a.force).await {
-            Ok(()) => println!("{id}"),
+            Ok(()) => {
+                if bulkhead_dbus::valid_id(id).is_ok() {
+                    let _ = std::fs::remove_dir_all(log_dir(id));
+                }
+                println!("{id}");
+            }
             Err(e) => {
                 eprintln!("bulkhead: rm {id}: {}", explain(e));
                 code = 1;

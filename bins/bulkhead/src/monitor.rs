@@ -35,7 +35,7 @@ pub struct MonitorArgs {
     /// The process has a terminal (with or without a console socket).
     #[arg(long)]
     pub tty: bool,
-    /// Append the output here instead of our stdout/stderr.
+    /// Append the output here instead of our stdout/stderr (the process has no stdin).
     #[arg(long)]
     pub log: Option<PathBuf>,
     /// Write the exit status here when the process exits.
@@ -95,7 +95,6 @@ async fn follow(a: &MonitorArgs, ready: &mut Option<std::fs::File>) -> Result<i3
     };
     let mut wait = stream("wait").await?;
     let out = stream("stdout").await?;
-    let input = stream("stdin").await?;
     let mut pumps = vec![];
     let tty = a.tty || a.console_socket.is_some();
     let mut pty_slave: Option<std::fs::File> = None;
@@ -108,6 +107,7 @@ async fn follow(a: &MonitorArgs, ready: &mut Option<std::fs::File>) -> Result<i3
             cfmakeraw(&mut t);
             tcsetattr(pty.slave.as_fd(), SetArg::TCSANOW, &t).context("tcsetattr")?;
         }
+        let input = stream("stdin").await?;
         send_fd(sock, &pty.master)?;
         drop(pty.master);
         let slave = std::fs::File::from(pty.slave);
@@ -126,14 +126,13 @@ async fn follow(a: &MonitorArgs, ready: &mut Option<std::fs::File>) -> Result<i3
                 if !tty {
                     pumps.push(stdio::pump(stream("stderr").await?, f));
                 }
-                drop(input);
             }
             None => {
                 pumps.push(stdio::pump(out, std::io::stdout()));
                 if !tty {
                     pumps.push(stdio::pump(stream("stderr").await?, std::io::stderr()));
                 }
-                stdio::pump_stdin(input);
+                stdio::pump_stdin(stream("stdin").await?);
             }
         }
     }
@@ -209,7 +208,10 @@ fn watch_window(
 }
 
 /// Start a monitor for a process and wait until it is attached; returns its pid.
-pub fn spawn(args: &[String]) -> Result<u32> {
+/// `inherit_stdio`: the monitor holds our stdio as the container's (the OCI CLI under
+/// conmon or a shim); otherwise it gets /dev/null, so that nobody waiting for our
+/// output to end waits for the container.
+pub fn spawn(args: &[String], inherit_stdio: bool) -> Result<u32> {
     use std::os::unix::process::CommandExt;
     let (r, w) = nix::unistd::pipe().context("pipe")?;
     let wfd = w.as_raw_fd();
@@ -219,6 +221,12 @@ pub fn spawn(args: &[String]) -> Result<u32> {
         .args(args)
         .arg("--ready-fd")
         .arg(wfd.to_string());
+    if !inherit_stdio {
+        use std::process::Stdio;
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+    }
     // SAFETY: only async-signal-safe calls between fork and exec: clear close-on-exec on
     // the ready pipe's write end and start a new session (the monitor must not get the
     // caller's terminal signals).

@@ -235,7 +235,7 @@ async fn create_in(g: &Global, a: &CreateArgs, mut spec: Value, rootfs: PathBuf)
         if let Some(s) = &a.console_socket {
             margs.extend(["--console-socket".into(), s.display().to_string()]);
         }
-        let pid = monitor::spawn(&margs)?;
+        let pid = monitor::spawn(&margs, true)?;
         let bundle = std::fs::canonicalize(&a.bundle)?;
         let rec = Record {
             id: a.id.clone(),
@@ -649,7 +649,7 @@ pub async fn exec(g: &Global, a: ExecArgs) -> Result<i32> {
         } else if tty {
             margs.push("--tty".into());
         }
-        let pid = monitor::spawn(&margs)?;
+        let pid = monitor::spawn(&margs, true)?;
         if let Some(p) = &a.pid_file {
             write_pid_file(p, pid)?;
         }

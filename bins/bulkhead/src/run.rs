@@ -16,7 +16,8 @@ use crate::stdio;
 
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
-    /// Start the container and print its sandbox id; do not wait.
+    /// Start the container and print its sandbox id; do not wait. Its output goes to
+    /// <state>/logs/<sandbox>/<container>.log.
     #[arg(short, long)]
     pub detach: bool,
     /// Remove the sandbox when the container exits.
@@ -222,6 +223,22 @@ pub async fn run(a: RunArgs) -> Result<i32> {
             .await
             .map_err(explain)?;
         if a.detach {
+            // Nobody reads a detached container's output: a monitor keeps it in a log
+            // (<state>/logs/<sandbox>/<container>.log), so it never blocks on a full pipe.
+            let log = crate::ls::log_dir(&sandbox_id).join(format!("{id}.log"));
+            std::fs::create_dir_all(log.parent().unwrap_or(&log))?;
+            let margs: Vec<String> = [
+                "--sandbox",
+                &sandbox_id,
+                "--container",
+                &id,
+                "--log",
+                &log.display().to_string(),
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            crate::monitor::spawn(&margs, false)?;
             sb.start_container(&id).await.map_err(explain)?;
             println!("{sandbox_id}");
             return Ok(0);

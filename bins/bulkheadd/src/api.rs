@@ -270,6 +270,7 @@ impl SandboxIface {
         resources_json: String,
     ) -> Result<(), Error> {
         require_admin(conn, &hdr).await?;
+        crate::daemon::check_json_size("resources", &resources_json)?;
         serde_json::from_str::<serde_json::Value>(&resources_json)
             .ok()
             .filter(|v| v.is_object())

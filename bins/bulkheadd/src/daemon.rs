@@ -66,6 +66,21 @@ fn now_us() -> u64 {
         .unwrap_or(0)
 }
 
+/// Largest JSON document (spec, process, resources) a caller may send: it travels to the
+/// guest in one agent frame, which is bounded too.
+pub const MAX_JSON: usize = 256 * 1024;
+
+/// Refuse an oversized JSON argument before parsing it.
+pub fn check_json_size(what: &str, text: &str) -> Result<(), Error> {
+    if text.len() > MAX_JSON {
+        return Err(Error::InvalidArgument(format!(
+            "{what} is {} bytes; at most {MAX_JSON}",
+            text.len()
+        )));
+    }
+    Ok(())
+}
+
 fn io_err(what: &str) -> impl Fn(std::io::Error) -> Error + '_ {
     move |e| Error::Failed(format!("{what}: {e}"))
 }
@@ -621,6 +636,7 @@ impl Daemon {
         } = n;
         let sb = self.running(sid)?;
         valid_id(&cid).map_err(Error::InvalidArgument)?;
+        check_json_size("spec", &spec_json)?;
         let mut spec: serde_json::Value = serde_json::from_str(&spec_json)
             .map_err(|e| Error::InvalidArgument(format!("spec is not valid JSON: {e}")))?;
         if !spec.is_object() || !spec.get("process").is_some_and(|p| p.is_object()) {
@@ -787,6 +803,7 @@ impl Daemon {
         let sb = self.running(sid)?;
         Self::container_state(&sb, &cid)?;
         valid_id(&exec_id).map_err(Error::InvalidArgument)?;
+        check_json_size("process", &process_json)?;
         serde_json::from_str::<serde_json::Value>(&process_json)
             .ok()
             .filter(|v| v.is_object())

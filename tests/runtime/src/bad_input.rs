@@ -146,6 +146,10 @@ fn rows(e: &Env) -> Result<Vec<Row>> {
         .push(serde_json::json!({"destination": "/x", "type": "bind", "source": "/no/such/dir", "options": ["rbind"]}));
     let spec_bad_bind = spec_bad_bind.to_string();
     let good_s = good_spec.to_string();
+    // One argv string may not exceed 128 KiB: three variables of 100 KiB make the spec big.
+    let big: Vec<String> = (0..3)
+        .map(|i| format!("BIG{i}={}", "x".repeat(100 * 1024)))
+        .collect();
     // On a host whose KVM cannot boot a stock kernel, asking for bulkhead-vmm is refused.
     let vmm_refused = Path::new("/sys/module/kvm_pvm").exists() || !Path::new("/dev/kvm").exists();
 
@@ -430,6 +434,24 @@ fn rows(e: &Env) -> Result<Vec<Row>> {
             "bind mount source /no/such/dir",
         ),
         row(
+            "run: a spec over 256 KiB (the manager's bound)",
+            cli(&[
+                "run",
+                "--sandbox",
+                "bad",
+                "--rootfs",
+                &r,
+                "-e",
+                &big[0],
+                "-e",
+                &big[1],
+                "-e",
+                &big[2],
+                "true",
+            ]),
+            "at most 262144",
+        ),
+        row(
             "bus: Attach to an unknown stream",
             busv(None, call(S, &["Attach", "sss", "bad", "", "video"])),
             "want stdin, stdout, stderr or wait",
@@ -495,7 +517,8 @@ pub fn run(e: &Env) -> Vec<(String, Result<()>)> {
     for row in rows {
         let res = (row.run)(e).and_then(|o| {
             let text = format!("{}{}", o.stdout, o.stderr);
-            ensure!(o.code != 0, "succeeded, exit 0: {text:?}");
+            let short: String = text.chars().take(600).collect();
+            ensure!(o.code != 0, "succeeded, exit 0: {short:?}");
             ensure!(
                 text.contains(&row.want),
                 "error does not say {:?}: {text:?}",

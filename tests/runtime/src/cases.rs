@@ -302,9 +302,25 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<bool>) 
 
 fn sandbox(e: &mut Env) -> Result<()> {
     let r = rootfs(e);
-    let o = e.bh(&["run", "-d", "--name", "pod", "--rootfs", &r, "sleep", "600"])?;
+    let o = e.bh(&[
+        "run",
+        "-d",
+        "--name",
+        "pod",
+        "--rootfs",
+        &r,
+        "sh",
+        "-c",
+        "echo started; exec sleep 600",
+    ])?;
     o.ok()?;
     ensure!(o.stdout.trim() == "pod", "-d prints the sandbox id: {o:?}");
+    let log = e.state().join("logs/pod/pod.log");
+    wait_for(
+        "the detached container's log",
+        Duration::from_secs(20),
+        || Ok(std::fs::read_to_string(&log).unwrap_or_default() == "started\n"),
+    )?;
     let all = ls_json(e)?;
     let s = find(&all, "pod").context("pod not in ls --json")?;
     ensure!(s["state"] == "running", "{s}");
@@ -447,6 +463,7 @@ fn sandbox(e: &mut Env) -> Result<()> {
         find(&ls_json(e)?, "pod").is_none(),
         "pod still listed after rm"
     );
+    ensure!(!log.exists(), "rm left the log behind");
     Ok(())
 }
 
