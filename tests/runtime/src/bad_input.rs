@@ -521,7 +521,7 @@ pub fn run(e: &Env) -> Vec<(String, Result<()>)> {
             ensure!(o.code != 0, "succeeded, exit 0: {short:?}");
             ensure!(
                 text.contains(&row.want),
-                "error does not say {:?}: {text:?}",
+                "error does not say {:?}: {short:?}",
                 row.want
             );
             Ok(())
