@@ -186,7 +186,8 @@ fn write_if_changed(path: &Path, text: &str) -> std::io::Result<()> {
     if std::fs::read_to_string(path).ok().as_deref() == Some(text) {
         return Ok(());
     }
-    let tmp = path.with_extension("tmp");
+    // Per process: two commands may rewrite the same file at once.
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     std::fs::File::create(&tmp)?.write_all(text.as_bytes())?;
     std::fs::rename(tmp, path)
 }
