@@ -71,6 +71,11 @@ pub async fn attach(
 }
 
 impl Attached {
+    /// Output pumps already running, and a wait stream with its request sent.
+    pub fn new(outputs: Vec<JoinHandle<u64>>, wait: UnixStream) -> Attached {
+        Attached { outputs, wait }
+    }
+
     /// Block until the process exits, then until its output has drained (bounded: a
     /// guest that never closes the streams cannot hold us forever).
     pub fn finish(mut self) -> Result<ExitStatus> {

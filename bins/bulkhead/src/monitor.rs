@@ -93,7 +93,7 @@ async fn follow(a: &MonitorArgs, ready: &mut Option<std::fs::File>) -> Result<i3
             Ok::<_, anyhow::Error>(UnixStream::from(OwnedFd::from(fd)))
         }
     };
-    let mut wait = stream("wait").await?;
+    let wait = stream("wait").await?;
     let out = stream("stdout").await?;
     let mut pumps = vec![];
     let tty = a.tty || a.console_socket.is_some();
@@ -142,25 +142,13 @@ async fn follow(a: &MonitorArgs, ready: &mut Option<std::fs::File>) -> Result<i3
     if let Some(slave) = pty_slave {
         watch_window(sb.clone(), id.to_string(), eid.to_string(), slave);
     }
-    let code = tokio::task::spawn_blocking(move || -> Result<i32> {
-        use bulkhead_protocol::{decode, read_frame, Response};
-        let code = match read_frame(&mut wait)
-            .ok()
-            .and_then(|f| decode::<Response>(&f).ok())
-        {
-            Some(Response::Exited(s)) => s.code,
-            Some(Response::Error(e)) => bail!("{e}"),
-            _ => 137,
-        };
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        for p in pumps {
-            while !p.is_finished() && std::time::Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        }
-        Ok(code)
-    })
-    .await??;
+    let attached = crate::attach::Attached::new(pumps, wait);
+    let code = match tokio::task::spawn_blocking(move || attached.finish()).await? {
+        Ok(status) => status.code,
+        // The sandbox went away under the process: as good as killed.
+        Err(e) if e.downcast_ref::<crate::attach::SandboxLost>().is_some() => 137,
+        Err(e) => return Err(e),
+    };
     if let Some(f) = &a.exit_file {
         let _ = std::fs::write(f, format!("{code}\n"));
     }

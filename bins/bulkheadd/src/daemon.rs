@@ -87,8 +87,16 @@ fn io_err(what: &str) -> impl Fn(std::io::Error) -> Error + '_ {
 
 /// The last lines of a component's log, to say why it died.
 fn log_tail(path: &Path) -> String {
-    let text = std::fs::read(path).unwrap_or_default();
-    let text = String::from_utf8_lossy(&text[text.len().saturating_sub(600)..]).into_owned();
+    use std::io::{Read, Seek, SeekFrom};
+    // Only the end is read: the guest writes the serial log without bound.
+    let mut tail = Vec::with_capacity(600);
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let _ = f
+            .seek(SeekFrom::End(-600))
+            .or_else(|_| f.seek(SeekFrom::Start(0)));
+        let _ = f.take(600).read_to_end(&mut tail);
+    }
+    let text = String::from_utf8_lossy(&tail).into_owned();
     text.lines()
         .rev()
         .take(4)

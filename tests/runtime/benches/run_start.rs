@@ -94,16 +94,6 @@ fn cpu_ms(pid: u32) -> f64 {
     t as f64 * 1000.0 / hz
 }
 
-fn bulkheadd_pid(e: &Env) -> Option<u32> {
-    let want = e.state().display().to_string();
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|d| {
-        let pid: u32 = d.file_name().to_str()?.parse().ok()?;
-        let cmd = String::from_utf8_lossy(&std::fs::read(d.path().join("cmdline")).ok()?)
-            .replace('\0', " ");
-        (cmd.contains("bulkheadd") && cmd.contains(&want)).then_some(pid)
-    })
-}
-
 fn guest_dir(root: &Path) -> Result<PathBuf> {
     let o = Command::new("python3")
         .arg(root.join("packaging/guest/build.py"))
@@ -231,7 +221,7 @@ fn main() -> Result<()> {
     println!("ratio bulkhead / podman+runc: {:.2}x", mt / mp);
 
     // bulkheadd's footprint.
-    let pid = bulkheadd_pid(&e).context("no bulkheadd")?;
+    let pid = e.bulkheadd_pid().context("no bulkheadd")?;
     let idle = proc_field(pid, "VmRSS:");
     let cpu0 = cpu_ms(pid);
     let n = 10;
@@ -268,15 +258,6 @@ fn main() -> Result<()> {
         "bulkheadd CPU per sandbox created: {per:.1} ms ({n} created in {:.1} s, sequentially)",
         created.as_secs_f64()
     );
-    if let Some(p) = bulkheadd_pid(&e) {
-        // SAFETY: kill(2) on the bench's own bulkheadd.
-        unsafe { libc::kill(p as i32, libc::SIGTERM) };
-    }
-    if let Ok(p) = std::fs::read_to_string(e.state().join("bus/pid")) {
-        if let Ok(p) = p.trim().parse::<i32>() {
-            // SAFETY: kill(2) on the bench's own dbus-daemon.
-            unsafe { libc::kill(p, libc::SIGTERM) };
-        }
-    }
+    e.stop_daemons();
     Ok(())
 }

@@ -8,7 +8,7 @@ use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 
 use crate::Case;
-use bulkhead_runtime_tests::env::{run_cmd, Env, Out};
+use bulkhead_runtime_tests::env::{procs, run_cmd, Env, Out};
 
 pub fn list() -> Vec<Case> {
     vec![
@@ -475,30 +475,6 @@ fn run_dir(e: &Env, id: &str) -> Result<PathBuf> {
     Ok(rec["run_dir"].as_str().context("run_dir")?.into())
 }
 
-fn bulkheadd_pid(e: &Env) -> Option<u32> {
-    let want = e.state().display().to_string();
-    procs()
-        .into_iter()
-        .find(|(_, cmd)| cmd.contains("bulkheadd") && cmd.contains(&want))
-        .map(|(p, _)| p)
-}
-
-/// (pid, command line) of every process.
-fn procs() -> Vec<(u32, String)> {
-    std::fs::read_dir("/proc")
-        .map(|rd| {
-            rd.flatten()
-                .filter_map(|d| {
-                    let pid: u32 = d.file_name().to_str()?.parse().ok()?;
-                    let cmd = std::fs::read(d.path().join("cmdline")).ok()?;
-                    let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-                    (!cmd.is_empty()).then_some((pid, cmd))
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// Everything a sandbox could leave behind: processes, mounts, files, its record.
 fn leftovers(e: &Env, id: &str, run: &Path) -> Vec<String> {
     let mut left = vec![];
@@ -544,11 +520,11 @@ fn kill_manager(e: &mut Env) -> Result<()> {
             .unwrap_or_default()
             .contains("line3"))
     })?;
-    let pid = bulkheadd_pid(e).context("no bulkheadd")?;
+    let pid = e.bulkheadd_pid().context("no bulkheadd")?;
     // SAFETY: kill(2) on a pid we just found.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     std::thread::sleep(Duration::from_millis(300));
-    ensure!(bulkheadd_pid(e).is_none(), "bulkheadd survived SIGKILL");
+    ensure!(e.bulkheadd_pid().is_none(), "bulkheadd survived SIGKILL");
     // The next command brings the manager back; it adopts the sandbox.
     let o = e.bh(&["exec", "km", "sh", "-c", "echo still-here"])?;
     ensure!(
@@ -556,7 +532,7 @@ fn kill_manager(e: &mut Env) -> Result<()> {
         "exec after the manager restarted: {o:?}"
     );
     ensure!(
-        bulkheadd_pid(e).is_some_and(|p| p != pid),
+        e.bulkheadd_pid().is_some_and(|p| p != pid),
         "a new bulkheadd runs"
     );
     wait_for("all 40 lines", Duration::from_secs(60), || {
@@ -865,14 +841,5 @@ pub fn shutdown_sandboxes(e: &Env) {
 /// Remove what is left, stop the manager and the bus.
 pub fn shutdown(e: &Env) {
     shutdown_sandboxes(e);
-    if let Some(p) = bulkheadd_pid(e) {
-        // SAFETY: kill(2) on our test's bulkheadd.
-        unsafe { libc::kill(p as i32, libc::SIGTERM) };
-    }
-    if let Ok(pid) = std::fs::read_to_string(e.state().join("bus/pid")) {
-        if let Ok(pid) = pid.trim().parse::<i32>() {
-            // SAFETY: kill(2) on our test's dbus-daemon.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-        }
-    }
+    e.stop_daemons();
 }

@@ -182,6 +182,29 @@ impl Env {
         run_cmd(&mut c, None, Duration::from_secs(60))
     }
 
+    /// The pid of this environment's bulkheadd, if one runs.
+    pub fn bulkheadd_pid(&self) -> Option<u32> {
+        let want = self.state().display().to_string();
+        procs()
+            .into_iter()
+            .find(|(_, cmd)| cmd.contains("bulkheadd") && cmd.contains(&want))
+            .map(|(p, _)| p)
+    }
+
+    /// Stop this environment's bulkheadd and embedded bus (sandboxes are not touched).
+    pub fn stop_daemons(&self) {
+        if let Some(p) = self.bulkheadd_pid() {
+            // SAFETY: kill(2) on this environment's bulkheadd.
+            unsafe { libc::kill(p as i32, libc::SIGTERM) };
+        }
+        if let Ok(pid) = std::fs::read_to_string(self.state().join("bus/pid")) {
+            if let Ok(pid) = pid.trim().parse::<i32>() {
+                // SAFETY: kill(2) on this environment's dbus-daemon.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+        }
+    }
+
     /// Start a local registry on a free loopback port and push the test image to it.
     pub fn start_registry(&mut self) -> Result<String> {
         let port = {
@@ -293,4 +316,20 @@ fn build_image(rootfs: &Path, layout: &Path, archive: &Path, dir: &Path) -> Resu
     )?
     .ok()?;
     Ok(())
+}
+
+/// (pid, command line) of every process.
+pub fn procs() -> Vec<(u32, String)> {
+    std::fs::read_dir("/proc")
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|d| {
+                    let pid: u32 = d.file_name().to_str()?.parse().ok()?;
+                    let cmd = std::fs::read(d.path().join("cmdline")).ok()?;
+                    let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+                    (!cmd.is_empty()).then_some((pid, cmd))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
