@@ -181,7 +181,7 @@ pub async fn run(a: RunArgs) -> Result<i32> {
         .unwrap_or_else(|| "/".into());
     let mut spec = default_spec(&args, a.tty, &env, &cwd, &id);
     if a.sandbox.is_some() {
-        join_pod_namespaces(&mut spec);
+        bulkhead_host::pod::join_pod_namespaces(&mut spec);
     }
     if let Some(user) = &image_cfg.user {
         image::apply_user(&mut spec, user, &rootfs)?;
@@ -288,21 +288,6 @@ pub async fn run(a: RunArgs) -> Result<i32> {
         let _ = client.manager.remove_sandbox(&sandbox_id, true).await;
     }
     result
-}
-
-/// A container joining an existing sandbox shares the pod's UTS and IPC namespaces (its
-/// hostname included): a namespace that names a path joins the sandbox's of that type.
-fn join_pod_namespaces(spec: &mut Value) {
-    if let Some(list) = spec["linux"]["namespaces"].as_array_mut() {
-        for ns in list.iter_mut() {
-            if let Some(t @ ("uts" | "ipc")) = ns["type"].as_str() {
-                ns["path"] = json!(format!("/run/bulkhead/pod/ns/{t}"));
-            }
-        }
-    }
-    if let Some(o) = spec.as_object_mut() {
-        o.remove("hostname");
-    }
 }
 
 /// Bind a host directory into the container. The manager carries every host bind

@@ -1,35 +1,10 @@
 //! Moving a container's stdio between this terminal and the streams the manager hands
 //! over (file descriptors connected to the guest), and the local terminal's raw mode.
 
-use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::thread::JoinHandle;
 
-/// Copy `from` to `to` until end of file, flushing as bytes arrive; returns the count.
-pub fn pump<R, W>(mut from: R, mut to: W) -> JoinHandle<u64>
-where
-    R: Read + Send + 'static,
-    W: Write + Send + 'static,
-{
-    std::thread::spawn(move || {
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut n = 0u64;
-        loop {
-            match from.read(&mut buf) {
-                Ok(0) => break,
-                Ok(k) => {
-                    if to.write_all(&buf[..k]).and_then(|_| to.flush()).is_err() {
-                        break;
-                    }
-                    n += k as u64;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => break,
-            }
-        }
-        n
-    })
-}
+pub use bulkhead_client::pump;
 
 /// Copy stdin to a stream, then half-close it so the process reads end of file.
 pub fn pump_stdin(to: std::os::unix::net::UnixStream) -> JoinHandle<u64> {

@@ -12,7 +12,7 @@ use zbus::object_server::SignalEmitter;
 use zbus::zvariant::{ObjectPath, OwnedObjectPath, OwnedValue};
 use zbus::{interface, Connection};
 
-use crate::daemon::{Changed, Daemon, NewContainer, Sandbox};
+use crate::daemon::{Changed, Daemon, NewContainer, Sandbox, SandboxOptions};
 
 /// Calls that change something, or hand out a process's stdio, need uid 0 or the uid
 /// bulkheadd runs as.
@@ -50,15 +50,14 @@ impl ManagerIface {
         options: HashMap<String, OwnedValue>,
     ) -> Result<OwnedObjectPath, Error> {
         require_admin(conn, &hdr).await?;
-        known_options(&options, &["backend", "cpus", "memory_mib"])?;
-        self.d
-            .create_sandbox(
-                id,
-                option::<String>(&options, "backend")?,
-                option::<u32>(&options, "cpus")?,
-                option::<u32>(&options, "memory_mib")?,
-            )
-            .await
+        known_options(&options, &["backend", "cpus", "memory_mib", "hostname"])?;
+        let opts = SandboxOptions {
+            backend: option::<String>(&options, "backend")?,
+            cpus: option::<u32>(&options, "cpus")?,
+            memory_mib: option::<u32>(&options, "memory_mib")?,
+            hostname: option::<String>(&options, "hostname")?,
+        };
+        self.d.create_sandbox(id, opts).await
     }
 
     async fn list_sandboxes(&self) -> Vec<SandboxRow> {
@@ -147,7 +146,7 @@ impl SandboxIface {
         spec_json: String,
         rootfs: String,
         options: HashMap<String, OwnedValue>,
-    ) -> Result<(), Error> {
+    ) -> Result<u32, Error> {
         require_admin(conn, &hdr).await?;
         known_options(&options, &["stdin", "terminal", "overlay"])?;
         let stdin = option::<bool>(&options, "stdin")?.unwrap_or(false);
@@ -182,7 +181,7 @@ impl SandboxIface {
         exec_id: String,
         process_json: String,
         options: HashMap<String, OwnedValue>,
-    ) -> Result<(), Error> {
+    ) -> Result<u32, Error> {
         require_admin(conn, &hdr).await?;
         known_options(&options, &["stdin"])?;
         let stdin = option::<bool>(&options, "stdin")?.unwrap_or(false);

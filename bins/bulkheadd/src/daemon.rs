@@ -38,6 +38,17 @@ pub struct Sandbox {
     removing: AtomicBool,
 }
 
+/// What `CreateSandbox` may ask for beyond the id; `None` takes the configured default.
+#[derive(Debug, Default)]
+pub struct SandboxOptions {
+    pub backend: Option<String>,
+    pub cpus: Option<u32>,
+    pub memory_mib: Option<u32>,
+    /// The pod's hostname (its UTS namespace, shared by its containers); the sandbox id
+    /// when unset.
+    pub hostname: Option<String>,
+}
+
 /// What `CreateContainer` asks for.
 pub struct NewContainer {
     pub id: String,
@@ -279,10 +290,26 @@ impl Daemon {
     pub async fn create_sandbox(
         self: &Arc<Self>,
         id: String,
-        backend: Option<String>,
-        cpus: Option<u32>,
-        memory_mib: Option<u32>,
+        opts: SandboxOptions,
     ) -> Result<OwnedObjectPath, Error> {
+        let SandboxOptions {
+            backend,
+            cpus,
+            memory_mib,
+            hostname,
+        } = opts;
+        if let Some(h) = &hostname {
+            if h.is_empty()
+                || h.len() > 63
+                || !h
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+            {
+                return Err(Error::InvalidArgument(format!(
+                    "hostname {h:?}: want 1 to 63 letters, digits, '-' or '.'"
+                )));
+            }
+        }
         let t0 = Instant::now();
         let id = if id.is_empty() { random_id() } else { id };
         valid_id(&id).map_err(Error::InvalidArgument)?;
@@ -326,6 +353,7 @@ impl Daemon {
             components: vec![],
             containers: vec![],
             timings: Default::default(),
+            hostname,
         };
         let sb = Arc::new(Sandbox {
             id: id.clone(),
@@ -443,7 +471,10 @@ impl Daemon {
             .expect("rec lock")
             .timings
             .insert("agent_ready".into(), t0.elapsed().as_micros() as u64);
-        let hostname = sb.id.chars().take(63).collect::<String>();
+        let hostname = sb
+            .snapshot()
+            .hostname
+            .unwrap_or_else(|| sb.id.chars().take(63).collect());
         let unix_nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -633,7 +664,7 @@ impl Daemon {
         self: &Arc<Self>,
         sid: &str,
         n: NewContainer,
-    ) -> Result<(), Error> {
+    ) -> Result<u32, Error> {
         let NewContainer {
             id: cid,
             spec_json,
@@ -711,7 +742,7 @@ impl Daemon {
         }
         .await;
         match result {
-            Ok(_pid) => {
+            Ok(pid) => {
                 self.update(
                     &sb,
                     Changed {
@@ -725,7 +756,7 @@ impl Daemon {
                     },
                 )
                 .await;
-                Ok(())
+                Ok(pid)
             }
             Err(e) => {
                 if let Some(dir) = mount.parent() {
@@ -807,7 +838,7 @@ impl Daemon {
         exec_id: String,
         process_json: String,
         stdin: bool,
-    ) -> Result<(), Error> {
+    ) -> Result<u32, Error> {
         let sb = self.running(sid)?;
         Self::container_state(&sb, &cid)?;
         valid_id(&exec_id).map_err(Error::InvalidArgument)?;
@@ -824,7 +855,7 @@ impl Daemon {
             process_json,
             stdin,
         };
-        sb.agent.call(move |c| c.exec(e)).await.map(|_| ())
+        sb.agent.call(move |c| c.exec(e)).await
     }
 
     /// A plain agent call on a container of a running sandbox.

@@ -42,6 +42,9 @@ pub struct SandboxRec {
     pub components: Vec<Component>,
     pub containers: Vec<ContainerRec>,
     pub timings: BTreeMap<String, u64>,
+    /// The pod's hostname, when the creator set one.
+    #[serde(default)]
+    pub hostname: Option<String>,
 }
 
 impl SandboxRec {
@@ -134,6 +137,7 @@ mod tests {
             }],
             containers: vec![],
             timings: BTreeMap::new(),
+            hostname: None,
         }
     }
 

@@ -163,22 +163,24 @@ pub trait Sandbox1 {
     /// `terminal` (b, overrides the spec's `process.terminal`), `overlay` (b: `rootfs`
     /// is an image to keep read-only; the container writes to a private layer above it).
     /// Every host bind mount in the spec is carried into the guest the same way.
+    /// Returns the init process's guest pid.
     fn create_container(
         &self,
         id: &str,
         spec_json: &str,
         rootfs: &str,
         options: HashMap<&str, zbus::zvariant::Value<'_>>,
-    ) -> zbus::Result<()>;
+    ) -> zbus::Result<u32>;
     fn start_container(&self, id: &str) -> zbus::Result<()>;
-    /// Run an extra process (an OCI `process` object as JSON) in a running container.
+    /// Run an extra process (an OCI `process` object as JSON) in a running container;
+    /// returns its guest pid.
     fn exec(
         &self,
         id: &str,
         exec_id: &str,
         process_json: &str,
         options: HashMap<&str, zbus::zvariant::Value<'_>>,
-    ) -> zbus::Result<()>;
+    ) -> zbus::Result<u32>;
     /// `exec_id` empty: the container's init. `all`: every process of the container.
     fn signal(&self, id: &str, exec_id: &str, signal: i32, all: bool) -> zbus::Result<()>;
     /// Hand the caller a file descriptor for one stream of a process: `stdin`,

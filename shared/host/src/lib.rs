@@ -3,6 +3,7 @@
 
 pub mod check;
 pub mod config;
+pub mod pod;
 
 use std::path::Path;
 
