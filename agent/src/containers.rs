@@ -552,12 +552,19 @@ impl Runtime {
                 .containers
                 .get(&req.id)
                 .ok_or_else(|| not_found(&req.id))?;
-            if c.execs.contains_key(&req.exec_id) {
+            // An exec id whose process has exited may be used again (containerd reuses
+            // them once the exec is deleted); a live one may not.
+            if c.execs
+                .get(&req.exec_id)
+                .is_some_and(|p| p.exit.get().is_none())
+            {
                 return Err(AgentError::AlreadyExists(format!("exec {}", req.exec_id)));
             }
-            if c.execs.len() >= MAX_EXECS {
+            // The cap is on live execs: a probe that execs every 10 s must run forever.
+            let live = c.execs.values().filter(|p| p.exit.get().is_none()).count();
+            if live >= MAX_EXECS {
                 return Err(AgentError::InvalidArgument(format!(
-                    "more than {MAX_EXECS} execs"
+                    "more than {MAX_EXECS} live execs"
                 )));
             }
             if c.init.exit.get().is_some() {
@@ -664,9 +671,20 @@ impl Runtime {
         c.kill(signal, all).map_err(runtime_err)
     }
 
+    /// Wait for a process to exit. An exec whose exit has been collected is forgotten
+    /// (its id free again), so execs never pile up in a long-lived container.
     pub fn wait(&self, id: &str, exec_id: Option<&str>) -> Result<ExitStatus, AgentError> {
         let cell = self.with_proc(id, exec_id, |p| p.exit.clone())?;
-        Ok(cell.wait())
+        let status = cell.wait();
+        if let Some(e) = exec_id {
+            let mut t = self.tables();
+            if let Some(c) = t.containers.get_mut(id) {
+                if c.execs.get(e).is_some_and(|p| Arc::ptr_eq(&p.exit, &cell)) {
+                    c.execs.remove(e);
+                }
+            }
+        }
+        Ok(status)
     }
 
     pub fn delete(&self, id: &str, force: bool) -> Result<(), AgentError> {

@@ -1,1 +1,6 @@
-fn main() {}
+//! containerd-shim-bulkhead-v2: containerd's runtime `io.containerd.bulkhead.v2`.
+//! See `lib.rs`.
+
+fn main() {
+    containerd_shim_bulkhead_v2::main();
+}

@@ -139,6 +139,17 @@ pub fn embedded_config(dir: &Path) -> String {
 /// started the bus, maybe long ago).
 const FORWARDED_ENV: &[&str] = &["BULKHEAD_CONFIG", "BULKHEAD_GUEST_DIR", "BULKHEAD_LOG"];
 
+/// A relative path in a forwarded variable means the writer's directory; bulkheadd
+/// runs elsewhere, so it gets the absolute form.
+fn absolute_if_path(key: &str, v: String) -> String {
+    if key == "BULKHEAD_LOG" || v.is_empty() {
+        return v;
+    }
+    std::path::absolute(&v)
+        .map(|p| p.display().to_string())
+        .unwrap_or(v)
+}
+
 /// The activation file that lets the embedded bus start bulkheadd on demand.
 pub fn activation_file(bulkheadd: &Path, state_dir: &Path) -> String {
     // dbus-daemon splits Exec like a shell; values that would need quoting are left out.
@@ -150,6 +161,7 @@ pub fn activation_file(bulkheadd: &Path, state_dir: &Path) -> String {
         .filter_map(|k| {
             std::env::var(k)
                 .ok()
+                .map(|v| absolute_if_path(k, v))
                 .filter(|v| plain(v))
                 .map(|v| format!("{k}={v}"))
         })

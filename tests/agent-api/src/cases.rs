@@ -132,10 +132,11 @@ fn signal_exit_reaches_host(env: &Env) -> Result<Outcome> {
             st.signal == Some(sig) && st.code == 128 + sig,
             "signal {sig}: {st:?}"
         );
+        // Its exit was collected, so the exec is gone.
         let e = agent_err(c.signal(id, Some(&exec_id), sig, false))?;
         ensure!(
-            matches!(e, AgentError::FailedPrecondition(_)),
-            "signal after exit: {e:?}"
+            matches!(e, AgentError::NotFound(_)),
+            "signal after the exit was collected: {e:?}"
         );
     }
     c.delete(id, true)?;
@@ -279,6 +280,9 @@ fn flood_backpressure(env: &Env) -> Result<Outcome> {
     Ok(Passed)
 }
 
+/// The agent's cap on execs per container (agent/src/containers.rs, MAX_EXECS).
+const MAX_EXECS_SEEN: usize = 1024;
+
 fn exec_and_exec_into_stopped(env: &Env) -> Result<Outcome> {
     let id = "t-exec";
     let mut c = env.client()?;
@@ -312,10 +316,34 @@ fn exec_and_exec_into_stopped(env: &Env) -> Result<Outcome> {
     let text = String::from_utf8(out.join().unwrap_or_default())?;
     ensure!(st.code == 7, "exec exit {st:?}");
     ensure!(text == "got:hello\nexec-env\n", "exec output {text:?}");
-    // The exec's pid is in the container's process list while it runs; a duplicate
-    // exec id is refused.
-    let err = agent_err(c.exec(e))?;
+    // A live exec's id is refused to a second exec; once its exit is collected the
+    // exec is forgotten and its id free again (containerd reuses ids).
+    let sleeper = ExecProcess {
+        id: id.into(),
+        exec_id: "e-live".into(),
+        process_json: json!({"args": ["sleep", "300"], "env": ["PATH=/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0}}).to_string(),
+        stdin: false,
+    };
+    c.exec(sleeper.clone())?;
+    let err = agent_err(c.exec(sleeper))?;
     ensure!(matches!(err, AgentError::AlreadyExists(_)), "{err:?}");
+    let quick = |exec_id: &str| {
+        ExecProcess {
+        id: id.into(),
+        exec_id: exec_id.into(),
+        process_json: json!({"args": ["true"], "env": ["PATH=/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0}}).to_string(),
+        stdin: false,
+    }
+    };
+    c.exec(quick("e1"))?;
+    ensure!(env.client()?.wait(id, Some("e1"))?.code == 0, "e1 reused");
+    // The cap counts live execs only: more execs than the cap, one after another,
+    // all run (a kubelet exec probe every 10 s must work forever).
+    for n in 0..MAX_EXECS_SEEN + 8 {
+        let x = format!("p{n}");
+        c.exec(quick(&x))?;
+        env.client()?.wait(id, Some(&x))?;
+    }
     c.signal(id, None, libc::SIGKILL, false)?;
     env.client()?.wait(id, None)?;
     let err = agent_err(c.exec(ExecProcess {

@@ -11,7 +11,7 @@ use crate::Case;
 use bulkhead_runtime_tests::env::{procs, run_cmd, Env, Out};
 
 pub fn list() -> Vec<Case> {
-    vec![
+    let own: Vec<Case> = vec![
         ("check: --json names the backend and the bus", check_json),
         (
             "systemd files: dbus-daemon takes the policy, systemd-analyze the unit",
@@ -48,7 +48,8 @@ pub fn list() -> Vec<Case> {
             "dockerd: run, exit code, stdin, exec, stop (containerd's runc shim)",
             docker,
         ),
-    ]
+    ];
+    own.into_iter().chain(crate::containerd::list()).collect()
 }
 
 fn rootfs(e: &Env) -> String {
@@ -265,7 +266,7 @@ fn images(e: &mut Env) -> Result<()> {
     Ok(())
 }
 
-fn ls_json(e: &Env) -> Result<Vec<Value>> {
+pub(crate) fn ls_json(e: &Env) -> Result<Vec<Value>> {
     let o = e.bh(&["ls", "--json"])?;
     o.ok()?;
     Ok(serde_json::from_str::<Value>(&o.stdout)?
@@ -274,7 +275,7 @@ fn ls_json(e: &Env) -> Result<Vec<Value>> {
         .unwrap_or_default())
 }
 
-fn find<'a>(v: &'a [Value], id: &str) -> Option<&'a Value> {
+pub(crate) fn find<'a>(v: &'a [Value], id: &str) -> Option<&'a Value> {
     v.iter().find(|s| s["id"] == id)
 }
 
@@ -289,7 +290,11 @@ fn container_state(e: &Env, sandbox: &str, c: &str) -> Result<String> {
         .to_string())
 }
 
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
+pub(crate) fn wait_for(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Result<bool>,
+) -> Result<()> {
     let t = Instant::now();
     while t.elapsed() < timeout {
         if f()? {
@@ -468,7 +473,7 @@ fn sandbox(e: &mut Env) -> Result<()> {
 }
 
 /// The run directory of a sandbox, from its record.
-fn run_dir(e: &Env, id: &str) -> Result<PathBuf> {
+pub(crate) fn run_dir(e: &Env, id: &str) -> Result<PathBuf> {
     let rec: Value = serde_json::from_slice(&std::fs::read(
         e.state().join("sandboxes").join(format!("{id}.json")),
     )?)?;
@@ -476,7 +481,7 @@ fn run_dir(e: &Env, id: &str) -> Result<PathBuf> {
 }
 
 /// Everything a sandbox could leave behind: processes, mounts, files, its record.
-fn leftovers(e: &Env, id: &str, run: &Path) -> Vec<String> {
+pub(crate) fn leftovers(e: &Env, id: &str, run: &Path) -> Vec<String> {
     let mut left = vec![];
     let r = run.display().to_string();
     for (pid, cmd) in procs() {

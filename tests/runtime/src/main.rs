@@ -7,6 +7,7 @@
 
 mod bad_input;
 mod cases;
+mod containerd;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -37,6 +38,8 @@ fn main() {
     let r = (|| -> Result<(usize, usize)> {
         let guest = guest.context("--guest DIR (the guest image builder's output) is required")?;
         let bin = std::fs::canonicalize(&bin)?;
+        let guest = std::fs::canonicalize(&guest)
+            .with_context(|| format!("guest image {}", guest.display()))?;
         let mut e = bulkhead_runtime_tests::env::Env::new(bin, guest)?;
         let list: Vec<Case> = cases::list();
         let (mut passed, mut failed) = (0, 0);

@@ -1,0 +1,101 @@
+//! Pods: one VM per pod. CRI marks each container's spec with annotations: the pod's
+//! sandbox container (`io.kubernetes.cri.container-type: sandbox`) creates the VM, and
+//! every later container of the pod (`container`, with `io.kubernetes.cri.sandbox-id`)
+//! joins it. A spec without them (`ctr run`) is a pod of its own.
+//!
+//! Sizing: the VM is sized once, when it is created, from the creating spec's limits
+//! (`linux.resources.cpu.quota/period` and `memory.limit`), with the configured defaults
+//! as a floor; it is not resized when later containers join. Each container's own
+//! limits are enforced by its cgroup in the guest.
+
+use serde_json::Value;
+
+pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+pub const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+
+/// MiB the guest kernel and agent need beside the containers' own limit.
+pub const GUEST_OVERHEAD_MIB: u64 = 64;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// This task creates the pod's VM (and owns it: deleting it removes the VM).
+    Sandbox,
+    /// This task joins the VM of the pod `sandbox`.
+    Container { sandbox: String },
+}
+
+impl Role {
+    pub fn of(spec: &Value, id: &str) -> Result<Role, String> {
+        let ann = &spec["annotations"];
+        match ann[CONTAINER_TYPE].as_str() {
+            None | Some("sandbox") => Ok(Role::Sandbox),
+            Some("container") => match ann[SANDBOX_ID].as_str() {
+                Some(s) if !s.is_empty() && s != id => Ok(Role::Container { sandbox: s.into() }),
+                Some(s) if s == id => Err(format!(
+                    "container {id}: {SANDBOX_ID} names the container itself"
+                )),
+                _ => Err(format!(
+                    "container {id}: {CONTAINER_TYPE} is container but {SANDBOX_ID} is missing"
+                )),
+            },
+            Some(other) => Err(format!(
+                "container {id}: unknown {CONTAINER_TYPE} {other:?}"
+            )),
+        }
+    }
+
+    /// The sandbox (VM) this task lives in.
+    pub fn sandbox<'a>(&'a self, id: &'a str) -> &'a str {
+        match self {
+            Role::Sandbox => id,
+            Role::Container { sandbox } => sandbox,
+        }
+    }
+}
+
+/// vCPUs and MiB for a pod's VM from the creating spec's limits; `None` keeps the
+/// configured default.
+pub fn size(spec: &Value) -> (Option<u32>, Option<u32>) {
+    let r = &spec["linux"]["resources"];
+    let cpus = match (r["cpu"]["quota"].as_i64(), r["cpu"]["period"].as_u64()) {
+        (Some(q), Some(p)) if q > 0 && p > 0 => Some((q as u64).div_ceil(p).clamp(1, 64) as u32),
+        _ => None,
+    };
+    let mem = r["memory"]["limit"]
+        .as_i64()
+        .filter(|l| *l > 0)
+        .map(|l| ((l as u64).div_ceil(1 << 20) + GUEST_OVERHEAD_MIB).clamp(64, 65536) as u32);
+    (cpus, mem)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn roles_from_cri_annotations() {
+        assert_eq!(Role::of(&json!({}), "a"), Ok(Role::Sandbox));
+        let sb = json!({"annotations": {CONTAINER_TYPE: "sandbox", SANDBOX_ID: "p"}});
+        assert_eq!(Role::of(&sb, "p"), Ok(Role::Sandbox));
+        let c = json!({"annotations": {CONTAINER_TYPE: "container", SANDBOX_ID: "p"}});
+        let role = Role::of(&c, "c1").unwrap();
+        assert_eq!(role.sandbox("c1"), "p");
+        assert!(Role::of(&c, "p").is_err());
+        let bad = json!({"annotations": {CONTAINER_TYPE: "container"}});
+        assert!(Role::of(&bad, "c").unwrap_err().contains("missing"));
+        let odd = json!({"annotations": {CONTAINER_TYPE: "pod"}});
+        assert!(Role::of(&odd, "c").unwrap_err().contains("unknown"));
+    }
+
+    #[test]
+    fn vm_size_follows_limits() {
+        assert_eq!(size(&json!({})), (None, None));
+        let s = json!({"linux": {"resources": {
+            "cpu": {"quota": 150000, "period": 100000},
+            "memory": {"limit": 268435456}}}});
+        assert_eq!(size(&s), (Some(2), Some(256 + 64)));
+        let unlimited = json!({"linux": {"resources": {"cpu": {"quota": -1, "period": 100000}}}});
+        assert_eq!(size(&unlimited), (None, None));
+    }
+}

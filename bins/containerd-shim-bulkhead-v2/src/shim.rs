@@ -1,0 +1,92 @@
+//! The shim's own lifecycle, as containerd drives it: `start` (one shim per pod: every
+//! container of a CRI pod is served by the shim its sandbox started), serving the task
+//! API until `shutdown`, and `delete`, which containerd runs when a shim died, to clean
+//! up what it left.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bulkhead_client::Client;
+use containerd_shim::api::DeleteResponse;
+use containerd_shim::protos::protobuf::MessageField;
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{spawn, Config, Error, ExitSignal, Flags, StartOpts};
+use serde_json::Value;
+
+use crate::pod::Role;
+use crate::process::{now, LOST_STATUS};
+use crate::task::Service;
+
+pub struct BulkheadShim {
+    id: String,
+    namespace: String,
+    exit: Arc<ExitSignal>,
+}
+
+/// The bundle's spec (containerd runs `start` and `delete` in the bundle directory).
+fn bundle_spec() -> Option<Value> {
+    let text = std::fs::read_to_string("config.json").ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+#[async_trait]
+impl containerd_shim::Shim for BulkheadShim {
+    type T = Service;
+
+    async fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
+        BulkheadShim {
+            id: args.id.clone(),
+            namespace: args.namespace.clone(),
+            exit: Arc::default(),
+        }
+    }
+
+    async fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
+        // A pod's containers share the shim its sandbox started: the socket address is
+        // derived from the grouping id, and a second `spawn` finds it already served.
+        let grouping = match bundle_spec().map(|s| Role::of(&s, &opts.id)) {
+            Some(Ok(Role::Container { sandbox })) => sandbox,
+            _ => opts.id.clone(),
+        };
+        let address = spawn(opts, &grouping, Vec::new()).await?;
+        std::fs::write("address", &address)
+            .map_err(|e| Error::Other(format!("writing the address file: {e}")))?;
+        Ok(address)
+    }
+
+    async fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
+        // The shim serving this task died. Take its container (or, for a pod's sandbox,
+        // the whole VM) down so nothing is left half alive, and undo the rootfs mount.
+        let role = bundle_spec()
+            .and_then(|s| Role::of(&s, &self.id).ok())
+            .unwrap_or(Role::Sandbox);
+        match Client::connect().await {
+            Ok(c) => match &role {
+                Role::Sandbox => {
+                    let _ = c.manager.remove_sandbox(&self.id, true).await;
+                }
+                Role::Container { sandbox } => {
+                    if let Ok(sb) = c.sandbox(sandbox).await {
+                        let _ = sb.delete_container(&self.id, true).await;
+                    }
+                }
+            },
+            Err(e) => log::warn!("cleanup of {}: cannot reach bulkheadd: {e:#}", self.id),
+        }
+        let rootfs = std::path::Path::new("rootfs");
+        let _ = nix::mount::umount2(rootfs, nix::mount::MntFlags::MNT_DETACH);
+        Ok(DeleteResponse {
+            exit_status: LOST_STATUS,
+            exited_at: MessageField::some(now()),
+            ..Default::default()
+        })
+    }
+
+    async fn wait(&mut self) {
+        self.exit.wait().await;
+    }
+
+    async fn create_task_service(&self, publisher: RemotePublisher) -> Service {
+        Service::new(self.namespace.clone(), publisher, self.exit.clone())
+    }
+}

@@ -1,0 +1,628 @@
+//! containerd 1.6 with private roots and our shim on its PATH, driven by `ctr`: the
+//! runtime `io.containerd.bulkhead.v2` as containerd's users reach it.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::Value;
+
+use crate::cases::{find, leftovers, ls_json, run_dir, wait_for};
+use crate::Case;
+use bulkhead_runtime_tests::env::{procs, run_cmd, Env, Out};
+
+const RUNTIME: &str = "io.containerd.bulkhead.v2";
+const IMAGE: &str = "docker.io/test/busybox:latest";
+
+pub fn list() -> Vec<Case> {
+    vec![
+        (
+            "containerd: ctr run exit code, stdout, stdin, a tty",
+            ctr_run,
+        ),
+        (
+            "containerd: detached task: exec, ps, pause/resume, metrics, update, kill, delete",
+            ctr_task,
+        ),
+        (
+            "containerd: two containers in one pod VM (CRI annotations)",
+            ctr_pod,
+        ),
+        (
+            "containerd: kill -9 the VMM, the shim, bulkheadd",
+            ctr_faults,
+        ),
+        ("containerd: bad input gets a clear error", ctr_bad_input),
+    ]
+}
+
+pub struct Containerd {
+    dir: PathBuf,
+    proc: Child,
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the containerd we started.
+        unsafe { libc::kill(self.proc.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while matches!(self.proc.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.proc.kill();
+        let _ = self.proc.wait();
+    }
+}
+
+impl Containerd {
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("containerd.sock")
+    }
+
+    pub fn ctr(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ctr");
+        c.arg("--address").arg(self.socket()).args(args);
+        c
+    }
+
+    pub fn run(&self, args: &[&str], stdin: Option<&[u8]>) -> Result<Out> {
+        run_cmd(&mut self.ctr(args), stdin, Duration::from_secs(180))
+    }
+
+    /// `ctr run --rm --runtime bulkhead IMAGE ID CMD...`
+    pub fn run_rm(
+        &self,
+        id: &str,
+        extra: &[&str],
+        cmd: &[&str],
+        stdin: Option<&[u8]>,
+    ) -> Result<Out> {
+        let mut a = vec!["run", "--rm", "--runtime", RUNTIME];
+        a.extend(extra);
+        a.extend([IMAGE, id]);
+        a.extend(cmd);
+        self.run(&a, stdin)
+    }
+
+    /// (status, pid) of a task from `ctr task ls`.
+    pub fn task(&self, id: &str) -> Result<Option<(String, u32)>> {
+        let o = self.run(&["task", "ls"], None)?;
+        o.ok()?;
+        Ok(o.stdout.lines().skip(1).find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.first() == Some(&id)).then(|| (f[2].to_string(), f[1].parse().unwrap_or(0)))
+        }))
+    }
+
+    /// The shim's Update call, as containerd makes it, on the shim's own socket.
+    pub fn update(&self, id: &str, resources_json: &str) -> Result<()> {
+        use containerd_shim_protos::protobuf::well_known_types::any::Any;
+        use containerd_shim_protos::protobuf::MessageField;
+        let bundle = self
+            .dir
+            .join("state/io.containerd.runtime.v2.task/default")
+            .join(id);
+        let address = std::fs::read_to_string(bundle.join("address"))
+            .with_context(|| format!("{}/address", bundle.display()))?;
+        let client = containerd_shim_protos::ttrpc::Client::connect(address.trim())?;
+        let task = containerd_shim_protos::shim_sync::TaskClient::new(client);
+        let req = containerd_shim_protos::api::UpdateTaskRequest {
+            id: id.into(),
+            resources: MessageField::some(Any {
+                type_url: "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources".into(),
+                value: resources_json.as_bytes().to_vec(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        task.update(
+            containerd_shim_protos::ttrpc::context::with_timeout(10_000_000_000),
+            &req,
+        )
+        .map_err(|e| anyhow::anyhow!("shim Update: {e}"))?;
+        Ok(())
+    }
+
+    fn log_tail(&self) -> String {
+        let t = std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default();
+        let lines: Vec<&str> = t
+            .lines()
+            .filter(|l| l.contains("level=error") || l.contains("level=warn"))
+            .collect();
+        lines[lines.len().saturating_sub(8)..].join("\n")
+    }
+}
+
+/// A containerd of this environment: private root, state and socket, the CRI plugin
+/// off, our shim first on its PATH; the busybox image imported.
+pub fn start(e: &Env) -> Result<Containerd> {
+    let dir = e.dir.join("containerd");
+    // Fresh each time: a case retried after a stalled boot must not meet the
+    // containers its first try left.
+    let _ = std::fs::remove_dir_all(dir.join("state"));
+    let _ = std::fs::remove_dir_all(dir.join("root"));
+    std::fs::create_dir_all(&dir)?;
+    let cfg = format!(
+        "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n\
+         disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+         [grpc]\n  address = \"{sock}\"\n",
+        root = dir.join("root").display(),
+        state = dir.join("state").display(),
+        sock = dir.join("containerd.sock").display(),
+    );
+    std::fs::write(dir.join("config.toml"), cfg)?;
+    let path = format!(
+        "{}:{}",
+        e.bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut c = Command::new("containerd");
+    e.env_on(&mut c);
+    c.arg("--config")
+        .arg(dir.join("config.toml"))
+        .env("PATH", path)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(dir.join("containerd.log"))?)
+        .stderr(std::fs::File::create(dir.join("containerd.err"))?);
+    let proc = c
+        .spawn()
+        .context("containerd (apt-get install containerd)")?;
+    // containerd logs to stderr; keep both in one place for log_tail.
+    let ctd = Containerd {
+        dir: dir.clone(),
+        proc,
+    };
+    let _ = std::fs::remove_file(dir.join("containerd.log"));
+    std::os::unix::fs::symlink(dir.join("containerd.err"), dir.join("containerd.log"))?;
+    wait_for("containerd", Duration::from_secs(30), || {
+        Ok(ctd.run(&["version"], None)?.code == 0)
+    })?;
+    ctd.run(
+        &[
+            "images",
+            "import",
+            "--base-name",
+            "docker.io/test/busybox",
+            "--digests",
+            &e.archive.display().to_string(),
+        ],
+        None,
+    )?
+    .ok()?;
+    let o = ctd.run(&["images", "ls", "-q"], None)?;
+    ensure!(o.stdout.contains(IMAGE), "image not imported: {o:?}");
+    Ok(ctd)
+}
+
+/// Run a case against a fresh containerd; on failure, print what containerd logged.
+fn with(e: &mut Env, f: impl FnOnce(&Env, &Containerd) -> Result<()>) -> Result<()> {
+    let c = start(e)?;
+    let r = f(e, &c);
+    if r.is_err() {
+        println!("--- containerd errors (last lines)\n{}", c.log_tail());
+    }
+    r
+}
+
+fn guest_kernel(e: &Env) -> Result<String> {
+    Ok(std::fs::read_to_string(e.guest.join("kernel-release"))?
+        .trim()
+        .to_string())
+}
+
+fn ctr_run(e: &mut Env) -> Result<()> {
+    with(e, |e, c| {
+        let o = c.run_rm(
+            "r1",
+            &[],
+            &["sh", "-c", "uname -r; echo to-err >&2; exit 7"],
+            None,
+        )?;
+        ensure!(o.code == 7, "exit code {} (want 7): {o:?}", o.code);
+        ensure!(
+            o.stdout.trim() == guest_kernel(e)?,
+            "the guest's kernel: {o:?}"
+        );
+        ensure!(o.stderr.contains("to-err"), "stderr apart: {o:?}");
+        let o = c.run_rm(
+            "r2",
+            &[],
+            &["sh", "-c", "cat; echo done"],
+            Some(b"through the shim\n"),
+        )?;
+        ensure!(
+            o.code == 0 && o.stdout == "through the shim\ndone\n",
+            "ctr run with stdin: {o:?}"
+        );
+        // A terminal: ctr needs one of its own, so `script` gives it a pty.
+        let cmd = format!(
+            "ctr --address {} run --rm -t --runtime {RUNTIME} {IMAGE} r3 sh -c 'tty; [ -t 0 ] && echo is-a-tty; exit 3'",
+            c.socket().display()
+        );
+        let mut s = Command::new("script");
+        s.args(["-qec", &cmd, "/dev/null"]);
+        let o = run_cmd(&mut s, None, Duration::from_secs(180))?;
+        ensure!(
+            o.code == 3 && o.stdout.contains("/dev/pts/") && o.stdout.contains("is-a-tty"),
+            "ctr run -t: {o:?}"
+        );
+        ensure!(ls_json(e)?.is_empty(), "sandboxes left after --rm");
+        Ok(())
+    })
+}
+
+fn exec(c: &Containerd, id: &str, exec_id: &str, cmd: &[&str]) -> Result<Out> {
+    let mut a = vec!["task", "exec", "--exec-id", exec_id, id];
+    a.extend(cmd);
+    c.run(&a, None)
+}
+
+fn ctr_task(e: &mut Env) -> Result<()> {
+    with(e, |e, c| {
+        c.run(
+            &[
+                "run",
+                "-d",
+                "--runtime",
+                RUNTIME,
+                "--memory-limit",
+                "268435456",
+                IMAGE,
+                "t1",
+                "sleep",
+                "600",
+            ],
+            None,
+        )?
+        .ok()?;
+        let (st, pid) = c.task("t1")?.context("t1 not listed")?;
+        ensure!(st == "RUNNING" && pid > 0, "task ls: {st} {pid}");
+        // Sized from the spec's memory limit, plus the guest's own share.
+        let sb = find(&ls_json(e)?, "t1").cloned().context("no sandbox t1")?;
+        ensure!(sb["memory_mib"] == 256 + 64, "VM memory: {sb}");
+
+        let o = exec(c, "t1", "e1", &["sh", "-c", "echo $((6*7)); exit 5"])?;
+        ensure!(o.code == 5 && o.stdout == "42\n", "exec: {o:?}");
+        // The same exec id again: the first was collected, so it may be reused.
+        let o = exec(c, "t1", "e1", &["true"])?;
+        ensure!(o.code == 0, "exec id reused: {o:?}");
+
+        let o = c.run(&["task", "ps", "t1"], None)?;
+        o.ok()?;
+        ensure!(
+            o.stdout
+                .lines()
+                .skip(1)
+                .any(|l| l.split_whitespace().next() == Some(&pid.to_string())),
+            "task ps lists the init pid {pid}: {o:?}"
+        );
+
+        c.run(&["task", "pause", "t1"], None)?.ok()?;
+        ensure!(
+            c.task("t1")?.map(|t| t.0) == Some("PAUSED".into()),
+            "not paused"
+        );
+        c.run(&["task", "resume", "t1"], None)?.ok()?;
+        ensure!(
+            c.task("t1")?.map(|t| t.0) == Some("RUNNING".into()),
+            "not resumed"
+        );
+
+        let o = c.run(&["task", "metrics", "--format", "json", "t1"], None)?;
+        o.ok()?;
+        let m: Value = serde_json::from_str(&o.stdout).context("metrics JSON")?;
+        let usage = m["memory"]["usage"]["usage"].as_u64().unwrap_or(0);
+        let limit = m["memory"]["usage"]["limit"].as_u64().unwrap_or(0);
+        let pids = m["pids"]["current"].as_u64().unwrap_or(0);
+        ensure!(usage > 0 && limit == 268435456 && pids >= 1, "metrics: {m}");
+
+        // ctr 1.6 has no `task update`: the call containerd makes (CRI's
+        // UpdateContainerResources) goes straight to the shim over its ttrpc socket.
+        c.update("t1", r#"{"memory": {"limit": 134217728}}"#)?;
+        // The guest cgroup took the new limit: metrics read it back from there.
+        let o = c.run(&["task", "metrics", "--format", "json", "t1"], None)?;
+        let m: Value = serde_json::from_str(&o.stdout).context("metrics JSON")?;
+        ensure!(
+            m["memory"]["usage"]["limit"] == 134217728,
+            "update did not reach the guest cgroup: {m}"
+        );
+
+        c.run(&["task", "kill", "-s", "SIGKILL", "t1"], None)?
+            .ok()?;
+        wait_for("t1 to stop", Duration::from_secs(10), || {
+            Ok(c.task("t1")?.map(|t| t.0) == Some("STOPPED".into()))
+        })?;
+        let run = run_dir(e, "t1")?;
+        c.run(&["task", "delete", "t1"], None)?.ok()?;
+        c.run(&["container", "rm", "t1"], None)?.ok()?;
+        no_leftovers(e, "t1", &run)
+    })
+}
+
+fn no_leftovers(e: &Env, id: &str, run: &std::path::Path) -> Result<()> {
+    let mut left = vec![];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        left = leftovers(e, id, run);
+        if left.is_empty() && find(&ls_json(e)?, id).is_none() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("left behind by {id}: {left:#?}")
+}
+
+fn ctr_pod(e: &mut Env) -> Result<()> {
+    with(e, |e, c| {
+        let ann = |kind: &str| {
+            vec![
+                format!("--annotation=io.kubernetes.cri.container-type={kind}"),
+                "--annotation=io.kubernetes.cri.sandbox-id=pod1".to_string(),
+            ]
+        };
+        let run_d = |id: &str, kind: &str, cmd: &[&str]| -> Result<Out> {
+            let mut a: Vec<String> = vec![
+                "run".into(),
+                "-d".into(),
+                "--runtime".into(),
+                RUNTIME.into(),
+            ];
+            a.extend(ann(kind));
+            a.extend([IMAGE.to_string(), id.to_string()]);
+            a.extend(cmd.iter().map(|s| s.to_string()));
+            let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+            c.run(&refs, None)
+        };
+        run_d("pod1", "sandbox", &["sleep", "600"])?.ok()?;
+        run_d(
+            "app1",
+            "container",
+            &[
+                "sh",
+                "-c",
+                "echo shared > /dev/shm/x 2>/dev/null; sleep 600",
+            ],
+        )?
+        .ok()?;
+        // One VM: the pod's sandbox holds both containers, and no sandbox app1 exists.
+        let all = ls_json(e)?;
+        ensure!(find(&all, "app1").is_none(), "app1 got a VM of its own");
+        let pod = find(&all, "pod1").context("no sandbox pod1")?;
+        let names: Vec<&str> = pod["containers"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|c| c["id"].as_str()).collect())
+            .unwrap_or_default();
+        ensure!(
+            names.contains(&"pod1") && names.contains(&"app1"),
+            "containers: {pod}"
+        );
+        // Both see the same kernel instance: the boot id is the VM's.
+        let a = exec(c, "pod1", "b1", &["cat", "/proc/sys/kernel/random/boot_id"])?;
+        let b = exec(c, "app1", "b2", &["cat", "/proc/sys/kernel/random/boot_id"])?;
+        ensure!(a.code == 0 && a.stdout == b.stdout, "boot ids {a:?} {b:?}");
+        // A second container with the same id in the pod is refused.
+        let o = run_d("app1", "container", &["true"])?;
+        ensure!(o.code != 0, "duplicate container accepted: {o:?}");
+        for id in ["app1", "pod1"] {
+            c.run(&["task", "kill", "-s", "SIGKILL", id], None)?.ok()?;
+            wait_for("stop", Duration::from_secs(10), || {
+                Ok(c.task(id)?.map(|t| t.0) == Some("STOPPED".into()))
+            })?;
+            c.run(&["task", "delete", id], None)?.ok()?;
+            c.run(&["container", "rm", id], None)?.ok()?;
+        }
+        ensure!(find(&ls_json(e)?, "pod1").is_none(), "pod VM left");
+        Ok(())
+    })
+}
+
+fn pid_of(pattern: &str) -> Option<u32> {
+    procs()
+        .into_iter()
+        .find(|(_, cmd)| cmd.contains(pattern))
+        .map(|(p, _)| p)
+}
+
+fn ctr_faults(e: &mut Env) -> Result<()> {
+    with(e, |e, c| {
+        // kill -9 the VMM: containerd sees the task exit, and nothing is left.
+        c.run(
+            &[
+                "run",
+                "-d",
+                "--runtime",
+                RUNTIME,
+                IMAGE,
+                "f1",
+                "sleep",
+                "600",
+            ],
+            None,
+        )?
+        .ok()?;
+        let run = run_dir(e, "f1")?;
+        let vmm = find(&ls_json(e)?, "f1")
+            .and_then(|s| s["components"].as_array().cloned())
+            .and_then(|c| c.into_iter().find(|c| c["name"] == "vmm"))
+            .and_then(|c| c["pid"].as_u64())
+            .context("no vmm pid")?;
+        let t = Instant::now();
+        // SAFETY: kill(2) on the sandbox's VMM.
+        unsafe { libc::kill(vmm as i32, libc::SIGKILL) };
+        wait_for("containerd to see f1 exit", Duration::from_secs(10), || {
+            Ok(c.task("f1")?.map(|t| t.0) == Some("STOPPED".into()))
+        })?;
+        let took = t.elapsed();
+        ensure!(
+            took < Duration::from_secs(1),
+            "containerd saw the exit after {took:?}"
+        );
+        c.run(&["task", "delete", "f1"], None)?.ok()?;
+        c.run(&["container", "rm", "f1"], None)?.ok()?;
+        no_leftovers(e, "f1", &run)?;
+        println!(
+            "       (containerd saw the exit {:.0} ms after kill -9 of the VMM)",
+            took.as_secs_f64() * 1e3
+        );
+
+        // kill -9 the shim: containerd cleans up through `shim delete`, which takes
+        // the sandbox down; never half alive.
+        c.run(
+            &[
+                "run",
+                "-d",
+                "--runtime",
+                RUNTIME,
+                IMAGE,
+                "f2",
+                "sleep",
+                "600",
+            ],
+            None,
+        )?
+        .ok()?;
+        let run = run_dir(e, "f2")?;
+        let shim = pid_of("containerd-shim-bulkhead-v2 -namespace default -id f2")
+            .context("no shim for f2")?;
+        // SAFETY: kill(2) on the shim.
+        unsafe { libc::kill(shim as i32, libc::SIGKILL) };
+        wait_for(
+            "f2 to be reported stopped or gone",
+            Duration::from_secs(30),
+            || Ok(c.task("f2")?.is_none_or(|t| t.0 == "STOPPED")),
+        )?;
+        let _ = c.run(&["task", "delete", "f2"], None)?;
+        c.run(&["container", "rm", "f2"], None)?.ok()?;
+        no_leftovers(e, "f2", &run)?;
+
+        // kill -9 bulkheadd during `ctr run`: the task carries on, its real status comes.
+        let child = c
+            .ctr(&[
+                "run",
+                "--rm",
+                "--runtime",
+                RUNTIME,
+                IMAGE,
+                "f3",
+                "sh",
+                "-c",
+                "sleep 4; echo after; exit 5",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        wait_for("f3 to run", Duration::from_secs(120), || {
+            Ok(c.task("f3")?.map(|t| t.0) == Some("RUNNING".into()))
+        })?;
+        let d = e.bulkheadd_pid().context("no bulkheadd")?;
+        // SAFETY: kill(2) on this environment's bulkheadd.
+        unsafe { libc::kill(d as i32, libc::SIGKILL) };
+        let out = child.wait_with_output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.code() == Some(5) && stdout == "after\n",
+            "ctr run across a manager restart: {:?} {stdout:?} {:?}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ensure!(find(&ls_json(e)?, "f3").is_none(), "f3's VM left");
+        Ok(())
+    })
+}
+
+fn ctr_bad_input(e: &mut Env) -> Result<()> {
+    with(e, |e, c| {
+        // A spec with no process: refused by the shim with a clear reason.
+        let bad = e.dir.join("ctr-bad-spec.json");
+        std::fs::write(
+            &bad,
+            r#"{"ociVersion": "1.0.2", "root": {"path": "rootfs"}}"#,
+        )?;
+        let o = c.run(
+            &[
+                "run",
+                "--rm",
+                "--runtime",
+                RUNTIME,
+                "--config",
+                &bad.display().to_string(),
+                "b1",
+            ],
+            None,
+        )?;
+        ensure!(
+            o.code != 0 && o.stderr.contains("no process"),
+            "a spec without a process: {o:?}"
+        );
+        let _ = c.run(&["container", "rm", "b1"], None);
+        ensure!(find(&ls_json(e)?, "b1").is_none(), "b1 left a VM");
+
+        c.run(
+            &[
+                "run",
+                "-d",
+                "--runtime",
+                RUNTIME,
+                IMAGE,
+                "b2",
+                "sh",
+                "-c",
+                "exit 0",
+            ],
+            None,
+        )?
+        .ok()?;
+        wait_for("b2 to stop", Duration::from_secs(30), || {
+            Ok(c.task("b2")?.map(|t| t.0) == Some("STOPPED".into()))
+        })?;
+        let o = exec(c, "b2", "x1", &["true"])?;
+        ensure!(
+            o.code != 0 && o.stderr.contains("not running"),
+            "exec into a stopped task: {o:?}"
+        );
+        let o = c.run(&["task", "kill", "--exec-id", "nope", "b2"], None)?;
+        ensure!(
+            o.code != 0 && o.stderr.contains("does not exist"),
+            "unknown exec id: {o:?}"
+        );
+        let o = c.run(&["task", "pause", "b2"], None)?;
+        ensure!(
+            o.code != 0 && o.stderr.contains("not running"),
+            "pause a stopped task: {o:?}"
+        );
+        c.run(&["task", "delete", "b2"], None)?.ok()?;
+        c.run(&["container", "rm", "b2"], None)?.ok()?;
+        ensure!(find(&ls_json(e)?, "b2").is_none(), "b2 left a VM");
+
+        // An option bulkhead does not have: refused, and the task runs on.
+        c.run(
+            &[
+                "run",
+                "-d",
+                "--runtime",
+                RUNTIME,
+                IMAGE,
+                "b3",
+                "sleep",
+                "600",
+            ],
+            None,
+        )?
+        .ok()?;
+        let o = c.run(&["task", "checkpoint", "b3"], None)?;
+        ensure!(
+            o.code != 0 && o.stderr.contains("not supported"),
+            "checkpoint: {o:?}"
+        );
+        c.run(&["task", "kill", "-s", "SIGKILL", "b3"], None)?
+            .ok()?;
+        wait_for("b3 to stop", Duration::from_secs(10), || {
+            Ok(c.task("b3")?.map(|t| t.0) == Some("STOPPED".into()))
+        })?;
+        c.run(&["task", "delete", "b3"], None)?.ok()?;
+        c.run(&["container", "rm", "b3"], None)?.ok()?;
+        ensure!(ls_json(e)?.is_empty(), "VMs left: {:?}", ls_json(e)?);
+        Ok(())
+    })
+}
