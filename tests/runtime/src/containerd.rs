@@ -34,6 +34,10 @@ pub fn list() -> Vec<Case> {
             ctr_faults,
         ),
         ("containerd: bad input gets a clear error", ctr_bad_input),
+        (
+            "CRI: a pod through containerd's CRI plugin, CNI address, exec, stats, logs",
+            crate::cri::cri,
+        ),
     ]
 }
 
@@ -124,7 +128,27 @@ impl Containerd {
         Ok(())
     }
 
-    fn log_tail(&self) -> String {
+    /// Import an OCI archive into a containerd namespace under `base`:<tag>.
+    pub fn import(&self, archive: &std::path::Path, base: &str, ns: &str) -> Result<()> {
+        let a = archive.display().to_string();
+        self.run(
+            &[
+                "-n",
+                ns,
+                "images",
+                "import",
+                "--base-name",
+                base,
+                "--digests",
+                &a,
+            ],
+            None,
+        )?
+        .ok()?;
+        Ok(())
+    }
+
+    pub fn log_tail(&self) -> String {
         let t = std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default();
         let lines: Vec<&str> = t
             .lines()
@@ -137,59 +161,70 @@ impl Containerd {
 /// A containerd of this environment: private root, state and socket, the CRI plugin
 /// off, our shim first on its PATH; the busybox image imported.
 pub fn start(e: &Env) -> Result<Containerd> {
+    start_with(e, None)
+}
+
+/// What the CRI plugin needs: its config section (TOML) and the network namespace
+/// containerd runs in (CNI's bridge is made there, never in the host's namespace).
+pub struct CriSetup {
+    pub toml: String,
+    pub netns: String,
+}
+
+pub fn start_with(e: &Env, cri: Option<&CriSetup>) -> Result<Containerd> {
     let dir = e.dir.join("containerd");
     // Fresh each time: a case retried after a stalled boot must not meet the
     // containers its first try left.
     let _ = std::fs::remove_dir_all(dir.join("state"));
     let _ = std::fs::remove_dir_all(dir.join("root"));
     std::fs::create_dir_all(&dir)?;
-    let cfg = format!(
-        "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n\
-         disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
-         [grpc]\n  address = \"{sock}\"\n",
+    let mut cfg = format!(
+        "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n",
         root = dir.join("root").display(),
         state = dir.join("state").display(),
-        sock = dir.join("containerd.sock").display(),
     );
+    if cri.is_none() {
+        cfg.push_str("disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n");
+    }
+    cfg.push_str(&format!(
+        "[grpc]\n  address = \"{}\"\n",
+        dir.join("containerd.sock").display()
+    ));
+    if let Some(c) = cri {
+        cfg.push_str(&c.toml);
+    }
     std::fs::write(dir.join("config.toml"), cfg)?;
     let path = format!(
         "{}:{}",
         e.bin.display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let mut c = Command::new("containerd");
+    let mut c = match cri {
+        Some(s) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &s.netns, "containerd"]);
+            c
+        }
+        None => Command::new("containerd"),
+    };
     e.env_on(&mut c);
     c.arg("--config")
         .arg(dir.join("config.toml"))
         .env("PATH", path)
         .stdin(Stdio::null())
-        .stdout(std::fs::File::create(dir.join("containerd.log"))?)
-        .stderr(std::fs::File::create(dir.join("containerd.err"))?);
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("containerd.log"))?);
     let proc = c
         .spawn()
         .context("containerd (apt-get install containerd)")?;
-    // containerd logs to stderr; keep both in one place for log_tail.
     let ctd = Containerd {
         dir: dir.clone(),
         proc,
     };
-    let _ = std::fs::remove_file(dir.join("containerd.log"));
-    std::os::unix::fs::symlink(dir.join("containerd.err"), dir.join("containerd.log"))?;
     wait_for("containerd", Duration::from_secs(30), || {
         Ok(ctd.run(&["version"], None)?.code == 0)
     })?;
-    ctd.run(
-        &[
-            "images",
-            "import",
-            "--base-name",
-            "docker.io/test/busybox",
-            "--digests",
-            &e.archive.display().to_string(),
-        ],
-        None,
-    )?
-    .ok()?;
+    ctd.import(&e.archive, "docker.io/test/busybox", "default")?;
     let o = ctd.run(&["images", "ls", "-q"], None)?;
     ensure!(o.stdout.contains(IMAGE), "image not imported: {o:?}");
     Ok(ctd)

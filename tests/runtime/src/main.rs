@@ -8,6 +8,7 @@
 mod bad_input;
 mod cases;
 mod containerd;
+mod cri;
 
 use std::path::PathBuf;
 use std::time::Instant;
