@@ -7,25 +7,12 @@
 //! The guest image defaults to what packaging/guest/build.py prints for the release
 //! agent. Prints a table.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use bulkhead_runtime_tests::bench::{field, median, setup};
 use bulkhead_runtime_tests::env::{run_cmd, Env};
-
-fn median(v: &mut [f64]) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
 
 /// The phases `bulkhead run` reports with BULKHEAD_TIMINGS=1, in ms.
 struct Phases {
@@ -34,16 +21,6 @@ struct Phases {
     run: f64,
     teardown: f64,
     total: f64,
-}
-
-fn field(line: &str, key: &str) -> Option<f64> {
-    let i = line.find(key)? + key.len();
-    line[i..]
-        .trim_start()
-        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .next()?
-        .parse()
-        .ok()
 }
 
 fn bulkhead_once(e: &Env, image: &str) -> Result<Phases> {
@@ -94,43 +71,8 @@ fn cpu_ms(pid: u32) -> f64 {
     t as f64 * 1000.0 / hz
 }
 
-fn guest_dir(root: &Path) -> Result<PathBuf> {
-    let o = Command::new("python3")
-        .arg(root.join("packaging/guest/build.py"))
-        .arg("--agent")
-        .arg(root.join("target/release/bulkhead-agent"))
-        .output()?;
-    if !o.status.success() {
-        bail!("guest image: {}", String::from_utf8_lossy(&o.stderr));
-    }
-    Ok(String::from_utf8(o.stdout)?
-        .trim()
-        .lines()
-        .last()
-        .unwrap_or("")
-        .into())
-}
-
 fn main() -> Result<()> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()?;
-    let mut runs = 10usize;
-    let mut guest = None;
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--runs" => runs = it.next().context("--runs N")?.parse()?,
-            "--guest" => guest = it.next().map(PathBuf::from),
-            "--bench" => {}
-            _ => {}
-        }
-    }
-    let guest = match guest {
-        Some(g) => g,
-        None => guest_dir(&root)?,
-    };
-    let e = Env::new(root.join("target/release"), guest)?;
+    let (runs, e) = setup(10)?;
     let image = e.layout.display().to_string();
     // podman with runc, same image, its own store.
     let pm = e.dir.join("podman");

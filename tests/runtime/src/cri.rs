@@ -13,7 +13,7 @@ use k8s_cri::v1::*;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::cases::{find, ls_json};
-use crate::containerd::{start_with, CriSetup};
+use bulkhead_runtime_tests::ctrd::{start_with, CriSetup};
 use bulkhead_runtime_tests::env::{run_cmd, Env};
 
 const PAUSE: &str = "localhost/bulkhead/pause:latest";

@@ -1,0 +1,118 @@
+//! `ctr run --rm` of a busybox `echo` through our shim beside containerd's runc shim,
+//! interleaved, medians; bulkhead's time split into phases from the shim's `timings`
+//! log lines: before the VMM is exec'd (ctr, containerd, shim start, bus, manager),
+//! VMM exec to agent ready, agent ready to the container's exit, teardown.
+//!
+//!   cargo bench -p bulkhead-runtime-tests --bench ctr_run -- [--runs N] [--guest DIR]
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use bulkhead_runtime_tests::bench::{field, median, setup};
+use bulkhead_runtime_tests::ctrd::{start, Containerd, IMAGE, RUNTIME};
+use bulkhead_runtime_tests::env::run_cmd;
+
+fn unix_us() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as f64)
+        .unwrap_or(0.0)
+}
+
+/// One `ctr run --rm`; (start, end) in µs since the epoch.
+fn once(c: &Containerd, runtime: &str, id: &str) -> Result<(f64, f64)> {
+    let t0 = unix_us();
+    let o = run_cmd(
+        &mut c.ctr(&[
+            "run",
+            "--rm",
+            "--runtime",
+            runtime,
+            IMAGE,
+            id,
+            "echo",
+            "hello",
+        ]),
+        None,
+        Duration::from_secs(180),
+    )?;
+    let t1 = unix_us();
+    if o.code != 0 || o.stdout != "hello\n" {
+        bail!("ctr run --runtime {runtime}: {o:?}");
+    }
+    Ok((t0, t1))
+}
+
+struct Phases {
+    pre_vmm: f64,
+    boot: f64,
+    run: f64,
+    teardown: f64,
+    total: f64,
+}
+
+/// bulkhead's phases for run `id`, from the shim's timings lines in containerd's log.
+fn phases(log: &str, id: &str, t0: f64, t1: f64) -> Result<Phases> {
+    let sb = log
+        .lines()
+        .find(|l| l.contains(&format!("timings sandbox={id} ")))
+        .context("no sandbox timings line from the shim")?;
+    let ex = log
+        .lines()
+        .find(|l| l.contains(&format!("timings exited id={id} ")))
+        .context("no exit timings line from the shim")?;
+    let called = field(sb, "create_sandbox_unix_us=").context("create_sandbox_unix_us")?;
+    let vmm = called + field(sb, "vmm_exec_us=").context("vmm_exec_us")?;
+    let ready = called + field(sb, "agent_ready_us=").context("agent_ready_us")?;
+    let exited = field(ex, "unix_us=").context("unix_us")?;
+    let ms = |a: f64, b: f64| (b - a) / 1e3;
+    Ok(Phases {
+        pre_vmm: ms(t0, vmm),
+        boot: ms(vmm, ready),
+        run: ms(ready, exited),
+        teardown: ms(exited, t1),
+        total: ms(t0, t1),
+    })
+}
+
+fn main() -> Result<()> {
+    let (runs, e) = setup(10)?;
+    let c = start(&e)?;
+    // Warm both paths once (image unpacked, binaries in the page cache).
+    once(&c, RUNTIME, "warm-b")?;
+    once(&c, "io.containerd.runc.v2", "warm-r")?;
+    let (mut pre, mut boot, mut run, mut down, mut total, mut runc) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    for i in 0..runs {
+        let id = format!("b{i}");
+        let (t0, t1) = once(&c, RUNTIME, &id)?;
+        let p = phases(&c.log(), &id, t0, t1)?;
+        pre.push(p.pre_vmm);
+        boot.push(p.boot);
+        run.push(p.run);
+        down.push(p.teardown);
+        total.push(p.total);
+        let (r0, r1) = once(&c, "io.containerd.runc.v2", &format!("r{i}"))?;
+        runc.push((r1 - r0) / 1e3);
+    }
+    let (mt, mr) = (median(&mut total), median(&mut runc));
+    println!(
+        "ctr run --rm busybox echo: {RUNTIME} vs io.containerd.runc.v2, {runs} runs each, interleaved, medians"
+    );
+    println!("{:<64} {:>10}", "phase (bulkhead)", "median ms");
+    for (name, v) in [
+        (
+            "before the VMM is exec'd (ctr, containerd, shim, bus, manager)",
+            &mut pre,
+        ),
+        ("VMM exec -> agent ready", &mut boot),
+        ("agent ready -> container exit", &mut run),
+        ("teardown (exit -> ctr returns)", &mut down),
+    ] {
+        println!("{name:<64} {:>10.1}", median(v));
+    }
+    println!("{:<64} {:>10.1}", "whole ctr run --rm, bulkhead", mt);
+    println!("{:<64} {:>10.1}", "whole ctr run --rm, runc", mr);
+    println!("ratio bulkhead / runc: {:.1}x", mt / mr);
+    Ok(())
+}
