@@ -180,6 +180,7 @@ impl Service {
     }
 
     async fn create_task(&self, req: &CreateTaskRequest) -> TResult<(Task, u32)> {
+        let received = unix_us();
         let bundle = PathBuf::from(&req.bundle);
         let text = std::fs::read_to_string(bundle.join("config.json")).map_err(|e| {
             status(
@@ -233,7 +234,7 @@ impl Service {
             if let Ok(t) = self.sandbox(&sandbox).await?.timings().await {
                 let get = |k: &str| t.get(k).copied().unwrap_or(0);
                 log::info!(
-                    "timings sandbox={sandbox} create_sandbox_unix_us={called} vmm_exec_us={} agent_ready_us={}",
+                    "timings sandbox={sandbox} create_received_unix_us={received} create_sandbox_unix_us={called} vmm_exec_us={} agent_ready_us={}",
                     get("vmm_exec"),
                     get("agent_ready")
                 );

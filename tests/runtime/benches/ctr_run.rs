@@ -44,6 +44,7 @@ fn once(c: &Containerd, runtime: &str, id: &str) -> Result<(f64, f64)> {
 }
 
 struct Phases {
+    to_shim: f64,
     pre_vmm: f64,
     boot: f64,
     run: f64,
@@ -61,12 +62,14 @@ fn phases(log: &str, id: &str, t0: f64, t1: f64) -> Result<Phases> {
         .lines()
         .find(|l| l.contains(&format!("timings exited id={id} ")))
         .context("no exit timings line from the shim")?;
+    let received = field(sb, "create_received_unix_us=").context("create_received_unix_us")?;
     let called = field(sb, "create_sandbox_unix_us=").context("create_sandbox_unix_us")?;
     let vmm = called + field(sb, "vmm_exec_us=").context("vmm_exec_us")?;
     let ready = called + field(sb, "agent_ready_us=").context("agent_ready_us")?;
     let exited = field(ex, "unix_us=").context("unix_us")?;
     let ms = |a: f64, b: f64| (b - a) / 1e3;
     Ok(Phases {
+        to_shim: ms(t0, received),
         pre_vmm: ms(t0, vmm),
         boot: ms(vmm, ready),
         run: ms(ready, exited),
@@ -81,12 +84,13 @@ fn main() -> Result<()> {
     // Warm both paths once (image unpacked, binaries in the page cache).
     once(&c, RUNTIME, "warm-b")?;
     once(&c, "io.containerd.runc.v2", "warm-r")?;
-    let (mut pre, mut boot, mut run, mut down, mut total, mut runc) =
-        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (mut to_shim, mut pre, mut boot, mut run, mut down, mut total, mut runc) =
+        (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
     for i in 0..runs {
         let id = format!("b{i}");
         let (t0, t1) = once(&c, RUNTIME, &id)?;
         let p = phases(&c.log(), &id, t0, t1)?;
+        to_shim.push(p.to_shim);
         pre.push(p.pre_vmm);
         boot.push(p.boot);
         run.push(p.run);
@@ -104,6 +108,10 @@ fn main() -> Result<()> {
         (
             "before the VMM is exec'd (ctr, containerd, shim, bus, manager)",
             &mut pre,
+        ),
+        (
+            "  of which ctr + containerd + shim start, to the shim's Create",
+            &mut to_shim,
         ),
         ("VMM exec -> agent ready", &mut boot),
         ("agent ready -> container exit", &mut run),
