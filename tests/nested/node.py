@@ -35,7 +35,8 @@ def tsc_khz():
 
 def release_bins():
     out = os.path.join(ROOT, "target", "release")
-    bins = {b: os.path.join(out, b) for b in ("bulkhead-vmm", "bulkhead", "bulkheadd", "bulkhead-agent", "agent-api-tests")}
+    bins = {b: os.path.join(out, b) for b in ("bulkhead-vmm", "bulkhead", "bulkheadd", "bulkhead-agent", "agent-api-tests",
+                                              "containerd-shim-bulkhead-v2")}
     for b, p in bins.items():
         if not os.path.exists(p):
             sys.exit(f"nested: {p} missing: run cargo build --release first")
@@ -70,6 +71,33 @@ def copy_with_libs(root, binary, dest):
             shutil.copy(lib, d)
 
 
+def find_tool(name):
+    p = shutil.which(name)
+    if not p:
+        sys.exit(f"nested: {name} missing (apt-get install containerd)")
+    return p
+
+
+def oci_archive(rootfs, archive, workdir):
+    """The busybox rootfs as an OCI archive (umoci), for `ctr images import` in L1."""
+    layout = os.path.join(workdir, "oci-layout")
+    bundle = os.path.join(workdir, "oci-bundle")
+    img = f"{layout}:latest"
+
+    def umoci(*a):
+        subprocess.run(["umoci", *a], check=True, capture_output=True)
+    umoci("init", "--layout", layout)
+    umoci("new", "--image", img)
+    umoci("unpack", "--image", img, bundle)
+    subprocess.run(["cp", "-a", f"{rootfs}/.", os.path.join(bundle, "rootfs")], check=True)
+    umoci("repack", "--image", img, bundle)
+    umoci("config", "--image", img, "--config.cmd", "sh",
+          "--config.env", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    subprocess.run(["tar", "-C", layout, "-cf", archive, "."], check=True)
+    shutil.rmtree(bundle, ignore_errors=True)
+    shutil.rmtree(layout, ignore_errors=True)
+
+
 def busybox_rootfs(dest):
     """The same layout as tests/agent-api/src/rootfs.rs builds on the host."""
     busybox = "/bin/busybox"
@@ -92,6 +120,7 @@ def l1_initramfs(guest_dir, bins, with_qemu, workdir):
     inputs = [build.sha256_file(__file__), build.sha256_file(deb), guest_dir]
     inputs += [build.sha256_file(p) for p in sorted(bins.values())]
     inputs += [build.sha256_file(find_virtiofsd()), str(with_qemu)]
+    inputs += [build.sha256_file(find_tool(t)) for t in ("containerd", "ctr")]
     key = hashlib.sha256("|".join(inputs).encode()).hexdigest()[:16]
     cache = os.path.join(ROOT, ".cache", "nested", key)
     out = os.path.join(cache, "l1.cpio.gz")
@@ -103,8 +132,11 @@ def l1_initramfs(guest_dir, bins, with_qemu, workdir):
         os.makedirs(os.path.join(root, d), exist_ok=True)
     busybox = shutil.which("busybox") or "/bin/busybox"
     shutil.copy(busybox, os.path.join(root, "bin", "busybox"))
-    for b in ("bulkhead-vmm", "bulkhead", "bulkheadd", "agent-api-tests"):
+    for b in ("bulkhead-vmm", "bulkhead", "bulkheadd", "agent-api-tests", "containerd-shim-bulkhead-v2"):
         copy_with_libs(root, bins[b], f"/opt/bulkhead/{b}")
+    # containerd and ctr, for `ctr run` through our shim on bulkhead-vmm.
+    for t in ("containerd", "ctr"):
+        copy_with_libs(root, find_tool(t), f"/opt/bulkhead/{t}")
     # The embedded bus for `bulkhead run` (dbus-daemon resolves the policy's users).
     copy_with_libs(root, shutil.which("dbus-daemon") or "/usr/bin/dbus-daemon", "/opt/bulkhead/dbus-daemon")
     open(os.path.join(root, "etc", "passwd"), "w").write("root:x:0:0:root:/root:/bin/sh\n")
@@ -113,6 +145,7 @@ def l1_initramfs(guest_dir, bins, with_qemu, workdir):
     # an ext4 image on a virtio-blk disk for the block-rootfs case.
     rootfs = os.path.join(root, "opt", "share", "rootfs")
     busybox_rootfs(rootfs)
+    oci_archive(rootfs, os.path.join(root, "opt", "data", "busybox-oci.tar"), workdir)
     subprocess.run(["mkfs.ext4", "-q", "-F", "-d", rootfs, os.path.join(root, "opt", "data", "rootfs.ext4"), "16M"],
                    check=True)
     copy_with_libs(root, find_virtiofsd(), "/opt/bulkhead/virtiofsd")
@@ -126,7 +159,8 @@ def l1_initramfs(guest_dir, bins, with_qemu, workdir):
         subprocess.run(["dpkg-deb", "-x", deb, x], check=True)
         moddir = glob.glob(os.path.join(x, "lib", "modules", "*"))[0]
         shutil.copy(glob.glob(os.path.join(x, "boot", "vmlinuz-*"))[0], os.path.join(workdir, "bzImage"))
-        wanted = ["kvm-amd"] + (["vhost_vsock"] if with_qemu else [])
+        # overlay: containerd's default snapshotter.
+        wanted = ["kvm-amd", "overlay"] + (["vhost_vsock"] if with_qemu else [])
         saved = build.WANTED
         build.WANTED = wanted
         try:
@@ -305,6 +339,35 @@ fi
 left=$(ls /tmp/bhroot/run /tmp/bhroot/sandboxes 2>/dev/null | grep -v : | grep -c .)
 echo "NESTED-CASE bulkhead-run backend=$backend rc=$rc4 left=$left"
 [ "$left" = 0 ] || rc=1
+# containerd with our shim, as a node runs it: ctr run on bulkhead-vmm through bulkheadd.
+mkdir -p /run /tmp/ctd
+cat > /tmp/ctd/config.toml <<CTDCONF
+version = 2
+root = "/tmp/ctd/root"
+state = "/tmp/ctd/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "/tmp/ctd/containerd.sock"
+CTDCONF
+containerd --config /tmp/ctd/config.toml >/tmp/ctd/log 2>&1 &
+ctd=$!
+C="ctr --address /tmp/ctd/containerd.sock"
+for i in $(seq 1 600); do $C version >/dev/null 2>&1 && break; sleep 0.2; done
+$C images import --base-name docker.io/test/busybox --digests /opt/data/busybox-oci.tar >/tmp/ctd/import.log 2>&1
+t0=$(date +%s)
+out=$(timeout 300 $C run --rm --runtime io.containerd.bulkhead.v2 docker.io/test/busybox:latest n1 sh -c 'uname -r; exit 7' 2>/tmp/ctd/run.err)
+rc5=$?
+t1=$(date +%s)
+echo "NESTED-CTR rc=$rc5 secs=$((t1 - t0)) out=$out"
+if [ $rc5 != 7 ] || [ "$out" != "$(cat /opt/guest/kernel-release)" ]; then
+  rc=1; cat /tmp/ctd/import.log /tmp/ctd/run.err; echo "--- containerd"; grep -E 'level=(error|warn)' /tmp/ctd/log | tail -20
+  echo "--- bulkheadd.log"; tail -20 /tmp/bhroot/bulkheadd.log
+fi
+grep -h "timings" /tmp/ctd/log | sed 's/^/NESTED-CTR-LOG /'
+left=$(ls /tmp/bhroot/run /tmp/bhroot/sandboxes 2>/dev/null | grep -v : | grep -c .)
+echo "NESTED-CASE ctr-run backend=$backend rc=$rc5 left=$left"
+[ "$left" = 0 ] || rc=1
+kill $ctd 2>/dev/null
 exit $rc
 """
 
@@ -354,7 +417,7 @@ def cmd_test(args, demo=False):
               f"(L1 under QEMU TCG, L1 kvm: {kvm_line.group(1).strip() if kvm_line else 'unknown'})")
     for line in parse_probe(out):
         print(line)
-    for line in re.findall(r"^(NESTED-CASE .*|NESTED-RUN .*|bulkhead: timings.*)$", out, re.M):
+    for line in re.findall(r"^(NESTED-CASE .*|NESTED-RUN .*|NESTED-CTR.*|bulkhead: timings.*)$", out, re.M):
         print(line)
     if not ok:
         print(out[-6000:])

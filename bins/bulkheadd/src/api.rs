@@ -422,6 +422,10 @@ impl SandboxIface {
     /// A container's init exited with this status (128 + signal when killed).
     #[zbus(signal)]
     async fn container_exited(e: &SignalEmitter<'_>, id: &str, status: i32) -> zbus::Result<()>;
+
+    /// The guest's OOM killer killed a process of this container.
+    #[zbus(signal)]
+    async fn container_oom(e: &SignalEmitter<'_>, id: &str) -> zbus::Result<()>;
 }
 
 /// Put a sandbox's object on the bus and announce it.
@@ -472,6 +476,12 @@ pub async fn notify(conn: &Connection, sb: &Arc<Sandbox>, what: Changed) {
     }
     if what.components {
         let _ = iface.components_changed(em).await;
+    }
+}
+
+pub async fn container_oom(conn: &Connection, sb: &Arc<Sandbox>, cid: &str) {
+    if let Ok(em) = SignalEmitter::new(conn, sb.path.clone()) {
+        let _ = SandboxIface::container_oom(&em, cid).await;
     }
 }
 

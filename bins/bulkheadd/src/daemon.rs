@@ -390,6 +390,7 @@ impl Daemon {
                     |r| r.state = "running".into(),
                 )
                 .await;
+                self.watch_oom(&sb);
                 tracing::info!(sandbox = %id, backend = backend.as_str(), "sandbox running in {:?}", t0.elapsed());
                 Ok(sb.path.clone())
             }
@@ -636,6 +637,7 @@ impl Daemon {
             {
                 self.watch_exit(&sb, c.id.clone());
             }
+            self.watch_oom(&sb);
             tracing::info!(sandbox = %id, "adopted ({} components)", rec.components.len());
         }
     }
@@ -810,6 +812,42 @@ impl Daemon {
     }
 
     /// Follow a running container until its init exits, then record the exit.
+    /// Pass the guest's OOM kills on as `ContainerOom` signals, one per kill, for the
+    /// sandbox's lifetime. The id comes from the guest: only a container this sandbox
+    /// has is announced.
+    fn watch_oom(self: &Arc<Self>, sb: &Arc<Sandbox>) {
+        let d = self.clone();
+        let sb = sb.clone();
+        tokio::spawn(async move {
+            let mut failures = 0u32;
+            while !sb.removing.load(Ordering::SeqCst) {
+                match sb.agent.call(|c| c.wait_oom()).await {
+                    Ok(cid) => {
+                        failures = 0;
+                        if sb.snapshot().container(&cid).is_none() {
+                            tracing::warn!(sandbox = %sb.id, "OOM event for an unknown container {cid:?}");
+                            continue;
+                        }
+                        tracing::info!(sandbox = %sb.id, container = %cid, "OOM kill in the guest");
+                        if let Some(conn) = d.conn() {
+                            api::container_oom(conn, &sb, &cid).await;
+                        }
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        if failures >= 5 || sb.removing.load(Ordering::SeqCst) {
+                            if !sb.removing.load(Ordering::SeqCst) {
+                                tracing::warn!(sandbox = %sb.id, "stopped watching OOM kills: {e}");
+                            }
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(200 << failures)).await;
+                    }
+                }
+            }
+        });
+    }
+
     fn watch_exit(self: &Arc<Self>, sb: &Arc<Sandbox>, cid: String) {
         let d = self.clone();
         let sb = sb.clone();

@@ -17,7 +17,7 @@ use containerd_shim::api::{
 };
 use containerd_shim::event::Event;
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskPaused,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
     TaskResumed, TaskStart,
 };
 use containerd_shim::protos::protobuf::MessageField;
@@ -179,6 +179,34 @@ impl Service {
         });
     }
 
+    /// Publish TaskOOM for every OOM kill the manager reports in a pod this shim made.
+    async fn forward_oom(&self, sb: Sandbox1Proxy<'static>) {
+        use futures::StreamExt;
+        let Ok(mut kills) = sb.receive_container_oom().await else {
+            log::warn!("cannot follow OOM kills: the shim will not report TaskOOM");
+            return;
+        };
+        let (tasks, publisher, ns) = (
+            self.tasks.clone(),
+            self.publisher.clone(),
+            self.namespace.clone(),
+        );
+        tokio::spawn(async move {
+            while let Some(sig) = kills.next().await {
+                let Ok(args) = sig.args() else { continue };
+                let id = args.id().to_string();
+                if !tasks.lock().expect("tasks lock").contains_key(&id) {
+                    continue;
+                }
+                let ev = TaskOOM {
+                    container_id: id,
+                    ..Default::default()
+                };
+                publish(&publisher, &ns, ev).await;
+            }
+        });
+    }
+
     async fn create_task(&self, req: &CreateTaskRequest) -> TResult<(Task, u32)> {
         let received = unix_us();
         let bundle = PathBuf::from(&req.bundle);
@@ -213,7 +241,8 @@ impl Service {
         };
         let client = self.client().await?;
         if role == Role::Sandbox {
-            let (cpus, mem) = pod::size(&spec);
+            let (cpus, mem) =
+                pod::size_with_floor(&spec, bulkhead_host::config::Config::load().ok());
             let mut opts: HashMap<&str, V<'_>> = HashMap::new();
             if let Some(c) = cpus {
                 opts.insert("cpus", c.into());
@@ -231,7 +260,9 @@ impl Service {
             }
             // Where the time to a ready sandbox went, for operators and the ctr bench:
             // the manager's phases are microseconds after it received the call.
-            if let Ok(t) = self.sandbox(&sandbox).await?.timings().await {
+            let proxy = self.sandbox(&sandbox).await?;
+            self.forward_oom(proxy.clone()).await;
+            if let Ok(t) = proxy.timings().await {
                 let get = |k: &str| t.get(k).copied().unwrap_or(0);
                 log::info!(
                     "timings sandbox={sandbox} create_received_unix_us={received} create_sandbox_unix_us={called} vmm_exec_us={} agent_ready_us={}",

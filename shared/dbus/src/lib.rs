@@ -229,6 +229,13 @@ pub trait Sandbox1 {
     /// `vmm_exec`, `agent_ready`.
     #[zbus(property)]
     fn timings(&self) -> zbus::Result<HashMap<String, u64>>;
+
+    /// A container's init exited with this status (128 + signal when killed).
+    #[zbus(signal)]
+    fn container_exited(&self, id: &str, status: i32) -> zbus::Result<()>;
+    /// The guest's OOM killer killed a process of this container (one signal per kill).
+    #[zbus(signal)]
+    fn container_oom(&self, id: &str) -> zbus::Result<()>;
 }
 
 /// Read a typed option out of an `a{sv}` map.

@@ -338,8 +338,10 @@ fn exec_and_exec_into_stopped(env: &Env) -> Result<Outcome> {
     c.exec(quick("e1"))?;
     ensure!(env.client()?.wait(id, Some("e1"))?.code == 0, "e1 reused");
     // The cap counts live execs only: more execs than the cap, one after another,
-    // all run (a kubelet exec probe every 10 s must work forever).
-    for n in 0..MAX_EXECS_SEEN + 8 {
+    // all run (a kubelet exec probe every 10 s must work forever). Host mode only:
+    // 1000 execs take 3 s there and several minutes in a nested guest.
+    let rounds = if env.in_guest { 0 } else { MAX_EXECS_SEEN + 8 };
+    for n in 0..rounds {
         let x = format!("p{n}");
         c.exec(quick(&x))?;
         env.client()?.wait(id, Some(&x))?;

@@ -19,7 +19,7 @@ pub fn list() -> Vec<Case> {
             ctr_run,
         ),
         (
-            "containerd: detached task: exec, ps, pause/resume, metrics, update, kill, delete",
+            "containerd: detached task: exec, ps, pause/resume, metrics, update, OOM event, kill, delete",
             ctr_task,
         ),
         (
@@ -170,6 +170,31 @@ fn ctr_task(e: &mut Env) -> Result<()> {
             m["memory"]["usage"]["limit"] == 134217728,
             "update did not reach the guest cgroup: {m}"
         );
+
+        // An OOM kill in the container's guest cgroup reaches containerd as /tasks/oom.
+        let events_log = e.dir.join("ctr-events.log");
+        let mut events = c
+            .ctr(&["events"])
+            .stdout(std::fs::File::create(&events_log)?)
+            .stderr(Stdio::null())
+            .spawn()?;
+        std::thread::sleep(Duration::from_millis(300));
+        let o = exec(c, "t1", "oom", &["tail", "/dev/zero"])?;
+        let got = wait_for("a /tasks/oom event for t1", Duration::from_secs(15), || {
+            let text = std::fs::read_to_string(&events_log).unwrap_or_default();
+            Ok(text
+                .lines()
+                .any(|l| l.contains("/tasks/oom") && l.contains("\"t1\"")))
+        });
+        let _ = events.kill();
+        let _ = events.wait();
+        got.with_context(|| {
+            format!(
+                "exec tail /dev/zero: {o:?}; events: {}",
+                std::fs::read_to_string(&events_log).unwrap_or_default()
+            )
+        })?;
+        ensure!(o.code == 137, "the OOM-killed exec's status: {o:?}");
 
         c.run(&["task", "kill", "-s", "SIGKILL", "t1"], None)?
             .ok()?;
