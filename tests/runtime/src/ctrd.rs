@@ -177,9 +177,13 @@ pub fn start_with(e: &Env, cri: Option<&CriSetup>) -> Result<Containerd> {
         std::env::var("PATH").unwrap_or_default()
     );
     let mut c = match cri {
+        // Only the network namespace: `ip netns exec` would also give containerd (and
+        // its shims) a mount namespace of their own, where the rootfs a shim mounts is
+        // invisible to bulkheadd.
         Some(s) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", &s.netns, "containerd"]);
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/run/netns/{}", s.netns))
+                .arg("containerd");
             c
         }
         None => Command::new("containerd"),
