@@ -275,6 +275,15 @@ pub(crate) fn ls_json(e: &Env) -> Result<Vec<Value>> {
         .unwrap_or_default())
 }
 
+/// The host pid of one of a sandbox's components (`vmm`, `virtiofsd`, ...).
+pub(crate) fn component_pid(e: &Env, sandbox: &str, name: &str) -> Result<u64> {
+    find(&ls_json(e)?, sandbox)
+        .and_then(|s| s["components"].as_array().cloned())
+        .and_then(|c| c.into_iter().find(|c| c["name"] == name))
+        .and_then(|c| c["pid"].as_u64())
+        .with_context(|| format!("no {name} pid for {sandbox}"))
+}
+
 pub(crate) fn find<'a>(v: &'a [Value], id: &str) -> Option<&'a Value> {
     v.iter().find(|s| s["id"] == id)
 }
@@ -588,12 +597,7 @@ fn kill_vmm(e: &mut Env) -> Result<()> {
         Ok(container_state(e, "kv", "kv").unwrap_or_default() == "running")
     })?;
     let run = run_dir(e, "kv")?;
-    let all = ls_json(e)?;
-    let vmm = find(&all, "kv")
-        .and_then(|s| s["components"].as_array().cloned())
-        .and_then(|c| c.into_iter().find(|c| c["name"] == "vmm"))
-        .and_then(|c| c["pid"].as_u64())
-        .context("no vmm pid")?;
+    let vmm = component_pid(e, "kv", "vmm")?;
     let t = Instant::now();
     // SAFETY: kill(2) on the VMM's pid.
     unsafe { libc::kill(vmm as i32, libc::SIGKILL) };

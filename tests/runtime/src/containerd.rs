@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 
-use crate::cases::{find, leftovers, ls_json, run_dir, wait_for};
+use crate::cases::{component_pid, find, leftovers, ls_json, run_dir, wait_for};
 use crate::Case;
 use bulkhead_runtime_tests::ctrd::{start, Containerd, IMAGE, RUNTIME};
 use bulkhead_runtime_tests::env::{procs, run_cmd, Env, Out};
@@ -103,22 +103,7 @@ fn exec(c: &Containerd, id: &str, exec_id: &str, cmd: &[&str]) -> Result<Out> {
 
 fn ctr_task(e: &mut Env) -> Result<()> {
     with(e, |e, c| {
-        c.run(
-            &[
-                "run",
-                "-d",
-                "--runtime",
-                RUNTIME,
-                "--memory-limit",
-                "268435456",
-                IMAGE,
-                "t1",
-                "sleep",
-                "600",
-            ],
-            None,
-        )?
-        .ok()?;
+        c.run_d("t1", &["--memory-limit", "268435456"], &["sleep", "600"])?;
         let (st, pid) = c.task("t1")?.context("t1 not listed")?;
         ensure!(st == "RUNNING" && pid > 0, "task ls: {st} {pid}");
         // Sized from the spec's memory limit, plus the guest's own share.
@@ -196,14 +181,8 @@ fn ctr_task(e: &mut Env) -> Result<()> {
         })?;
         ensure!(o.code == 137, "the OOM-killed exec's status: {o:?}");
 
-        c.run(&["task", "kill", "-s", "SIGKILL", "t1"], None)?
-            .ok()?;
-        wait_for("t1 to stop", Duration::from_secs(10), || {
-            Ok(c.task("t1")?.map(|t| t.0) == Some("STOPPED".into()))
-        })?;
         let run = run_dir(e, "t1")?;
-        c.run(&["task", "delete", "t1"], None)?.ok()?;
-        c.run(&["container", "rm", "t1"], None)?.ok()?;
+        c.kill_and_remove("t1")?;
         no_leftovers(e, "t1", &run)
     })
 }
@@ -273,12 +252,7 @@ fn ctr_pod(e: &mut Env) -> Result<()> {
         let o = run_d("app1", "container", &["true"])?;
         ensure!(o.code != 0, "duplicate container accepted: {o:?}");
         for id in ["app1", "pod1"] {
-            c.run(&["task", "kill", "-s", "SIGKILL", id], None)?.ok()?;
-            wait_for("stop", Duration::from_secs(10), || {
-                Ok(c.task(id)?.map(|t| t.0) == Some("STOPPED".into()))
-            })?;
-            c.run(&["task", "delete", id], None)?.ok()?;
-            c.run(&["container", "rm", id], None)?.ok()?;
+            c.kill_and_remove(id)?;
         }
         ensure!(find(&ls_json(e)?, "pod1").is_none(), "pod VM left");
         Ok(())
@@ -295,26 +269,9 @@ fn pid_of(pattern: &str) -> Option<u32> {
 fn ctr_faults(e: &mut Env) -> Result<()> {
     with(e, |e, c| {
         // kill -9 the VMM: containerd sees the task exit, and nothing is left.
-        c.run(
-            &[
-                "run",
-                "-d",
-                "--runtime",
-                RUNTIME,
-                IMAGE,
-                "f1",
-                "sleep",
-                "600",
-            ],
-            None,
-        )?
-        .ok()?;
+        c.run_d("f1", &[], &["sleep", "600"])?;
         let run = run_dir(e, "f1")?;
-        let vmm = find(&ls_json(e)?, "f1")
-            .and_then(|s| s["components"].as_array().cloned())
-            .and_then(|c| c.into_iter().find(|c| c["name"] == "vmm"))
-            .and_then(|c| c["pid"].as_u64())
-            .context("no vmm pid")?;
+        let vmm = component_pid(e, "f1", "vmm")?;
         let t = Instant::now();
         // SAFETY: kill(2) on the sandbox's VMM.
         unsafe { libc::kill(vmm as i32, libc::SIGKILL) };
@@ -336,20 +293,7 @@ fn ctr_faults(e: &mut Env) -> Result<()> {
 
         // kill -9 the shim: containerd cleans up through `shim delete`, which takes
         // the sandbox down; never half alive.
-        c.run(
-            &[
-                "run",
-                "-d",
-                "--runtime",
-                RUNTIME,
-                IMAGE,
-                "f2",
-                "sleep",
-                "600",
-            ],
-            None,
-        )?
-        .ok()?;
+        c.run_d("f2", &[], &["sleep", "600"])?;
         let run = run_dir(e, "f2")?;
         let shim = pid_of("containerd-shim-bulkhead-v2 -namespace default -id f2")
             .context("no shim for f2")?;
@@ -426,21 +370,7 @@ fn ctr_bad_input(e: &mut Env) -> Result<()> {
         let _ = c.run(&["container", "rm", "b1"], None);
         ensure!(find(&ls_json(e)?, "b1").is_none(), "b1 left a VM");
 
-        c.run(
-            &[
-                "run",
-                "-d",
-                "--runtime",
-                RUNTIME,
-                IMAGE,
-                "b2",
-                "sh",
-                "-c",
-                "exit 0",
-            ],
-            None,
-        )?
-        .ok()?;
+        c.run_d("b2", &[], &["sh", "-c", "exit 0"])?;
         wait_for("b2 to stop", Duration::from_secs(30), || {
             Ok(c.task("b2")?.map(|t| t.0) == Some("STOPPED".into()))
         })?;
@@ -464,32 +394,13 @@ fn ctr_bad_input(e: &mut Env) -> Result<()> {
         ensure!(find(&ls_json(e)?, "b2").is_none(), "b2 left a VM");
 
         // An option bulkhead does not have: refused, and the task runs on.
-        c.run(
-            &[
-                "run",
-                "-d",
-                "--runtime",
-                RUNTIME,
-                IMAGE,
-                "b3",
-                "sleep",
-                "600",
-            ],
-            None,
-        )?
-        .ok()?;
+        c.run_d("b3", &[], &["sleep", "600"])?;
         let o = c.run(&["task", "checkpoint", "b3"], None)?;
         ensure!(
             o.code != 0 && o.stderr.contains("not supported"),
             "checkpoint: {o:?}"
         );
-        c.run(&["task", "kill", "-s", "SIGKILL", "b3"], None)?
-            .ok()?;
-        wait_for("b3 to stop", Duration::from_secs(10), || {
-            Ok(c.task("b3")?.map(|t| t.0) == Some("STOPPED".into()))
-        })?;
-        c.run(&["task", "delete", "b3"], None)?.ok()?;
-        c.run(&["container", "rm", "b3"], None)?.ok()?;
+        c.kill_and_remove("b3")?;
         ensure!(ls_json(e)?.is_empty(), "VMs left: {:?}", ls_json(e)?);
         Ok(())
     })

@@ -61,6 +61,33 @@ impl Containerd {
         self.run(&a, stdin)
     }
 
+    /// `ctr run -d --runtime bulkhead [EXTRA] IMAGE ID CMD...`, which must succeed.
+    pub fn run_d(&self, id: &str, extra: &[&str], cmd: &[&str]) -> Result<()> {
+        let mut a = vec!["run", "-d", "--runtime", RUNTIME];
+        a.extend(extra);
+        a.extend([IMAGE, id]);
+        a.extend(cmd);
+        self.run(&a, None)?.ok()?;
+        Ok(())
+    }
+
+    /// SIGKILL a task, wait until containerd reports it stopped, delete it and its
+    /// container.
+    pub fn kill_and_remove(&self, id: &str) -> Result<()> {
+        self.run(&["task", "kill", "-s", "SIGKILL", id], None)?
+            .ok()?;
+        let t = Instant::now();
+        while self.task(id)?.map(|t| t.0) != Some("STOPPED".into()) {
+            if t.elapsed() > Duration::from_secs(10) {
+                bail!("{id} not stopped 10 s after SIGKILL");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.run(&["task", "delete", id], None)?.ok()?;
+        self.run(&["container", "rm", id], None)?.ok()?;
+        Ok(())
+    }
+
     /// (status, pid) of a task from `ctr task ls`.
     pub fn task(&self, id: &str) -> Result<Option<(String, u32)>> {
         let o = self.run(&["task", "ls"], None)?;
