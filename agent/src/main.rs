@@ -71,6 +71,7 @@ fn main() {
             arg_value(&args, "--hostname"),
         );
     }
+    sys::process_defaults();
     if args.iter().any(|a| a == "--listen-unix") {
         let Some(path) = arg_value(&args, "--listen-unix") else {
             log("--listen-unix needs a path");

@@ -40,6 +40,48 @@ pub fn mount(
 }
 
 /// Mount /proc, /sys, /dev, /run and /tmp. Failures are logged, not fatal.
+extern "C" fn ignore_sigpipe(_: libc::c_int) {}
+
+/// What every process the agent starts should inherit, set once at start.
+///
+/// SIGPIPE: Rust ignores it (writes to a closed pipe return EPIPE), and an *ignored*
+/// signal stays ignored across exec, so containers would start with SIGPIPE ignored
+/// (`yes | head` never ends). A handler that does nothing keeps EPIPE for the agent and
+/// is reset to the default by exec.
+///
+/// Open files: PID 1 starts with 1024; the agent holds several descriptors per process
+/// it follows, so it raises its own limit to the most the kernel allows.
+pub fn process_defaults() {
+    // SAFETY: a zeroed sigaction is valid; the handler is an async-signal-safe no-op and
+    // sigaction only reads the struct we pass.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = ignore_sigpipe as *const () as usize;
+        sa.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGPIPE, &sa, std::ptr::null_mut());
+    }
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<libc::rlim_t>().ok())
+        .unwrap_or(1 << 20);
+    let want = libc::rlimit {
+        rlim_cur: nr_open,
+        rlim_max: nr_open,
+    };
+    // SAFETY: setrlimit/getrlimit read and write only the structs passed.
+    unsafe {
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &want) != 0 {
+            // Not allowed to raise the hard limit: take the soft limit up to it.
+            let mut cur: libc::rlimit = std::mem::zeroed();
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut cur) == 0 {
+                cur.rlim_cur = cur.rlim_max;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &cur);
+            }
+        }
+    }
+}
+
 pub fn early_mounts() {
     let nosuid = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     for (src, target, fstype, flags, data) in [

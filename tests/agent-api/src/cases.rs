@@ -29,6 +29,7 @@ pub fn all() -> Vec<(&'static str, Case)> {
         ("exit_code_exact", exit_code_exact),
         ("signal_exit_reaches_host", signal_exit_reaches_host),
         ("stdout_stderr_separate", stdout_stderr_separate),
+        ("process_defaults_sigpipe_nofile", process_defaults),
         ("stdin_round_trip_and_close", stdin_round_trip_and_close),
         ("output_before_attach_is_kept", output_before_attach_is_kept),
         ("flood_backpressure_control_unblocked", flood_backpressure),
@@ -140,6 +141,42 @@ fn signal_exit_reaches_host(env: &Env) -> Result<Outcome> {
         );
     }
     c.delete(id, true)?;
+    Ok(Passed)
+}
+
+/// A container (whose spec sets no rlimits) starts with SIGPIPE at its default
+/// disposition, not inherited as ignored from the agent, and with more than PID 1's
+/// 1024 open files.
+fn process_defaults(env: &Env) -> Result<Outcome> {
+    let mut s = spec(&[
+        "sh",
+        "-c",
+        "grep SigIgn /proc/self/status; ulimit -n; yes | head -c 3",
+    ]);
+    // No rlimits in the spec: the process keeps the agent's.
+    if let Some(p) = s["process"].as_object_mut() {
+        p.remove("rlimits");
+    }
+    let o = run_container(env, "t-defaults", &s, None)?;
+    expect_success(&o)?;
+    let mask = o
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        .with_context(|| format!("no SigIgn in {:?}", o.stdout))?;
+    ensure!(
+        mask & (1 << (libc::SIGPIPE - 1)) == 0,
+        "SIGPIPE is ignored in the container (SigIgn {mask:#x})"
+    );
+    let nofile: u64 = o
+        .stdout
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .with_context(|| format!("no ulimit -n in {:?}", o.stdout))?;
+    ensure!(nofile > 1024, "open files {nofile}");
+    ensure!(o.stdout.ends_with("y\ny"), "yes | head: {:?}", o.stdout);
     Ok(Passed)
 }
 
