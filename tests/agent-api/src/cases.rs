@@ -361,7 +361,10 @@ fn exec_and_exec_into_stopped(env: &Env) -> Result<Outcome> {
         process_json: json!({"args": ["sleep", "300"], "env": ["PATH=/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0}}).to_string(),
         stdin: false,
     };
-    c.exec(sleeper.clone())?;
+    let live_pid = c.exec(sleeper.clone())?;
+    // The exec's pid is really in the container's process list while it runs.
+    let ps = c.processes(id)?;
+    ensure!(ps.contains(&live_pid), "exec pid {live_pid} not in {ps:?}");
     let err = agent_err(c.exec(sleeper))?;
     ensure!(matches!(err, AgentError::AlreadyExists(_)), "{err:?}");
     let quick = |exec_id: &str| {

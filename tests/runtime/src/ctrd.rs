@@ -94,7 +94,12 @@ impl Containerd {
         o.ok()?;
         Ok(o.stdout.lines().skip(1).find_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            (f.first() == Some(&id)).then(|| (f[2].to_string(), f[1].parse().unwrap_or(0)))
+            match f[..] {
+                [task, pid, status, ..] if task == id => {
+                    Some((status.to_string(), pid.parse().unwrap_or(0)))
+                }
+                _ => None,
+            }
         }))
     }
 
