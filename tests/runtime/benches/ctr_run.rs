@@ -3,6 +3,10 @@
 //! log lines: before the VMM is exec'd (ctr, containerd, shim start, bus, manager),
 //! VMM exec to agent ready, agent ready to the container's exit, teardown.
 //!
+//! Then the host-side footprint of a running busybox pod: PSS summed over every host
+//! process the pod owns (its shim, VMM, virtiofsd, vhost-device-vsock) plus its share of
+//! bulkheadd, averaged over 10 pods running at once.
+//!
 //!   cargo bench -p bulkhead-runtime-tests --bench ctr_run -- [--runs N] [--guest DIR]
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -10,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use bulkhead_runtime_tests::bench::{field, median, setup};
 use bulkhead_runtime_tests::ctrd::{start, Containerd, IMAGE, RUNTIME};
-use bulkhead_runtime_tests::env::run_cmd;
+use bulkhead_runtime_tests::env::{procs, run_cmd, Env};
 
 fn unix_us() -> f64 {
     SystemTime::now()
@@ -78,6 +82,88 @@ fn phases(log: &str, id: &str, t0: f64, t1: f64) -> Result<Phases> {
     })
 }
 
+/// Proportional set size of a process, in KiB (0 if it is gone).
+fn pss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("Pss:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// PSS (KiB) of the mappings of a process that are exactly `size_kib` big: the guest's
+/// RAM in a VMM.
+fn pss_of_size_kib(pid: u32, size_kib: u64) -> u64 {
+    let Ok(t) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
+        return 0;
+    };
+    let (mut in_ram, mut sum) = (false, 0);
+    for l in t.lines() {
+        let mut f = l.split_whitespace();
+        match (f.next(), f.next()) {
+            (Some("Size:"), Some(v)) => in_ram = v.parse::<u64>().ok() == Some(size_kib),
+            (Some("Pss:"), Some(v)) if in_ram => sum += v.parse::<u64>().unwrap_or(0),
+            _ => {}
+        }
+    }
+    sum
+}
+
+/// Average per-pod PSS (MiB) by process kind, over `pods` pods running at once.
+fn footprint(e: &Env, c: &Containerd, pods: usize) -> Result<Vec<(String, f64)>> {
+    let ids: Vec<String> = (0..pods).map(|i| format!("fp{i}")).collect();
+    for id in &ids {
+        c.run_d(id, &[], &["sleep", "600"])?;
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let ls: serde_json::Value = serde_json::from_str(&e.bh(&["ls", "--json"])?.stdout)?;
+    let mut sums: std::collections::BTreeMap<String, u64> = Default::default();
+    for id in &ids {
+        let sb = ls
+            .as_array()
+            .and_then(|a| a.iter().find(|s| s["id"] == id.as_str()))
+            .with_context(|| format!("pod {id} not listed"))?;
+        for comp in sb["components"].as_array().into_iter().flatten() {
+            let (Some(name), Some(pid)) = (comp["name"].as_str(), comp["pid"].as_u64()) else {
+                continue;
+            };
+            let pss = pss_kib(pid as u32);
+            if name == "vmm" {
+                let ram_kib = sb["memory_mib"].as_u64().unwrap_or(0) * 1024;
+                let ram = pss_of_size_kib(pid as u32, ram_kib);
+                *sums
+                    .entry("vmm: guest RAM the guest touched".into())
+                    .or_default() += ram;
+                *sums.entry("vmm: outside guest RAM".into()).or_default() += pss - ram.min(pss);
+            } else {
+                *sums.entry(name.to_string()).or_default() += pss;
+            }
+        }
+        let shim = procs()
+            .into_iter()
+            .find(|(_, cmd)| {
+                cmd.contains(&format!(
+                    "containerd-shim-bulkhead-v2 -namespace default -id {id} "
+                ))
+            })
+            .map(|(p, _)| p)
+            .context("no shim")?;
+        *sums.entry("shim".into()).or_default() += pss_kib(shim);
+    }
+    let daemon = e.bulkheadd_pid().context("no bulkheadd")?;
+    *sums.entry("bulkheadd (share)".into()).or_default() += pss_kib(daemon);
+    for id in &ids {
+        c.kill_and_remove(id)?;
+    }
+    Ok(sums
+        .into_iter()
+        .map(|(k, v)| (k, v as f64 / 1024.0 / pods as f64))
+        .collect())
+}
+
 fn main() -> Result<()> {
     let (runs, e) = setup(10)?;
     let c = start(&e)?;
@@ -122,5 +208,20 @@ fn main() -> Result<()> {
     println!("{:<64} {:>10.1}", "whole ctr run --rm, bulkhead", mt);
     println!("{:<64} {:>10.1}", "whole ctr run --rm, runc", mr);
     println!("ratio bulkhead / runc: {:.1}x", mt / mr);
+
+    let pods = 10;
+    let rows = footprint(&e, &c, pods)?;
+    println!();
+    println!("host-side PSS of one running busybox pod, average of {pods} pods at once");
+    let (mut total, mut host) = (0.0, 0.0);
+    for (name, mib) in &rows {
+        println!("{name:<64} {mib:>8.1} MiB");
+        total += mib;
+        if !name.contains("guest RAM the guest touched") {
+            host += mib;
+        }
+    }
+    println!("{:<64} {total:>8.1} MiB", "total per pod");
+    println!("{:<64} {host:>8.1} MiB", "total per pod outside guest RAM");
     Ok(())
 }
