@@ -136,13 +136,7 @@ impl Runtime {
         let weak = Arc::downgrade(&rt);
         let _ = std::thread::Builder::new()
             .name("oom-watch".into())
-            .spawn(move || loop {
-                std::thread::sleep(Duration::from_millis(200));
-                match weak.upgrade() {
-                    Some(rt) => rt.poll_oom(),
-                    None => return,
-                }
-            });
+            .spawn(move || oom_watch(weak));
         rt
     }
 
@@ -878,9 +872,11 @@ impl Runtime {
             for (id, n) in counts {
                 // A container deleted meanwhile is simply not found.
                 if let Some(c) = t.containers.get_mut(&id) {
+                    // One event per kill: a counter that moved by three is three kills.
                     if n > c.oom_kills {
+                        let kills = (n - c.oom_kills).min(MAX_OOM_QUEUE as u64);
                         c.oom_kills = n;
-                        hits.push(id);
+                        hits.extend(std::iter::repeat_n(id, kills as usize));
                     }
                 }
             }
@@ -896,6 +892,15 @@ impl Runtime {
             q.push_back(id);
         }
         self.oom.cv.notify_one();
+    }
+
+    /// The containers' `memory.events` files, to watch for changes.
+    fn memory_events_files(&self) -> Vec<(String, PathBuf)> {
+        self.tables()
+            .containers
+            .keys()
+            .map(|id| (id.clone(), Self::cgroup_dir(id).join("memory.events")))
+            .collect()
     }
 
     pub fn wait_oom(&self) -> String {
@@ -962,4 +967,54 @@ fn set_net_sysctl(key: &str, value: &str) -> Result<(), AgentError> {
     let path = Path::new("/proc/sys").join(key.replace('.', "/"));
     std::fs::write(&path, value)
         .map_err(|e| AgentError::InvalidArgument(format!("sysctl {key}={value}: {e}")))
+}
+
+/// Follow OOM kills: every container's `memory.events` is watched with inotify (the
+/// cgroup v2 file changes when its counters do), and every change is read at once. The
+/// watches are brought in line with the container table on every wake-up, and at least
+/// once a second, so a container created meanwhile is covered; counts are compared with
+/// what was last seen, so a kill that came before its watch is still counted.
+fn oom_watch(rt: std::sync::Weak<Runtime>) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
+    use std::os::fd::AsFd;
+
+    let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).ok();
+    let mut watched: HashMap<String, WatchDescriptor> = HashMap::new();
+    loop {
+        let Some(runtime) = rt.upgrade() else { return };
+        if let Some(ino) = &inotify {
+            let files = runtime.memory_events_files();
+            watched.retain(|id, wd| {
+                let keep = files.iter().any(|(f, _)| f == id);
+                if !keep {
+                    let _ = ino.rm_watch(*wd);
+                }
+                keep
+            });
+            for (id, path) in files {
+                if !watched.contains_key(&id) {
+                    if let Ok(wd) = ino.add_watch(&path, AddWatchFlags::IN_MODIFY) {
+                        watched.insert(id, wd);
+                    }
+                }
+            }
+        }
+        runtime.poll_oom();
+        drop(runtime);
+        match &inotify {
+            Some(ino) => {
+                let mut fds = [PollFd::new(ino.as_fd(), PollFlags::POLLIN)];
+                let _ = poll(&mut fds, PollTimeout::from(1000u16));
+                // Drain: what changed is read from the files themselves.
+                while let Ok(ev) = ino.read_events() {
+                    if ev.is_empty() {
+                        break;
+                    }
+                }
+            }
+            // No inotify: fall back to reading the counters five times a second.
+            None => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
 }
