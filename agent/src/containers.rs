@@ -993,9 +993,9 @@ fn oom_watch(rt: std::sync::Weak<Runtime>) {
                 keep
             });
             for (id, path) in files {
-                if !watched.contains_key(&id) {
+                if let std::collections::hash_map::Entry::Vacant(slot) = watched.entry(id) {
                     if let Ok(wd) = ino.add_watch(&path, AddWatchFlags::IN_MODIFY) {
-                        watched.insert(id, wd);
+                        slot.insert(wd);
                     }
                 }
             }
