@@ -884,6 +884,22 @@ fn bad_input_typed_errors(env: &Env) -> Result<Outcome> {
     ensure!(matches!(e, AgentError::NotFound(_)), "unknown id: {e:?}");
     let e = agent_err(c.wait("no-such", None))?;
     ensure!(matches!(e, AgentError::NotFound(_)), "wait unknown: {e:?}");
+    // An exec into a container that does not exist, and an unknown exec of no container.
+    let e = agent_err(c.exec(ExecProcess {
+        id: "no-such".into(),
+        exec_id: "x1".into(),
+        process_json: json!({"args": ["true"], "env": ["PATH=/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0}}).to_string(),
+        stdin: false,
+    }))?;
+    ensure!(
+        matches!(e, AgentError::NotFound(_)),
+        "exec into unknown: {e:?}"
+    );
+    let e = agent_err(c.wait("no-such", Some("x1")))?;
+    ensure!(
+        matches!(e, AgentError::NotFound(_)),
+        "wait unknown exec: {e:?}"
+    );
     let e = agent_err(c.create_container(create_req(env, "../evil", &spec(&["true"]), false)))?;
     ensure!(matches!(e, AgentError::InvalidArgument(_)), "bad id: {e:?}");
     let mut req = create_req(env, "t-bad", &spec(&["true"]), false);
