@@ -822,12 +822,20 @@ impl Daemon {
             let mut failures = 0u32;
             while !sb.removing.load(Ordering::SeqCst) {
                 match sb.agent.call(|c| c.wait_oom()).await {
+                    Ok(cid) if sb.snapshot().container(&cid).is_none() => {
+                        // The guest named a container it does not have: counted as a
+                        // failure, so a guest answering this in a loop is backed off
+                        // and then no longer asked.
+                        failures += 1;
+                        let shown: String = cid.chars().take(64).collect();
+                        tracing::warn!(sandbox = %sb.id, "OOM event for an unknown container {shown:?}");
+                        if failures >= 5 {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(200 << failures)).await;
+                    }
                     Ok(cid) => {
                         failures = 0;
-                        if sb.snapshot().container(&cid).is_none() {
-                            tracing::warn!(sandbox = %sb.id, "OOM event for an unknown container {cid:?}");
-                            continue;
-                        }
                         tracing::info!(sandbox = %sb.id, container = %cid, "OOM kill in the guest");
                         if let Some(conn) = d.conn() {
                             api::container_oom(conn, &sb, &cid).await;

@@ -17,10 +17,11 @@ pub fn metrics(s: &HashMap<String, u64>) -> Metrics {
     let mut m = Metrics::new();
     m.cpu = MessageField::some(CPUStat {
         usage: MessageField::some(CPUUsage {
-            // containerd's figures are nanoseconds; the guest's are microseconds.
-            total: get("cpu_usage_usec") * 1000,
-            user: get("cpu_user_usec") * 1000,
-            kernel: get("cpu_system_usec") * 1000,
+            // containerd's figures are nanoseconds; the guest's are microseconds (from
+            // the guest: saturate, never overflow).
+            total: get("cpu_usage_usec").saturating_mul(1000),
+            user: get("cpu_user_usec").saturating_mul(1000),
+            kernel: get("cpu_system_usec").saturating_mul(1000),
             ..Default::default()
         }),
         ..Default::default()

@@ -65,6 +65,8 @@ fn other(e: anyhow::Error) -> ttrpc::Error {
 struct Task {
     role: Role,
     sandbox: String,
+    /// The pod's sandbox object, looked up once at create.
+    sb: Sandbox1Proxy<'static>,
     bundle: PathBuf,
     /// Where the shim mounted containerd's rootfs mounts (unmounted on delete).
     mounted_rootfs: Option<PathBuf>,
@@ -136,8 +138,9 @@ impl Service {
         f(t)
     }
 
-    fn sandbox_of(&self, id: &str) -> TResult<String> {
-        self.with(id, |t| Ok(t.sandbox.clone()))
+    /// The sandbox object of the pod task `id` lives in.
+    fn proxy(&self, id: &str) -> TResult<Sandbox1Proxy<'static>> {
+        self.with(id, |t| Ok(t.sb.clone()))
     }
 
     async fn publish(&self, event: impl Event + 'static) {
@@ -240,6 +243,7 @@ impl Service {
             }
         };
         let client = self.client().await?;
+        let mut called = 0;
         if role == Role::Sandbox {
             let (cpus, mem) =
                 pod::size_with_floor(&spec, bulkhead_host::config::Config::load().ok());
@@ -253,41 +257,36 @@ impl Service {
             if let Some(h) = &hostname {
                 opts.insert("hostname", h.as_str().into());
             }
-            let called = unix_us();
+            called = unix_us();
             if let Err(e) = client.manager.create_sandbox(&sandbox, opts).await {
                 undo_mount(&mounted);
                 return Err(from_dbus(e));
             }
-            // Where the time to a ready sandbox went, for operators and the ctr bench:
-            // the manager's phases are microseconds after it received the call.
-            let proxy = self.sandbox(&sandbox).await?;
-            self.forward_oom(proxy.clone()).await;
-            if let Ok(t) = proxy.timings().await {
-                let get = |k: &str| t.get(k).copied().unwrap_or(0);
-                log::info!(
-                    "timings sandbox={sandbox} create_received_unix_us={received} create_sandbox_unix_us={called} vmm_exec_us={} agent_ready_us={}",
-                    get("vmm_exec"),
-                    get("agent_ready")
-                );
-            }
         }
         let created = async {
             let sb = self.sandbox(&sandbox).await?;
+            if role == Role::Sandbox {
+                self.log_sandbox_timings(&sb, &sandbox, received, called)
+                    .await;
+                self.forward_oom(sb.clone()).await;
+            }
             let mut opts: HashMap<&str, V<'_>> = HashMap::new();
             opts.insert("stdin", (!req.stdin.is_empty()).into());
             opts.insert("terminal", req.terminal.into());
-            sb.create_container(
-                &req.id,
-                &spec.to_string(),
-                &rootfs.display().to_string(),
-                opts,
-            )
-            .await
-            .map_err(from_dbus)
+            let pid = sb
+                .create_container(
+                    &req.id,
+                    &spec.to_string(),
+                    &rootfs.display().to_string(),
+                    opts,
+                )
+                .await
+                .map_err(from_dbus)?;
+            Ok((sb, pid))
         }
         .await;
-        let pid = match created {
-            Ok(pid) => pid,
+        let (sb, pid) = match created {
+            Ok(r) => r,
             Err(e) => {
                 if role == Role::Sandbox {
                     let _ = client.manager.remove_sandbox(&sandbox, true).await;
@@ -306,6 +305,7 @@ impl Service {
             Task {
                 role,
                 sandbox,
+                sb,
                 bundle,
                 mounted_rootfs: mounted,
                 init: Process::new(pid, io),
@@ -313,6 +313,27 @@ impl Service {
             },
             pid,
         ))
+    }
+
+    /// Where the time to a ready sandbox went, for operators and the ctr bench: the
+    /// manager's phases are microseconds after it received the call.
+    async fn log_sandbox_timings(
+        &self,
+        sb: &Sandbox1Proxy<'_>,
+        sandbox: &str,
+        received: u64,
+        called: u64,
+    ) {
+        {
+            if let Ok(t) = sb.timings().await {
+                let get = |k: &str| t.get(k).copied().unwrap_or(0);
+                log::info!(
+                    "timings sandbox={sandbox} create_received_unix_us={received} create_sandbox_unix_us={called} vmm_exec_us={} agent_ready_us={}",
+                    get("vmm_exec"),
+                    get("agent_ready")
+                );
+            }
+        }
     }
 }
 
@@ -398,10 +419,10 @@ impl containerd_shim::Task for Service {
     }
 
     async fn start(&self, _ctx: &TtrpcContext, req: StartRequest) -> TResult<StartResponse> {
-        let (sandbox, io, spec, status_now) = self.with(&req.id, |t| {
-            let sandbox = t.sandbox.clone();
+        let (sb, io, spec, status_now) = self.with(&req.id, |t| {
+            let sb = t.sb.clone();
             let p = t.process(&req.exec_id)?;
-            Ok((sandbox, p.io.clone(), p.spec.clone(), p.status))
+            Ok((sb, p.io.clone(), p.spec.clone(), p.status))
         })?;
         if status_now != Status::CREATED {
             return Err(status(
@@ -412,7 +433,6 @@ impl containerd_shim::Task for Service {
                 ),
             ));
         }
-        let sb = self.sandbox(&sandbox).await?;
         let pid = if req.exec_id.is_empty() {
             let attached = process::attach(&sb, &req.id, "", &io)
                 .await
@@ -487,8 +507,8 @@ impl containerd_shim::Task for Service {
     }
 
     async fn kill(&self, _ctx: &TtrpcContext, req: KillRequest) -> TResult<Empty> {
-        let (sandbox, st) = self.with(&req.id, |t| {
-            Ok((t.sandbox.clone(), t.process(&req.exec_id)?.status))
+        let (sb, st) = self.with(&req.id, |t| {
+            Ok((t.sb.clone(), t.process(&req.exec_id)?.status))
         })?;
         if st == Status::STOPPED {
             return Err(status(
@@ -503,7 +523,6 @@ impl containerd_shim::Task for Service {
             .ok()
             .filter(|s| (1..=64).contains(s))
             .ok_or_else(|| status(Code::INVALID_ARGUMENT, format!("signal {}", req.signal)))?;
-        let sb = self.sandbox(&sandbox).await?;
         sb.signal(&req.id, &req.exec_id, sig, req.all)
             .await
             .map_err(from_dbus)?;
@@ -564,14 +583,12 @@ impl containerd_shim::Task for Service {
     }
 
     async fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> TResult<Empty> {
-        let sandbox = self.sandbox_of(&req.id)?;
+        let sb = self.proxy(&req.id)?;
         let (rows, cols) = (
             u16::try_from(req.height).unwrap_or(u16::MAX),
             u16::try_from(req.width).unwrap_or(u16::MAX),
         );
-        self.sandbox(&sandbox)
-            .await?
-            .resize_pty(&req.id, &req.exec_id, rows, cols)
+        sb.resize_pty(&req.id, &req.exec_id, rows, cols)
             .await
             .map_err(from_dbus)?;
         Ok(Empty::new())
@@ -615,10 +632,11 @@ impl containerd_shim::Task for Service {
             })?;
             return Ok(delete_response(pid, exit));
         }
-        let (role, sandbox, st, pid, exit, mounted) = self.with(&req.id, |t| {
+        let (role, sandbox, sb, st, pid, exit, mounted) = self.with(&req.id, |t| {
             Ok((
                 t.role.clone(),
                 t.sandbox.clone(),
+                t.sb.clone(),
                 t.init.status,
                 t.init.pid,
                 t.init.exit(),
@@ -632,10 +650,8 @@ impl containerd_shim::Task for Service {
             ));
         }
         let client = self.client().await?;
-        if let Ok(sb) = self.sandbox(&sandbox).await {
-            if let Err(e) = sb.delete_container(&req.id, true).await {
-                log::warn!("deleting container {}: {:#}", req.id, explain(e));
-            }
+        if let Err(e) = sb.delete_container(&req.id, true).await {
+            log::warn!("deleting container {}: {:#}", req.id, explain(e));
         }
         if role == Role::Sandbox {
             match client.manager.remove_sandbox(&sandbox, true).await {
@@ -667,13 +683,8 @@ impl containerd_shim::Task for Service {
     }
 
     async fn pids(&self, _ctx: &TtrpcContext, req: PidsRequest) -> TResult<PidsResponse> {
-        let sandbox = self.sandbox_of(&req.id)?;
-        let pids = self
-            .sandbox(&sandbox)
-            .await?
-            .processes(&req.id)
-            .await
-            .map_err(from_dbus)?;
+        let sb = self.proxy(&req.id)?;
+        let pids = sb.processes(&req.id).await.map_err(from_dbus)?;
         Ok(PidsResponse {
             processes: pids
                 .into_iter()
@@ -687,18 +698,14 @@ impl containerd_shim::Task for Service {
     }
 
     async fn pause(&self, _ctx: &TtrpcContext, req: PauseRequest) -> TResult<Empty> {
-        let (sandbox, st) = self.with(&req.id, |t| Ok((t.sandbox.clone(), t.init.status)))?;
+        let (sb, st) = self.with(&req.id, |t| Ok((t.sb.clone(), t.init.status)))?;
         if st != Status::RUNNING {
             return Err(status(
                 Code::FAILED_PRECONDITION,
                 format!("task {} is not running ({st:?})", req.id),
             ));
         }
-        self.sandbox(&sandbox)
-            .await?
-            .pause(&req.id)
-            .await
-            .map_err(from_dbus)?;
+        sb.pause(&req.id).await.map_err(from_dbus)?;
         self.with(&req.id, |t| {
             t.init.status = Status::PAUSED;
             Ok(())
@@ -712,12 +719,8 @@ impl containerd_shim::Task for Service {
     }
 
     async fn resume(&self, _ctx: &TtrpcContext, req: ResumeRequest) -> TResult<Empty> {
-        let sandbox = self.sandbox_of(&req.id)?;
-        self.sandbox(&sandbox)
-            .await?
-            .resume(&req.id)
-            .await
-            .map_err(from_dbus)?;
+        let sb = self.proxy(&req.id)?;
+        sb.resume(&req.id).await.map_err(from_dbus)?;
         self.with(&req.id, |t| {
             if t.init.status == Status::PAUSED {
                 t.init.status = Status::RUNNING;
@@ -733,29 +736,20 @@ impl containerd_shim::Task for Service {
     }
 
     async fn update(&self, _ctx: &TtrpcContext, req: UpdateTaskRequest) -> TResult<Empty> {
-        let sandbox = self.sandbox_of(&req.id)?;
+        let sb = self.proxy(&req.id)?;
         let json = std::str::from_utf8(&req.resources.value).map_err(|_| {
             status(
                 Code::INVALID_ARGUMENT,
                 "resources are not JSON (want OCI linux.resources)",
             )
         })?;
-        self.sandbox(&sandbox)
-            .await?
-            .update(&req.id, json)
-            .await
-            .map_err(from_dbus)?;
+        sb.update(&req.id, json).await.map_err(from_dbus)?;
         Ok(Empty::new())
     }
 
     async fn stats(&self, _ctx: &TtrpcContext, req: StatsRequest) -> TResult<StatsResponse> {
-        let sandbox = self.sandbox_of(&req.id)?;
-        let figures = self
-            .sandbox(&sandbox)
-            .await?
-            .stats(&req.id)
-            .await
-            .map_err(from_dbus)?;
+        let sb = self.proxy(&req.id)?;
+        let figures = sb.stats(&req.id).await.map_err(from_dbus)?;
         let any =
             metrics::to_any(&metrics::metrics(&figures)).map_err(|e| status(Code::INTERNAL, e))?;
         Ok(StatsResponse {
