@@ -5,6 +5,7 @@ pub mod acpi;
 pub mod boot;
 pub mod bus;
 pub mod config;
+pub mod control;
 pub mod cpu;
 pub mod exit;
 pub mod layout;

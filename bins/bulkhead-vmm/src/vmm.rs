@@ -1,28 +1,32 @@
 //! Builds a VM from a [`VmConfig`] and runs it until it ends.
+//!
+//! [`run`] reads as the start sequence: check the host, create the VM, map guest memory,
+//! add the legacy and virtio devices, load the kernel, start the vCPUs, then serve the
+//! event loop. Each step is a function below.
 
-use std::collections::HashMap;
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::thread::JoinHandle;
+use std::time::Instant;
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{IoEventAddress, Kvm};
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use vm_superio::Serial;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::acpi::{self, MmioDesc};
-use crate::boot;
+use crate::boot::{self, BootEntry};
 use crate::bus::Bus;
 use crate::config::{BootMode, SerialOut, VmConfig};
+use crate::control::{ControlApi, Target};
 use crate::cpu::{self, RunState, VcpuControl, VcpuRunner};
 use crate::exit::{ExitHandle, ExitReason};
 use crate::layout::*;
 use crate::legacy::{AcpiPm, IrqTrigger, SerialDevice, SharedOut, I8042};
-use crate::memory;
+use crate::memory::{self, GuestRam};
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::{self, EventSink, Interrupt, VirtioDevice, DEVICE_TOKEN_BASE};
 
@@ -65,36 +69,93 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmmError {
     move |source| VmmError::Io { what, source }
 }
 
+fn dev_err(e: impl std::fmt::Display) -> VmmError {
+    VmmError::Device(e.to_string())
+}
+
+/// Epoll tokens: the upper 32 bits are a device slot (0 = the VMM itself), the lower 32
+/// a queue index or device token, or for slot 0 one of these.
 const SLOT_CORE: u32 = 0;
 const TOK_EXIT: u32 = 0;
 const TOK_API: u32 = 1;
 const TOK_API_CONN: u32 = 2;
-const API_LINE_MAX: usize = 4096;
 
+/// The port I/O and MMIO buses the vCPUs dispatch exits to.
+#[derive(Default)]
+struct Buses {
+    pio: Bus,
+    mmio: Bus,
+}
+
+/// A virtio device on the MMIO bus, with the ioeventfds its queue notifications arrive on.
 struct DeviceSlot {
     transport: Arc<Mutex<MmioTransport>>,
     kicks: Vec<EventFd>,
 }
 
+/// The running vCPUs and the switch that pauses them.
+struct Vcpus {
+    control: Arc<VcpuControl>,
+    threads: Vec<JoinHandle<()>>,
+}
+
 pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
     cfg.validate()?;
-    let t0 = std::time::Instant::now();
-    // Toy guests (raw boot) run on PVM; stock kernels do not.
+    check_host(cfg)?;
+    let clock = Instant::now();
+    let (kvm, vm) = create_vm(cfg)?;
+    let ram = map_memory(&vm, cfg.memory_bytes())?;
+    step(clock, "guest memory mapped");
+    let exit = ExitHandle::new().map_err(io("exit eventfd"))?;
+    let epoll = Arc::new(Epoll::new().map_err(io("epoll"))?);
+    let mut buses = Buses::default();
+    let serial_out = add_legacy_devices(&vm, &mut buses.pio, &exit, cfg)?;
+    let devices = open_virtio_devices(cfg, &ram)?;
+    let (slots, descs) = attach_virtio_devices(devices, &vm, &mut buses.mmio, &epoll, &ram)?;
+    let entry = load_kernel(cfg, &ram, &descs)?;
+    step(clock, "kernel loaded");
+    let vcpus = start_vcpus(&kvm, &vm, cfg, &ram, entry, &buses, &exit)?;
+    tracing::info!(
+        ms = clock.elapsed().as_secs_f64() * 1e3,
+        cpus = cfg.cpus,
+        memory_mib = cfg.memory_mib,
+        devices = slots.len(),
+        "VM started"
+    );
+    let reason = event_loop(cfg, &epoll, &exit, &slots, &vcpus)?;
+    let _ = SharedOut::flush(&mut serial_out.clone());
+    // Let vCPUs that are mid-exit see the reason; they are not joined (a vCPU can sit in
+    // KVM_RUN indefinitely) and end with the process.
+    vcpus.control.set(RunState::Running);
+    Ok(reason)
+}
+
+fn step(clock: Instant, what: &str) {
+    tracing::info!(ms = clock.elapsed().as_secs_f64() * 1e3, "{what}");
+}
+
+/// Toy guests (raw boot) run on PVM; stock kernels do not.
+fn check_host(cfg: &VmConfig) -> Result<(), VmmError> {
     if cfg.boot == BootMode::Linux
         && !cfg.allow_pvm
         && bulkhead_host::kvm_kind() == bulkhead_host::KvmKind::Pvm
     {
         return Err(VmmError::PvmKvm);
     }
-    let kvm_h = Kvm::new().map_err(VmmError::KvmOpen)?;
-    let max_vcpus = kvm_h.get_max_vcpus();
+    Ok(())
+}
+
+/// The VM with its in-kernel interrupt controller and timer.
+fn create_vm(cfg: &VmConfig) -> Result<(Kvm, VmFd), VmmError> {
+    let kvm = Kvm::new().map_err(VmmError::KvmOpen)?;
+    let max_vcpus = kvm.get_max_vcpus();
     if usize::from(cfg.cpus) > max_vcpus {
         return Err(VmmError::Device(format!(
             "cpus = {}: this host's KVM allows at most {max_vcpus}",
             cfg.cpus
         )));
     }
-    let vm = kvm_h.create_vm().map_err(kerr("KVM_CREATE_VM"))?;
+    let vm = kvm.create_vm().map_err(kerr("KVM_CREATE_VM"))?;
     vm.set_tss_address(KVM_TSS_ADDR as usize)
         .map_err(kerr("KVM_SET_TSS_ADDR"))?;
     vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
@@ -105,8 +166,11 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
         ..Default::default()
     })
     .map_err(kerr("KVM_CREATE_PIT2"))?;
+    Ok((kvm, vm))
+}
 
-    let mem_size = cfg.memory_bytes();
+/// Guest RAM (one shared memfd) registered with KVM, one slot per region.
+fn map_memory(vm: &VmFd, mem_size: u64) -> Result<GuestRam, VmmError> {
     let ram = memory::create(mem_size)?;
     for (slot, r) in ram.regions.iter().enumerate() {
         let region = kvm_userspace_memory_region {
@@ -119,14 +183,17 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
         // SAFETY: the region is a live mapping owned by `ram`, which outlives the VM.
         unsafe { vm.set_user_memory_region(region) }.map_err(kerr("KVM_SET_USER_MEMORY_REGION"))?;
     }
+    Ok(ram)
+}
 
-    tracing::info!(ms = t0.elapsed().as_secs_f64() * 1e3, "guest memory mapped");
-    let exit = ExitHandle::new().map_err(io("exit eventfd"))?;
-    let epoll = Arc::new(Epoll::new().map_err(io("epoll"))?);
-    let mut pio = Bus::default();
-    let mut mmio = Bus::default();
-
-    // Serial console on COM1.
+/// COM1, the i8042 reset line and the ACPI sleep port. Returns the serial output so it
+/// can be flushed when the VM ends.
+fn add_legacy_devices(
+    vm: &VmFd,
+    pio: &mut Bus,
+    exit: &ExitHandle,
+    cfg: &VmConfig,
+) -> Result<SharedOut, VmmError> {
     let out: Box<dyn Write + Send> = match &cfg.serial {
         SerialOut::Stdout => Box::new(std::io::stdout()),
         SerialOut::File(p) => Box::new(
@@ -139,34 +206,32 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
     vm.register_irqfd(&serial_evt, COM1_IRQ)
         .map_err(kerr("KVM_IRQFD (serial)"))?;
     let serial = SerialDevice(Serial::new(IrqTrigger(serial_evt), serial_out.clone()));
-    let bus_err = |e: crate::bus::Overlap| VmmError::Device(e.to_string());
     pio.insert(u64::from(COM1_PORT), 8, Arc::new(Mutex::new(serial)))
-        .map_err(bus_err)?;
-    pio.insert(
-        u64::from(I8042_PORT),
-        5,
-        Arc::new(Mutex::new(I8042 { exit: exit.clone() })),
-    )
-    .map_err(bus_err)?;
-    pio.insert(
-        u64::from(ACPI_SLEEP_CTL_PORT),
-        3,
-        Arc::new(Mutex::new(AcpiPm { exit: exit.clone() })),
-    )
-    .map_err(bus_err)?;
+        .map_err(dev_err)?;
+    let i8042 = I8042 { exit: exit.clone() };
+    pio.insert(u64::from(I8042_PORT), 5, Arc::new(Mutex::new(i8042)))
+        .map_err(dev_err)?;
+    let pm = AcpiPm { exit: exit.clone() };
+    pio.insert(u64::from(ACPI_SLEEP_CTL_PORT), 3, Arc::new(Mutex::new(pm)))
+        .map_err(dev_err)?;
+    Ok(serial_out)
+}
 
-    // Virtio devices, in a fixed order so a config always yields the same guest layout.
+/// The configured virtio devices, in a fixed order so a config always yields the same
+/// guest layout.
+fn open_virtio_devices(
+    cfg: &VmConfig,
+    ram: &GuestRam,
+) -> Result<Vec<Box<dyn VirtioDevice>>, VmmError> {
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     if let Some(v) = &cfg.vsock {
         devices.push(Box::new(
-            virtio::vsock::Vsock::new(v.cid, &v.socket)
-                .map_err(|e| VmmError::Device(e.to_string()))?,
+            virtio::vsock::Vsock::new(v.cid, &v.socket).map_err(dev_err)?,
         ));
     }
     for d in &cfg.disks {
         devices.push(Box::new(
-            virtio::blk::Blk::open(&d.path, d.readonly)
-                .map_err(|e| VmmError::Device(e.to_string()))?,
+            virtio::blk::Blk::open(&d.path, d.readonly).map_err(dev_err)?,
         ));
     }
     if cfg.rng {
@@ -184,11 +249,23 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
             ram.regions.clone(),
             ram.file.as_raw_fd(),
         )
-        .map_err(|e| VmmError::Device(e.to_string()))?;
+        .map_err(dev_err)?;
         devices.push(Box::new(dev));
     }
+    Ok(devices)
+}
 
-    let mut slots: Vec<DeviceSlot> = Vec::new();
+/// Put each device on the MMIO bus behind a virtio-mmio transport, with an irqfd for its
+/// interrupt and one ioeventfd per queue. Queue kicks of devices served in this process go
+/// to the event loop; those of external (vhost-user) devices go to their back end.
+fn attach_virtio_devices(
+    devices: Vec<Box<dyn VirtioDevice>>,
+    vm: &VmFd,
+    mmio: &mut Bus,
+    epoll: &Arc<Epoll>,
+    ram: &GuestRam,
+) -> Result<(Vec<DeviceSlot>, Vec<MmioDesc>), VmmError> {
+    let mut slots = Vec::new();
     let mut descs = Vec::new();
     for (i, dev) in devices.into_iter().enumerate() {
         let base = VIRTIO_MMIO_START + i as u64 * VIRTIO_MMIO_SIZE;
@@ -204,11 +281,12 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
             vm.register_ioevent(&k, &IoEventAddress::Mmio(base + 0x50), q as u32)
                 .map_err(kerr("KVM_IOEVENTFD"))?;
             if !external {
+                let token = (u64::from(slot) << 32) | q as u64;
                 epoll
                     .ctl(
                         ControlOperation::Add,
                         k.as_raw_fd(),
-                        EpollEvent::new(EventSet::IN, (u64::from(slot) << 32) | q as u64),
+                        EpollEvent::new(EventSet::IN, token),
                     )
                     .map_err(io("epoll add"))?;
             }
@@ -226,24 +304,26 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
             kick_copies,
             EventSink::new(epoll.clone(), slot),
         );
-        let t = Arc::new(Mutex::new(t));
-        mmio.insert(base, VIRTIO_MMIO_SIZE, t.clone())
-            .map_err(bus_err)?;
-        slots.push(DeviceSlot {
-            transport: t,
-            kicks,
-        });
+        let transport = Arc::new(Mutex::new(t));
+        mmio.insert(base, VIRTIO_MMIO_SIZE, transport.clone())
+            .map_err(dev_err)?;
+        slots.push(DeviceSlot { transport, kicks });
         descs.push(MmioDesc { base, gsi });
     }
+    Ok((slots, descs))
+}
 
-    let rsdp = acpi::write_tables(&ram.mem, cfg.cpus, &descs)?;
+/// ACPI tables describing the devices, then the kernel, initrd and command line.
+fn load_kernel(cfg: &VmConfig, ram: &GuestRam, descs: &[MmioDesc]) -> Result<BootEntry, VmmError> {
+    let mem_size = cfg.memory_bytes();
+    let rsdp = acpi::write_tables(&ram.mem, cfg.cpus, descs)?;
     let mut cmdline = cfg.cmdline.clone();
     if cfg.legacy_mmio_cmdline {
-        for d in &descs {
+        for d in descs {
             cmdline.push_str(&format!(" virtio_mmio.device=4K@{:#x}:{}", d.base, d.gsi));
         }
     }
-    let entry = match cfg.boot {
+    Ok(match cfg.boot {
         BootMode::Linux => boot::load(
             &ram.mem,
             mem_size,
@@ -254,11 +334,22 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
         )?,
         BootMode::Raw16 => boot::load_raw(&ram.mem, mem_size, &cfg.kernel, true)?,
         BootMode::Raw32 => boot::load_raw(&ram.mem, mem_size, &cfg.kernel, false)?,
-    };
+    })
+}
 
-    tracing::info!(ms = t0.elapsed().as_secs_f64() * 1e3, "kernel loaded");
+/// One thread per vCPU; vCPU 0 starts at the kernel's entry point, the others wait for
+/// the guest to bring them up.
+fn start_vcpus(
+    kvm: &Kvm,
+    vm: &VmFd,
+    cfg: &VmConfig,
+    ram: &GuestRam,
+    entry: BootEntry,
+    buses: &Buses,
+    exit: &ExitHandle,
+) -> Result<Vcpus, VmmError> {
     cpu::install_kick_handler().map_err(io("vCPU kick signal handler"))?;
-    let base_cpuid = cpu::supported_cpuid(&kvm_h)?;
+    let base_cpuid = cpu::supported_cpuid(kvm)?;
     let control = Arc::new(VcpuControl::default());
     let mut runners = Vec::new();
     for id in 0..cfg.cpus {
@@ -276,44 +367,38 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
         runners.push(VcpuRunner {
             id,
             vcpu,
-            pio: pio.clone(),
-            mmio: mmio.clone(),
+            pio: buses.pio.clone(),
+            mmio: buses.mmio.clone(),
             exit: exit.clone(),
             control: control.clone(),
         });
     }
     let mut threads = Vec::new();
     for r in runners {
-        let name = format!("vcpu{}", r.id);
         threads.push(
             std::thread::Builder::new()
-                .name(name)
+                .name(format!("vcpu{}", r.id))
                 .spawn(move || r.run())
                 .map_err(io("spawn vCPU thread"))?,
         );
     }
-    tracing::info!(
-        ms = t0.elapsed().as_secs_f64() * 1e3,
-        cpus = cfg.cpus,
-        memory_mib = cfg.memory_mib,
-        devices = slots.len(),
-        "VM started"
-    );
+    Ok(Vcpus { control, threads })
+}
 
-    let api = match &cfg.api_socket {
-        Some(p) => {
-            let _ = std::fs::remove_file(p);
-            let l = UnixListener::bind(p).map_err(io(format!("control socket {}", p.display())))?;
-            l.set_nonblocking(true).map_err(io("control socket"))?;
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    l.as_raw_fd(),
-                    EpollEvent::new(EventSet::IN, u64::from(TOK_API)),
-                )
-                .map_err(io("epoll add"))?;
-            Some(l)
-        }
+/// Serve device queues, device back-end events and the control socket until something
+/// asks the VM to end.
+fn event_loop(
+    cfg: &VmConfig,
+    epoll: &Arc<Epoll>,
+    exit: &ExitHandle,
+    slots: &[DeviceSlot],
+    vcpus: &Vcpus,
+) -> Result<ExitReason, VmmError> {
+    let mut api = match &cfg.api_socket {
+        Some(p) => Some(
+            ControlApi::listen(p, epoll, TOK_API, TOK_API_CONN)
+                .map_err(io(format!("control socket {}", p.display())))?,
+        ),
         None => None,
     };
     epoll
@@ -323,168 +408,58 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
             EpollEvent::new(EventSet::IN, u64::from(TOK_EXIT)),
         )
         .map_err(io("epoll add"))?;
-
-    let pthreads: Vec<libc::pthread_t> = threads.iter().map(|t| t.as_pthread_t()).collect();
-    let mut api_conns: HashMap<u32, (UnixStream, Vec<u8>)> = HashMap::new();
-    let mut next_conn_tok = TOK_API_CONN;
+    let pthreads: Vec<libc::pthread_t> = vcpus.threads.iter().map(|t| t.as_pthread_t()).collect();
+    let target = Target {
+        control: &vcpus.control,
+        vcpus: &pthreads,
+        exit,
+        cfg,
+    };
     let mut events = vec![EpollEvent::default(); 64];
-    'outer: loop {
+    loop {
         let n = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) => {
-                return Err(VmmError::Io {
-                    what: "epoll wait".into(),
-                    source: e,
-                })
-            }
+            Err(e) => return Err(io("epoll wait")(e)),
         };
         for ev in &events[..n] {
             let (slot, token) = ((ev.data() >> 32) as u32, ev.data() as u32);
-            let set = ev.event_set();
-            if slot == SLOT_CORE {
-                match token {
-                    TOK_EXIT => break 'outer,
-                    TOK_API => {
-                        while let Some(Ok((s, _))) = api.as_ref().map(|l| l.accept()) {
-                            let tok = next_conn_tok;
-                            next_conn_tok = next_conn_tok.wrapping_add(1).max(TOK_API_CONN);
-                            if s.set_nonblocking(true).is_ok()
-                                && epoll
-                                    .ctl(
-                                        ControlOperation::Add,
-                                        s.as_raw_fd(),
-                                        EpollEvent::new(EventSet::IN, u64::from(tok)),
-                                    )
-                                    .is_ok()
-                            {
-                                api_conns.insert(tok, (s, Vec::new()));
-                            }
-                        }
-                    }
-                    tok => {
-                        let done = match api_conns.get_mut(&tok) {
-                            Some((s, buf)) => serve_api(s, buf, &control, &pthreads, &exit, cfg),
-                            None => true,
-                        };
-                        if done {
-                            if let Some((s, _)) = api_conns.remove(&tok) {
-                                let _ = epoll.ctl(
-                                    ControlOperation::Delete,
-                                    s.as_raw_fd(),
-                                    EpollEvent::default(),
-                                );
-                            }
-                        }
+            match (slot, token) {
+                (SLOT_CORE, TOK_EXIT) => {
+                    return Ok(exit.reason().unwrap_or(ExitReason::Crash(
+                        "event loop ended without a reason".into(),
+                    )))
+                }
+                (SLOT_CORE, TOK_API) => {
+                    if let Some(api) = api.as_mut() {
+                        api.accept(epoll);
                     }
                 }
-                continue;
-            }
-            let Some(d) = slots.get((slot - 1) as usize) else {
-                continue;
-            };
-            let mut t = d.transport.lock().unwrap_or_else(|p| p.into_inner());
-            if token < DEVICE_TOKEN_BASE {
-                if let Some(k) = d.kicks.get(token as usize) {
-                    let _ = k.read();
+                (SLOT_CORE, conn) => {
+                    if let Some(api) = api.as_mut() {
+                        api.readable(conn, epoll, &target);
+                    }
                 }
-                if t.is_activated() {
-                    t.device_mut().queue_notify(token as usize);
-                }
-            } else {
-                t.device_mut().handle_event(token, set);
+                (slot, token) => device_event(slots, slot, token, ev.event_set()),
             }
         }
     }
-    let reason = exit.reason().unwrap_or(ExitReason::Crash(
-        "event loop ended without a reason".into(),
-    ));
-    let _ = SharedOut::flush(&mut serial_out.clone());
-    // Let vCPUs that are mid-exit see the reason; they are not joined (a vCPU can sit in
-    // KVM_RUN indefinitely) and end with the process.
-    control.set(RunState::Running);
-    Ok(reason)
 }
 
-/// Handle readable data on a control connection. Returns true when it should be closed.
-fn serve_api(
-    s: &mut UnixStream,
-    buf: &mut Vec<u8>,
-    control: &VcpuControl,
-    vcpus: &[libc::pthread_t],
-    exit: &ExitHandle,
-    cfg: &VmConfig,
-) -> bool {
-    let mut chunk = [0u8; 1024];
-    loop {
-        match s.read(&mut chunk) {
-            Ok(0) => return true,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(_) => return true,
-        }
-        if buf.len() > API_LINE_MAX {
-            let _ = s.write_all(b"{\"ok\":false,\"error\":\"request line too long\"}\n");
-            return true;
-        }
-    }
-    while let Some(end) = buf.iter().position(|&b| b == b'\n') {
-        let line: Vec<u8> = buf.drain(..=end).collect();
-        let reply = api_request(&line, control, vcpus, exit, cfg);
-        if s.write_all(format!("{reply}\n").as_bytes()).is_err() {
-            return true;
-        }
-    }
-    false
-}
-
-fn api_request(
-    line: &[u8],
-    control: &VcpuControl,
-    vcpus: &[libc::pthread_t],
-    exit: &ExitHandle,
-    cfg: &VmConfig,
-) -> serde_json::Value {
-    use serde_json::json;
-    let req: serde_json::Value = match serde_json::from_slice(line) {
-        Ok(v) => v,
-        Err(e) => return json!({"ok": false, "error": format!("bad request: {e}")}),
+/// A queue kick (token below [`DEVICE_TOKEN_BASE`]) or a device's own event.
+fn device_event(slots: &[DeviceSlot], slot: u32, token: u32, set: EventSet) {
+    let Some(d) = slots.get((slot - 1) as usize) else {
+        return;
     };
-    let state = |c: &VcpuControl| match c.state() {
-        RunState::Running => "running",
-        RunState::Paused => "paused",
-    };
-    match req.get("op").and_then(|o| o.as_str()) {
-        Some("state") => json!({"ok": true, "state": state(control)}),
-        Some("info") => {
-            json!({"ok": true, "state": state(control), "cpus": cfg.cpus, "memory_mib": cfg.memory_mib})
+    let mut t = d.transport.lock().unwrap_or_else(|p| p.into_inner());
+    if token < DEVICE_TOKEN_BASE {
+        if let Some(k) = d.kicks.get(token as usize) {
+            let _ = k.read();
         }
-        Some("pause") => {
-            if control.state() == RunState::Paused {
-                return json!({"ok": true, "state": "paused"});
-            }
-            control.set(RunState::Paused);
-            for t in vcpus {
-                // SAFETY: t is a live vCPU thread (they run until process exit).
-                unsafe { libc::pthread_kill(*t, cpu::kick_signal()) };
-            }
-            if control.wait_parked(vcpus.len(), Duration::from_secs(2)) {
-                json!({"ok": true, "state": "paused"})
-            } else {
-                control.set(RunState::Running);
-                json!({"ok": false, "error": "vCPUs did not stop within 2 s; still running"})
-            }
+        if t.is_activated() {
+            t.device_mut().queue_notify(token as usize);
         }
-        Some("resume") => {
-            control.set(RunState::Running);
-            json!({"ok": true, "state": "running"})
-        }
-        Some("shutdown") => {
-            exit.request(ExitReason::Stopped);
-            json!({"ok": true, "state": "stopping"})
-        }
-        Some(other) => json!({"ok": false, "error": format!("unknown op {other:?}")}),
-        None => json!({"ok": false, "error": "missing \"op\""}),
+    } else {
+        t.device_mut().handle_event(token, set);
     }
 }
