@@ -9,6 +9,7 @@
 
 mod cgroupfs;
 mod containers;
+mod network;
 mod reaper;
 mod serve;
 mod stdio;

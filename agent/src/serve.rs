@@ -209,6 +209,11 @@ fn handle_container(req: Request, rt: &Runtime) -> Result<Response, AgentError> 
         Request::CloseStdin { id, exec_id } => ok(rt.close_stdin(&id, exec_id.as_deref())),
         Request::SetTime { unix_nanos } => ok(rt.set_time(unix_nanos)),
         Request::ListContainers => Ok(Response::Containers(rt.list())),
+        Request::UpdateNetwork { interfaces, routes } => {
+            ok(crate::network::update(rt.in_guest(), &interfaces, &routes))
+        }
+        Request::ListInterfaces => crate::network::interfaces().map(Response::Interfaces),
+        Request::ListRoutes => crate::network::routes().map(Response::Routes),
         // Handled by the caller.
         Request::Health
         | Request::MountVirtiofs { .. }

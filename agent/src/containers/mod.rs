@@ -133,6 +133,11 @@ impl Runtime {
         rt
     }
 
+    /// Running as a guest's PID 1 (calls that would change a host are allowed).
+    pub fn in_guest(&self) -> bool {
+        self.in_guest
+    }
+
     fn tables(&self) -> std::sync::MutexGuard<'_, Tables> {
         self.tables.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -17,9 +17,8 @@ use netlink_packet_route::route::{
 };
 use netlink_packet_route::tc::{
     TcAction, TcActionAttribute, TcActionGeneric, TcActionMirror, TcActionMirrorOption,
-    TcActionOption, TcActionType, TcAttribute, TcFilterU32, TcFilterU32Option, TcHandle,
-    TcMessage, TcMirror, TcMirrorActionType, TcOption, TcU32Key, TcU32Selector,
-    TcU32SelectorFlags,
+    TcActionOption, TcActionType, TcAttribute, TcFilterU32, TcFilterU32Option, TcHandle, TcMessage,
+    TcMirror, TcMirrorActionType, TcOption, TcU32Key, TcU32Selector, TcU32SelectorFlags,
 };
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use serde::{Deserialize, Serialize};
@@ -291,7 +290,8 @@ impl Netlink {
                 .push(RouteAttribute::Destination(RouteAddress::from(d)));
         }
         if let Some(g) = gateway {
-            m.attributes.push(RouteAttribute::Gateway(RouteAddress::from(g)));
+            m.attributes
+                .push(RouteAttribute::Gateway(RouteAddress::from(g)));
         }
         m.attributes.push(RouteAttribute::Oif(oif));
         let what = format!(
@@ -354,9 +354,9 @@ impl Netlink {
         let mut action = TcAction::default();
         action.attributes = vec![
             TcActionAttribute::Kind(TcActionMirror::KIND.to_string()),
-            TcActionAttribute::Options(vec![TcActionOption::Mirror(
-                TcActionMirrorOption::Parms(mirror),
-            )]),
+            TcActionAttribute::Options(vec![TcActionOption::Mirror(TcActionMirrorOption::Parms(
+                mirror,
+            ))]),
         ];
         m.attributes
             .push(TcAttribute::Kind(TcFilterU32::KIND.to_string()));
@@ -399,8 +399,7 @@ impl Netlink {
                                 continue;
                             };
                             for ao in aopts {
-                                if let TcActionOption::Mirror(TcActionMirrorOption::Parms(p)) = ao
-                                {
+                                if let TcActionOption::Mirror(TcActionMirrorOption::Parms(p)) = ao {
                                     out.push(p.ifindex);
                                 }
                             }
@@ -511,9 +510,11 @@ mod tests {
                 "{routes:?}"
             );
             assert!(
-                routes.iter().any(|r| r.dest == Some(("10.99.0.0".parse().unwrap(), 24))
-                    && r.kernel
-                    && r.link_scope),
+                routes
+                    .iter()
+                    .any(|r| r.dest == Some(("10.99.0.0".parse().unwrap(), 24))
+                        && r.kernel
+                        && r.link_scope),
                 "{routes:?}"
             );
             // A gateway off every subnet is refused by the kernel, with its errno.

@@ -87,5 +87,10 @@ pub fn open(name: &str, persist: bool) -> std::io::Result<File> {
 /// Tell the tap which offloads its reader handles (`TUN_F_*`): frames larger than the
 /// MTU or with partial checksums are only handed over when the reader accepts them.
 pub fn set_offload(f: &File, flags: u32) -> std::io::Result<()> {
-    ioctl(f, TUNSETOFFLOAD, libc::c_ulong::from(flags), "TUNSETOFFLOAD")
+    ioctl(
+        f,
+        TUNSETOFFLOAD,
+        libc::c_ulong::from(flags),
+        "TUNSETOFFLOAD",
+    )
 }

@@ -9,6 +9,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
+use crate::net::{self, NetInterface, NetRoute};
 use crate::{
     decode, encode, read_frame, write_frame, AgentError, ContainerInfo, ContainerStats,
     CreateContainer, ExecProcess, ExitStatus, FrameError, Hello, HelloReply, Request, Response,
@@ -291,6 +292,37 @@ impl<S: Read + Write> AgentClient<S> {
         match self.call(&Request::ListContainers)? {
             Response::Containers(c) => Ok(c),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Set the guest's interfaces and routes up (see [`Request::UpdateNetwork`]).
+    pub fn update_network(
+        &mut self,
+        interfaces: Vec<NetInterface>,
+        routes: Vec<NetRoute>,
+    ) -> Result<(), ClientError> {
+        self.expect_ok(&Request::UpdateNetwork { interfaces, routes })
+    }
+
+    /// The guest's interfaces. A guest answering with more than the protocol allows is
+    /// refused rather than believed.
+    pub fn interfaces(&mut self) -> Result<Vec<NetInterface>, ClientError> {
+        match self.call(&Request::ListInterfaces)? {
+            Response::Interfaces(v)
+                if v.len() <= net::MAX_INTERFACES * 4
+                    && v.iter()
+                        .all(|i| i.addresses.len() <= net::MAX_ADDRESSES * 4) =>
+            {
+                Ok(v)
+            }
+            other => Err(ClientError::Unexpected(format!("{other:.200?}"))),
+        }
+    }
+
+    pub fn routes(&mut self) -> Result<Vec<NetRoute>, ClientError> {
+        match self.call(&Request::ListRoutes)? {
+            Response::Routes(v) if v.len() <= net::MAX_ROUTES * 4 => Ok(v),
+            other => Err(ClientError::Unexpected(format!("{other:.200?}"))),
         }
     }
 

@@ -19,13 +19,14 @@
 
 pub mod client;
 pub mod frame;
+pub mod net;
 
 use serde::{Deserialize, Serialize};
 
 pub use frame::{read_frame, write_frame, FrameError, MAX_FRAME};
 
 /// Protocol version spoken by this build. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Oldest protocol version this build still accepts from a peer.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
@@ -143,6 +144,19 @@ pub enum Request {
     SetTime { unix_nanos: u64 },
     /// Every container the agent knows, with its state.
     ListContainers,
+
+    // ---- protocol 3: the pod's network ----
+    /// Set the guest's network up: each interface (found by MAC) renamed, given its MTU
+    /// and addresses and brought up, then the routes added. Checked first by
+    /// [`net::validate`]; nothing is changed when the check fails. Refused outside a guest.
+    UpdateNetwork {
+        interfaces: Vec<net::NetInterface>,
+        routes: Vec<net::NetRoute>,
+    },
+    /// The guest's interfaces (loopback aside) with their addresses.
+    ListInterfaces,
+    /// The guest's routes, those the kernel makes for an address's subnet aside.
+    ListRoutes,
 }
 
 /// What [`Request::CreateSandbox`] sets up.
@@ -262,6 +276,9 @@ pub enum Response {
         id: String,
     },
     Containers(Vec<ContainerInfo>),
+    // ---- protocol 3 ----
+    Interfaces(Vec<net::NetInterface>),
+    Routes(Vec<net::NetRoute>),
 }
 
 /// What [`Request::Health`] reports.

@@ -45,6 +45,7 @@ pub fn all() -> Vec<(&'static str, Case)> {
         ("block_rootfs", block_rootfs),
         ("writes_reach_host_directory", writes_reach_host),
         ("set_time", set_time),
+        ("network_update_checked", network_update_checked),
         ("bad_input_typed_errors", bad_input_typed_errors),
         ("oversized_and_garbage_frames", oversized_and_garbage_frames),
     ]
@@ -843,6 +844,56 @@ fn writes_reach_host(env: &Env) -> Result<Outcome> {
     ensure!(
         vol_file == "from-volume\n",
         "volume write on host: {vol_file:?}"
+    );
+    Ok(Passed)
+}
+
+/// The network calls check before they change: a route leaving the pod's subnets or a
+/// MAC no NIC has is refused with nothing changed; outside a guest an update is refused
+/// outright. (A real NIC configured end to end is the runtime tests' work.)
+fn network_update_checked(env: &Env) -> Result<Outcome> {
+    use bulkhead_protocol::net::{IpNet, NetInterface, NetRoute};
+    let mut c = env.client()?;
+    let before = c.interfaces()?;
+    ensure!(before.iter().all(|i| i.name != "lo"), "{before:?}");
+    let routes_before = c.routes()?;
+    let ifc = NetInterface {
+        name: "eth7".into(),
+        mac: [0x02, 0xbb, 0, 0, 0, 0x77],
+        mtu: 1500,
+        addresses: vec![IpNet {
+            addr: "10.250.0.2".parse()?,
+            prefix_len: 24,
+        }],
+    };
+    let route = |gw: &str| -> Result<NetRoute> {
+        Ok(NetRoute {
+            dest: None,
+            gateway: Some(gw.parse()?),
+            device: "eth7".into(),
+        })
+    };
+    let e = agent_err(c.update_network(vec![ifc.clone()], vec![route("192.0.2.1")?]))?;
+    ensure!(
+        matches!(&e, AgentError::InvalidArgument(m) if m.contains("outside every subnet")),
+        "{e:?}"
+    );
+    let e = agent_err(c.update_network(vec![ifc.clone()], vec![route("10.250.0.1")?]))?;
+    if env.in_guest {
+        ensure!(
+            matches!(&e, AgentError::NotFound(m) if m.contains("02:bb:00:00:00:77")),
+            "{e:?}"
+        );
+    } else {
+        ensure!(matches!(e, AgentError::Unsupported(_)), "{e:?}");
+    }
+    ensure!(
+        c.interfaces()? == before,
+        "interfaces changed by refused updates"
+    );
+    ensure!(
+        c.routes()? == routes_before,
+        "routes changed by refused updates"
     );
     Ok(Passed)
 }
