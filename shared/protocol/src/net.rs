@@ -153,18 +153,16 @@ pub fn validate(interfaces: &[NetInterface], routes: &[NetRoute]) -> Result<(), 
             }
         }
         match &r.gateway {
-            Some(g) => {
-                if !dev.addresses.iter().any(|a| a.contains(g)) || g.is_unspecified() {
-                    return Err(format!(
-                        "{what}: the gateway is outside every subnet of {}",
-                        dev.name
-                    ));
-                }
+            Some(g) if !dev.addresses.iter().any(|a| a.contains(g)) || g.is_unspecified() => {
+                return Err(format!(
+                    "{what}: the gateway is outside every subnet of {}",
+                    dev.name
+                ));
             }
             None if r.dest.is_none() => {
                 return Err(format!("{what}: a default route needs a gateway"));
             }
-            None => {}
+            _ => {}
         }
     }
     Ok(())
