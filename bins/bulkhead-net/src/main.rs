@@ -1,0 +1,5 @@
+//! bulkhead-net: the vhost-user-net back end of one pod. See `bulkhead_vhost_net`.
+
+fn main() -> std::process::ExitCode {
+    bulkhead_vhost_net::cli::main()
+}

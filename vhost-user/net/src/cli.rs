@@ -1,0 +1,142 @@
+//! The `bulkhead-net` command line: serve the tap on descriptor `--tap-fd` to the
+//! front end listening on `--socket` (QEMU or bulkhead-vmm), connecting as the client so
+//! that a restarted back end is back as soon as it starts.
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::backend::NetBackend;
+use crate::Counters;
+
+const USAGE: &str = "usage: bulkhead-net --socket PATH --tap-fd N [--connect-timeout-ms MS]";
+
+#[derive(Debug)]
+struct Args {
+    socket: PathBuf,
+    tap_fd: i32,
+    connect_timeout: Duration,
+}
+
+fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
+    let (mut socket, mut tap_fd, mut timeout) = (None, None, Duration::from_secs(30));
+    while let Some(a) = it.next() {
+        let mut val = || it.next().ok_or_else(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--socket" => socket = Some(PathBuf::from(val()?)),
+            "--tap-fd" => {
+                let v = val()?;
+                let fd: i32 = v.parse().map_err(|_| format!("--tap-fd {v:?}"))?;
+                if fd < 3 {
+                    return Err(format!("--tap-fd {fd}: want a descriptor above stdio"));
+                }
+                tap_fd = Some(fd);
+            }
+            "--connect-timeout-ms" => {
+                let v = val()?;
+                timeout = Duration::from_millis(
+                    v.parse()
+                        .map_err(|_| format!("--connect-timeout-ms {v:?}"))?,
+                );
+            }
+            "-h" | "--help" => return Err(USAGE.into()),
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+        }
+    }
+    Ok(Args {
+        socket: socket.ok_or_else(|| format!("--socket is required\n{USAGE}"))?,
+        tap_fd: tap_fd.ok_or_else(|| format!("--tap-fd is required\n{USAGE}"))?,
+        connect_timeout: timeout,
+    })
+}
+
+pub fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BULKHEAD_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = match parse(std::env::args().skip(1)) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("bulkhead-net: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    // SAFETY: fcntl(F_GETFD) only asks whether the descriptor is open.
+    if unsafe { libc::fcntl(args.tap_fd, libc::F_GETFD) } < 0 {
+        anyhow::bail!("--tap-fd {}: not an open descriptor", args.tap_fd);
+    }
+    // SAFETY: the descriptor is open (checked above) and was handed to this process to own.
+    let tap = unsafe { File::from_raw_fd(args.tap_fd) };
+    let counters = Arc::new(Counters::default());
+    let backend = NetBackend::new(tap, counters.clone())?;
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let mut daemon = VhostUserDaemon::new("bulkhead-net".into(), backend.clone(), mem)
+        .map_err(|e| anyhow::anyhow!("vhost-user daemon: {e}"))?;
+    let handler = daemon
+        .get_epoll_handlers()
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("no worker thread"))?;
+    backend.set_handler(handler)?;
+    let socket = args.socket.to_string_lossy().into_owned();
+    let t0 = Instant::now();
+    loop {
+        match daemon.start_client(&socket) {
+            Ok(()) => break,
+            Err(e) if t0.elapsed() < args.connect_timeout => {
+                tracing::trace!("connect {socket}: {e}");
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => anyhow::bail!("cannot connect to {socket}: {e}"),
+        }
+    }
+    tracing::info!(
+        ms = t0.elapsed().as_secs_f64() * 1e3,
+        "connected to the front end at {socket}"
+    );
+    // Runs until the front end hangs up (the VM is gone or is shutting down).
+    let end = daemon.wait();
+    crate::backend::request_exit(&backend);
+    tracing::info!(counters = ?counters.values(), "front end gone: {end:?}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(v: &[&str]) -> Result<Args, String> {
+        parse(v.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn arguments() {
+        let a = args(&["--socket", "/run/x.sock", "--tap-fd", "3"]).unwrap();
+        assert_eq!((a.socket.to_str(), a.tap_fd), (Some("/run/x.sock"), 3));
+        assert!(args(&["--socket", "/x"]).unwrap_err().contains("--tap-fd"));
+        assert!(args(&["--socket", "/x", "--tap-fd", "1"]).is_err());
+        assert!(args(&["--socket", "/x", "--tap-fd", "x"]).is_err());
+        assert!(args(&["--bogus"]).unwrap_err().contains("unknown"));
+        assert!(args(&["--tap-fd"]).unwrap_err().contains("needs a value"));
+    }
+}
