@@ -32,6 +32,7 @@ pub struct Config {
     pub qemu: Option<PathBuf>,
     pub virtiofsd: Option<PathBuf>,
     pub vhost_device_vsock: Option<PathBuf>,
+    pub bulkhead_net: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -48,6 +49,7 @@ impl Default for Config {
             qemu: None,
             virtiofsd: None,
             vhost_device_vsock: None,
+            bulkhead_net: None,
         }
     }
 }
@@ -153,6 +155,7 @@ impl Config {
             Binary::Qemu => &self.qemu,
             Binary::Virtiofsd => &self.virtiofsd,
             Binary::VhostDeviceVsock => &self.vhost_device_vsock,
+            Binary::BulkheadNet => &self.bulkhead_net,
             Binary::Bulkheadd | Binary::Bulkhead => &None,
         };
         if let Some(p) = configured {
@@ -171,6 +174,7 @@ pub enum Binary {
     Qemu,
     Virtiofsd,
     VhostDeviceVsock,
+    BulkheadNet,
 }
 
 impl Binary {
@@ -182,6 +186,7 @@ impl Binary {
             Binary::Qemu => "qemu-system-x86_64",
             Binary::Virtiofsd => "virtiofsd",
             Binary::VhostDeviceVsock => "vhost-device-vsock",
+            Binary::BulkheadNet => "bulkhead-net",
         }
     }
 
@@ -189,7 +194,9 @@ impl Binary {
         match self {
             Binary::Virtiofsd => &["/opt/virtiofsd/bin", "/usr/libexec", "/usr/lib/qemu"],
             Binary::VhostDeviceVsock => &["/opt/vhost-device-vsock/bin", "/usr/libexec"],
-            Binary::Bulkheadd | Binary::BulkheadVmm => &["/usr/libexec/bulkhead"],
+            Binary::Bulkheadd | Binary::BulkheadVmm | Binary::BulkheadNet => {
+                &["/usr/libexec/bulkhead"]
+            }
             _ => &[],
         }
     }
