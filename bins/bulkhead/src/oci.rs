@@ -207,9 +207,16 @@ async fn create_in(g: &Global, a: &CreateArgs, mut spec: Value, rootfs: PathBuf)
     let annotations: HashMap<String, String> =
         serde_json::from_value(spec["annotations"].clone()).unwrap_or_default();
     let client = Client::connect().await?;
+    let mut sopts: HashMap<&str, V<'_>> = HashMap::new();
+    // podman (netavark, CNI) hands the container a network namespace it made: the pod's
+    // network, mirrored into the VM.
+    let netns = bulkhead_host::pod::network_namespace(&spec);
+    if let Some(n) = &netns {
+        sopts.insert("netns", V::from(n.as_str()));
+    }
     client
         .manager
-        .create_sandbox(&a.id, HashMap::new())
+        .create_sandbox(&a.id, sopts)
         .await
         .map_err(explain)?;
     let made = async {

@@ -46,6 +46,10 @@ pub struct RunArgs {
     /// Guest memory in MiB.
     #[arg(long, value_name = "MIB")]
     pub memory: Option<u32>,
+    /// The pod's network: a network namespace (e.g. /run/netns/NAME) whose interfaces
+    /// the VM gets. Without it, the container has loopback only.
+    #[arg(long, value_name = "PATH")]
+    pub netns: Option<PathBuf>,
     /// Environment variable for the process (KEY=VALUE).
     #[arg(short, long = "env", value_name = "KEY=VALUE")]
     pub env: Vec<String>,
@@ -200,6 +204,18 @@ pub async fn run(a: RunArgs) -> Result<i32> {
             }
             if let Some(m) = a.memory {
                 opts.insert("memory_mib", V::from(m));
+            }
+            let netns = match &a.netns {
+                Some(p) => Some(
+                    std::path::absolute(p)
+                        .with_context(|| format!("--netns {}", p.display()))?
+                        .to_string_lossy()
+                        .into_owned(),
+                ),
+                None => None,
+            };
+            if let Some(n) = &netns {
+                opts.insert("netns", V::from(n.as_str()));
             }
             client
                 .manager

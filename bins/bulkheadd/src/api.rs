@@ -50,12 +50,16 @@ impl ManagerIface {
         options: HashMap<String, OwnedValue>,
     ) -> Result<OwnedObjectPath, Error> {
         require_admin(conn, &hdr).await?;
-        known_options(&options, &["backend", "cpus", "memory_mib", "hostname"])?;
+        known_options(
+            &options,
+            &["backend", "cpus", "memory_mib", "hostname", "netns"],
+        )?;
         let opts = SandboxOptions {
             backend: option::<String>(&options, "backend")?,
             cpus: option::<u32>(&options, "cpus")?,
             memory_mib: option::<u32>(&options, "memory_mib")?,
             hostname: option::<String>(&options, "hostname")?,
+            netns: option::<String>(&options, "netns")?,
         };
         self.d.create_sandbox(id, opts).await
     }

@@ -7,8 +7,12 @@
 //! - `qemu`: virtiofsd and vhost-device-vsock (vhost-user back ends), then QEMU
 //!   `-M microvm,acpi=on` on KVM, or on TCG where KVM cannot boot a stock kernel.
 
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use bulkhead_protocol::net::format_mac;
 
 use bulkhead_host::config::{Backend, Binary, Config};
 
@@ -23,9 +27,67 @@ pub const GUEST_SHARED: &str = "/run/bulkhead/shared";
 
 /// One process to start, and the socket it must have created before the next starts.
 pub struct ComponentSpec {
-    pub name: &'static str,
+    pub name: String,
     pub command: Command,
     pub ready_socket: Option<PathBuf>,
+    /// Descriptors the command hands to the child; held until it has started.
+    pub fds: Vec<OwnedFd>,
+}
+
+impl ComponentSpec {
+    fn new(name: &str, command: Command, ready_socket: Option<PathBuf>) -> Self {
+        ComponentSpec {
+            name: name.into(),
+            command,
+            ready_socket,
+            fds: vec![],
+        }
+    }
+}
+
+/// Name of the network back end component for the pod's interface `i`.
+pub fn net_component_name(i: usize) -> String {
+    format!("net{i}")
+}
+
+/// The vhost-user socket of interface `i`: the VMM listens, `bulkhead-net` connects.
+pub fn net_socket(rec: &SandboxRec, i: usize) -> PathBuf {
+    rec.run_dir.join(format!("net{i}.sock"))
+}
+
+/// `bulkhead-net` for the pod's interface `i`, handed its tap (opened here, in the pod's
+/// namespace) as descriptor 3.
+pub fn bulkhead_net(cfg: &Config, rec: &SandboxRec, i: usize) -> Result<ComponentSpec, PlanError> {
+    let net = rec
+        .network
+        .as_ref()
+        .and_then(|n| n.links.get(i).map(|l| (n, l)))
+        .ok_or_else(|| PlanError(format!("sandbox has no interface {i}")))?;
+    let tap = crate::net::open_tap(&net.0.netns, &net.1.tap)
+        .map_err(|e| PlanError(format!("cannot open the pod's tap: {e}")))?;
+    let mut c = Command::new(need(cfg, Binary::BulkheadNet)?);
+    c.arg("--socket")
+        .arg(net_socket(rec, i))
+        .args(["--tap-fd", "3"]);
+    let raw = tap.as_raw_fd();
+    // SAFETY: dup2 and fcntl are async-signal-safe; `raw` stays open in the parent until
+    // the child has started (the spec holds it).
+    unsafe {
+        c.pre_exec(move || {
+            let r = if raw == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(raw, 3)
+            };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut spec = ComponentSpec::new(&net_component_name(i), c, None);
+    spec.fds.push(tap);
+    Ok(spec)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,11 +139,7 @@ fn virtiofsd(cfg: &Config, rec: &SandboxRec) -> Result<ComponentSpec, PlanError>
         .arg(format!("--shared-dir={}", rec.shared_dir().display()))
         // Jailing virtiofsd (namespace sandbox, seccomp) is the jailer's work.
         .args(["--sandbox=none", "--cache=never", "--announce-submounts"]);
-    Ok(ComponentSpec {
-        name: "virtiofsd",
-        command: c,
-        ready_socket: Some(sock),
-    })
+    Ok(ComponentSpec::new("virtiofsd", c, Some(sock)))
 }
 
 /// The components of `rec` on its backend, in start order.
@@ -100,6 +158,7 @@ pub fn plan(cfg: &Config, rec: &SandboxRec, tcg: bool) -> Result<Vec<ComponentSp
     }
     let run = &rec.run_dir;
     let serial = run.join("serial.log");
+    let nics = rec.network.as_ref().map_or(0, |n| n.links.len());
     let mut out = vec![virtiofsd(cfg, rec)?];
     match backend {
         Backend::BulkheadVmm => {
@@ -125,11 +184,7 @@ pub fn plan(cfg: &Config, rec: &SandboxRec, tcg: bool) -> Result<Vec<ComponentSp
                     run.join("fs.sock").display()
                 ))
                 .arg("--rng");
-            out.push(ComponentSpec {
-                name: "vmm",
-                command: c,
-                ready_socket: None,
-            });
+            out.push(ComponentSpec::new("vmm", c, None));
         }
         Backend::Qemu => {
             let vu = run.join("vsock-vu.sock");
@@ -139,16 +194,19 @@ pub fn plan(cfg: &Config, rec: &SandboxRec, tcg: bool) -> Result<Vec<ComponentSp
                 vu.display(),
                 rec.vsock_socket().display()
             ));
-            out.push(ComponentSpec {
-                name: "vhost-device-vsock",
-                command: v,
-                ready_socket: Some(vu.clone()),
-            });
-            out.push(ComponentSpec {
-                name: "vmm",
-                command: qemu_command(cfg, rec, &kernel, &initrd, &serial, &vu, tcg)?,
-                ready_socket: None,
-            });
+            out.push(ComponentSpec::new(
+                "vhost-device-vsock",
+                v,
+                Some(vu.clone()),
+            ));
+            for i in 0..nics {
+                out.push(bulkhead_net(cfg, rec, i)?);
+            }
+            out.push(ComponentSpec::new(
+                "vmm",
+                qemu_command(cfg, rec, &kernel, &initrd, &serial, &vu, tcg)?,
+                None,
+            ));
         }
     }
     Ok(out)
@@ -200,7 +258,25 @@ fn qemu_command(
             "-device",
             &format!("vhost-user-fs-device,chardev=fs,tag={SHARE_TAG}"),
         ])
-        .args(["-device", "virtio-rng-device"])
+        .args(["-device", "virtio-rng-device"]);
+    // One virtio-net device per pod interface, its back end a `bulkhead-net` that
+    // connects to QEMU's socket (QEMU serves it, so a restarted back end reconnects at
+    // once; QEMU waits for the first connection before the guest starts).
+    for (i, l) in rec.network.iter().flat_map(|n| n.links.iter()).enumerate() {
+        c.arg("-chardev")
+            .arg(format!(
+                "socket,id=net{i},path={},server=on,wait=off",
+                net_socket(rec, i).display()
+            ))
+            .arg("-netdev")
+            .arg(format!("vhost-user,id=nd{i},chardev=net{i}"))
+            .arg("-device")
+            .arg(format!(
+                "virtio-net-device,netdev=nd{i},mac={}",
+                format_mac(&l.guest.mac)
+            ));
+    }
+    c
         // For operators: `info registers`, `info lapic` on a guest that seems stuck.
         .arg("-monitor")
         .arg(format!(

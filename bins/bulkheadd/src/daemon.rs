@@ -36,6 +36,8 @@ pub struct Sandbox {
     pub rec: Mutex<SandboxRec>,
     pub agent: Agent,
     removing: AtomicBool,
+    /// When network back ends were restarted lately.
+    net_restarts: Mutex<Vec<Instant>>,
 }
 
 /// What `CreateSandbox` may ask for beyond the id; `None` takes the configured default.
@@ -47,7 +49,15 @@ pub struct SandboxOptions {
     /// The pod's hostname (its UTS namespace, shared by its containers); the sandbox id
     /// when unset.
     pub hostname: Option<String>,
+    /// The pod's network namespace (a path, as CNI makes them): its interfaces are
+    /// mirrored into the VM. `None`: the pod has loopback only.
+    pub netns: Option<String>,
 }
+
+/// At most this many restarts of one sandbox's network back ends within
+/// [`NET_RESTART_WINDOW`]; one more tears the sandbox down.
+const NET_RESTART_LIMIT: usize = 5;
+const NET_RESTART_WINDOW: Duration = Duration::from_secs(30);
 
 /// What `CreateContainer` asks for.
 pub struct NewContainer {
@@ -297,7 +307,15 @@ impl Daemon {
             cpus,
             memory_mib,
             hostname,
+            netns,
         } = opts;
+        if let Some(ns) = &netns {
+            if !ns.starts_with('/') || ns.len() > 4096 || !Path::new(ns).exists() {
+                return Err(Error::InvalidArgument(format!(
+                    "netns {ns:?}: want the absolute path of an existing network namespace"
+                )));
+            }
+        }
         if let Some(h) = &hostname {
             if h.is_empty()
                 || h.len() > 63
@@ -331,6 +349,11 @@ impl Daemon {
                 b
             }
         };
+        if netns.is_some() && backend == Backend::BulkheadVmm {
+            return Err(Error::FailedPrecondition(
+                "the bulkhead-vmm backend has no network device yet: use backend qemu".into(),
+            ));
+        }
         let cpus = cpus.unwrap_or(self.cfg.cpus);
         let memory_mib = memory_mib.unwrap_or(self.cfg.memory_mib);
         if !(1..=64).contains(&cpus) {
@@ -354,6 +377,7 @@ impl Daemon {
             containers: vec![],
             timings: Default::default(),
             hostname,
+            network: None,
         };
         let sb = Arc::new(Sandbox {
             id: id.clone(),
@@ -361,6 +385,7 @@ impl Daemon {
             agent: Agent::new(rec.vsock_socket()),
             rec: Mutex::new(rec),
             removing: AtomicBool::new(false),
+            net_restarts: Mutex::new(vec![]),
         });
         {
             let mut map = self.sandboxes.lock().expect("sandboxes lock");
@@ -375,6 +400,9 @@ impl Daemon {
             self.save(&sb);
             if let Some(conn) = self.conn() {
                 api::add_sandbox(conn, self, &sb).await;
+            }
+            if let Some(ns) = netns {
+                self.plumb(&sb, PathBuf::from(ns)).await?;
             }
             self.boot(&sb, t0).await
         }
@@ -422,7 +450,7 @@ impl Daemon {
                     .timings
                     .insert("vmm_exec".into(), us);
             }
-            let comp = supervisor::spawn(spec.name, &mut spec.command, &log)
+            let comp = supervisor::spawn(&spec.name, &mut spec.command, &log)
                 .map_err(|e| Error::Backend(format!("cannot start {}: {e}", spec.name)))?;
             tracing::debug!(sandbox = %sb.id, "started {} pid {}", comp.name, comp.pid);
             self.update(
@@ -476,6 +504,13 @@ impl Daemon {
             .snapshot()
             .hostname
             .unwrap_or_else(|| sb.id.chars().take(63).collect());
+        let (interfaces, routes) = match &sb.snapshot().network {
+            Some(n) => (
+                n.links.iter().map(|l| l.guest.clone()).collect(),
+                n.routes.clone(),
+            ),
+            None => (vec![], vec![]),
+        };
         let unix_nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -490,14 +525,39 @@ impl Daemon {
                     tag: backend::SHARE_TAG.into(),
                     target: GUEST_SHARED.into(),
                 })?;
-                c.expect_ok(&Request::SetTime { unix_nanos })
+                c.expect_ok(&Request::SetTime { unix_nanos })?;
+                if !interfaces.is_empty() {
+                    c.update_network(interfaces, routes)?;
+                }
+                Ok(())
             })
             .await?;
         self.save(sb);
         Ok(())
     }
 
-    /// When a component exits on its own, the sandbox cannot go on: tear it down.
+    /// Mirror the pod's network namespace for the guest and record what was made, so a
+    /// teardown (also after a crash) undoes it.
+    async fn plumb(&self, sb: &Arc<Sandbox>, netns: PathBuf) -> Result<(), Error> {
+        let t = Instant::now();
+        let rec = tokio::task::spawn_blocking(move || crate::net::plumb(&netns))
+            .await
+            .map_err(|e| Error::Backend(format!("network plumbing: {e}")))?
+            .map_err(|e| match e {
+                crate::net::NetError::Netns { .. } | crate::net::NetError::Invalid(_) => {
+                    Error::InvalidArgument(e.to_string())
+                }
+                other => Error::Backend(format!("network plumbing: {other}")),
+            })?;
+        tracing::info!(sandbox = %sb.id, interfaces = rec.links.len(), ms = t.elapsed().as_secs_f64() * 1e3, "pod network plumbed");
+        sb.rec.lock().expect("rec lock").network = Some(rec);
+        self.save(sb);
+        Ok(())
+    }
+
+    /// When a component exits on its own: a network back end of a running sandbox is
+    /// started again (the VMM takes it back, the pod goes on); for any other, the sandbox
+    /// cannot go on and is torn down.
     fn watch_component(self: &Arc<Self>, sb: &Arc<Sandbox>, comp: Component) {
         let d = self.clone();
         let sb = sb.clone();
@@ -514,9 +574,77 @@ impl Daemon {
                     .map(|s| format!(" with status {s}"))
                     .unwrap_or_default()
             );
+            let rec = sb.snapshot();
+            tracing::debug!(sandbox = %sb.id, "{} log: {}", comp.name, log_tail(&rec.run_dir.join(format!("{}.log", comp.name))));
+            let restartable = comp.name.starts_with("net") && rec.state == "running";
+            if restartable {
+                match d.restart_component(&sb, &comp).await {
+                    Ok(new) => {
+                        tracing::warn!(sandbox = %sb.id, "{why}: started again as pid {}", new.pid);
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::error!(sandbox = %sb.id, "{why}; cannot start it again: {e}")
+                    }
+                }
+            }
             tracing::warn!(sandbox = %sb.id, "{why}: tearing the sandbox down");
             d.teardown(&sb, &why, false).await;
         });
+    }
+
+    /// Start a network back end again in place of `old`, within the restart budget.
+    async fn restart_component(
+        self: &Arc<Self>,
+        sb: &Arc<Sandbox>,
+        old: &Component,
+    ) -> Result<Component, String> {
+        let tries = {
+            let mut r = sb.net_restarts.lock().expect("restarts lock");
+            r.retain(|t| t.elapsed() < NET_RESTART_WINDOW);
+            if r.len() >= NET_RESTART_LIMIT {
+                return Err(format!(
+                    "{NET_RESTART_LIMIT} restarts in {NET_RESTART_WINDOW:?} already"
+                ));
+            }
+            r.push(Instant::now());
+            r.len()
+        };
+        // The first restart is immediate (traffic is stopped meanwhile); a back end that
+        // keeps dying is given more time each round.
+        if tries > 1 {
+            tokio::time::sleep(Duration::from_millis(100 << tries.min(5))).await;
+        }
+        let i: usize = old
+            .name
+            .strip_prefix("net")
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| format!("{} is not a network back end", old.name))?;
+        let rec = sb.snapshot();
+        let cfg = self.cfg.clone();
+        let comp = tokio::task::spawn_blocking(move || {
+            let mut spec = backend::bulkhead_net(&cfg, &rec, i).map_err(|e| e.0)?;
+            let log = rec.run_dir.join(format!("{}.log", spec.name));
+            supervisor::spawn(&spec.name, &mut spec.command, &log).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        let name = old.name.clone();
+        let new = comp.clone();
+        self.update(
+            sb,
+            Changed {
+                components: true,
+                ..Default::default()
+            },
+            |r| match r.components.iter_mut().find(|c| c.name == name) {
+                Some(c) => *c = new,
+                None => r.components.push(new),
+            },
+        )
+        .await;
+        self.watch_component(sb, comp.clone());
+        Ok(comp)
     }
 
     pub async fn remove_sandbox(self: &Arc<Self>, id: &str, force: bool) -> Result<(), Error> {
@@ -573,6 +701,13 @@ impl Daemon {
         }
         let rec = sb.snapshot();
         supervisor::stop_all(&rec.components, Duration::from_secs(2)).await;
+        if let Some(net) = rec.network.clone() {
+            match tokio::task::spawn_blocking(move || crate::net::unplumb(&net)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(sandbox = %sb.id, "network cleanup: {e}"),
+                Err(e) => tracing::error!(sandbox = %sb.id, "network cleanup: {e}"),
+            }
+        }
         if let Err(e) = mounts::unmount_and_remove(&rec.run_dir) {
             tracing::error!(sandbox = %sb.id, "cleanup: {e}");
         }
@@ -609,6 +744,7 @@ impl Daemon {
                 agent: Agent::new(rec.vsock_socket()),
                 rec: Mutex::new(rec.clone()),
                 removing: AtomicBool::new(false),
+                net_restarts: Mutex::new(vec![]),
             });
             self.sandboxes
                 .lock()

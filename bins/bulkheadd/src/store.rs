@@ -45,6 +45,9 @@ pub struct SandboxRec {
     /// The pod's hostname, when the creator set one.
     #[serde(default)]
     pub hostname: Option<String>,
+    /// The pod's network namespace as plumbed for the guest; `None` without a network.
+    #[serde(default)]
+    pub network: Option<crate::net::NetRec>,
 }
 
 impl SandboxRec {
@@ -138,6 +141,7 @@ mod tests {
             containers: vec![],
             timings: BTreeMap::new(),
             hostname: None,
+            network: None,
         }
     }
 

@@ -234,6 +234,7 @@ impl Service {
         let role = Role::of(&spec, &req.id).map_err(|e| status(Code::INVALID_ARGUMENT, e))?;
         let sandbox = role.sandbox(&req.id).to_owned();
         let hostname = spec["hostname"].as_str().map(str::to_owned);
+        let netns = bulkhead_host::pod::network_namespace(&spec);
         bulkhead_host::pod::host_paths_to_guest(&mut spec);
 
         let (rootfs, mounted) = mount_rootfs(req, &bundle, &spec).await?;
@@ -256,6 +257,9 @@ impl Service {
             }
             if let Some(h) = &hostname {
                 opts.insert("hostname", h.as_str().into());
+            }
+            if let Some(n) = &netns {
+                opts.insert("netns", n.as_str().into());
             }
             called = unix_us();
             if let Err(e) = client.manager.create_sandbox(&sandbox, opts).await {

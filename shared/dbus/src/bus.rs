@@ -228,7 +228,11 @@ pub fn ensure_embedded(state_dir: &Path, bulkheadd: &Path) -> Result<String, Bus
     if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
         return Ok(address);
     }
+    // Nobody answers on the socket and we hold the lock: a bus that died (or a machine
+    // that rebooted with /run kept) left its socket and pid file; dbus-daemon refuses to
+    // start over a pid file.
     let _ = std::fs::remove_file(&socket);
+    let _ = std::fs::remove_file(dir.join("pid"));
     let conf = dir.join("bus.conf");
     write_if_changed(&conf, &embedded_config(&dir)).map_err(&err)?;
     let out = Command::new("dbus-daemon")

@@ -27,6 +27,18 @@ pub fn join_pod_namespaces(spec: &mut Value) {
     }
 }
 
+/// The host network namespace the spec names (a CNI or netavark netns file,
+/// `/proc/<pid>/ns/net`): the pod's network, which bulkheadd mirrors into the VM.
+pub fn network_namespace(spec: &Value) -> Option<String> {
+    spec["linux"]["namespaces"]
+        .as_array()?
+        .iter()
+        .find(|ns| ns["type"] == "network")?["path"]
+        .as_str()
+        .filter(|p| !p.is_empty())
+        .map(str::to_owned)
+}
+
 /// Make a spec written for the host (containerd, CRI) fit the guest: a `network`
 /// namespace that names a host path is dropped (the VM is the pod's network boundary,
 /// and every container in it shares the guest's network), and any other namespace that
@@ -77,7 +89,12 @@ mod tests {
             {"type": "mount"},
             {"type": "network", "path": "/var/run/netns/cni-1234"},
             {"type": "cgroup", "path": "/proc/4242/ns/cgroup"}]}});
+        assert_eq!(
+            network_namespace(&s).as_deref(),
+            Some("/var/run/netns/cni-1234")
+        );
         host_paths_to_guest(&mut s);
+        assert_eq!(network_namespace(&s), None);
         let ns = s["linux"]["namespaces"].as_array().unwrap();
         let types: Vec<_> = ns.iter().map(|n| n["type"].as_str().unwrap()).collect();
         assert_eq!(types, ["pid", "ipc", "uts", "mount", "cgroup"]);

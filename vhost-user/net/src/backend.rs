@@ -27,13 +27,19 @@ pub const TX_QUEUE: u16 = 1;
 const NUM_QUEUES: usize = 2;
 /// Event id of the tap becoming readable (ids up to the queue count are the library's).
 pub const TAP_EVENT: u16 = NUM_QUEUES as u16 + 1;
-pub const QUEUE_SIZE: usize = 256;
+/// Largest ring the front end may set up (QEMU gives TX 1024 entries with vhost-user).
+pub const QUEUE_SIZE: usize = 1024;
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 pub type Handler = Arc<VringEpollHandler<Arc<NetBackend>>>;
 
 /// Features offered to the front end. The offloads let TCP segments of up to 64 KiB pass
 /// whole in both directions.
+///
+/// `VHOST_USER_F_PROTOCOL_FEATURES` is not offered: QEMU's virtio-net sends
+/// `SET_VRING_ENABLE` before `SET_FEATURES`, which the `vhost` crate refuses while that
+/// feature is unacked. Without it the rings start enabled when kicked (vhost-user spec),
+/// and nothing this back end needs is a protocol feature.
 pub fn offered_features() -> u64 {
     [
         VIRTIO_NET_F_CSUM,
@@ -122,12 +128,10 @@ impl NetBackend {
         }))
     }
 
-    /// Give the backend the daemon's epoll handler, so it can follow the tap.
-    pub fn set_handler(&self, h: Handler) -> std::io::Result<()> {
-        h.register_listener(self.tap.as_raw_fd(), EventSet::IN, u64::from(TAP_EVENT))?;
-        self.lock().tap_listening = true;
+    /// Give the backend the daemon's epoll handler, so it can follow the tap once the
+    /// guest's memory is known.
+    pub fn set_handler(&self, h: Handler) {
         *self.handler.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
-        Ok(())
     }
 
     pub fn counters(&self) -> &Arc<Counters> {
@@ -159,6 +163,7 @@ impl NetBackend {
     /// Move frames from the tap into the guest until either runs dry.
     fn process_rx(&self, st: &mut State, vring: &VringRwLock<Mem>) {
         let Some(mem) = st.mem.as_ref().map(|m| m.memory()) else {
+            self.listen_tap(st, false);
             return;
         };
         let mergeable = st.acked & (1u64 << VIRTIO_NET_F_MRG_RXBUF) != 0;
@@ -266,6 +271,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn acked_features(&self, features: u64) {
+        tracing::debug!("features acked: {features:#x}");
         self.lock().acked = features;
         if let Err(e) = tap::set_offload(&self.tap, tap_offloads(features)) {
             tracing::warn!("tap offloads: {e}");
@@ -273,7 +279,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        VhostUserProtocolFeatures::empty()
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -281,7 +287,12 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn update_memory(&self, mem: Mem) -> std::io::Result<()> {
-        self.lock().mem = Some(mem);
+        tracing::debug!("guest memory table received");
+        let mut st = self.lock();
+        st.mem = Some(mem);
+        // Frames can be taken from the tap now; until the guest posts RX buffers the
+        // first one waits (and the tap is left alone again).
+        self.listen_tap(&mut st, true);
         Ok(())
     }
 
@@ -289,6 +300,7 @@ impl VhostUserBackend for NetBackend {
         let mut st = self.lock();
         st.rx_pending = None;
         st.acked = 0;
+        self.listen_tap(&mut st, false);
     }
 
     fn exit_event(&self, _thread: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -303,6 +315,7 @@ impl VhostUserBackend for NetBackend {
         _thread: usize,
     ) -> std::io::Result<()> {
         if evset != EventSet::IN {
+            tracing::warn!(device_event, ?evset, "unexpected event set");
             return Ok(());
         }
         let [rx, tx] = vrings else {

@@ -4,11 +4,14 @@
 
 use std::fs::File;
 use std::os::fd::FromRawFd;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
@@ -97,27 +100,40 @@ fn run(args: Args) -> anyhow::Result<()> {
         .into_iter()
         .next()
         .ok_or_else(|| anyhow::anyhow!("no worker thread"))?;
-    backend.set_handler(handler)?;
-    let socket = args.socket.to_string_lossy().into_owned();
+    backend.set_handler(handler);
     let t0 = Instant::now();
-    loop {
-        match daemon.start_client(&socket) {
-            Ok(()) => break,
+    let front = loop {
+        match UnixStream::connect(&args.socket) {
+            Ok(s) => break s,
             Err(e) if t0.elapsed() < args.connect_timeout => {
-                tracing::trace!("connect {socket}: {e}");
+                tracing::trace!("connect {}: {e}", args.socket.display());
                 std::thread::sleep(Duration::from_millis(2));
             }
-            Err(e) => anyhow::bail!("cannot connect to {socket}: {e}"),
+            Err(e) => anyhow::bail!("cannot connect to {}: {e}", args.socket.display()),
         }
-    }
+    };
     tracing::info!(
         ms = t0.elapsed().as_secs_f64() * 1e3,
-        "connected to the front end at {socket}"
+        "connected to the front end at {}",
+        args.socket.display()
     );
+    // The daemon talks to the relay over a private abstract socket; the relay talks to
+    // the front end (see `relay`).
+    let name = format!("bulkhead-net.{}", std::process::id());
+    let addr = SocketAddr::from_abstract_name(name.as_bytes())?;
+    let listener = UnixListener::bind_addr(&addr)?;
+    let back = UnixStream::connect_addr(&addr)?;
+    daemon
+        .start(&mut Listener::from(listener))
+        .map_err(|e| anyhow::anyhow!("vhost-user daemon: {e}"))?;
+    let relay = std::thread::Builder::new()
+        .name("relay".into())
+        .spawn(move || crate::relay::run(front, back))?;
     // Runs until the front end hangs up (the VM is gone or is shutting down).
     let end = daemon.wait();
     crate::backend::request_exit(&backend);
-    tracing::info!(counters = ?counters.values(), "front end gone: {end:?}");
+    let relayed = relay.join();
+    tracing::info!(counters = ?counters.values(), "front end gone: {end:?} / relay: {relayed:?}");
     Ok(())
 }
 

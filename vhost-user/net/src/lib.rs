@@ -16,6 +16,7 @@ pub mod backend;
 pub mod cli;
 pub mod header;
 pub mod queues;
+pub mod relay;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
