@@ -49,7 +49,10 @@ pub fn list() -> Vec<Case> {
             docker,
         ),
     ];
-    own.into_iter().chain(crate::containerd::list()).collect()
+    own.into_iter()
+        .chain(crate::net::list())
+        .chain(crate::containerd::list())
+        .collect()
 }
 
 fn rootfs(e: &Env) -> String {

@@ -9,6 +9,7 @@ mod bad_input;
 mod cases;
 mod containerd;
 mod cri;
+mod net;
 
 use std::path::PathBuf;
 use std::time::Instant;
