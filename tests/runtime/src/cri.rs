@@ -145,14 +145,14 @@ pub fn cri(e: &mut Env) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let r = rt.block_on(pod_lifecycle(e, &c.socket()));
+    let r = rt.block_on(pod_lifecycle(e, &c.socket(), &ns.0));
     if r.is_err() {
         println!("--- containerd errors (last lines)\n{}", c.log_tail());
     }
     r
 }
 
-async fn pod_lifecycle(e: &Env, sock: &Path) -> Result<()> {
+async fn pod_lifecycle(e: &Env, sock: &Path, netns: &str) -> Result<()> {
     let mut cri = connect(sock).await?;
     let logs = e.dir.join("cri-logs");
     std::fs::create_dir_all(&logs)?;
@@ -282,6 +282,40 @@ async fn pod_lifecycle(e: &Env, sock: &Path) -> Result<()> {
         r.stdout == b"web-pod\n",
         "hostname: {:?}",
         String::from_utf8_lossy(&r.stdout)
+    );
+
+    // The pod's CNI address is inside the VM, on the guest's eth0, with the bridge
+    // plugin's gateway as the default route; a server on the CNI bridge's gateway address
+    // (in the test's namespace) answers the container.
+    let www = e.dir.join("cri-www");
+    std::fs::create_dir_all(&www)?;
+    std::fs::write(www.join("index.html"), "from the CNI bridge\n")?;
+    let mut httpd = Command::new("ip")
+        .args(["netns", "exec", netns, "busybox", "httpd", "-f"])
+        .args(["-p", &format!("{SUBNET}.1:8099"), "-h"])
+        .arg(&www)
+        .spawn()?;
+    let r = cri
+        .exec_sync(ExecSyncRequest {
+            container_id: id.clone(),
+            cmd: vec![
+                "sh".into(),
+                "-c".into(),
+                format!("ip -o addr show eth0; ip route; wget -q -O- http://{SUBNET}.1:8099/"),
+            ],
+            timeout: 60,
+        })
+        .await;
+    let _ = httpd.kill();
+    let _ = httpd.wait();
+    let r = r?.into_inner();
+    let out = String::from_utf8_lossy(&r.stdout);
+    ensure!(
+        out.contains(&format!("{ip}/"))
+            && out.contains(&format!("default via {SUBNET}.1"))
+            && out.ends_with("from the CNI bridge\n"),
+        "the pod IP {ip} inside the VM, the bridge reached: {out:?} {:?}",
+        String::from_utf8_lossy(&r.stderr)
     );
 
     let stats = cri
