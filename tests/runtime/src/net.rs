@@ -30,6 +30,10 @@ pub fn list() -> Vec<Case> {
             two_pods_one_bridge,
         ),
         (
+            "net: podman --network bridge -p: a client reaches the container in its VM",
+            podman_bridge,
+        ),
+        (
             "net: bad netns options are refused, nothing left",
             bad_netns,
         ),
@@ -145,6 +149,19 @@ fn exec(e: &Env, name: &str, script: &str) -> Result<Out> {
     e.bh(&["exec", name, "sh", "-c", script])
 }
 
+/// Fetch `url` from inside `ns` until it answers `want` (a server in a VM starts a moment
+/// after the command that started it returns).
+fn fetch(ns: &Netns, url: &str, want: &str) -> Result<()> {
+    let mut last = None;
+    wait_for(url, Duration::from_secs(30), || {
+        let o = ns.run(&["busybox", "wget", "-q", "-O-", url])?;
+        let ok = o.code == 0 && o.stdout == want;
+        last = Some(o);
+        Ok(ok)
+    })
+    .with_context(|| format!("last answer: {last:?}"))
+}
+
 // busybox 1.35's `wget -T` crashes (SIGSEGV) in these images: the harness's own
 // deadline bounds every wget instead.
 
@@ -204,17 +221,11 @@ fn reach_and_serve(e: &mut Env) -> Result<()> {
             "pod -> server: {o:?}"
         );
         // ...and into it from the server's namespace.
-        let o = srv.run(&[
-            "busybox",
-            "wget",
-            "-q",
-            "-O-",
+        fetch(
+            &srv,
             "http://10.201.0.2:8080/index.html",
-        ])?;
-        ensure!(
-            o.code == 0 && o.stdout == "served from the VM\n",
-            "server -> pod: {o:?}"
-        );
+            "served from the VM\n",
+        )?;
         // The mirroring is in place while the pod runs.
         let f = podns.run(&["tc", "filter", "show", "dev", "eth0", "ingress"])?;
         ensure!(
@@ -417,6 +428,75 @@ fn two_pods_one_bridge(e: &mut Env) -> Result<()> {
     })();
     let _ = e.bh(&["rm", "-f", "nx"]);
     let _ = e.bh(&["rm", "-f", "ny"]);
+    r
+}
+
+/// podman with its own network stack (CNI bridge, portmap) inside a namespace the test
+/// makes: `nsenter --net` only, so podman's netns files are visible to bulkheadd (an
+/// `ip netns exec` would give podman a private mount namespace).
+fn podman_bridge(e: &mut Env) -> Result<()> {
+    let ns = Netns::new("pm")?;
+    let pm = e.dir.join("podman-net");
+    let _ = std::fs::remove_dir_all(&pm);
+    let base: Vec<String> = vec![
+        format!("--net={}", ns.path()),
+        "podman".into(),
+        format!("--root={}", pm.join("root").display()),
+        format!("--runroot={}", pm.join("run").display()),
+        "--cgroup-manager=cgroupfs".into(),
+        "--events-backend=file".into(),
+        format!("--runtime={}", e.runtime_wrapper.display()),
+    ];
+    let podman = |args: &[&str]| -> Result<Out> {
+        let mut c = Command::new("nsenter");
+        c.args(&base).args(args);
+        run_cmd(&mut c, None, Duration::from_secs(180))
+    };
+    podman(&["load", "-i", &e.archive.display().to_string()])?.ok()?;
+    let r = (|| -> Result<()> {
+        podman(&[
+            "run",
+            "-d",
+            "--name",
+            "pweb",
+            "--network",
+            "bridge",
+            "-p",
+            "18080:80",
+            "--ulimit=nofile=1024:1024",
+            "--ulimit=nproc=1024:1024",
+            "localhost/latest:latest",
+            "sh",
+            "-c",
+            "mkdir -p /tmp/w && echo from a podman VM > /tmp/w/index.html && \
+             exec httpd -f -p 80 -h /tmp/w",
+        ])?
+        .ok()?;
+        let ip = podman(&[
+            "inspect",
+            "--format",
+            "{{.NetworkSettings.IPAddress}}",
+            "pweb",
+        ])?;
+        let ip = ip.stdout.trim().to_string();
+        ensure!(
+            ip.starts_with("10.88."),
+            "podman's address for the container: {ip:?}"
+        );
+        // Straight to the container, and through the port podman published on its
+        // bridge's address (podman's default network is 10.88.0.0/16).
+        for url in [
+            format!("http://{ip}/index.html"),
+            "http://10.88.0.1:18080/index.html".to_string(),
+        ] {
+            fetch(&ns, &url, "from a podman VM\n")?;
+        }
+        // The address podman gave is the guest's own.
+        let o = podman(&["exec", "pweb", "ip", "-o", "addr", "show", "eth0"])?;
+        ensure!(o.stdout.contains(&format!("{ip}/")), "in the VM: {o:?}");
+        Ok(())
+    })();
+    let _ = podman(&["rm", "-f", "pweb"]);
     r
 }
 
