@@ -36,7 +36,7 @@ def tsc_khz():
 def release_bins():
     out = os.path.join(ROOT, "target", "release")
     bins = {b: os.path.join(out, b) for b in ("bulkhead-vmm", "bulkhead", "bulkheadd", "bulkhead-agent", "agent-api-tests",
-                                              "containerd-shim-bulkhead-v2")}
+                                              "containerd-shim-bulkhead-v2", "bulkhead-net")}
     for b, p in bins.items():
         if not os.path.exists(p):
             sys.exit(f"nested: {p} missing: run cargo build --release first")
@@ -132,8 +132,12 @@ def l1_initramfs(guest_dir, bins, with_qemu, workdir):
         os.makedirs(os.path.join(root, d), exist_ok=True)
     busybox = shutil.which("busybox") or "/bin/busybox"
     shutil.copy(busybox, os.path.join(root, "bin", "busybox"))
-    for b in ("bulkhead-vmm", "bulkhead", "bulkheadd", "agent-api-tests", "containerd-shim-bulkhead-v2"):
+    for b in ("bulkhead-vmm", "bulkhead", "bulkheadd", "agent-api-tests", "containerd-shim-bulkhead-v2",
+              "bulkhead-net"):
         copy_with_libs(root, bins[b], f"/opt/bulkhead/{b}")
+    # iproute2, for the network namespaces and veths of the pod networking case (busybox's
+    # ip has no netns).
+    copy_with_libs(root, shutil.which("ip") or "/usr/sbin/ip", "/opt/bulkhead/ip2")
     # containerd and ctr, for `ctr run` through our shim on bulkhead-vmm.
     for t in ("containerd", "ctr"):
         copy_with_libs(root, find_tool(t), f"/opt/bulkhead/{t}")
@@ -160,7 +164,9 @@ def l1_initramfs(guest_dir, bins, with_qemu, workdir):
         moddir = glob.glob(os.path.join(x, "lib", "modules", "*"))[0]
         shutil.copy(glob.glob(os.path.join(x, "boot", "vmlinuz-*"))[0], os.path.join(workdir, "bzImage"))
         # overlay: containerd's default snapshotter.
-        wanted = ["kvm-amd", "overlay"] + (["vhost_vsock"] if with_qemu else [])
+        # veth, tun, ingress qdisc, u32 and mirred: a pod's network, plumbed as on a node.
+        wanted = ["kvm-amd", "overlay", "veth", "tun", "sch_ingress", "cls_u32", "act_mirred"]
+        wanted += ["vhost_vsock"] if with_qemu else []
         saved = build.WANTED
         build.WANTED = wanted
         try:
@@ -338,6 +344,44 @@ if [ "$backend" != bulkhead-vmm ] || [ $rc4 != 7 ] || [ "$out" != "$(cat /opt/gu
 fi
 left=$(ls /tmp/bhroot/run /tmp/bhroot/sandboxes 2>/dev/null | grep -v : | grep -c .)
 echo "NESTED-CASE bulkhead-run backend=$backend rc=$rc4 left=$left"
+[ "$left" = 0 ] || rc=1
+# Pod networking on bulkhead-vmm: a server namespace and a pod namespace joined by a
+# veth; the VM gets the pod's interface through bulkhead-net and the VMM's vhost-user-net
+# front end. Then kill -9 bulkhead-net while the container streams 200 lines over one
+# TCP connection: every line must arrive, in order, on that one connection.
+mkdir -p /run
+IP=/opt/bulkhead/ip2
+$IP netns add srv && $IP netns add pod
+$IP -n srv link add s0 type veth peer name eth0 netns pod
+$IP -n srv addr add 10.9.0.1/24 dev s0; $IP -n srv link set s0 up; $IP -n srv link set lo up
+$IP -n pod addr add 10.9.0.2/24 dev eth0; $IP -n pod link set eth0 up; $IP -n pod route add default via 10.9.0.1
+mkdir -p /tmp/www; echo NESTED-NET-OK > /tmp/www/index.html
+$IP netns exec srv httpd -p 10.9.0.1:8080 -h /tmp/www
+out=$(timeout 300 bulkhead run --rm --netns /run/netns/pod --rootfs /opt/share/rootfs wget -q -O- http://10.9.0.1:8080/index.html 2>/tmp/net.err)
+rc6=$?
+echo "NESTED-CASE net-reach rc=$rc6 out=$out"
+if [ $rc6 != 0 ] || [ "$out" != NESTED-NET-OK ]; then rc=1; cat /tmp/net.err; tail -20 /tmp/bhroot/bulkheadd.log; fi
+timeout 300 bulkhead run -d --name np --netns /run/netns/pod --rootfs /opt/share/rootfs sleep 600 >/dev/null 2>/tmp/net.err || { rc=1; cat /tmp/net.err; }
+$IP netns exec srv nc -l -p 9000 > /tmp/recv.txt &
+srvnc=$!
+sleep 0.5
+bulkhead exec np sh -c 'i=0; while [ $i -lt 200 ]; do echo $i; i=$((i+1)); usleep 20000; done | nc 10.9.0.1 9000' &
+cl=$!
+sleep 2
+old=$(pgrep -f 'bulkhead-net --socket')
+kill -9 $old
+wait $cl
+sleep 0.5
+new=$(pgrep -f 'bulkhead-net --socket')
+seq 0 199 > /tmp/want.txt
+if cmp -s /tmp/want.txt /tmp/recv.txt && [ -n "$new" ] && [ "$new" != "$old" ]; then kr=0; else kr=1; fi
+echo "NESTED-CASE net-restart rc=$kr lines=$(wc -l < /tmp/recv.txt) old=$old new=$new"
+grep -h "taken back" /tmp/bhroot/run/*/vmm.log 2>/dev/null | tail -1 | sed 's/^/NESTED-NET-LOG /'
+[ $kr = 0 ] || { rc=1; tail -20 /tmp/bhroot/bulkheadd.log; tail -20 /tmp/bhroot/run/*/vmm.log; tail -5 /tmp/bhroot/run/*/net0.log; }
+kill $srvnc 2>/dev/null
+bulkhead rm -f np >/dev/null 2>&1
+left=$($IP -n pod -o link show | grep -c bhtap)
+echo "NESTED-CASE net-teardown taps-left=$left"
 [ "$left" = 0 ] || rc=1
 # containerd with our shim, as a node runs it: ctr run on bulkhead-vmm through bulkheadd.
 mkdir -p /run /tmp/ctd

@@ -64,6 +64,29 @@ pub struct FsConfig {
     pub queue_size: u16,
 }
 
+/// A virtio-net device served by a vhost-user back end (`bulkhead-net`). The VMM listens
+/// on `socket`; the back end connects, and connects again after a restart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    pub socket: PathBuf,
+    pub mac: [u8; 6],
+    #[serde(default)]
+    pub mtu: Option<u16>,
+}
+
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let parts: Vec<u8> = s
+        .split(':')
+        .map(|p| {
+            (p.len() == 2)
+                .then(|| u8::from_str_radix(p, 16).ok())
+                .flatten()
+        })
+        .collect::<Option<_>>()?;
+    parts.try_into().ok()
+}
+
 fn default_fs_queue() -> u16 {
     1024
 }
@@ -103,6 +126,8 @@ pub struct VmConfig {
     #[serde(default)]
     pub fs: Vec<FsConfig>,
     #[serde(default)]
+    pub net: Vec<NetConfig>,
+    #[serde(default)]
     pub api_socket: Option<PathBuf>,
     /// Also describe virtio-mmio devices with `virtio_mmio.device=` on the command line,
     /// for kernels built with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES and no ACPI.
@@ -126,6 +151,8 @@ pub const USAGE: &str = "usage: bulkhead-vmm (--config FILE.json | --kernel PATH
   --rng                    virtio-rng fed from the host's getrandom
   --console PATH           virtio-console output file
   --fs tag=TAG,socket=PATH (repeatable) vhost-user-fs front end
+  --net socket=PATH,mac=MAC[,mtu=N] (repeatable) virtio-net; a vhost-user back end
+                           (bulkhead-net) connects to PATH, and again after a restart
   --api-socket PATH        control socket (state, pause, resume, shutdown)
   --legacy-mmio-cmdline    also describe devices on the kernel command line
   --allow-pvm              try to boot even on a PVM /dev/kvm";
@@ -163,6 +190,7 @@ impl VmConfig {
             rng: false,
             console: None,
             fs: vec![],
+            net: vec![],
             api_socket: None,
             legacy_mmio_cmdline: false,
             allow_pvm: false,
@@ -271,6 +299,28 @@ impl VmConfig {
                         _ => return invalid("--fs needs tag=TAG,socket=PATH"),
                     }
                 }
+                "--net" => {
+                    let v = val()?;
+                    let (mut socket, mut mac, mut mtu) = (None, None, None);
+                    for (k, x) in kv_pairs(&v) {
+                        match (k, x) {
+                            ("socket", Some(x)) => socket = Some(PathBuf::from(x)),
+                            ("mac", Some(x)) => match parse_mac(x) {
+                                Some(m) => mac = Some(m),
+                                None => return invalid(format!("--net: mac {x:?}")),
+                            },
+                            ("mtu", Some(x)) => match x.parse() {
+                                Ok(m) => mtu = Some(m),
+                                Err(_) => return invalid(format!("--net: mtu {x:?}")),
+                            },
+                            _ => return invalid(format!("--net: unknown part {k:?}")),
+                        }
+                    }
+                    match (socket, mac) {
+                        (Some(socket), Some(mac)) => c.net.push(NetConfig { socket, mac, mtu }),
+                        _ => return invalid("--net needs socket=PATH,mac=XX:XX:XX:XX:XX:XX"),
+                    }
+                }
                 "--api-socket" => c.api_socket = Some(val()?.into()),
                 "--legacy-mmio-cmdline" => c.legacy_mmio_cmdline = true,
                 "--allow-pvm" => c.allow_pvm = true,
@@ -325,8 +375,17 @@ impl VmConfig {
                 ));
             }
         }
+        for n in &self.net {
+            if n.mac[0] & 1 != 0 || n.mac == [0; 6] {
+                return invalid(format!("net mac {:02x?}: must be a unicast address", n.mac));
+            }
+            if n.mtu.is_some_and(|m| m < 68) {
+                return invalid(format!("net mtu {:?}: at least 68", n.mtu));
+            }
+        }
         let devices = self.disks.len()
             + self.fs.len()
+            + self.net.len()
             + usize::from(self.vsock.is_some())
             + usize::from(self.rng)
             + usize::from(self.console.is_some());
@@ -357,9 +416,12 @@ mod tests {
         let c = VmConfig::from_args(&args(
             "--kernel /k --initrd /i --cpus 2 --memory 512 --serial file:/tmp/s \
              --vsock cid=3,socket=/v --disk path=/d,readonly --disk path=/e --rng \
-             --fs tag=share,socket=/f --api-socket /a",
+             --fs tag=share,socket=/f --api-socket /a \
+             --net socket=/n0,mac=02:00:0a:00:00:05,mtu=1400",
         ))
         .unwrap();
+        assert_eq!(c.net[0].mac, [2, 0, 10, 0, 0, 5]);
+        assert_eq!(c.net[0].mtu, Some(1400));
         assert_eq!(c.cpus, 2);
         assert_eq!(c.memory_bytes(), 512 << 20);
         assert_eq!(c.serial, SerialOut::File("/tmp/s".into()));
@@ -367,6 +429,25 @@ mod tests {
         assert!(c.disks[0].readonly && !c.disks[1].readonly);
         assert!(c.rng);
         assert_eq!(c.fs[0].tag, "share");
+    }
+
+    #[test]
+    fn bad_net_options_are_refused() {
+        for (a, want) in [
+            ("--net socket=/n", "needs socket=PATH,mac="),
+            ("--net socket=/n,mac=02:00:00:00:00", "mac"),
+            ("--net socket=/n,mac=02:00:00:00:00:zz", "mac"),
+            ("--net socket=/n,mac=02:00:00:00:00:01,mtu=x", "mtu"),
+            (
+                "--net socket=/n,mac=02:00:00:00:00:01,speed=9",
+                "unknown part",
+            ),
+            ("--net socket=/n,mac=01:00:00:00:00:01", "unicast"),
+            ("--net socket=/n,mac=02:00:00:00:00:01,mtu=10", "mtu"),
+        ] {
+            let e = VmConfig::from_args(&args(&format!("--kernel /k {a}"))).unwrap_err();
+            assert!(e.to_string().contains(want), "{a}: {e}");
+        }
     }
 
     #[test]

@@ -252,6 +252,19 @@ fn open_virtio_devices(
         .map_err(dev_err)?;
         devices.push(Box::new(dev));
     }
+    for n in &cfg.net {
+        // The back end (bulkhead-net) starts beside the VMM and connects within moments.
+        let dev = virtio::vhost_user_net::VhostUserNet::listen(
+            &n.socket,
+            n.mac,
+            n.mtu,
+            ram.regions.clone(),
+            ram.file.as_raw_fd(),
+            std::time::Duration::from_secs(30),
+        )
+        .map_err(dev_err)?;
+        devices.push(Box::new(dev));
+    }
     Ok(devices)
 }
 

@@ -3,7 +3,8 @@
 //! devices (vsock for the agent, virtio-fs for the shared directory), so the same guest
 //! image and agent run on either.
 //!
-//! - `bulkhead-vmm`: virtiofsd, then our VMM (vsock in process).
+//! - `bulkhead-vmm`: virtiofsd, a `bulkhead-net` per pod interface, then our VMM (vsock
+//!   in process; it serves each vhost-user-net socket).
 //! - `qemu`: virtiofsd and vhost-device-vsock (vhost-user back ends), then QEMU
 //!   `-M microvm,acpi=on` on KVM, or on TCG where KVM cannot boot a stock kernel.
 
@@ -184,6 +185,15 @@ pub fn plan(cfg: &Config, rec: &SandboxRec, tcg: bool) -> Result<Vec<ComponentSp
                     run.join("fs.sock").display()
                 ))
                 .arg("--rng");
+            for (i, l) in rec.network.iter().flat_map(|n| n.links.iter()).enumerate() {
+                out.push(bulkhead_net(cfg, rec, i)?);
+                c.arg("--net").arg(format!(
+                    "socket={},mac={},mtu={}",
+                    net_socket(rec, i).display(),
+                    format_mac(&l.guest.mac),
+                    l.guest.mtu.min(65535)
+                ));
+            }
             out.push(ComponentSpec::new("vmm", c, None));
         }
         Backend::Qemu => {

@@ -349,11 +349,6 @@ impl Daemon {
                 b
             }
         };
-        if netns.is_some() && backend == Backend::BulkheadVmm {
-            return Err(Error::FailedPrecondition(
-                "the bulkhead-vmm backend has no network device yet: use backend qemu".into(),
-            ));
-        }
         let cpus = cpus.unwrap_or(self.cfg.cpus);
         let memory_mib = memory_mib.unwrap_or(self.cfg.memory_mib);
         if !(1..=64).contains(&cpus) {

@@ -9,7 +9,9 @@ pub mod blk;
 pub mod console;
 pub mod mmio;
 pub mod rng;
+pub mod vhost_user;
 pub mod vhost_user_fs;
+pub mod vhost_user_net;
 pub mod vsock;
 
 use std::os::fd::RawFd;

@@ -8,19 +8,14 @@
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use virtio_queue::QueueT;
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vhost::vhost_user::Frontend;
 
 use super::{
     ActivateError, Activation, VirtioDevice, TYPE_FS, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
 };
 use crate::memory::RamRegion;
 
-const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
-const INDIRECT_DESC: u64 = 1 << 28;
+use super::vhost_user::{self, INDIRECT_DESC};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {
@@ -54,29 +49,16 @@ impl VhostUserFs {
         mem_fd: RawFd,
     ) -> Result<Self, FsError> {
         let path = socket.display().to_string();
-        let setup = |what: &'static str| {
-            let path = path.clone();
-            move |e: vhost::Error| FsError::Setup {
-                path,
-                what,
-                msg: e.to_string(),
-            }
-        };
         let mut fe = Frontend::connect(socket, 2).map_err(|e| FsError::Connect {
             path: path.clone(),
             msg: e.to_string(),
         })?;
-        fe.set_owner().map_err(setup("SET_OWNER"))?;
-        let backend_features = fe.get_features().map_err(setup("GET_FEATURES"))?;
-        if backend_features & PROTOCOL_FEATURES_BIT != 0 {
-            let offered = fe
-                .get_protocol_features()
-                .map_err(setup("GET_PROTOCOL_FEATURES"))?;
-            let want =
-                offered & (VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK);
-            fe.set_protocol_features(want)
-                .map_err(setup("SET_PROTOCOL_FEATURES"))?;
-        }
+        let backend_features =
+            vhost_user::handshake(&mut fe).map_err(|(what, e)| FsError::Setup {
+                path: path.clone(),
+                what,
+                msg: e.to_string(),
+            })?;
         let mut config = [0u8; 40];
         let n = tag.len().min(36);
         config[..n].copy_from_slice(&tag.as_bytes()[..n]);
@@ -94,54 +76,22 @@ impl VhostUserFs {
     }
 
     fn setup_rings(&mut self, act: &Activation) -> Result<(), vhost::Error> {
-        let features = (act.acked_features & self.features())
-            | (self.backend_features & PROTOCOL_FEATURES_BIT);
-        self.fe.set_features(features)?;
-        let regions: Vec<VhostUserMemoryRegionInfo> = self
-            .regions
-            .iter()
-            .map(|r| VhostUserMemoryRegionInfo {
-                guest_phys_addr: r.guest_addr,
-                memory_size: r.size,
-                userspace_addr: r.host_addr,
-                mmap_offset: r.file_offset,
-                mmap_handle: self.mem_fd,
-            })
-            .collect();
-        self.fe.set_mem_table(&regions)?;
-        // Ring addresses travel as addresses in this process, as vhost-user expects.
-        let hva = |gpa: u64| {
-            act.mem
-                .get_host_address(GuestAddress(gpa))
-                .map(|p| p as u64)
-                .map_err(|_| vhost::Error::InvalidGuestMemory)
+        let rings = vhost_user::Rings {
+            mem: &act.mem,
+            queues: &act.queues,
+            bases: &[],
+            call: &act.interrupt.evt,
+            kicks: &act.kicks,
         };
-        for (i, q) in act.queues.iter().enumerate() {
-            if !q.ready() {
-                continue;
-            }
-            self.fe.set_vring_num(i, q.size())?;
-            self.fe.set_vring_addr(
-                i,
-                &VringConfigData {
-                    queue_max_size: q.max_size(),
-                    queue_size: q.size(),
-                    flags: 0,
-                    desc_table_addr: hva(q.desc_table())?,
-                    used_ring_addr: hva(q.used_ring())?,
-                    avail_ring_addr: hva(q.avail_ring())?,
-                    log_addr: None,
-                },
-            )?;
-            self.fe.set_vring_base(i, 0)?;
-            self.fe.set_vring_call(i, &act.interrupt.evt)?;
-            let kick = act.kicks.get(i).ok_or(vhost::Error::InvalidQueue)?;
-            self.fe.set_vring_kick(i, kick)?;
-            if self.backend_features & PROTOCOL_FEATURES_BIT != 0 {
-                self.fe.set_vring_enable(i, true)?;
-            }
-        }
-        Ok(())
+        let features = act.acked_features & self.features();
+        vhost_user::setup(
+            &mut self.fe,
+            self.backend_features,
+            features,
+            &self.regions,
+            self.mem_fd,
+            &rings,
+        )
     }
 }
 

@@ -1,0 +1,421 @@
+//! virtio-net through a vhost-user back end (`bulkhead-net`), which can die and come back.
+//!
+//! The VMM listens on the socket and the back end connects, so a restarted back end is
+//! taken back as soon as it starts: the new connection gets the handshake, guest memory
+//! and every ring again, each ring starting at the guest's used index, so what the old
+//! back end took but never completed is offered again rather than lost. Frames move
+//! between the guest and the back end through shared memory and eventfds; this process
+//! holds only the transport, the config space (MAC, link status, MTU) and the socket.
+
+use std::io::ErrorKind;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::Frontend;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::vhost_user::{self, Rings, INDIRECT_DESC};
+use super::{
+    ActivateError, Activation, EventSink, GuestMemoryMmap, Interrupt, VirtioDevice,
+    DEVICE_TOKEN_BASE, TYPE_NET, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
+};
+use crate::memory::RamRegion;
+
+const F_CSUM: u64 = 1 << 0;
+const F_GUEST_CSUM: u64 = 1 << 1;
+const F_MTU: u64 = 1 << 3;
+const F_MAC: u64 = 1 << 5;
+const F_GUEST_TSO4: u64 = 1 << 7;
+const F_GUEST_TSO6: u64 = 1 << 8;
+const F_GUEST_ECN: u64 = 1 << 9;
+const F_HOST_TSO4: u64 = 1 << 11;
+const F_HOST_TSO6: u64 = 1 << 12;
+const F_HOST_ECN: u64 = 1 << 13;
+const F_MRG_RXBUF: u64 = 1 << 15;
+const F_STATUS: u64 = 1 << 16;
+/// What the back end may offer and the guest may take through us.
+const PASSED: u64 = F_CSUM
+    | F_GUEST_CSUM
+    | F_GUEST_TSO4
+    | F_GUEST_TSO6
+    | F_GUEST_ECN
+    | F_HOST_TSO4
+    | F_HOST_TSO6
+    | F_HOST_ECN
+    | F_MRG_RXBUF
+    | VIRTIO_F_RING_EVENT_IDX
+    | INDIRECT_DESC;
+/// Served by this process: the config space.
+const OWN: u64 = F_MAC | F_STATUS;
+const STATUS_LINK_UP: u16 = 1;
+
+const TOK_LISTEN: u32 = DEVICE_TOKEN_BASE;
+const TOK_CONN: u32 = DEVICE_TOKEN_BASE + 1;
+const QUEUE_SIZE: u16 = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("vhost-user-net socket {path}: {source}")]
+    Socket {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("no vhost-user-net back end connected to {path} within {secs} s")]
+    NoBackend { path: String, secs: u64 },
+    #[error("vhost-user-net back end at {path}: {what}: {msg}")]
+    Setup {
+        path: String,
+        what: &'static str,
+        msg: String,
+    },
+}
+
+/// What activation handed over, kept to hand it again to a back end that reconnects.
+struct Active {
+    mem: GuestMemoryMmap,
+    queues: Vec<Queue>,
+    interrupt: std::sync::Arc<Interrupt>,
+    kicks: Vec<EventFd>,
+    features: u64,
+    events: EventSink,
+}
+
+pub struct VhostUserNet {
+    path: String,
+    listener: UnixListener,
+    /// The connected back end and its socket (watched for hang-up).
+    fe: Option<(Frontend, UnixStream)>,
+    backend_features: u64,
+    config: [u8; 12],
+    queue_sizes: [u16; 2],
+    regions: Vec<RamRegion>,
+    mem_fd: RawFd,
+    active: Option<Active>,
+    /// Back ends taken back after the first.
+    pub reconnects: u64,
+}
+
+impl VhostUserNet {
+    /// Listen on `socket` and wait up to `wait` for the back end's first connection.
+    pub fn listen(
+        socket: &Path,
+        mac: [u8; 6],
+        mtu: Option<u16>,
+        regions: Vec<RamRegion>,
+        mem_fd: RawFd,
+        wait: Duration,
+    ) -> Result<Self, NetError> {
+        let path = socket.display().to_string();
+        let sock_err = |source| NetError::Socket {
+            path: path.clone(),
+            source,
+        };
+        let _ = std::fs::remove_file(socket);
+        let listener = UnixListener::bind(socket).map_err(sock_err)?;
+        listener.set_nonblocking(true).map_err(sock_err)?;
+        let t0 = Instant::now();
+        let stream = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == ErrorKind::WouldBlock && t0.elapsed() < wait => {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    return Err(NetError::NoBackend {
+                        path,
+                        secs: wait.as_secs(),
+                    })
+                }
+                Err(e) => return Err(sock_err(e)),
+            }
+        };
+        let mut config = [0u8; 12];
+        config[..6].copy_from_slice(&mac);
+        config[6..8].copy_from_slice(&STATUS_LINK_UP.to_le_bytes());
+        config[8..10].copy_from_slice(&1u16.to_le_bytes());
+        config[10..12].copy_from_slice(&mtu.unwrap_or(0).to_le_bytes());
+        let mut dev = VhostUserNet {
+            path,
+            listener,
+            fe: None,
+            backend_features: 0,
+            config,
+            queue_sizes: [QUEUE_SIZE, QUEUE_SIZE],
+            regions,
+            mem_fd,
+            active: None,
+            reconnects: 0,
+        };
+        dev.take_backend(stream)?;
+        if mtu.is_some() {
+            dev.backend_features |= F_MTU;
+        }
+        Ok(dev)
+    }
+
+    /// Handshake with a newly connected back end and make it the current one.
+    fn take_backend(&mut self, stream: UnixStream) -> Result<(), NetError> {
+        let watch = stream.try_clone().map_err(|source| NetError::Socket {
+            path: self.path.clone(),
+            source,
+        })?;
+        let mut fe = Frontend::from_stream(stream, 2);
+        let features = vhost_user::handshake(&mut fe).map_err(|(what, e)| NetError::Setup {
+            path: self.path.clone(),
+            what,
+            msg: e.to_string(),
+        })?;
+        self.backend_features = features | (self.backend_features & F_MTU);
+        self.fe = Some((fe, watch));
+        Ok(())
+    }
+
+    /// Hand the current back end memory and the rings, each starting at `bases`.
+    fn setup(&mut self, bases: &[u16]) -> Result<(), NetError> {
+        let (Some(a), Some((fe, _))) = (self.active.as_ref(), self.fe.as_mut()) else {
+            return Ok(());
+        };
+        let rings = Rings {
+            mem: &a.mem,
+            queues: &a.queues,
+            bases,
+            call: &a.interrupt.evt,
+            kicks: &a.kicks,
+        };
+        vhost_user::setup(
+            fe,
+            self.backend_features & !F_MTU,
+            a.features & PASSED,
+            &self.regions,
+            self.mem_fd,
+            &rings,
+        )
+        .map_err(|e| NetError::Setup {
+            path: self.path.clone(),
+            what: "ring setup",
+            msg: e.to_string(),
+        })
+    }
+
+    /// Each ring's used index, read from guest memory: where a new back end starts.
+    fn used_indices(a: &Active) -> Vec<u16> {
+        a.queues
+            .iter()
+            .map(|q| {
+                a.mem
+                    .read_obj::<u16>(GuestAddress(q.used_ring().wrapping_add(2)))
+                    .map(u16::from_le)
+                    .unwrap_or(0)
+            })
+            .collect()
+    }
+
+    fn watch_backend(&self) {
+        if let (Some(a), Some((_, s))) = (self.active.as_ref(), self.fe.as_ref()) {
+            let _ = a
+                .events
+                .add(s.as_raw_fd(), TOK_CONN, EventSet::IN | EventSet::HANG_UP);
+        }
+    }
+
+    fn backend_gone(&mut self) {
+        if let Some((_, s)) = self.fe.take() {
+            if let Some(a) = self.active.as_ref() {
+                a.events.remove(s.as_raw_fd());
+            }
+            tracing::warn!(socket = %self.path, "vhost-user-net back end gone; waiting for it");
+        }
+    }
+
+    /// A connection on the socket: a back end (re)starting.
+    fn accept(&mut self) {
+        while let Ok((stream, _)) = self.listener.accept() {
+            if self.fe.as_ref().is_some_and(|(_, s)| alive(s)) {
+                tracing::warn!(socket = %self.path, "a second back end connected; refused");
+                continue;
+            }
+            self.backend_gone();
+            let _ = stream.set_nonblocking(false);
+            let bases = self
+                .active
+                .as_ref()
+                .map(Self::used_indices)
+                .unwrap_or_default();
+            let r = self.take_backend(stream).and_then(|()| self.setup(&bases));
+            match r {
+                Ok(()) => {
+                    self.reconnects += 1;
+                    self.watch_backend();
+                    tracing::info!(socket = %self.path, ?bases, "vhost-user-net back end taken back");
+                }
+                Err(e) => {
+                    tracing::warn!("{e}");
+                    self.fe = None;
+                }
+            }
+        }
+    }
+}
+
+/// Is the peer of `s` still there? (A back end never writes unasked on this socket, so
+/// readable means closed.)
+fn alive(s: &UnixStream) -> bool {
+    let mut b = [0u8; 1];
+    // SAFETY: recv into a 1-byte buffer we own; MSG_PEEK|MSG_DONTWAIT changes nothing.
+    let n = unsafe {
+        libc::recv(
+            s.as_raw_fd(),
+            b.as_mut_ptr().cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n < 0 && std::io::Error::last_os_error().kind() == ErrorKind::WouldBlock
+}
+
+impl VirtioDevice for VhostUserNet {
+    fn device_type(&self) -> u32 {
+        TYPE_NET
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | OWN | (self.backend_features & (PASSED | F_MTU))
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        super::read_config_bytes(&self.config, offset, data)
+    }
+    fn activate(&mut self, act: Activation) -> Result<(), ActivateError> {
+        let _ = act
+            .events
+            .add(self.listener.as_raw_fd(), TOK_LISTEN, EventSet::IN);
+        self.active = Some(Active {
+            features: act.acked_features,
+            mem: act.mem,
+            queues: act.queues,
+            interrupt: act.interrupt,
+            kicks: act.kicks,
+            events: act.events,
+        });
+        if !self.fe.as_ref().is_some_and(|(_, s)| alive(s)) {
+            // It died before the guest got here; the next one to connect gets the rings.
+            self.backend_gone();
+            return Ok(());
+        }
+        self.setup(&[])
+            .map_err(|e| ActivateError::Failed(e.to_string()))?;
+        self.watch_backend();
+        tracing::info!(socket = %self.path, "vhost-user-net active");
+        Ok(())
+    }
+    fn handle_event(&mut self, token: u32, _events: EventSet) {
+        match token {
+            TOK_LISTEN => self.accept(),
+            TOK_CONN if !self.fe.as_ref().is_some_and(|(_, s)| alive(s)) => self.backend_gone(),
+            _ => {}
+        }
+    }
+    fn external_interrupts(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stand-in back end: answers the handshake the way bulkhead-net does.
+    fn fake_backend(path: std::path::PathBuf, features: u64) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            let mut s = loop {
+                match UnixStream::connect(&path) {
+                    Ok(s) => break s,
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
+            };
+            let mut hdr = [0u8; 12];
+            while s.read_exact(&mut hdr).is_ok() {
+                let req = u32::from_le_bytes(hdr[0..4].try_into().unwrap());
+                let size = u32::from_le_bytes(hdr[8..12].try_into().unwrap()) as usize;
+                let mut body = vec![0u8; size];
+                if s.read_exact(&mut body).is_err() {
+                    return;
+                }
+                if req == 1 {
+                    // GET_FEATURES: reply with `features`.
+                    let mut r = Vec::new();
+                    r.extend_from_slice(&1u32.to_le_bytes());
+                    r.extend_from_slice(&(1u32 | 4).to_le_bytes());
+                    r.extend_from_slice(&8u32.to_le_bytes());
+                    r.extend_from_slice(&features.to_le_bytes());
+                    s.write_all(&r).unwrap();
+                }
+            }
+        })
+    }
+
+    #[test]
+    fn features_and_config_come_from_the_back_end_and_the_mac() {
+        let dir = std::env::temp_dir().join(format!("bh-vun-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("net.sock");
+        let backend = F_CSUM | F_HOST_TSO4 | F_MRG_RXBUF | VIRTIO_F_RING_EVENT_IDX | (1 << 40);
+        let t = fake_backend(sock.clone(), backend);
+        let dev = VhostUserNet::listen(
+            &sock,
+            [2, 0, 0, 0, 0, 7],
+            Some(1400),
+            vec![],
+            -1,
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        let f = dev.features();
+        assert_eq!(
+            f & (F_CSUM | F_HOST_TSO4 | F_MRG_RXBUF),
+            F_CSUM | F_HOST_TSO4 | F_MRG_RXBUF
+        );
+        assert_ne!(f & F_MAC, 0);
+        assert_ne!(f & F_MTU, 0);
+        assert_eq!(
+            f & (1 << 40),
+            0,
+            "unknown back end features are not passed on"
+        );
+        assert_eq!(f & F_GUEST_TSO6, 0, "nor features the back end lacks");
+        let mut cfg = [0u8; 12];
+        dev.read_config(0, &mut cfg);
+        assert_eq!(&cfg[..6], &[2, 0, 0, 0, 0, 7]);
+        assert_eq!(u16::from_le_bytes([cfg[6], cfg[7]]), STATUS_LINK_UP);
+        assert_eq!(u16::from_le_bytes([cfg[10], cfg[11]]), 1400);
+        assert!(dev.fe.as_ref().is_some_and(|(_, s)| alive(s)));
+        drop(dev);
+        t.join().unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn no_back_end_is_a_clear_error() {
+        let dir = std::env::temp_dir().join(format!("bh-vun-none-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let e = VhostUserNet::listen(
+            &dir.join("net.sock"),
+            [2, 0, 0, 0, 0, 7],
+            None,
+            vec![],
+            -1,
+            Duration::from_millis(50),
+        )
+        .err()
+        .unwrap();
+        assert!(e.to_string().contains("no vhost-user-net back end"), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
