@@ -368,11 +368,12 @@ sleep 0.5
 bulkhead exec np sh -c 'i=0; while [ $i -lt 200 ]; do echo $i; i=$((i+1)); usleep 20000; done | nc 10.9.0.1 9000' &
 cl=$!
 sleep 2
-old=$(pgrep -f 'bulkhead-net --socket')
+netpid() { ps -o pid,args | grep '[b]ulkhead-net --socket' | awk '{print $1}'; }
+old=$(netpid)
 kill -9 $old
 wait $cl
 sleep 0.5
-new=$(pgrep -f 'bulkhead-net --socket')
+new=$(netpid)
 seq 0 199 > /tmp/want.txt
 if cmp -s /tmp/want.txt /tmp/recv.txt && [ -n "$new" ] && [ "$new" != "$old" ]; then kr=0; else kr=1; fi
 echo "NESTED-CASE net-restart rc=$kr lines=$(wc -l < /tmp/recv.txt) old=$old new=$new"

@@ -300,6 +300,13 @@ impl SandboxIface {
             .await
     }
 
+    /// Each pod interface's back end counters, by guest interface name (`eth0`...), read
+    /// from its `bulkhead-net` over a peer connection. An interface whose back end is
+    /// restarting at that moment is left out.
+    async fn network_stats(&self) -> Result<HashMap<String, HashMap<String, u64>>, Error> {
+        self.d.network_stats(&self.sb.id).await
+    }
+
     async fn stats(&self, id: String) -> Result<HashMap<String, u64>, Error> {
         let cid = id.clone();
         let s = self

@@ -56,6 +56,11 @@ pub fn net_socket(rec: &SandboxRec, i: usize) -> PathBuf {
     rec.run_dir.join(format!("net{i}.sock"))
 }
 
+/// Where `bulkhead-net` for interface `i` serves `org.bulkhead.Net1` (peer to peer).
+pub fn net_dbus_socket(rec: &SandboxRec, i: usize) -> PathBuf {
+    rec.run_dir.join(format!("net{i}.dbus"))
+}
+
 /// `bulkhead-net` for the pod's interface `i`, handed its tap (opened here, in the pod's
 /// namespace) as descriptor 3.
 pub fn bulkhead_net(cfg: &Config, rec: &SandboxRec, i: usize) -> Result<ComponentSpec, PlanError> {
@@ -69,6 +74,8 @@ pub fn bulkhead_net(cfg: &Config, rec: &SandboxRec, i: usize) -> Result<Componen
     let mut c = Command::new(need(cfg, Binary::BulkheadNet)?);
     c.arg("--socket")
         .arg(net_socket(rec, i))
+        .arg("--dbus-socket")
+        .arg(net_dbus_socket(rec, i))
         .args(["--tap-fd", "3"]);
     let raw = tap.as_raw_fd();
     // SAFETY: dup2 and fcntl are async-signal-safe; `raw` stays open in the parent until

@@ -773,6 +773,37 @@ impl Daemon {
         }
     }
 
+    /// See `Sandbox1.NetworkStats`.
+    pub async fn network_stats(
+        &self,
+        sid: &str,
+    ) -> Result<HashMap<String, HashMap<String, u64>>, Error> {
+        let sb = self.running(sid)?;
+        let rec = sb.snapshot();
+        let mut out = HashMap::new();
+        for (i, l) in rec.network.iter().flat_map(|n| n.links.iter()).enumerate() {
+            let sock = backend::net_dbus_socket(&rec, i);
+            let read = async {
+                let stream = tokio::net::UnixStream::connect(&sock).await?;
+                let conn = zbus::connection::Builder::unix_stream(stream)
+                    .p2p()
+                    .build()
+                    .await?;
+                // A peer connection has no bus names; any destination is the peer.
+                let p = bulkhead_dbus::net::Net1Proxy::new(&conn, "org.bulkhead.Net1").await?;
+                p.counters().await
+            };
+            match tokio::time::timeout(Duration::from_secs(2), read).await {
+                Ok(Ok(c)) => {
+                    out.insert(l.guest.name.clone(), c);
+                }
+                Ok(Err(e)) => tracing::debug!(sandbox = %sid, "net{i} counters: {e}"),
+                Err(_) => tracing::debug!(sandbox = %sid, "net{i} counters: no answer in 2 s"),
+            }
+        }
+        Ok(out)
+    }
+
     // ---- containers ----
 
     fn running(&self, id: &str) -> Result<Arc<Sandbox>, Error> {

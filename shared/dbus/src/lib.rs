@@ -16,6 +16,7 @@
 //! Full reference: docs/dbus-api.md.
 
 pub mod bus;
+pub mod net;
 mod path;
 
 use std::collections::HashMap;
@@ -202,6 +203,8 @@ pub trait Sandbox1 {
     fn processes(&self, id: &str) -> zbus::Result<Vec<u32>>;
     /// Figures from the container's guest cgroup (names as in the agent's stats).
     fn stats(&self, id: &str) -> zbus::Result<HashMap<String, u64>>;
+    /// Each pod interface's network back end counters, by guest interface name.
+    fn network_stats(&self) -> zbus::Result<HashMap<String, HashMap<String, u64>>>;
     fn resize_pty(&self, id: &str, exec_id: &str, rows: u16, cols: u16) -> zbus::Result<()>;
     fn close_stdin(&self, id: &str, exec_id: &str) -> zbus::Result<()>;
 

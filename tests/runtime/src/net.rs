@@ -282,6 +282,15 @@ fn kill_backend_mid_stream(e: &mut Env) -> Result<()> {
         let (conn, _) = listener.accept().context("the client connected")?;
         let reader = std::thread::spawn(move || read_stream(conn, listener));
         std::thread::sleep(Duration::from_secs(2));
+        // The back end's counters, through Sandbox1.NetworkStats (bulkheadd reads them
+        // from bulkhead-net's org.bulkhead.Net1 over a peer connection).
+        let stats = net_stats(e, "nk")?;
+        let eth0 = &stats["eth0"];
+        ensure!(
+            eth0["tx_frames"].as_u64() > Some(10) && eth0["rx_frames"].as_u64() > Some(10),
+            "NetworkStats mid-stream: {stats}"
+        );
+        ensure!(eth0["tx_malformed"] == 0, "NetworkStats: {stats}");
         let killed = Instant::now();
         // SAFETY: kill(2) on bulkhead-net's pid.
         unsafe { libc::kill(before as i32, libc::SIGKILL) };
@@ -332,6 +341,21 @@ fn kill_backend_mid_stream(e: &mut Env) -> Result<()> {
     })();
     let _ = e.bh(&["rm", "-f", "nk"]);
     r
+}
+
+/// `Sandbox1.NetworkStats` of a sandbox, as busctl prints it.
+fn net_stats(e: &Env, id: &str) -> Result<serde_json::Value> {
+    let o = e.busctl(&[
+        "--json=short",
+        "call",
+        "org.bulkhead.Manager1",
+        &format!("/org/bulkhead/Manager1/sandbox/{id}"),
+        "org.bulkhead.Sandbox1",
+        "NetworkStats",
+    ])?;
+    o.ok()?;
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).context("busctl --json")?;
+    Ok(v["data"][0].clone())
 }
 
 fn read_stream(conn: std::net::TcpStream, listener: TcpListener) -> Result<Stream> {

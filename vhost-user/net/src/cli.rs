@@ -8,6 +8,7 @@ use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,21 +19,25 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use crate::backend::NetBackend;
 use crate::Counters;
 
-const USAGE: &str = "usage: bulkhead-net --socket PATH --tap-fd N [--connect-timeout-ms MS]";
+const USAGE: &str =
+    "usage: bulkhead-net --socket PATH --tap-fd N [--dbus-socket PATH] [--connect-timeout-ms MS]";
 
 #[derive(Debug)]
 struct Args {
     socket: PathBuf,
+    dbus_socket: Option<PathBuf>,
     tap_fd: i32,
     connect_timeout: Duration,
 }
 
 fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
     let (mut socket, mut tap_fd, mut timeout) = (None, None, Duration::from_secs(30));
+    let mut dbus_socket = None;
     while let Some(a) = it.next() {
         let mut val = || it.next().ok_or_else(|| format!("{a} needs a value"));
         match a.as_str() {
             "--socket" => socket = Some(PathBuf::from(val()?)),
+            "--dbus-socket" => dbus_socket = Some(PathBuf::from(val()?)),
             "--tap-fd" => {
                 let v = val()?;
                 let fd: i32 = v.parse().map_err(|_| format!("--tap-fd {v:?}"))?;
@@ -54,6 +59,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
     }
     Ok(Args {
         socket: socket.ok_or_else(|| format!("--socket is required\n{USAGE}"))?,
+        dbus_socket,
         tap_fd: tap_fd.ok_or_else(|| format!("--tap-fd is required\n{USAGE}"))?,
         connect_timeout: timeout,
     })
@@ -91,6 +97,15 @@ fn run(args: Args) -> anyhow::Result<()> {
     // SAFETY: the descriptor is open (checked above) and was handed to this process to own.
     let tap = unsafe { File::from_raw_fd(args.tap_fd) };
     let counters = Arc::new(Counters::default());
+    let connected = Arc::new(AtomicBool::new(false));
+    if let Some(p) = &args.dbus_socket {
+        let (counters, connected, started) = (counters.clone(), connected.clone(), Instant::now());
+        crate::dbus::serve(p, move || crate::dbus::Net1 {
+            counters: counters.clone(),
+            connected: connected.clone(),
+            started,
+        })?;
+    }
     let backend = NetBackend::new(tap, counters.clone())?;
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let mut daemon = VhostUserDaemon::new("bulkhead-net".into(), backend.clone(), mem)
@@ -126,11 +141,13 @@ fn run(args: Args) -> anyhow::Result<()> {
     daemon
         .start(&mut Listener::from(listener))
         .map_err(|e| anyhow::anyhow!("vhost-user daemon: {e}"))?;
+    connected.store(true, Ordering::Relaxed);
     let relay = std::thread::Builder::new()
         .name("relay".into())
         .spawn(move || crate::relay::run(front, back))?;
     // Runs until the front end hangs up (the VM is gone or is shutting down).
     let end = daemon.wait();
+    connected.store(false, Ordering::Relaxed);
     crate::backend::request_exit(&backend);
     let relayed = relay.join();
     tracing::info!(counters = ?counters.values(), "front end gone: {end:?} / relay: {relayed:?}");
@@ -154,5 +171,7 @@ mod tests {
         assert!(args(&["--socket", "/x", "--tap-fd", "x"]).is_err());
         assert!(args(&["--bogus"]).unwrap_err().contains("unknown"));
         assert!(args(&["--tap-fd"]).unwrap_err().contains("needs a value"));
+        let a = args(&["--socket", "/s", "--tap-fd", "4", "--dbus-socket", "/d"]).unwrap();
+        assert_eq!(a.dbus_socket.as_deref(), Some(std::path::Path::new("/d")));
     }
 }

@@ -14,6 +14,10 @@
 
 pub mod backend;
 pub mod cli;
+pub mod dbus;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod header;
 pub mod queues;
 pub mod relay;
