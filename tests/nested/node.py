@@ -334,6 +334,8 @@ kill $fs1 $fs3 2>/dev/null
 # bulkhead run as a user runs it: the embedded bus and bulkheadd start on demand, and
 # bulkhead check picks bulkhead-vmm on this KVM.
 export BULKHEAD_ROOT=/tmp/bhroot BULKHEAD_GUEST_DIR=/opt/guest BULKHEAD_DATA=/tmp/bhdata
+# Components log what they did (the VMM otherwise logs warnings only).
+export BULKHEAD_LOG=info,bulkhead_vhost_net=debug
 backend=$(bulkhead check | sed -n 's/^backend: //p')
 out=$(BULKHEAD_TIMINGS=1 timeout 300 bulkhead run --rm --rootfs /opt/share/rootfs sh -c 'uname -r; exit 7' 2>/tmp/run.err)
 rc4=$?
@@ -371,14 +373,15 @@ sleep 2
 netpid() { ps -o pid,args | grep '[b]ulkhead-net --socket' | awk '{print $1}'; }
 old=$(netpid)
 kill -9 $old
-wait $cl
-sleep 0.5
+# Every line must arrive; give the restarted back end 60 s (L2 under nested KVM is slow).
+for i in $(seq 1 120); do [ "$(wc -l < /tmp/recv.txt)" -ge 200 ] && break; sleep 0.5; done
+kill $cl 2>/dev/null
 new=$(netpid)
 seq 0 199 > /tmp/want.txt
 if cmp -s /tmp/want.txt /tmp/recv.txt && [ -n "$new" ] && [ "$new" != "$old" ]; then kr=0; else kr=1; fi
 echo "NESTED-CASE net-restart rc=$kr lines=$(wc -l < /tmp/recv.txt) old=$old new=$new"
 grep -h "taken back" /tmp/bhroot/run/*/vmm.log 2>/dev/null | tail -1 | sed 's/^/NESTED-NET-LOG /'
-[ $kr = 0 ] || { rc=1; tail -20 /tmp/bhroot/bulkheadd.log; tail -20 /tmp/bhroot/run/*/vmm.log; tail -5 /tmp/bhroot/run/*/net0.log; }
+[ $kr = 0 ] || { rc=1; tail -20 /tmp/bhroot/bulkheadd.log; tail -30 /tmp/bhroot/run/*/vmm.log; tail -30 /tmp/bhroot/run/*/net0.log; head -c 300 /tmp/recv.txt; }
 kill $srvnc 2>/dev/null
 bulkhead rm -f np >/dev/null 2>&1
 left=$($IP -n pod -o link show | grep -c bhtap)

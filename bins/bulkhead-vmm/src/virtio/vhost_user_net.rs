@@ -251,7 +251,7 @@ impl VhostUserNet {
                 Ok(()) => {
                     self.reconnects += 1;
                     self.watch_backend();
-                    tracing::info!(socket = %self.path, ?bases, "vhost-user-net back end taken back");
+                    tracing::warn!(socket = %self.path, ?bases, "vhost-user-net back end taken back");
                 }
                 Err(e) => {
                     tracing::warn!("{e}");
