@@ -364,12 +364,17 @@ rc6=$?
 echo "NESTED-CASE net-reach rc=$rc6 out=$out"
 if [ $rc6 != 0 ] || [ "$out" != NESTED-NET-OK ]; then rc=1; cat /tmp/net.err; tail -20 /tmp/bhroot/bulkheadd.log; fi
 timeout 300 bulkhead run -d --name np --netns /run/netns/pod --rootfs /opt/share/rootfs sleep 600 >/dev/null 2>/tmp/net.err || { rc=1; cat /tmp/net.err; }
-$IP netns exec srv nc -l -p 9000 > /tmp/recv.txt &
+# busybox nc closes the connection when its stdin ends: a fifo held open keeps it open.
+mkfifo /tmp/hold
+$IP netns exec srv nc -l -p 9000 < /tmp/hold > /tmp/recv.txt &
 srvnc=$!
+exec 9>/tmp/hold
 sleep 0.5
 bulkhead exec np sh -c 'i=0; while [ $i -lt 200 ]; do echo $i; i=$((i+1)); usleep 20000; done | nc 10.9.0.1 9000' &
 cl=$!
-sleep 2
+# Kill it mid-stream: once 20 lines are through.
+for i in $(seq 1 120); do [ "$(wc -l < /tmp/recv.txt)" -ge 20 ] && break; sleep 0.25; done
+at=$(wc -l < /tmp/recv.txt)
 netpid() { ps -o pid,args | grep '[b]ulkhead-net --socket' | awk '{print $1}'; }
 old=$(netpid)
 kill -9 $old
@@ -379,9 +384,11 @@ kill $cl 2>/dev/null
 new=$(netpid)
 seq 0 199 > /tmp/want.txt
 if cmp -s /tmp/want.txt /tmp/recv.txt && [ -n "$new" ] && [ "$new" != "$old" ]; then kr=0; else kr=1; fi
-echo "NESTED-CASE net-restart rc=$kr lines=$(wc -l < /tmp/recv.txt) old=$old new=$new"
+echo "NESTED-CASE net-restart rc=$kr lines=$(wc -l < /tmp/recv.txt) killed-at-line=$at old=$old new=$new"
 grep -h "taken back" /tmp/bhroot/run/*/vmm.log 2>/dev/null | tail -1 | sed 's/^/NESTED-NET-LOG /'
-[ $kr = 0 ] || { rc=1; tail -20 /tmp/bhroot/bulkheadd.log; tail -30 /tmp/bhroot/run/*/vmm.log; tail -30 /tmp/bhroot/run/*/net0.log; head -c 300 /tmp/recv.txt; }
+[ $kr = 0 ] || { rc=1; tail -20 /tmp/bhroot/bulkheadd.log; tail -30 /tmp/bhroot/run/*/vmm.log; tail -30 /tmp/bhroot/run/*/net0.log; head -c 300 /tmp/recv.txt
+  $IP -n pod -s link show bhtap0; bulkhead exec np sh -c 'cat /proc/net/dev; grep -i virtio /proc/interrupts; cat /proc/net/snmp | grep -A1 Tcp:'; }
+exec 9>&-
 kill $srvnc 2>/dev/null
 bulkhead rm -f np >/dev/null 2>&1
 left=$($IP -n pod -o link show | grep -c bhtap)

@@ -190,7 +190,7 @@ impl VhostUserNet {
         vhost_user::setup(
             fe,
             self.backend_features & !F_MTU,
-            a.features & PASSED,
+            a.features & (PASSED | VIRTIO_F_VERSION_1),
             &self.regions,
             self.mem_fd,
             &rings,
