@@ -182,27 +182,49 @@ fn mirror(nl: &mut Netlink, index: u32, mtu: u32, tap_name: &str) -> Result<(), 
     Ok(())
 }
 
-/// Taps and filters left by a bulkheadd that died while plumbing this namespace.
+/// Taps and filters left by a bulkheadd that died while plumbing this namespace. Only
+/// ingress qdiscs whose filters redirect to one of our taps are ours; any other (a CNI
+/// bandwidth plugin's, say) is left alone.
 fn clear_stale(nl: &mut Netlink) -> Result<(), NetError> {
-    for l in nl.links()? {
-        if l.name.starts_with(TAP_PREFIX) && l.kind.as_deref() == Some("tun") {
-            let _ = nl.del_link(l.index);
-        } else if l.name != "lo" {
-            // Only our own qdisc is ever there in a namespace the caller just made.
+    let links = nl.links()?;
+    let taps: Vec<u32> = links
+        .iter()
+        .filter(|l| l.name.starts_with(TAP_PREFIX) && l.kind.as_deref() == Some("tun"))
+        .map(|l| l.index)
+        .collect();
+    for l in links
+        .iter()
+        .filter(|l| l.name != "lo" && !taps.contains(&l.index))
+    {
+        let ours = nl
+            .ingress_redirects(l.index)
+            .is_ok_and(|r| r.iter().any(|t| taps.contains(t)));
+        if ours {
             let _ = nl.del_ingress_qdisc(l.index);
         }
+    }
+    for t in taps {
+        let _ = nl.del_link(t);
     }
     Ok(())
 }
 
+/// Remove the tap and the link's ingress qdisc, if that qdisc is ours (it redirects to
+/// the tap): a qdisc the caller made, one that refused ours, stays.
 fn undo_one(nl: &mut Netlink, link: &str, tap_name: &str) {
-    if let Ok(Some(t)) = nl.link_by_name(tap_name) {
-        let _ = nl.del_link(t.index);
-    }
+    let Ok(Some(t)) = nl.link_by_name(tap_name) else {
+        return;
+    };
     if let Ok(Some(l)) = nl.link_by_name(link) {
-        // The qdisc goes with every filter under it; a missing one is fine.
-        let _ = nl.del_ingress_qdisc(l.index);
+        if nl
+            .ingress_redirects(l.index)
+            .is_ok_and(|r| r.contains(&t.index))
+        {
+            // The qdisc goes with every filter under it.
+            let _ = nl.del_ingress_qdisc(l.index);
+        }
     }
+    let _ = nl.del_link(t.index);
 }
 
 fn undo(nl: &mut Netlink, done: &[PlumbedLink]) {
@@ -338,6 +360,57 @@ mod tests {
         // Plumbing again (a crash before the record was saved) starts from a clean slate.
         let again = plumb(&ns.0).unwrap();
         assert_eq!(again, rec);
+        // An ingress qdisc that is not ours (on a link without an address, so not
+        // plumbed) survives that clean-up.
+        ns.ip("link set bare0 up");
+        ns.ip("link set bare1 up");
+        assert!(std::process::Command::new("tc")
+            .args(["-n", ns.0.file_name().unwrap().to_str().unwrap()])
+            .args(["qdisc", "add", "dev", "bare0", "ingress"])
+            .status()
+            .unwrap()
+            .success());
+        let again = plumb(&ns.0).unwrap();
+        assert_eq!(again, rec);
+        let foreign = in_netns(&ns.0, || {
+            let mut nl = Netlink::open()?;
+            let b = nl.link_by_name("bare0")?.unwrap();
+            // Our own qdisc would be refused with EEXIST if the foreign one is there.
+            Ok(nl.add_ingress_qdisc(b.index).err().and_then(|e| e.errno()))
+        })
+        .unwrap();
+        assert_eq!(
+            foreign,
+            Some(libc::EEXIST),
+            "the foreign ingress qdisc was removed"
+        );
+        // A namespace whose plumbed link already has a foreign ingress qdisc: plumbing
+        // fails with the cause named, and the foreign qdisc is not taken down with ours.
+        unplumb(&rec).unwrap();
+        let name = ns.0.file_name().unwrap().to_str().unwrap().to_string();
+        assert!(std::process::Command::new("tc")
+            .args(["-n", &name, "qdisc", "add", "dev", "eth0", "ingress"])
+            .status()
+            .unwrap()
+            .success());
+        let e = plumb(&ns.0).unwrap_err();
+        assert!(e.to_string().contains("ingress qdisc"), "{e}");
+        let kept = std::process::Command::new("tc")
+            .args(["-n", &name, "qdisc", "show", "dev", "eth0", "ingress"])
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&kept.stdout).contains("ingress"));
+        let left = in_netns(&ns.0, || {
+            let mut nl = Netlink::open()?;
+            Ok(nl.link_by_name("bhtap0")?.is_some())
+        })
+        .unwrap();
+        assert!(!left, "the tap of a failed plumbing is removed");
+        std::process::Command::new("tc")
+            .args(["-n", &name, "qdisc", "del", "dev", "eth0", "ingress"])
+            .status()
+            .unwrap();
+        let rec = plumb(&ns.0).unwrap();
 
         unplumb(&rec).unwrap();
         let (links, redirects) = in_netns(&ns.0, || {
