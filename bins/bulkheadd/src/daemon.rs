@@ -794,7 +794,10 @@ impl Daemon {
                 p.counters().await
             };
             match tokio::time::timeout(Duration::from_secs(2), read).await {
-                Ok(Ok(c)) => {
+                Ok(Ok(mut c)) => {
+                    // The back end is a separate (jailed) process: only the counters it
+                    // should have are passed on.
+                    c.retain(|k, _| bulkhead_dbus::net::COUNTER_NAMES.contains(&k.as_str()));
                     out.insert(l.guest.name.clone(), c);
                 }
                 Ok(Err(e)) => tracing::debug!(sandbox = %sid, "net{i} counters: {e}"),
