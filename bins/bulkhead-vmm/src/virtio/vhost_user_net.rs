@@ -57,6 +57,8 @@ const STATUS_LINK_UP: u16 = 1;
 const TOK_LISTEN: u32 = DEVICE_TOKEN_BASE;
 const TOK_CONN: u32 = DEVICE_TOKEN_BASE + 1;
 const QUEUE_SIZE: u16 = 256;
+/// Longest wait for a back end's answer to one vhost-user message.
+const BACKEND_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -158,18 +160,44 @@ impl VhostUserNet {
         Ok(dev)
     }
 
-    /// Handshake with a newly connected back end and make it the current one.
+    /// Handshake with a newly connected back end and make it the current one. The
+    /// handshake runs on a thread of its own and is given [`BACKEND_REPLY_TIMEOUT`]: a
+    /// back end that connects and never answers cannot stall the event loop this runs
+    /// on (its socket is shut down and the thread ends).
     fn take_backend(&mut self, stream: UnixStream) -> Result<(), NetError> {
-        let watch = stream.try_clone().map_err(|source| NetError::Socket {
+        let sock_err = |source| NetError::Socket {
             path: self.path.clone(),
             source,
-        })?;
-        let mut fe = Frontend::from_stream(stream, 2);
-        let features = vhost_user::handshake(&mut fe).map_err(|(what, e)| NetError::Setup {
+        };
+        stream.set_nonblocking(false).map_err(sock_err)?;
+        let watch = stream.try_clone().map_err(sock_err)?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let worker = std::thread::Builder::new()
+            .name("vhost-user-net".into())
+            .spawn(move || {
+                let mut fe = Frontend::from_stream(stream, 2);
+                let r = vhost_user::handshake(&mut fe);
+                let _ = tx.send((fe, r));
+            })
+            .map_err(sock_err)?;
+        let setup_err = |what: &'static str, msg: String| NetError::Setup {
             path: self.path.clone(),
             what,
-            msg: e.to_string(),
-        })?;
+            msg,
+        };
+        let (fe, features) = match rx.recv_timeout(BACKEND_REPLY_TIMEOUT) {
+            Ok((fe, Ok(features))) => (fe, features),
+            Ok((_, Err((what, e)))) => return Err(setup_err(what, e.to_string())),
+            Err(_) => {
+                let _ = watch.shutdown(std::net::Shutdown::Both);
+                let _ = worker.join();
+                return Err(setup_err(
+                    "handshake",
+                    format!("no answer within {BACKEND_REPLY_TIMEOUT:?}"),
+                ));
+            }
+        };
+        let _ = worker.join();
         self.backend_features = features | (self.backend_features & F_MTU);
         self.fe = Some((fe, watch));
         Ok(())
@@ -240,7 +268,6 @@ impl VhostUserNet {
                 continue;
             }
             self.backend_gone();
-            let _ = stream.set_nonblocking(false);
             let bases = self
                 .active
                 .as_ref()
@@ -398,6 +425,46 @@ mod tests {
         assert!(dev.fe.as_ref().is_some_and(|(_, s)| alive(s)));
         drop(dev);
         t.join().unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_back_end_that_never_answers_is_an_error_not_a_hang() {
+        let dir = std::env::temp_dir().join(format!("bh-vun-mute-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("net.sock");
+        let s2 = sock.clone();
+        let mute = std::thread::spawn(move || {
+            let s = loop {
+                match UnixStream::connect(&s2) {
+                    Ok(s) => break s,
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
+            };
+            // Reads what comes and answers nothing, until the VMM hangs up.
+            use std::io::Read;
+            let mut s = s;
+            let mut b = [0u8; 256];
+            while s.read(&mut b).is_ok_and(|n| n > 0) {}
+        });
+        let t = Instant::now();
+        let e = VhostUserNet::listen(
+            &sock,
+            [2, 0, 0, 0, 0, 7],
+            None,
+            vec![],
+            -1,
+            Duration::from_secs(10),
+        )
+        .err()
+        .unwrap();
+        assert!(
+            t.elapsed() < BACKEND_REPLY_TIMEOUT + Duration::from_secs(2),
+            "{:?}",
+            t.elapsed()
+        );
+        assert!(e.to_string().contains("no answer within"), "{e}");
+        mute.join().unwrap();
         std::fs::remove_dir_all(dir).unwrap();
     }
 
