@@ -309,9 +309,7 @@ impl Netlink {
 
     /// Add the ingress qdisc (`tc qdisc add dev <index> ingress`).
     pub fn add_ingress_qdisc(&mut self, index: u32) -> Result<()> {
-        let mut m = TcMessage::with_index(index as i32);
-        m.header.parent = TcHandle::INGRESS;
-        m.header.handle = TcHandle::from(0xffff_0000);
+        let mut m = ingress_qdisc(index);
         m.attributes.push(TcAttribute::Kind("ingress".into()));
         self.ack(
             &format!("add ingress qdisc to link {index}"),
@@ -322,12 +320,9 @@ impl Netlink {
 
     /// Remove the ingress qdisc and with it every filter under it.
     pub fn del_ingress_qdisc(&mut self, index: u32) -> Result<()> {
-        let mut m = TcMessage::with_index(index as i32);
-        m.header.parent = TcHandle::INGRESS;
-        m.header.handle = TcHandle::from(0xffff_0000);
         self.ack(
             &format!("delete ingress qdisc of link {index}"),
-            RouteNetlinkMessage::DelQueueDiscipline(m),
+            RouteNetlinkMessage::DelQueueDiscipline(ingress_qdisc(index)),
             0,
         )
     }
@@ -337,7 +332,7 @@ impl Netlink {
     ///  action mirred egress redirect dev <to>`.
     pub fn add_redirect(&mut self, from: u32, to: u32) -> Result<()> {
         let mut m = TcMessage::with_index(from as i32);
-        m.header.parent = TcHandle::from(0xffff_0000);
+        m.header.parent = TcHandle::from(INGRESS_HANDLE);
         m.header.info = u32::from(TcHandle {
             major: 1,
             minor: ETH_P_ALL_BE,
@@ -375,7 +370,7 @@ impl Netlink {
     /// or an operator sees that the mirroring is in place.
     pub fn ingress_redirects(&mut self, index: u32) -> Result<Vec<u32>> {
         let mut m = TcMessage::with_index(index as i32);
-        m.header.parent = TcHandle::from(0xffff_0000);
+        m.header.parent = TcHandle::from(INGRESS_HANDLE);
         let mut out = Vec::new();
         for r in self.request(
             &format!("list filters of link {index}"),
@@ -414,6 +409,17 @@ impl Netlink {
     fn ack(&mut self, what: &str, msg: RouteNetlinkMessage, flags: u16) -> Result<()> {
         self.request(what, msg, flags).map(|_| ())
     }
+}
+
+/// The ingress qdisc's handle (`ffff:`), which is also the parent of its filters.
+const INGRESS_HANDLE: u32 = 0xffff_0000;
+
+/// The ingress qdisc of link `index`, as add and delete name it.
+fn ingress_qdisc(index: u32) -> TcMessage {
+    let mut m = TcMessage::with_index(index as i32);
+    m.header.parent = TcHandle::INGRESS;
+    m.header.handle = TcHandle::from(INGRESS_HANDLE);
+    m
 }
 
 fn link_from(l: LinkMessage) -> Link {

@@ -98,8 +98,6 @@ pub struct VhostUserNet {
     regions: Vec<RamRegion>,
     mem_fd: RawFd,
     active: Option<Active>,
-    /// Back ends taken back after the first.
-    pub reconnects: u64,
 }
 
 impl VhostUserNet {
@@ -151,7 +149,6 @@ impl VhostUserNet {
             regions,
             mem_fd,
             active: None,
-            reconnects: 0,
         };
         dev.take_backend(stream)?;
         if mtu.is_some() {
@@ -276,7 +273,6 @@ impl VhostUserNet {
             let r = self.take_backend(stream).and_then(|()| self.setup(&bases));
             match r {
                 Ok(()) => {
-                    self.reconnects += 1;
                     self.watch_backend();
                     tracing::warn!(socket = %self.path, ?bases, "vhost-user-net back end taken back");
                 }
@@ -357,16 +353,21 @@ impl VirtioDevice for VhostUserNet {
 mod tests {
     use super::*;
 
+    /// Connect to `path` as a back end does, once the VMM listens there.
+    fn connect_when_listening(path: &Path) -> UnixStream {
+        loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(_) => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
+    }
+
     /// A stand-in back end: answers the handshake the way bulkhead-net does.
     fn fake_backend(path: std::path::PathBuf, features: u64) -> std::thread::JoinHandle<()> {
         std::thread::spawn(move || {
             use std::io::{Read, Write};
-            let mut s = loop {
-                match UnixStream::connect(&path) {
-                    Ok(s) => break s,
-                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
-                }
-            };
+            let mut s = connect_when_listening(&path);
             let mut hdr = [0u8; 12];
             while s.read_exact(&mut hdr).is_ok() {
                 let req = u32::from_le_bytes(hdr[0..4].try_into().unwrap());
@@ -435,12 +436,7 @@ mod tests {
         let sock = dir.join("net.sock");
         let s2 = sock.clone();
         let mute = std::thread::spawn(move || {
-            let s = loop {
-                match UnixStream::connect(&s2) {
-                    Ok(s) => break s,
-                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
-                }
-            };
+            let s = connect_when_listening(&s2);
             // Reads what comes and answers nothing, until the VMM hangs up.
             use std::io::Read;
             let mut s = s;
