@@ -8,8 +8,7 @@
 //! - `qemu`: virtiofsd and vhost-device-vsock (vhost-user back ends), then QEMU
 //!   `-M microvm,acpi=on` on KVM, or on TCG where KVM cannot boot a stock kernel.
 
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -27,21 +26,43 @@ pub const SHARE_TAG: &str = "bulkhead";
 pub const GUEST_SHARED: &str = "/run/bulkhead/shared";
 
 /// One process to start, and the socket it must have created before the next starts.
+/// `command` names the program and its arguments only: [`crate::jail::command`] turns
+/// it into what is run (the program under `bulkhead-jailer`, or as it is).
 pub struct ComponentSpec {
     pub name: String,
     pub command: Command,
     pub ready_socket: Option<PathBuf>,
-    /// Descriptors the command hands to the child; held until it has started.
-    pub fds: Vec<OwnedFd>,
+    /// Descriptors handed to the child at the given numbers; held until it has started.
+    pub fds: Vec<(OwnedFd, i32)>,
+    /// What its jail must hold besides the sandbox's `vm/` directory and system libraries.
+    pub needs: Needs,
+}
+
+/// What a component needs in its jail.
+#[derive(Debug, Default, Clone)]
+pub struct Needs {
+    pub read_only: Vec<PathBuf>,
+    pub read_write: Vec<PathBuf>,
+    /// `/dev/kvm`.
+    pub kvm: bool,
+    /// Run as root with these capabilities (and no others): only for a component that
+    /// must act as any user, which is virtiofsd's job.
+    pub root_caps: Vec<&'static str>,
+    /// RLIMIT_NOFILE, when the jail's default (4096) is too few.
+    pub max_files: Option<u64>,
+    /// It builds a sandbox of its own with mount(2) and pivot_root(2), which a landlock
+    /// ruleset would forbid: no landlock.
+    pub sandboxes_itself: bool,
 }
 
 impl ComponentSpec {
-    fn new(name: &str, command: Command, ready_socket: Option<PathBuf>) -> Self {
+    fn new(name: &str, command: Command, ready_socket: Option<PathBuf>, needs: Needs) -> Self {
         ComponentSpec {
             name: name.into(),
             command,
             ready_socket,
             fds: vec![],
+            needs,
         }
     }
 }
@@ -53,12 +74,12 @@ pub fn net_component_name(i: usize) -> String {
 
 /// The vhost-user socket of interface `i`: the VMM listens, `bulkhead-net` connects.
 pub fn net_socket(rec: &SandboxRec, i: usize) -> PathBuf {
-    rec.run_dir.join(format!("net{i}.sock"))
+    rec.vm_dir().join(format!("net{i}.sock"))
 }
 
 /// Where `bulkhead-net` for interface `i` serves `org.bulkhead.Net1` (peer to peer).
 pub fn net_dbus_socket(rec: &SandboxRec, i: usize) -> PathBuf {
-    rec.run_dir.join(format!("net{i}.dbus"))
+    rec.vm_dir().join(format!("net{i}.dbus"))
 }
 
 /// `bulkhead-net` for the pod's interface `i`, handed its tap (opened here, in the pod's
@@ -77,24 +98,8 @@ pub fn bulkhead_net(cfg: &Config, rec: &SandboxRec, i: usize) -> Result<Componen
         .arg("--dbus-socket")
         .arg(net_dbus_socket(rec, i))
         .args(["--tap-fd", "3"]);
-    let raw = tap.as_raw_fd();
-    // SAFETY: dup2 and fcntl are async-signal-safe; `raw` stays open in the parent until
-    // the child has started (the spec holds it).
-    unsafe {
-        c.pre_exec(move || {
-            let r = if raw == 3 {
-                libc::fcntl(3, libc::F_SETFD, 0)
-            } else {
-                libc::dup2(raw, 3)
-            };
-            if r < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut spec = ComponentSpec::new(&net_component_name(i), c, None);
-    spec.fds.push(tap);
+    let mut spec = ComponentSpec::new(&net_component_name(i), c, None, Needs::default());
+    spec.fds.push((tap, 3));
     Ok(spec)
 }
 
@@ -140,14 +145,50 @@ fn host_tsc_khz() -> Option<u64> {
     Some((mhz * 1000.0) as u64)
 }
 
+/// What virtiofsd needs: to serve files as their owners (it creates files for any uid,
+/// changes owners and modes), and, to build its namespace sandbox, CAP_SYS_ADMIN and
+/// CAP_SETPCAP, which it drops itself before it serves the guest (it keeps the first
+/// eight).
+const VIRTIOFSD_CAPS: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_MKNOD",
+    "CAP_SETFCAP",
+    "CAP_SYS_ADMIN",
+    "CAP_SETPCAP",
+];
+
 fn virtiofsd(cfg: &Config, rec: &SandboxRec) -> Result<ComponentSpec, PlanError> {
-    let sock = rec.run_dir.join("fs.sock");
+    let sock = rec.vm_dir().join("fs.sock");
     let mut c = Command::new(need(cfg, Binary::Virtiofsd)?);
     c.arg(format!("--socket-path={}", sock.display()))
         .arg(format!("--shared-dir={}", rec.shared_dir().display()))
-        // Jailing virtiofsd (namespace sandbox, seccomp) is the jailer's work.
-        .args(["--sandbox=none", "--cache=never", "--announce-submounts"]);
-    Ok(ComponentSpec::new("virtiofsd", c, Some(sock)))
+        // Inside the jail, its own namespace sandbox (pivoted into the shared directory)
+        // and its own seccomp filter.
+        .args(["--sandbox=namespace", "--seccomp=kill"])
+        // File handles would need CAP_DAC_READ_SEARCH (open_by_handle_at reads any file).
+        .args([
+            "--inode-file-handles=never",
+            "--cache=never",
+            "--announce-submounts",
+        ]);
+    Ok(ComponentSpec::new(
+        "virtiofsd",
+        c,
+        Some(sock),
+        Needs {
+            read_write: vec![rec.shared_dir()],
+            root_caps: VIRTIOFSD_CAPS.to_vec(),
+            // One descriptor per inode the guest holds open.
+            max_files: Some(1_000_000),
+            sandboxes_itself: true,
+            ..Needs::default()
+        },
+    ))
 }
 
 /// The components of `rec` on its backend, in start order.
@@ -164,8 +205,9 @@ pub fn plan(cfg: &Config, rec: &SandboxRec, tcg: bool) -> Result<Vec<ComponentSp
             )));
         }
     }
-    let run = &rec.run_dir;
-    let serial = run.join("serial.log");
+    let vm = rec.vm_dir();
+    let serial = vm.join("serial.log");
+    let image = vec![kernel.clone(), initrd.clone()];
     let nics = rec.network.as_ref().map_or(0, |n| n.links.len());
     let mut out = vec![virtiofsd(cfg, rec)?];
     match backend {
@@ -189,7 +231,7 @@ pub fn plan(cfg: &Config, rec: &SandboxRec, tcg: bool) -> Result<Vec<ComponentSp
                 .arg("--fs")
                 .arg(format!(
                     "tag={SHARE_TAG},socket={}",
-                    run.join("fs.sock").display()
+                    vm.join("fs.sock").display()
                 ))
                 .arg("--rng");
             for (i, l) in rec.network.iter().flat_map(|n| n.links.iter()).enumerate() {
@@ -201,10 +243,19 @@ pub fn plan(cfg: &Config, rec: &SandboxRec, tcg: bool) -> Result<Vec<ComponentSp
                     l.guest.mtu.min(65535)
                 ));
             }
-            out.push(ComponentSpec::new("vmm", c, None));
+            out.push(ComponentSpec::new(
+                "vmm",
+                c,
+                None,
+                Needs {
+                    read_only: image,
+                    kvm: true,
+                    ..Needs::default()
+                },
+            ));
         }
         Backend::Qemu => {
-            let vu = run.join("vsock-vu.sock");
+            let vu = vm.join("vsock-vu.sock");
             let mut v = Command::new(need(cfg, Binary::VhostDeviceVsock)?);
             v.arg("--vm").arg(format!(
                 "guest-cid={GUEST_CID},socket={},uds-path={}",
@@ -215,19 +266,30 @@ pub fn plan(cfg: &Config, rec: &SandboxRec, tcg: bool) -> Result<Vec<ComponentSp
                 "vhost-device-vsock",
                 v,
                 Some(vu.clone()),
+                Needs::default(),
             ));
             for i in 0..nics {
                 out.push(bulkhead_net(cfg, rec, i)?);
             }
+            let mut read_only = image;
+            read_only.push(QEMU_FIRMWARE.into());
             out.push(ComponentSpec::new(
                 "vmm",
                 qemu_command(cfg, rec, &kernel, &initrd, &serial, &vu, tcg)?,
                 None,
+                Needs {
+                    read_only,
+                    kvm: !tcg,
+                    ..Needs::default()
+                },
             ));
         }
     }
     Ok(out)
 }
+
+/// QEMU's firmware (microvm's qboot) and keymaps.
+const QEMU_FIRMWARE: &str = "/usr/share/qemu";
 
 fn qemu_command(
     cfg: &Config,
@@ -269,7 +331,7 @@ fn qemu_command(
         .arg("-chardev")
         .arg(format!(
             "socket,id=fs,path={}",
-            rec.run_dir.join("fs.sock").display()
+            rec.vm_dir().join("fs.sock").display()
         ))
         .args([
             "-device",
@@ -298,7 +360,7 @@ fn qemu_command(
         .arg("-monitor")
         .arg(format!(
             "unix:{},server=on,wait=off",
-            rec.run_dir.join("qemu-monitor.sock").display()
+            rec.vm_dir().join("qemu-monitor.sock").display()
         ));
     Ok(c)
 }

@@ -16,7 +16,7 @@ use zbus::zvariant::OwnedObjectPath;
 use crate::agent::Agent;
 use crate::backend::{self, GUEST_SHARED};
 use crate::store::{Component, ContainerRec, SandboxRec, Store};
-use crate::{api, mounts, supervisor};
+use crate::{api, jail, mounts, supervisor};
 
 pub struct Daemon {
     pub cfg: Config,
@@ -187,7 +187,13 @@ fn share_bind_mounts(
 
 /// Wait until each component has created its socket; a component that exits first, or
 /// takes over 10 s, fails the sandbox with the tail of its log.
-async fn wait_sockets(pending: &[(Component, PathBuf, PathBuf)]) -> Result<(), Error> {
+/// Wait for each back end's socket. In a jailed sandbox the sockets are then handed to
+/// the jail uid: a back end that runs as root (virtiofsd) makes its socket root's, and
+/// the VMM must be able to connect to it.
+async fn wait_sockets(
+    pending: &[(Component, PathBuf, PathBuf)],
+    jail_uid: Option<u32>,
+) -> Result<(), Error> {
     let deadline = Instant::now() + Duration::from_secs(10);
     for (comp, sock, log) in pending {
         while !sock.exists() {
@@ -200,6 +206,12 @@ async fn wait_sockets(pending: &[(Component, PathBuf, PathBuf)]) -> Result<(), E
                 )));
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        if let Some(uid) = jail_uid {
+            std::os::unix::fs::lchown(sock, Some(uid), Some(uid)).map_err(io_err(&format!(
+                "cannot hand {} to the jail",
+                sock.display()
+            )))?;
         }
     }
     Ok(())
@@ -373,6 +385,7 @@ impl Daemon {
             timings: Default::default(),
             hostname,
             network: None,
+            jail_uid: None,
         };
         let sb = Arc::new(Sandbox {
             id: id.clone(),
@@ -387,10 +400,26 @@ impl Daemon {
             if map.contains_key(&id) {
                 return Err(Error::AlreadyExists(format!("sandbox {id:?} exists")));
             }
+            if self.cfg.jail.enabled() {
+                let used: Vec<u32> = map.values().filter_map(|s| s.snapshot().jail_uid).collect();
+                let uid = jail::allocate_uid(&self.cfg, &used).ok_or_else(|| {
+                    Error::FailedPrecondition(format!(
+                        "every jail uid of the configured range ({}) is in use",
+                        self.cfg.jail.uid_count
+                    ))
+                })?;
+                sb.rec.lock().expect("rec lock").jail_uid = Some(uid);
+            }
             map.insert(id.clone(), sb.clone());
         }
         let created = async {
-            std::fs::create_dir_all(sb.snapshot().shared_dir())
+            let rec = sb.snapshot();
+            std::fs::create_dir_all(rec.shared_dir())
+                .and_then(|()| jail::make_vm_dir(&rec))
+                .and_then(|()| match rec.jail_uid {
+                    Some(_) => mounts::make_shared(&rec.shared_dir()),
+                    None => Ok(()),
+                })
                 .map_err(io_err("cannot create the sandbox's directories"))?;
             self.save(&sb);
             if let Some(conn) = self.conn() {
@@ -432,10 +461,10 @@ impl Daemon {
         let specs = backend::plan(&self.cfg, &rec, self.tcg).map_err(|e| Error::Backend(e.0))?;
         // Back ends start together; the VMM starts once every socket it connects to is there.
         let mut pending: Vec<(Component, PathBuf, PathBuf)> = vec![];
-        for mut spec in specs {
+        for spec in specs {
             let log = rec.run_dir.join(format!("{}.log", spec.name));
             if spec.ready_socket.is_none() {
-                wait_sockets(&std::mem::take(&mut pending)).await?;
+                wait_sockets(&std::mem::take(&mut pending), rec.jail_uid).await?;
             }
             if spec.name == "vmm" {
                 let us = t0.elapsed().as_micros() as u64;
@@ -445,8 +474,10 @@ impl Daemon {
                     .timings
                     .insert("vmm_exec".into(), us);
             }
-            let comp = supervisor::spawn(&spec.name, &mut spec.command, &log)
+            let mut cmd = jail::command(&self.cfg, &rec, &spec).map_err(|e| Error::Backend(e.0))?;
+            let comp = supervisor::spawn(&spec.name, &mut cmd, &log)
                 .map_err(|e| Error::Backend(format!("cannot start {}: {e}", spec.name)))?;
+            drop(spec.fds);
             tracing::debug!(sandbox = %sb.id, "started {} pid {}", comp.name, comp.pid);
             self.update(
                 sb,
@@ -462,7 +493,7 @@ impl Daemon {
                 pending.push((comp, sock, log));
             }
         }
-        wait_sockets(&pending).await?;
+        wait_sockets(&pending, rec.jail_uid).await?;
         sb.rec
             .lock()
             .expect("rec lock")
@@ -471,15 +502,14 @@ impl Daemon {
         let vmm = sb
             .vmm()
             .ok_or_else(|| Error::Backend("no VMM component".into()))?;
-        let run = rec.run_dir.clone();
-        let serial = run.join("serial.log");
+        let serial = rec.vm_dir().join("serial.log");
         sb.agent
             .wait_ready(Duration::from_secs(self.cfg.boot_timeout_s), || {
                 (!supervisor::alive(&vmm)).then(|| {
                     format!(
                         "the VMM exited while the guest booted: {} / serial: {}",
-                        log_tail(&run.join("vmm.log")),
-                        log_tail(&run.join("serial.log"))
+                        log_tail(&rec.run_dir.join("vmm.log")),
+                        log_tail(&serial)
                     )
                 })
             })
@@ -618,9 +648,10 @@ impl Daemon {
         let rec = sb.snapshot();
         let cfg = self.cfg.clone();
         let comp = tokio::task::spawn_blocking(move || {
-            let mut spec = backend::bulkhead_net(&cfg, &rec, i).map_err(|e| e.0)?;
+            let spec = backend::bulkhead_net(&cfg, &rec, i).map_err(|e| e.0)?;
             let log = rec.run_dir.join(format!("{}.log", spec.name));
-            supervisor::spawn(&spec.name, &mut spec.command, &log).map_err(|e| e.to_string())
+            let mut cmd = jail::command(&cfg, &rec, &spec).map_err(|e| e.0)?;
+            supervisor::spawn(&spec.name, &mut cmd, &log).map_err(|e| e.to_string())
         })
         .await
         .map_err(|e| e.to_string())??;
@@ -696,6 +727,7 @@ impl Daemon {
         }
         let rec = sb.snapshot();
         supervisor::stop_all(&rec.components, Duration::from_secs(2)).await;
+        jail::remove_cgroup(&rec);
         if let Some(net) = rec.network.clone() {
             match tokio::task::spawn_blocking(move || crate::net::unplumb(&net)).await {
                 Ok(Ok(())) => {}

@@ -7,6 +7,7 @@ pub mod agent;
 pub mod api;
 pub mod backend;
 pub mod daemon;
+pub mod jail;
 pub mod mounts;
 pub mod net;
 pub mod store;

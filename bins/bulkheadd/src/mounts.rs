@@ -45,6 +45,26 @@ pub fn bind(src: &Path, dst: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Make `dir` a mount of its own with shared propagation, so that what is mounted under
+/// it later (container root file systems) also appears in a jailed virtiofsd's mount
+/// namespace, whose copy of `dir` is a slave of this one.
+pub fn make_shared(dir: &Path) -> io::Result<()> {
+    let d = cstr(dir)?;
+    for flags in [libc::MS_BIND, libc::MS_SHARED] {
+        let src = if flags == libc::MS_BIND {
+            d.as_ptr()
+        } else {
+            std::ptr::null()
+        };
+        // SAFETY: NUL-terminated path living across the call; no data.
+        let rc = unsafe { libc::mount(src, d.as_ptr(), std::ptr::null(), flags, std::ptr::null()) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// An overlay at `target`: `lower` read-only below a private `upper` (with `work`), so
 /// a container writes to its own layer and never into a shared image.
 pub fn overlay(lower: &Path, upper: &Path, work: &Path, target: &Path) -> io::Result<()> {

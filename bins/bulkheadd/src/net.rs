@@ -248,14 +248,28 @@ pub fn unplumb(rec: &NetRec) -> Result<(), NetError> {
 
 /// Open the persistent tap `name` in `netns` again, for a (re)started back end.
 pub fn open_tap(netns: &Path, name: &str) -> Result<OwnedFd, NetError> {
-    in_netns(netns, || {
-        tap::open(name, true)
-            .map(OwnedFd::from)
-            .map_err(|source| NetError::Tap {
-                name: name.into(),
-                source,
-            })
-    })
+    // A back end killed a moment ago may still hold the tap while the kernel tears the
+    // process down (its jailer is reported dead first): give that a moment.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        let r = in_netns(netns, || {
+            tap::open(name, true)
+                .map(OwnedFd::from)
+                .map_err(|source| NetError::Tap {
+                    name: name.into(),
+                    source,
+                })
+        });
+        match r {
+            Err(NetError::Tap { source, .. })
+                if source.kind() == std::io::ErrorKind::ResourceBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            other => return other,
+        }
+    }
 }
 
 #[cfg(test)]

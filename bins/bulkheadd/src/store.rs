@@ -48,12 +48,21 @@ pub struct SandboxRec {
     /// The pod's network namespace as plumbed for the guest; `None` without a network.
     #[serde(default)]
     pub network: Option<crate::net::NetRec>,
+    /// The uid (and gid) its jailed components run as; `None` when not jailed.
+    #[serde(default)]
+    pub jail_uid: Option<u32>,
 }
 
 impl SandboxRec {
+    /// What the jailed components may write: their sockets and the serial log. Owned
+    /// by the sandbox's jail uid; the rest of the run directory is not theirs.
+    pub fn vm_dir(&self) -> PathBuf {
+        self.run_dir.join("vm")
+    }
+
     /// The hybrid vsock socket through which the agent is reached.
     pub fn vsock_socket(&self) -> PathBuf {
-        self.run_dir.join("vsock.sock")
+        self.vm_dir().join("vsock.sock")
     }
 
     /// The directory virtiofsd shares with the guest.
@@ -133,6 +142,7 @@ mod tests {
             created_at_us: 1,
             state: "running".into(),
             run_dir: "/run/x".into(),
+            jail_uid: None,
             components: vec![Component {
                 name: "vmm".into(),
                 pid: 42,

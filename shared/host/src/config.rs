@@ -33,6 +33,39 @@ pub struct Config {
     pub virtiofsd: Option<PathBuf>,
     pub vhost_device_vsock: Option<PathBuf>,
     pub bulkhead_net: Option<PathBuf>,
+    pub bulkhead_jailer: Option<PathBuf>,
+    /// How host components are jailed.
+    pub jail: JailConfig,
+}
+
+/// Every host component (VMM, vhost-user back ends) starts under `bulkhead-jailer` with
+/// a uid of its sandbox's own, from `uid_base .. uid_base + uid_count` (the gid is the
+/// same number). The range must be used by nothing else on the host.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct JailConfig {
+    /// Unset: on when bulkheadd runs as root (jailing needs it), off otherwise.
+    pub enabled: Option<bool>,
+    pub uid_base: u32,
+    pub uid_count: u32,
+}
+
+impl Default for JailConfig {
+    fn default() -> Self {
+        JailConfig {
+            enabled: None,
+            uid_base: 1_000_000_000,
+            uid_count: 65536,
+        }
+    }
+}
+
+impl JailConfig {
+    pub fn enabled(&self) -> bool {
+        // SAFETY: geteuid has no preconditions.
+        self.enabled
+            .unwrap_or_else(|| unsafe { libc::geteuid() } == 0)
+    }
 }
 
 impl Default for Config {
@@ -50,6 +83,8 @@ impl Default for Config {
             virtiofsd: None,
             vhost_device_vsock: None,
             bulkhead_net: None,
+            bulkhead_jailer: None,
+            jail: JailConfig::default(),
         }
     }
 }
@@ -126,6 +161,13 @@ impl Config {
                 self.memory_mib
             )));
         }
+        let j = &self.jail;
+        if j.uid_base == 0 || j.uid_count == 0 || j.uid_base.checked_add(j.uid_count).is_none() {
+            return Err(ConfigError::Invalid(format!(
+                "jail uid range {} + {}: want a non-empty range above 0 within 32 bits",
+                j.uid_base, j.uid_count
+            )));
+        }
         if let Some(b) = &self.default_backend {
             if Backend::parse(b).is_none() {
                 return Err(ConfigError::Invalid(format!(
@@ -156,6 +198,7 @@ impl Config {
             Binary::Virtiofsd => &self.virtiofsd,
             Binary::VhostDeviceVsock => &self.vhost_device_vsock,
             Binary::BulkheadNet => &self.bulkhead_net,
+            Binary::BulkheadJailer => &self.bulkhead_jailer,
             Binary::Bulkheadd | Binary::Bulkhead => &None,
         };
         if let Some(p) = configured {
@@ -175,6 +218,7 @@ pub enum Binary {
     Virtiofsd,
     VhostDeviceVsock,
     BulkheadNet,
+    BulkheadJailer,
 }
 
 impl Binary {
@@ -187,6 +231,7 @@ impl Binary {
             Binary::Virtiofsd => "virtiofsd",
             Binary::VhostDeviceVsock => "vhost-device-vsock",
             Binary::BulkheadNet => "bulkhead-net",
+            Binary::BulkheadJailer => "bulkhead-jailer",
         }
     }
 
@@ -194,9 +239,10 @@ impl Binary {
         match self {
             Binary::Virtiofsd => &["/opt/virtiofsd/bin", "/usr/libexec", "/usr/lib/qemu"],
             Binary::VhostDeviceVsock => &["/opt/vhost-device-vsock/bin", "/usr/libexec"],
-            Binary::Bulkheadd | Binary::BulkheadVmm | Binary::BulkheadNet => {
-                &["/usr/libexec/bulkhead"]
-            }
+            Binary::Bulkheadd
+            | Binary::BulkheadVmm
+            | Binary::BulkheadNet
+            | Binary::BulkheadJailer => &["/usr/libexec/bulkhead"],
             _ => &[],
         }
     }

@@ -52,6 +52,48 @@ impl Net1 {
     }
 }
 
+/// A peer's stream whose credentials are read without its pid. bulkheadd runs outside
+/// the jail's PID namespace, where the kernel reports its pid as 0, which zbus's own
+/// credentials reader cannot take; the handshake needs only the uid.
+#[derive(Debug)]
+struct PeerStream(tokio::net::UnixStream);
+
+#[derive(Debug)]
+struct PeerRead(tokio::net::unix::OwnedReadHalf);
+
+impl zbus::connection::Socket for PeerStream {
+    type ReadHalf = PeerRead;
+    type WriteHalf = tokio::net::unix::OwnedWriteHalf;
+
+    fn split(self) -> zbus::connection::socket::Split<PeerRead, Self::WriteHalf> {
+        let (r, w) = self.0.into_split();
+        zbus::connection::socket::Split::new(PeerRead(r), w)
+    }
+}
+
+#[async_trait::async_trait]
+impl zbus::connection::socket::ReadHalf for PeerRead {
+    async fn recvmsg(
+        &mut self,
+        buf: &mut [u8],
+    ) -> std::io::Result<(usize, Vec<std::os::fd::OwnedFd>)> {
+        zbus::connection::socket::ReadHalf::recvmsg(&mut self.0, buf).await
+    }
+
+    fn can_pass_unix_fd(&self) -> bool {
+        false
+    }
+
+    async fn peer_credentials(&mut self) -> std::io::Result<zbus::fdo::ConnectionCredentials> {
+        use std::os::fd::AsFd;
+        let cred = nix::sys::socket::getsockopt(
+            &self.0.as_ref().as_fd(),
+            nix::sys::socket::sockopt::PeerCredentials,
+        )?;
+        Ok(zbus::fdo::ConnectionCredentials::default().set_unix_user_id(cred.uid()))
+    }
+}
+
 /// Serve `Net1` to every peer that connects to `socket`, until the process ends.
 pub fn serve(socket: &Path, iface: impl Fn() -> Net1 + Send + 'static) -> std::io::Result<()> {
     let _ = std::fs::remove_file(socket);
@@ -74,7 +116,7 @@ pub fn serve(socket: &Path, iface: impl Fn() -> Net1 + Send + 'static) -> std::i
                 let mut conns = Vec::new();
                 while let Ok((stream, _)) = listener.accept().await {
                     let built = async {
-                        zbus::connection::Builder::unix_stream(stream)
+                        zbus::connection::Builder::socket(PeerStream(stream))
                             .server(zbus::Guid::generate())?
                             .p2p()
                             .serve_at(NET_PATH, iface())?

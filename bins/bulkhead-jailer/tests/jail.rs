@@ -1,0 +1,354 @@
+//! The jailer binary on real processes: what a jailed program can see and do, its exit
+//! status and signals, and the baseline seccomp filter. Needs root (namespaces, mounts,
+//! uids), as the jailer does in production.
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use jailer::posture::{self, Report};
+use jailer::Jail;
+
+const JAILER: &str = env!("CARGO_BIN_EXE_bulkhead-jailer");
+const UID: u32 = 1_999_000_123;
+
+fn need_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the jailer tests need root (as the jailer does)"
+    );
+}
+
+/// A scratch directory with an empty jail root and a writable directory owned by UID.
+struct Scratch {
+    dir: PathBuf,
+}
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("bh-jail-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("root")).unwrap();
+        std::fs::create_dir_all(dir.join("rw")).unwrap();
+        std::os::unix::fs::chown(dir.join("rw"), Some(UID), Some(UID)).unwrap();
+        Scratch { dir }
+    }
+
+    fn jail(&self, name: &str, program: &Path, args: &[&str]) -> Jail {
+        let mut j = Jail::new("test", name, self.dir.join("root"), program.into());
+        j.uid = UID;
+        j.gid = UID;
+        j.read_only = [
+            "/usr/bin",
+            "/usr/lib",
+            "/usr/lib64",
+            "/lib",
+            "/lib64",
+            "/bin",
+        ]
+        .iter()
+        .map(PathBuf::from)
+        .filter(|p| p.symlink_metadata().is_ok())
+        .collect();
+        j.read_write = vec![self.dir.join("rw")];
+        j.report = Some(self.dir.join("report.json"));
+        j.args = args.iter().map(Into::into).collect();
+        j
+    }
+
+    fn report(&self) -> Report {
+        serde_json::from_slice(&std::fs::read(self.dir.join("report.json")).unwrap()).unwrap()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn run(j: &Jail) -> Output {
+    Command::new(JAILER)
+        .args(j.to_args())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn sh(s: &Scratch, script: &str) -> (Output, String) {
+    let o = run(&s.jail("sh", Path::new("/bin/sh"), &["-c", script]));
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    (o, text)
+}
+
+#[test]
+fn a_jailed_program_sees_only_its_root_with_no_privilege() {
+    need_root();
+    let s = Scratch::new("view");
+    let rw = s.dir.join("rw");
+    let script = format!(
+        "id -u; id -g; grep -E '^(Cap|NoNewPrivs|Seccomp)' /proc/self/status; \
+         ls / 2>&1 | head -1; ls /etc 2>&1 | head -1; \
+         echo written > {rw}/f && echo rw-ok; touch /usr/lib/x 2>&1; touch /new 2>&1; \
+         env; echo pid=$$",
+        rw = rw.display()
+    );
+    let mut j = s.jail("sh", Path::new("/bin/sh"), &["-c", &script]);
+    j.env = vec![("ONLY".into(), "this".into())];
+    let o = run(&j);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{o:?}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], UID.to_string());
+    assert_eq!(lines[1], UID.to_string());
+    for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert!(
+            out.contains(&format!("{set}:\t0000000000000000")),
+            "{set} not empty: {out}"
+        );
+    }
+    assert!(out.contains("NoNewPrivs:\t1"), "{out}");
+    assert!(out.contains("Seccomp:\t2"), "{out}");
+    // `/` exists in its mount namespace, but landlock does not let it list it.
+    assert!(
+        out.contains("ls: cannot open directory '/': Permission denied"),
+        "{out}"
+    );
+    assert!(
+        out.contains("/etc") && out.contains("No such file"),
+        "{out}"
+    );
+    assert!(out.contains("rw-ok"), "{out}");
+    assert_eq!(std::fs::read_to_string(rw.join("f")).unwrap(), "written\n");
+    assert!(
+        out.contains("/usr/lib/x") && out.contains("Read-only"),
+        "{out}"
+    );
+    assert!(out.contains("/new"), "{out}");
+    assert!(!rw.parent().unwrap().join("root/new").exists());
+    // The environment is exactly what was given (sh adds PWD).
+    let env: Vec<&str> = lines
+        .iter()
+        .filter(|l| l.contains('=') && !l.starts_with("pid="))
+        .copied()
+        .collect();
+    assert!(env.contains(&"ONLY=this"), "{env:?}");
+    assert!(
+        env.iter()
+            .all(|l| l.starts_with("ONLY=") || l.starts_with("PWD=")),
+        "{env:?}"
+    );
+    // PID 1 of its own namespace.
+    assert!(out.contains("pid=1"), "{out}");
+
+    let r = s.report();
+    assert_eq!((r.uid, r.gid), (UID, UID));
+    assert!(r.capabilities.is_empty());
+    assert_eq!(r.net, "new");
+    if r.landlock.kernel_abi >= 1 {
+        assert_ne!(r.landlock.status, "not enforced", "{r:?}");
+    }
+    assert!(r.seccomp.starts_with("baseline"), "{r:?}");
+}
+
+#[test]
+fn only_the_descriptors_handed_on_stay_open() {
+    need_root();
+    let s = Scratch::new("fds");
+    // High numbers, so the descriptor `ls` opens for the listing cannot be taken for one.
+    let null = std::fs::File::open("/dev/null").unwrap();
+    let (fa, fb) = (40, 41);
+    for fd in [fa, fb] {
+        // SAFETY: dup2 onto numbers this test owns; the copies are inheritable (no
+        // FD_CLOEXEC) and closed when the test process ends.
+        assert_eq!(
+            unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), fd) },
+            fd
+        );
+    }
+    let mut j = s.jail("sh", Path::new("/bin/sh"), &["-c", "ls /proc/self/fd"]);
+    j.keep_fds = vec![fb];
+    let o = run(&j);
+    let fds: Vec<i32> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    assert!(fds.contains(&fb), "kept {fb} missing: {fds:?}");
+    assert!(!fds.contains(&fa), "{fa} leaked: {fds:?}");
+}
+
+#[test]
+fn exit_status_and_signals_pass_through_the_jailer() {
+    need_root();
+    let s = Scratch::new("sig");
+    let (o, _) = sh(&s, "exit 7");
+    assert_eq!(o.status.code(), Some(7));
+
+    // A program without a handler is PID 1 of its namespace, where SIGTERM would be
+    // dropped: the jailer turns it into SIGKILL.
+    let j = s.jail("sleep", Path::new("/bin/sleep"), &["100"]);
+    let mut c = Command::new(JAILER).args(j.to_args()).spawn().unwrap();
+    let child = wait_child(c.id());
+    // SAFETY: kill on our own child.
+    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+    let st = c.wait().unwrap();
+    assert_eq!(st.code(), Some(128 + libc::SIGKILL), "{st:?}");
+    assert!(!Path::new(&format!("/proc/{child}")).exists());
+
+    // One with a handler gets the signal itself.
+    let j = s.jail(
+        "sh",
+        Path::new("/bin/sh"),
+        &["-c", "trap 'exit 3' TERM; while :; do sleep 0.05; done"],
+    );
+    let mut c = Command::new(JAILER).args(j.to_args()).spawn().unwrap();
+    wait_child(c.id());
+    std::thread::sleep(Duration::from_millis(200));
+    // SAFETY: kill on our own child.
+    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+    assert_eq!(c.wait().unwrap().code(), Some(3));
+}
+
+#[test]
+fn the_component_dies_with_its_jailer() {
+    need_root();
+    let s = Scratch::new("pdeath");
+    let j = s.jail("sleep", Path::new("/bin/sleep"), &["100"]);
+    let mut c = Command::new(JAILER).args(j.to_args()).spawn().unwrap();
+    let child = wait_child(c.id());
+    c.kill().unwrap();
+    assert_eq!(c.wait().unwrap().signal(), Some(libc::SIGKILL));
+    let t = Instant::now();
+    while Path::new(&format!("/proc/{child}")).exists() && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        !Path::new(&format!("/proc/{child}/status")).exists()
+            || std::fs::read_to_string(format!("/proc/{child}/status"))
+                .unwrap_or_default()
+                .contains("zombie"),
+        "pid {child} outlived its jailer"
+    );
+}
+
+/// The jailed program's pid, once it runs (the jailer's only child).
+fn wait_child(jailer: u32) -> u32 {
+    let t = Instant::now();
+    loop {
+        if let Some(c) = posture::jailed_child(jailer) {
+            let exe = std::fs::read_link(format!("/proc/{c}/exe")).unwrap_or_default();
+            if !exe.ends_with("bulkhead-jailer") {
+                return c;
+            }
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "no jailed child");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Run inside a jail by `seccomp_kills_what_the_baseline_forbids`: make the call named
+/// by PROBE and exit 0 if it succeeded, or with the errno that refused it.
+#[test]
+fn probe() {
+    let Ok(what) = std::env::var("PROBE") else {
+        return;
+    };
+    // SAFETY: each call is made with arguments that change nothing even if allowed.
+    let r = unsafe {
+        match what.as_str() {
+            "getpid" => libc::getpid() as i64,
+            "ptrace" => libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0),
+            "mount" => libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REMOUNT,
+                std::ptr::null(),
+            ) as i64,
+            "unshare" => libc::unshare(libc::CLONE_NEWUSER) as i64,
+            "keyctl" => libc::syscall(libc::SYS_keyctl, 0, 0, 0, 0, 0),
+            "bpf" => libc::syscall(libc::SYS_bpf, 0, 0, 0),
+            "io_uring_setup" => libc::syscall(libc::SYS_io_uring_setup, 1, 0),
+            other => panic!("unknown probe {other}"),
+        }
+    };
+    // Returned: 0, or the errno it was refused with.
+    let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+    std::process::exit(if r == -1 { errno } else { 0 });
+}
+
+#[test]
+fn seccomp_kills_what_the_baseline_forbids() {
+    need_root();
+    let s = Scratch::new("seccomp");
+    let me = std::env::current_exe().unwrap();
+    let status = |what: &str| {
+        let mut j = s.jail(
+            "probe",
+            &me,
+            &["--exact", "probe", "--nocapture", "--test-threads=1"],
+        );
+        j.read_only.push(me.clone());
+        j.env = vec![("PROBE".into(), what.into())];
+        run(&j).status
+    };
+    assert_eq!(
+        status("getpid").code(),
+        Some(0),
+        "the probe itself must run"
+    );
+    for what in ["ptrace", "mount", "unshare", "keyctl", "bpf"] {
+        assert_eq!(
+            status(what).code(),
+            Some(128 + libc::SIGSYS),
+            "{what} was not killed"
+        );
+    }
+    // Probed for by programs at start: refused, not fatal.
+    assert_eq!(status("io_uring_setup").code(), Some(libc::ENOSYS));
+}
+
+#[test]
+fn a_jail_that_cannot_be_built_is_an_error_not_a_half_jail() {
+    need_root();
+    let s = Scratch::new("bad");
+    let mut j = s.jail("sh", Path::new("/bin/sh"), &["-c", "exit 0"]);
+    j.read_only.push("/no/such/path".into());
+    let o = run(&j);
+    assert_eq!(o.status.code(), Some(125), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("/no/such/path"));
+    assert!(!s.dir.join("report.json").exists());
+
+    let o = Command::new(JAILER)
+        .args(["--name", "x", "--", "/bin/true"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn joins_and_leaves_its_cgroup() {
+    need_root();
+    let s = Scratch::new("cg");
+    let rel = format!("bulkhead-test/cg{}", std::process::id());
+    let mut j = s.jail("sh", Path::new("/bin/sh"), &["-c", "cat /proc/self/cgroup"]);
+    j.cgroup = Some(rel.clone());
+    let o = run(&j);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{o:?}");
+    assert!(
+        out.lines().all(|l| l.ends_with(&rel)),
+        "not in {rel} everywhere: {out}"
+    );
+    let r = s.report();
+    assert!(!r.cgroups.is_empty());
+    jailer::remove_cgroup(&rel);
+    for c in &r.cgroups {
+        let dir = c.split_once(':').unwrap().1;
+        assert!(!Path::new(dir).exists(), "{dir} left behind");
+    }
+    jailer::remove_cgroup("bulkhead-test");
+}

@@ -1,0 +1,172 @@
+//! How a planned component is started: under `bulkhead-jailer` with its sandbox's uid
+//! (the default when bulkheadd is root), or as it is when jailing is off.
+//!
+//! Each jail holds the component's program, the host's system libraries, the sandbox's
+//! `vm/` directory (read-write: its sockets and the serial log) and what the component
+//! declared in its [`Needs`]; nothing else of the host is in its mount namespace.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::Command;
+
+use bulkhead_host::config::{Binary, Config};
+use bulkhead_jail::{Device, Jail, Net};
+
+use crate::backend::{ComponentSpec, PlanError};
+use crate::store::SandboxRec;
+
+/// Read-only paths every dynamically linked program needs (symlinks are copied as
+/// symlinks, so merged-/usr hosts get `/lib -> usr/lib`).
+const SYSTEM: &[&str] = &[
+    "/usr/lib",
+    "/usr/lib64",
+    "/lib",
+    "/lib64",
+    "/etc/ld.so.cache",
+];
+
+/// Environment passed into a jail; nothing else of bulkheadd's is.
+const PASSED_ENV: &[&str] = &["BULKHEAD_LOG", "RUST_LOG"];
+
+/// The cgroup of a sandbox, below bulkheadd's own in every hierarchy.
+pub fn cgroup(rec: &SandboxRec) -> String {
+    format!("bulkhead/{}", rec.id)
+}
+
+/// The host directory that becomes the component's `/`.
+pub fn root(rec: &SandboxRec, name: &str) -> PathBuf {
+    rec.run_dir.join("jail").join(name)
+}
+
+/// Where the jailer writes what it enforced for `name`.
+pub fn report_path(rec: &SandboxRec, name: &str) -> PathBuf {
+    rec.run_dir.join(format!("{name}.jail.json"))
+}
+
+/// The jail `spec` runs in, or `None` when the sandbox is not jailed.
+pub fn jail_for(rec: &SandboxRec, spec: &ComponentSpec) -> Option<Jail> {
+    let uid = rec.jail_uid?;
+    let program = PathBuf::from(spec.command.get_program());
+    let mut j = Jail::new(&rec.id, &spec.name, root(rec, &spec.name), program.clone());
+    if spec.needs.root_caps.is_empty() {
+        j.uid = uid;
+        j.gid = uid;
+    } else {
+        j.uid = 0;
+        j.gid = 0;
+        j.keep_caps = spec.needs.root_caps.iter().map(|c| c.to_string()).collect();
+    }
+    j.read_only = SYSTEM
+        .iter()
+        .map(PathBuf::from)
+        .filter(|p| p.symlink_metadata().is_ok())
+        .collect();
+    j.read_only.push(program);
+    j.read_only.extend(spec.needs.read_only.iter().cloned());
+    j.read_write.push(rec.vm_dir());
+    j.read_write.extend(spec.needs.read_write.iter().cloned());
+    if spec.needs.kvm {
+        j.devices.push(Device::Kvm);
+    }
+    j.net = Net::None;
+    j.landlock = !spec.needs.sandboxes_itself;
+    if let Some(n) = spec.needs.max_files {
+        j.max_files = n;
+    }
+    j.cgroup = Some(cgroup(rec));
+    j.keep_fds = spec.fds.iter().map(|(_, n)| *n).collect();
+    j.env = PASSED_ENV
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
+        .collect();
+    j.report = Some(report_path(rec, &spec.name));
+    j.args = spec.command.get_args().map(Into::into).collect();
+    Some(j)
+}
+
+/// The command that starts `spec`: the jailer, or the program itself.
+pub fn command(cfg: &Config, rec: &SandboxRec, spec: &ComponentSpec) -> Result<Command, PlanError> {
+    let mut c = match jail_for(rec, spec) {
+        Some(j) => {
+            let jailer = cfg.binary(Binary::BulkheadJailer).ok_or_else(|| {
+                PlanError("bulkhead-jailer not found (see `bulkhead check`)".into())
+            })?;
+            let root = root(rec, &spec.name);
+            std::fs::create_dir_all(&root)
+                .map_err(|e| PlanError(format!("{}: {e}", root.display())))?;
+            let mut c = Command::new(jailer);
+            c.args(j.to_args());
+            c
+        }
+        None => {
+            let mut c = Command::new(spec.command.get_program());
+            c.args(spec.command.get_args());
+            c
+        }
+    };
+    let moves: Vec<(i32, i32)> = spec.fds.iter().map(|(f, n)| (f.as_raw_fd(), *n)).collect();
+    if !moves.is_empty() {
+        // SAFETY: dup2 and fcntl are async-signal-safe; each source descriptor stays
+        // open in bulkheadd until the child has started (the spec holds it).
+        unsafe {
+            c.pre_exec(move || {
+                for &(from, to) in &moves {
+                    let r = if from == to {
+                        libc::fcntl(to, libc::F_SETFD, 0)
+                    } else {
+                        libc::dup2(from, to)
+                    };
+                    if r < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+    }
+    Ok(c)
+}
+
+/// Make the sandbox's `vm/` directory, owned by its jail uid (0700), so jailed
+/// components can create their sockets and nothing else of the run directory.
+pub fn make_vm_dir(rec: &SandboxRec) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let vm = rec.vm_dir();
+    std::fs::create_dir_all(&vm)?;
+    if let Some(uid) = rec.jail_uid {
+        std::os::unix::fs::chown(&vm, Some(uid), Some(uid))?;
+        std::fs::set_permissions(&vm, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// The lowest free uid of the configured range, given those in use.
+pub fn allocate_uid(cfg: &Config, used: &[u32]) -> Option<u32> {
+    let base = cfg.jail.uid_base;
+    (0..cfg.jail.uid_count)
+        .map(|k| base + k)
+        .find(|u| !used.contains(u))
+}
+
+/// Forget a sandbox's cgroups (its processes are gone).
+pub fn remove_cgroup(rec: &SandboxRec) {
+    if rec.jail_uid.is_some() {
+        bulkhead_jail::remove_cgroup(&cgroup(rec));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uids_come_from_the_range_lowest_first() {
+        let mut cfg = Config::default();
+        cfg.jail.uid_base = 5000;
+        cfg.jail.uid_count = 3;
+        assert_eq!(allocate_uid(&cfg, &[]), Some(5000));
+        assert_eq!(allocate_uid(&cfg, &[5000, 5002]), Some(5001));
+        assert_eq!(allocate_uid(&cfg, &[5000, 5001, 5002]), None);
+    }
+}

@@ -1,0 +1,234 @@
+//! `bulkhead-jailer`: start one host component of a sandbox (a VMM, a vhost-user back end)
+//! with only what it needs, then stay beside it as a small parent that forwards signals
+//! and hands its exit status to bulkheadd.
+//!
+//! [`Jail::run`] is the whole sequence, in order; each step is a function of its own
+//! module. A [`Jail`] travels from bulkheadd to the jailer as command-line arguments
+//! ([`Jail::to_args`], [`Jail::parse`]), so what a component ran with is visible in `ps`.
+
+mod args;
+pub use args::USAGE;
+mod cgroup;
+mod fds;
+mod ids;
+mod landlock_rules;
+mod namespaces;
+pub mod posture;
+mod root;
+pub mod seccomp;
+mod supervise;
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+pub use cgroup::remove as remove_cgroup;
+
+/// Where the component's network comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Net {
+    /// A new, empty network namespace: the component talks only over the unix sockets
+    /// and descriptors it was given.
+    None,
+    /// Join this network namespace (a bind-mounted nsfs path).
+    Join(PathBuf),
+    /// Stay in the host's namespace.
+    Host,
+}
+
+/// Device nodes a jail may get, made afresh in its `/dev`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Device {
+    Kvm,
+    Null,
+    Zero,
+    Urandom,
+    Random,
+}
+
+impl Device {
+    pub fn name(self) -> &'static str {
+        match self {
+            Device::Kvm => "kvm",
+            Device::Null => "null",
+            Device::Zero => "zero",
+            Device::Urandom => "urandom",
+            Device::Random => "random",
+        }
+    }
+
+    /// (major, minor) of the character device.
+    fn number(self) -> (u64, u64) {
+        match self {
+            Device::Kvm => (10, 232),
+            Device::Null => (1, 3),
+            Device::Zero => (1, 5),
+            Device::Urandom => (1, 9),
+            Device::Random => (1, 8),
+        }
+    }
+
+    fn parse(s: &str) -> Option<Device> {
+        [
+            Device::Kvm,
+            Device::Null,
+            Device::Zero,
+            Device::Urandom,
+            Device::Random,
+        ]
+        .into_iter()
+        .find(|d| d.name() == s)
+    }
+}
+
+/// Everything about one jailed start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Jail {
+    /// The sandbox and component, for logs and the report.
+    pub sandbox: String,
+    pub name: String,
+    /// An empty directory on the host that becomes the component's `/` (a tmpfs is
+    /// mounted on it in the component's own mount namespace).
+    pub root: PathBuf,
+    /// The component's ids; 0 only for a component with a stated need for root.
+    pub uid: u32,
+    pub gid: u32,
+    /// Host paths bound into the root at the same path, read-only / read-write.
+    pub read_only: Vec<PathBuf>,
+    pub read_write: Vec<PathBuf>,
+    pub devices: Vec<Device>,
+    pub net: Net,
+    /// A cgroup path relative to the jailer's own cgroup in each hierarchy.
+    pub cgroup: Option<String>,
+    /// Descriptors handed on, besides 0-2; every other one is closed.
+    pub keep_fds: Vec<i32>,
+    /// Capabilities kept (names as in `CAP_NET_ADMIN`); none by default.
+    pub keep_caps: Vec<String>,
+    /// RLIMIT_NOFILE.
+    pub max_files: u64,
+    /// Apply the landlock ruleset and the baseline seccomp filter. Off only for a
+    /// component that builds a sandbox of its own with mount(2) and pivot_root(2), which
+    /// both forbid, and then installs its own filter (virtiofsd).
+    pub landlock: bool,
+    /// The whole environment the component gets.
+    pub env: Vec<(String, String)>,
+    /// Where the parent writes what was enforced (a [`posture::Report`] as JSON).
+    pub report: Option<PathBuf>,
+    pub program: PathBuf,
+    pub args: Vec<OsString>,
+}
+
+impl Jail {
+    /// A jail for `program` with nothing granted yet.
+    pub fn new(sandbox: &str, name: &str, root: PathBuf, program: PathBuf) -> Jail {
+        Jail {
+            sandbox: sandbox.into(),
+            name: name.into(),
+            root,
+            uid: 65534,
+            gid: 65534,
+            read_only: vec![],
+            read_write: vec![],
+            devices: vec![Device::Null, Device::Zero, Device::Urandom, Device::Random],
+            net: Net::None,
+            cgroup: None,
+            keep_fds: vec![],
+            keep_caps: vec![],
+            max_files: 4096,
+            landlock: true,
+            env: vec![],
+            report: None,
+            program,
+            args: vec![],
+        }
+    }
+
+    /// The sequence, top to bottom. Returns only on failure: on success the calling
+    /// process becomes the component's parent and exits with its status.
+    pub fn run(self) -> Result<std::convert::Infallible, JailError> {
+        // 1. Nothing inherited by accident: only stdio and the descriptors handed on.
+        fds::close_all_but(&self.keep_fds)?;
+        // 2. The environment is rebuilt from `env` at exec; nothing else is passed.
+        // 3. Resource accounting: the sandbox's cgroup, in every hierarchy.
+        let cgroups = cgroup::join(self.cgroup.as_deref())?;
+        // 4. The network it must have, opened while host paths are still visible.
+        namespaces::enter_net(&self.net)?;
+        // 5. New PID, IPC and UTS namespaces; the PID namespace takes effect in the
+        //    child, which becomes its init. The parent stays to supervise.
+        namespaces::unshare_pid_ipc_uts()?;
+        let report_pipe = supervise::fork(&self)?;
+        // From here on: the child, PID 1 of its namespace.
+        // 6. A mount namespace and a root holding only the bound paths, the devices and
+        //    a private /proc.
+        namespaces::unshare_mount()?;
+        root::build(&self)?;
+        let root_change = root::pivot(&self.root)?;
+        // 7. Limits, then ids and capabilities, then no_new_privs and landlock.
+        ids::set_rlimits(self.max_files)?;
+        let caps = ids::drop_privileges(self.uid, self.gid, &self.keep_caps)?;
+        // A change of credentials clears the parent-death signal: set it again.
+        supervise::die_with_parent(&report_pipe)?;
+        ids::set_no_new_privs()?;
+        let landlock = if self.landlock {
+            landlock_rules::restrict(&self)?
+        } else {
+            posture::LandlockReport {
+                kernel_abi: landlock_rules::kernel_abi(),
+                status: "off (the component sandboxes itself)".into(),
+            }
+        };
+        // 8. The baseline seccomp filter, then say what was enforced and become the
+        //    component.
+        if self.landlock {
+            seccomp::install()?;
+        }
+        let report = posture::Report {
+            sandbox: self.sandbox.clone(),
+            component: self.name.clone(),
+            uid: self.uid,
+            gid: self.gid,
+            capabilities: caps,
+            landlock,
+            seccomp: if self.landlock {
+                format!(
+                    "baseline: {} system calls kill, {} are refused",
+                    seccomp::DENIED.len(),
+                    seccomp::UNAVAILABLE.len()
+                )
+            } else {
+                "the component's own".into()
+            },
+            net: match &self.net {
+                Net::None => "new".into(),
+                Net::Join(p) => p.display().to_string(),
+                Net::Host => "host".into(),
+            },
+            cgroups,
+            root: self.root.clone(),
+            root_change: root_change.into(),
+        };
+        supervise::send_report(report_pipe, &report);
+        Err(supervise::exec(&self))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JailError {
+    #[error("{step}: {source}")]
+    Sys {
+        step: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl JailError {
+    fn sys(step: impl Into<String>, e: impl Into<std::io::Error>) -> JailError {
+        JailError::Sys {
+            step: step.into(),
+            source: e.into(),
+        }
+    }
+}

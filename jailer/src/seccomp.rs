@@ -1,0 +1,110 @@
+//! Step 7, very last before exec: a baseline seccomp filter every jailed component gets.
+//! It kills the process on system calls no component of a sandbox has any use for and
+//! that widen what an escaped guest could reach: debugging other processes, loading
+//! kernel code, mounting, new namespaces, keyrings, BPF, clocks; and io_uring (which bypasses
+//! seccomp, and is refused rather than fatal, as programs probe for it). Components
+//! then narrow it with allow lists of their own, per thread.
+//! Filters stack, so a component cannot widen it.
+
+use std::collections::BTreeMap;
+
+use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+
+use crate::JailError;
+
+/// The system calls the baseline kills on, with why each is on the list.
+pub const DENIED: &[(&str, i64)] = &[
+    // Reading or changing another process.
+    ("ptrace", libc::SYS_ptrace),
+    ("process_vm_readv", libc::SYS_process_vm_readv),
+    ("process_vm_writev", libc::SYS_process_vm_writev),
+    ("pidfd_getfd", libc::SYS_pidfd_getfd),
+    ("kcmp", libc::SYS_kcmp),
+    // Kernel code and kernel state.
+    ("init_module", libc::SYS_init_module),
+    ("finit_module", libc::SYS_finit_module),
+    ("delete_module", libc::SYS_delete_module),
+    ("kexec_load", libc::SYS_kexec_load),
+    ("kexec_file_load", libc::SYS_kexec_file_load),
+    ("bpf", libc::SYS_bpf),
+    ("perf_event_open", libc::SYS_perf_event_open),
+    ("reboot", libc::SYS_reboot),
+    ("swapon", libc::SYS_swapon),
+    ("swapoff", libc::SYS_swapoff),
+    ("acct", libc::SYS_acct),
+    ("syslog", libc::SYS_syslog),
+    ("iopl", libc::SYS_iopl),
+    ("ioperm", libc::SYS_ioperm),
+    ("quotactl", libc::SYS_quotactl),
+    // The file system tree and namespaces.
+    ("mount", libc::SYS_mount),
+    ("umount2", libc::SYS_umount2),
+    ("pivot_root", libc::SYS_pivot_root),
+    ("chroot", libc::SYS_chroot),
+    ("open_tree", libc::SYS_open_tree),
+    ("move_mount", libc::SYS_move_mount),
+    ("fsopen", libc::SYS_fsopen),
+    ("fsconfig", libc::SYS_fsconfig),
+    ("fsmount", libc::SYS_fsmount),
+    ("fspick", libc::SYS_fspick),
+    ("mount_setattr", libc::SYS_mount_setattr),
+    ("unshare", libc::SYS_unshare),
+    ("setns", libc::SYS_setns),
+    ("open_by_handle_at", libc::SYS_open_by_handle_at),
+    ("name_to_handle_at", libc::SYS_name_to_handle_at),
+    // Keyrings.
+    ("keyctl", libc::SYS_keyctl),
+    ("add_key", libc::SYS_add_key),
+    ("request_key", libc::SYS_request_key),
+    // Clocks.
+    ("settimeofday", libc::SYS_settimeofday),
+    ("clock_settime", libc::SYS_clock_settime),
+    ("clock_adjtime", libc::SYS_clock_adjtime),
+    ("adjtimex", libc::SYS_adjtimex),
+    ("vhangup", libc::SYS_vhangup),
+    ("uselib", libc::SYS_uselib),
+    ("personality", libc::SYS_personality),
+];
+
+/// Refused with ENOSYS instead: programs probe for them at start (QEMU asks for
+/// io_uring) and carry on without. io_uring would run system calls the filter never
+/// sees; userfaultfd makes kernel races easy to win.
+pub const UNAVAILABLE: &[(&str, i64)] = &[
+    ("io_uring_setup", libc::SYS_io_uring_setup),
+    ("io_uring_enter", libc::SYS_io_uring_enter),
+    ("io_uring_register", libc::SYS_io_uring_register),
+    ("userfaultfd", libc::SYS_userfaultfd),
+];
+
+fn program(list: &[(&str, i64)], action: SeccompAction) -> Result<BpfProgram, JailError> {
+    let err = |e: String| JailError::Invalid(format!("seccomp: {e}"));
+    let arch: TargetArch = std::env::consts::ARCH
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| err(e.to_string()))?;
+    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
+        list.iter().map(|(_, nr)| (*nr, vec![])).collect();
+    let filter = SeccompFilter::new(rules, SeccompAction::Allow, action, arch)
+        .map_err(|e| err(e.to_string()))?;
+    filter
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| err(e.to_string()))
+}
+
+/// The baseline as BPF programs for this machine's architecture: the killing one and
+/// the refusing one.
+pub fn baseline() -> Result<[BpfProgram; 2], JailError> {
+    Ok([
+        program(DENIED, SeccompAction::KillProcess)?,
+        program(UNAVAILABLE, SeccompAction::Errno(libc::ENOSYS as u32))?,
+    ])
+}
+
+/// Install the baseline on this thread (the jailer is single-threaded; the component's
+/// threads inherit it).
+pub fn install() -> Result<(), JailError> {
+    for prog in baseline()? {
+        seccompiler::apply_filter(&prog)
+            .map_err(|e| JailError::Invalid(format!("seccomp: {e}")))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,174 @@
+//! The fork that makes the component (PID 1 of its namespace), the parent that stays
+//! beside it, and the exec.
+//!
+//! The parent keeps no descriptor the component was handed and no capability but
+//! CAP_KILL. It writes the child's report (or its setup error), forwards signals, and
+//! exits with the component's status. The child dies with the parent (PDEATHSIG), so
+//! a SIGKILL to the jailer from bulkheadd takes the component with it.
+
+use std::ffi::CString;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{ForkResult, Pid};
+
+use crate::posture::Report;
+use crate::{Jail, JailError};
+
+const FORWARDED: [Signal; 6] = [
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+];
+
+fn blocked() -> SigSet {
+    let mut s = SigSet::empty();
+    for sig in FORWARDED {
+        s.add(sig);
+    }
+    s.add(Signal::SIGCHLD);
+    s
+}
+
+/// Fork. The parent never returns from here; the child gets the write end of the
+/// report pipe (closed on exec).
+pub fn fork(j: &Jail) -> Result<OwnedFd, JailError> {
+    let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| JailError::sys("report pipe", e))?;
+    let mut old = SigSet::empty();
+    nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&blocked()), Some(&mut old))
+        .map_err(|e| JailError::sys("block signals", e))?;
+    // SAFETY: the jailer is single-threaded, so the child may run any code.
+    match unsafe { nix::unistd::fork() }.map_err(|e| JailError::sys("fork", e))? {
+        ForkResult::Parent { child } => {
+            drop(wr);
+            let code = parent_loop(j, child, rd);
+            std::process::exit(code)
+        }
+        ForkResult::Child => {
+            drop(rd);
+            nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old), None)
+                .map_err(|e| JailError::sys("restore the signal mask", e))?;
+            die_with_parent(&wr)?;
+            Ok(wr)
+        }
+    }
+}
+
+/// SIGKILL this process when the jailer's parent process dies; an error if it already
+/// has. The parent is outside our PID namespace (its pid reads as 0 either way), so the
+/// report pipe tells: with the parent gone, nobody holds its read end.
+pub fn die_with_parent(report: &OwnedFd) -> Result<(), JailError> {
+    // SAFETY: PR_SET_PDEATHSIG with a signal number only sets a flag.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+    let mut p = [PollFd::new(report.as_fd(), PollFlags::POLLOUT)];
+    let _ = poll(&mut p, PollTimeout::ZERO);
+    if p[0]
+        .revents()
+        .is_some_and(|r| r.contains(PollFlags::POLLERR))
+    {
+        return Err(JailError::Invalid(
+            "the jailer's parent process is gone".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The child's last word before exec: the report, one JSON line.
+pub fn send_report(pipe: OwnedFd, r: &Report) {
+    let mut f = std::fs::File::from(pipe);
+    let _ = writeln!(f, "{}", serde_json::to_string(r).unwrap_or_default());
+    // Kept open (close-on-exec): EOF tells the parent the exec happened.
+    std::mem::forget(f);
+}
+
+/// Replace the process with the component, its environment exactly `j.env`.
+pub fn exec(j: &Jail) -> JailError {
+    let c = |b: &[u8]| CString::new(b).unwrap_or_default();
+    let prog = c(j.program.as_os_str().as_bytes());
+    let mut argv = vec![prog.clone()];
+    argv.extend(j.args.iter().map(|a| c(a.as_bytes())));
+    let envp: Vec<CString> = j
+        .env
+        .iter()
+        .map(|(k, v)| c(format!("{k}={v}").as_bytes()))
+        .collect();
+    let e = nix::unistd::execve(&prog, &argv, &envp).unwrap_err();
+    JailError::sys(format!("exec {}", j.program.display()), e)
+}
+
+fn parent_loop(j: &Jail, child: Pid, report: OwnedFd) -> i32 {
+    // Nothing the component was handed stays open here.
+    for fd in &j.keep_fds {
+        // SAFETY: closing a descriptor this process owns and no longer uses.
+        unsafe { libc::close(*fd) };
+    }
+    let mut text = String::new();
+    let _ = std::fs::File::from(report).read_to_string(&mut text);
+    match serde_json::from_str::<Report>(text.trim()) {
+        Ok(r) => {
+            if let Some(path) = &j.report {
+                let _ = std::fs::write(path, serde_json::to_vec_pretty(&r).unwrap_or_default());
+            }
+        }
+        Err(_) => eprintln!(
+            "bulkhead-jailer: {}: the jail was not set up (see above)",
+            j.name
+        ),
+    }
+    keep_only_kill();
+    let set = blocked();
+    loop {
+        let Ok(sig) = set.wait() else { continue };
+        if sig == Signal::SIGCHLD {
+            match waitpid(child, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(_, code)) => return code,
+                Ok(WaitStatus::Signaled(_, s, _)) => return 128 + s as i32,
+                Err(_) => return 255,
+                _ => continue,
+            }
+        }
+        // The component is its namespace's init: a signal it has no handler for would
+        // be dropped, so a termination request becomes SIGKILL.
+        let to_send = if handles(child, sig) || !terminates(sig) {
+            sig
+        } else {
+            Signal::SIGKILL
+        };
+        let _ = kill(child, to_send);
+    }
+}
+
+fn terminates(sig: Signal) -> bool {
+    matches!(
+        sig,
+        Signal::SIGTERM | Signal::SIGINT | Signal::SIGHUP | Signal::SIGQUIT
+    )
+}
+
+/// Does `pid` catch `sig` (SigCgt in /proc/<pid>/status)?
+fn handles(pid: Pid, sig: Signal) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        .is_some_and(|m| m & (1u64 << (sig as i32 - 1)) != 0)
+}
+
+/// The parent only ever signals its child.
+fn keep_only_kill() {
+    let only: std::collections::HashSet<caps::Capability> =
+        [caps::Capability::CAP_KILL].into_iter().collect();
+    for set in [caps::CapSet::Effective, caps::CapSet::Permitted] {
+        let _ = caps::set(None, set, &only);
+    }
+    let _ = caps::clear(None, caps::CapSet::Inheritable);
+}
