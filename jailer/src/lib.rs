@@ -175,7 +175,7 @@ impl Jail {
         } else {
             posture::LandlockReport {
                 kernel_abi: landlock_rules::kernel_abi(),
-                status: "off (the component sandboxes itself)".into(),
+                status: "off (own sandbox)".into(),
             }
         };
         // 8. The baseline seccomp filter, then say what was enforced and become the

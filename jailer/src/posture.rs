@@ -63,7 +63,8 @@ pub struct Live {
     pub threads: Vec<ThreadPosture>,
     /// What the process sees at `/`.
     pub root_entries: Vec<String>,
-    /// Namespaces shared with the host's init (pid 1): `net`, `mnt`, `pid`, ...
+    /// Namespaces shared with the reader (bulkheadd, on the host side): `net`, `mnt`,
+    /// `pid`, ... (`user` and `cgroup` are, as jails use neither).
     pub host_namespaces: Vec<String>,
 }
 
@@ -138,7 +139,7 @@ pub fn live(pid: u32) -> std::io::Result<Live> {
         .into_iter()
         .filter(|ns| {
             let a = std::fs::read_link(base.join("ns").join(ns));
-            let b = std::fs::read_link(format!("/proc/1/ns/{ns}"));
+            let b = std::fs::read_link(format!("/proc/self/ns/{ns}"));
             matches!((a, b), (Ok(a), Ok(b)) if a == b)
         })
         .map(String::from)
@@ -164,6 +165,42 @@ pub fn jailed_child(jailer_pid: u32) -> Option<u32> {
     let kids =
         std::fs::read_to_string(format!("/proc/{jailer_pid}/task/{jailer_pid}/children")).ok()?;
     kids.split_whitespace().next()?.parse().ok()
+}
+
+/// The names of the capabilities in a `/proc` capability mask (`CAP_...`, or the bit
+/// number for one this build does not name).
+pub fn cap_names(mask: u64) -> Vec<String> {
+    (0..64)
+        .filter(|b| mask & (1u64 << b) != 0)
+        .map(|b| {
+            caps::all()
+                .into_iter()
+                .find(|c| c.index() as u64 == b)
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| format!("cap{b}"))
+        })
+        .collect()
+}
+
+/// Every process below `pid` (children, their children...), parents first.
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let mut out = vec![];
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let kids = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            for k in kids.split_whitespace().filter_map(|k| k.parse().ok()) {
+                if !out.contains(&k) && out.len() < 256 {
+                    out.push(k);
+                    todo.push(k);
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Is `pid` running the jailer (rather than a component started without one)?
@@ -194,5 +231,7 @@ mod tests {
         assert_eq!(hex(s, "CapEff"), 0x400);
         assert_eq!(field(s, "Seccomp"), Some("2"));
         assert_eq!(field(s, "Missing"), None);
+        assert_eq!(cap_names(0x400 | 1), ["CAP_CHOWN", "CAP_NET_BIND_SERVICE"]);
+        assert!(cap_names(0).is_empty());
     }
 }

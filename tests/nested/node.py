@@ -36,7 +36,7 @@ def tsc_khz():
 def release_bins():
     out = os.path.join(ROOT, "target", "release")
     bins = {b: os.path.join(out, b) for b in ("bulkhead-vmm", "bulkhead", "bulkheadd", "bulkhead-agent", "agent-api-tests",
-                                              "containerd-shim-bulkhead-v2", "bulkhead-net")}
+                                              "containerd-shim-bulkhead-v2", "bulkhead-net", "bulkhead-jailer")}
     for b, p in bins.items():
         if not os.path.exists(p):
             sys.exit(f"nested: {p} missing: run cargo build --release first")
@@ -133,7 +133,7 @@ def l1_initramfs(guest_dir, bins, with_qemu, workdir):
     busybox = shutil.which("busybox") or "/bin/busybox"
     shutil.copy(busybox, os.path.join(root, "bin", "busybox"))
     for b in ("bulkhead-vmm", "bulkhead", "bulkheadd", "agent-api-tests", "containerd-shim-bulkhead-v2",
-              "bulkhead-net"):
+              "bulkhead-net", "bulkhead-jailer"):
         copy_with_libs(root, bins[b], f"/opt/bulkhead/{b}")
     # iproute2, for the network namespaces and veths of the pod networking case (busybox's
     # ip has no netns).
@@ -364,6 +364,12 @@ rc6=$?
 echo "NESTED-CASE net-reach rc=$rc6 out=$out"
 if [ $rc6 != 0 ] || [ "$out" != NESTED-NET-OK ]; then rc=1; cat /tmp/net.err; tail -20 /tmp/bhroot/bulkheadd.log; fi
 timeout 300 bulkhead run -d --name np --netns /run/netns/pod --rootfs /opt/share/rootfs sleep 600 >/dev/null 2>/tmp/net.err || { rc=1; cat /tmp/net.err; }
+# Every host process of the pod is jailed: bulkhead-vmm, bulkhead-net and virtiofsd.
+bulkhead inspect np --check > /tmp/inspect.txt; jr=$?
+sed 's/^/NESTED-JAIL /' /tmp/inspect.txt
+grep -h '"root_change"\|"status"' /tmp/bhroot/run/*/vmm.jail.json | tr -d ' ,' | sed 's/^/NESTED-JAIL vmm /'
+echo "NESTED-CASE jail rc=$jr"
+[ $jr = 0 ] || rc=1
 # busybox nc closes the connection when its stdin ends: a fifo held open keeps it open.
 mkfifo /tmp/hold
 $IP netns exec srv nc -l -p 9000 < /tmp/hold > /tmp/recv.txt &
@@ -375,7 +381,8 @@ cl=$!
 # Kill it mid-stream: once 20 lines are through.
 for i in $(seq 1 120); do [ "$(wc -l < /tmp/recv.txt)" -ge 20 ] && break; sleep 0.25; done
 at=$(wc -l < /tmp/recv.txt)
-netpid() { ps -o pid,args | grep '[b]ulkhead-net --socket' | awk '{print $1}'; }
+# The back end itself, not its jailer (whose arguments name it too).
+netpid() { ps -o pid,args | awk '$2 ~ /bulkhead-net$/ {print $1}'; }
 old=$(netpid)
 kill -9 $old
 # Every line must arrive; give the restarted back end 60 s (L2 under nested KVM is slow).
@@ -472,7 +479,8 @@ def cmd_test(args, demo=False):
               f"(L1 under QEMU TCG, L1 kvm: {kvm_line.group(1).strip() if kvm_line else 'unknown'})")
     for line in parse_probe(out):
         print(line)
-    for line in re.findall(r"^(NESTED-CASE .*|NESTED-RUN .*|NESTED-CTR.*|bulkhead: timings.*)$", out, re.M):
+    for line in re.findall(r"^(NESTED-CASE .*|NESTED-RUN .*|NESTED-CTR.*|NESTED-JAIL.*|bulkhead: timings.*)$",
+                           out, re.M):
         print(line)
     if not ok:
         print(out[-6000:])

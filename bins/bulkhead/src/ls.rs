@@ -36,8 +36,16 @@ pub fn alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
-/// CPU time (ms) and RSS (KiB) of a host process, from /proc.
+/// CPU time (ms) and RSS (KiB) of a component: its process and every process below it
+/// (a jailed component runs as its jailer's child).
 fn usage(pid: u32) -> (u64, u64) {
+    std::iter::once(pid)
+        .chain(bulkhead_jail::posture::descendants(pid))
+        .map(process_usage)
+        .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+}
+
+fn process_usage(pid: u32) -> (u64, u64) {
     let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()

@@ -11,6 +11,7 @@ mod check;
 mod client;
 mod hooks;
 mod image;
+mod inspect;
 mod ls;
 mod monitor;
 mod oci;
@@ -38,6 +39,9 @@ enum Cmd {
     Exec(oci::ExecArgs),
     /// List live sandboxes.
     Ls(ls::LsArgs),
+    /// How each host process of a sandbox is jailed (uids, capabilities, seccomp,
+    /// landlock, namespaces), read live.
+    Inspect(inspect::InspectArgs),
     /// Remove sandboxes.
     Rm(ls::RmArgs),
     /// What this host can run, and why not.
@@ -141,6 +145,7 @@ fn main() {
         Cmd::Features => oci::features(),
         Cmd::Monitor(a) => rt.block_on(monitor::monitor(a)),
         Cmd::Ls(a) => rt.block_on(ls::ls(a)).map(|_| 0),
+        Cmd::Inspect(a) => rt.block_on(inspect::inspect(a)),
         Cmd::Rm(a) => rt.block_on(ls::rm(a)),
         Cmd::Check(a) => check::check(a),
         Cmd::Probe { args } => probe::run(&args).map(|_| 0),

@@ -307,6 +307,12 @@ impl SandboxIface {
         self.d.network_stats(&self.sb.id).await
     }
 
+    /// Each component's jail as enforced and as seen live, as JSON (see
+    /// docs/security.md): what `bulkhead inspect` prints.
+    async fn security(&self) -> Result<String, Error> {
+        self.d.security(&self.sb.id)
+    }
+
     async fn stats(&self, id: String) -> Result<HashMap<String, u64>, Error> {
         let cid = id.clone();
         let s = self

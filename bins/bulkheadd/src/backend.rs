@@ -317,6 +317,12 @@ fn qemu_command(
             &format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
         ])
         .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+        // QEMU's own seccomp filter, under the jail's: no spawning, no privilege
+        // changes, no obsolete calls, no scheduler or resource changes.
+        .args([
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        ])
         .arg("-serial")
         .arg(format!("file:{}", serial.display()))
         .arg("-kernel")

@@ -591,7 +591,7 @@ impl Daemon {
             if sb.removing.load(Ordering::SeqCst) {
                 return;
             }
-            let why = format!(
+            let mut why = format!(
                 "{} (pid {}) exited{}",
                 comp.name,
                 comp.pid,
@@ -599,6 +599,17 @@ impl Daemon {
                     .map(|s| format!(" with status {s}"))
                     .unwrap_or_default()
             );
+            if status == Some(128 + libc::SIGSYS) {
+                why.push_str(", killed by its seccomp filter");
+                tracing::error!(
+                    sandbox = %sb.id,
+                    component = %comp.name,
+                    security_event = "seccomp",
+                    "security event: {} made a system call its filter forbids and was killed \
+                     (the kernel's audit log names the call)",
+                    comp.name
+                );
+            }
             let rec = sb.snapshot();
             tracing::debug!(sandbox = %sb.id, "{} log: {}", comp.name, log_tail(&rec.run_dir.join(format!("{}.log", comp.name))));
             let restartable = comp.name.starts_with("net") && rec.state == "running";
@@ -837,6 +848,44 @@ impl Daemon {
             }
         }
         Ok(out)
+    }
+
+    /// The security posture of every component of a sandbox, as JSON: what its jailer
+    /// reported enforcing, and what `/proc` shows for the live process and its children
+    /// (uids, capability sets, no_new_privs, seccomp mode of every thread, namespaces).
+    pub fn security(&self, sid: &str) -> Result<String, Error> {
+        let sb = self.get(sid)?;
+        let rec = sb.snapshot();
+        let mut out = vec![];
+        for c in &rec.components {
+            let jailed = bulkhead_jail::posture::is_jailer(c.pid);
+            let pid = if jailed {
+                bulkhead_jail::posture::jailed_child(c.pid)
+            } else {
+                Some(c.pid)
+            };
+            let report: Option<serde_json::Value> = std::fs::read(jail::report_path(&rec, &c.name))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .filter(|_| jailed);
+            let process = pid.and_then(|p| bulkhead_jail::posture::live(p).ok());
+            let children: Vec<_> = pid
+                .map(bulkhead_jail::posture::descendants)
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|p| bulkhead_jail::posture::live(p).ok())
+                .collect();
+            out.push(serde_json::json!({
+                "name": c.name,
+                "jailer_pid": jailed.then_some(c.pid),
+                "pid": pid,
+                "jailed": jailed,
+                "report": report,
+                "process": process,
+                "children": children,
+            }));
+        }
+        serde_json::to_string(&out).map_err(|e| Error::Failed(e.to_string()))
     }
 
     // ---- containers ----

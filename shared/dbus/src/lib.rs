@@ -205,6 +205,8 @@ pub trait Sandbox1 {
     fn stats(&self, id: &str) -> zbus::Result<HashMap<String, u64>>;
     /// Each pod interface's network back end counters, by guest interface name.
     fn network_stats(&self) -> zbus::Result<HashMap<String, HashMap<String, u64>>>;
+    /// Each component's jail, as enforced and as seen live (JSON).
+    fn security(&self) -> zbus::Result<String>;
     fn resize_pty(&self, id: &str, exec_id: &str, rows: u16, cols: u16) -> zbus::Result<()>;
     fn close_stdin(&self, id: &str, exec_id: &str) -> zbus::Result<()>;
 

@@ -51,6 +51,7 @@ pub fn list() -> Vec<Case> {
     ];
     own.into_iter()
         .chain(crate::net::list())
+        .chain(crate::jail::list())
         .chain(crate::containerd::list())
         .collect()
 }

@@ -9,6 +9,7 @@ mod bad_input;
 mod cases;
 mod containerd;
 mod cri;
+mod jail;
 mod net;
 
 use std::path::PathBuf;

@@ -41,7 +41,7 @@ pub fn list() -> Vec<Case> {
 }
 
 /// A network namespace made for the test, deleted (with what is in it) on drop.
-struct Netns {
+pub(crate) struct Netns {
     name: String,
 }
 
@@ -89,7 +89,7 @@ fn ip(args: &[&str]) -> Result<()> {
 
 /// A server namespace and a pod namespace joined by a veth, as a CNI plugin leaves a pod:
 /// the pod side has an address, an MTU below 1500 and a default route.
-fn server_and_pod(tag: &str, net: u8) -> Result<(Netns, Netns)> {
+pub(crate) fn server_and_pod(tag: &str, net: u8) -> Result<(Netns, Netns)> {
     let srv = Netns::new(&format!("s{tag}"))?;
     let pod = Netns::new(&format!("p{tag}"))?;
     srv.ip(&format!(
@@ -125,7 +125,7 @@ fn serve_http(ns: &Netns, dir: &std::path::Path, addr: &str, body: &str) -> Resu
 }
 
 /// Start a detached pod `name` in `netns` running `cmd`.
-fn pod(e: &Env, name: &str, netns: &Netns, cmd: &[&str]) -> Result<()> {
+pub(crate) fn pod(e: &Env, name: &str, netns: &Netns, cmd: &[&str]) -> Result<()> {
     let rootfs = e.rootfs.display().to_string();
     let path = netns.path();
     let mut a = vec![
@@ -145,7 +145,7 @@ fn pod(e: &Env, name: &str, netns: &Netns, cmd: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn exec(e: &Env, name: &str, script: &str) -> Result<Out> {
+pub(crate) fn exec(e: &Env, name: &str, script: &str) -> Result<Out> {
     e.bh(&["exec", name, "sh", "-c", script])
 }
 

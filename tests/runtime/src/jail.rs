@@ -1,0 +1,254 @@
+//! The jail, seen on the live processes of a running pod (QEMU backend, with a pod
+//! network so every kind of component is there): `bulkhead inspect` against what the
+//! test reads from `/proc` itself.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use serde_json::Value;
+
+use crate::cases::{component_pid, wait_for};
+use crate::net::{exec, pod, server_and_pod};
+use crate::Case;
+use bulkhead_runtime_tests::env::Env;
+
+pub fn list() -> Vec<Case> {
+    vec![
+        (
+            "jail: every host process of a pod runs jailed (bulkhead inspect and /proc agree)",
+            every_component_jailed,
+        ),
+        (
+            "jail: a component that dies of SIGSYS is reported as a security event",
+            sigsys_is_a_security_event,
+        ),
+    ]
+}
+
+/// What virtiofsd may hold (docs/security.md): root's file powers, and for building its
+/// own namespace sandbox SYS_ADMIN and SETPCAP, which its worker drops.
+const VIRTIOFSD_CAPS: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_MKNOD",
+    "CAP_SETFCAP",
+    "CAP_SYS_ADMIN",
+    "CAP_SETPCAP",
+];
+
+fn inspect(e: &Env, id: &str) -> Result<Vec<Value>> {
+    let o = e.bh(&["inspect", id, "--json"])?;
+    o.ok()?;
+    let v: Value = serde_json::from_str(&o.stdout).context("inspect --json")?;
+    Ok(v.as_array().cloned().unwrap_or_default())
+}
+
+fn status_field(pid: u64, key: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!("{key}:"))
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_default()
+}
+
+fn caps(mask: &str) -> u64 {
+    u64::from_str_radix(mask, 16).unwrap_or(u64::MAX)
+}
+
+fn cap_bit(name: &str) -> u64 {
+    let n = match name {
+        "CAP_CHOWN" => 0,
+        "CAP_DAC_OVERRIDE" => 1,
+        "CAP_FOWNER" => 3,
+        "CAP_FSETID" => 4,
+        "CAP_SETGID" => 6,
+        "CAP_SETUID" => 7,
+        "CAP_SETPCAP" => 8,
+        "CAP_SYS_ADMIN" => 21,
+        "CAP_MKNOD" => 27,
+        "CAP_SETFCAP" => 31,
+        _ => 63,
+    };
+    1 << n
+}
+
+fn every_component_jailed(e: &mut Env) -> Result<()> {
+    let (_srv, podns) = server_and_pod("j", 203)?;
+    pod(e, "jl", &podns, &["sleep", "600"])?;
+    let r = (|| -> Result<()> {
+        let comps = inspect(e, "jl")?;
+        let names: BTreeSet<&str> = comps.iter().filter_map(|c| c["name"].as_str()).collect();
+        ensure!(
+            names == BTreeSet::from(["net0", "vhost-device-vsock", "virtiofsd", "vmm"]),
+            "components: {names:?}"
+        );
+        let allowed_caps: u64 = VIRTIOFSD_CAPS.iter().map(|c| cap_bit(c)).sum();
+        let mut jail_uid = None;
+        for c in &comps {
+            let name = c["name"].as_str().unwrap_or("");
+            ensure!(c["jailed"] == true, "{name} is not jailed: {c}");
+            // The pid bulkheadd supervises is the jailer; the component is its child.
+            let jailer = component_pid(e, "jl", name)?;
+            ensure!(c["jailer_pid"].as_u64() == Some(jailer), "{name}: {c}");
+            let pid = c["pid"].as_u64().context("no jailed pid")?;
+            let kids = std::fs::read_to_string(format!("/proc/{jailer}/task/{jailer}/children"))?;
+            ensure!(
+                kids.split_whitespace().any(|k| k == pid.to_string()),
+                "{name}: {pid} is not the jailer's child ({kids})"
+            );
+            // Read /proc here, not only what bulkheadd says.
+            let uid = status_field(pid, "Uid");
+            let nnp = status_field(pid, "NoNewPrivs");
+            ensure!(nnp == "1", "{name}: NoNewPrivs {nnp}");
+            let own_ns = |ns: &str| {
+                std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).ok()
+                    != std::fs::read_link(format!("/proc/self/ns/{ns}")).ok()
+            };
+            for ns in ["mnt", "pid", "net", "ipc", "uts"] {
+                ensure!(own_ns(ns), "{name} shares the host's {ns} namespace");
+            }
+            let root: BTreeSet<String> = std::fs::read_dir(format!("/proc/{pid}/root"))?
+                .flatten()
+                .map(|d| d.file_name().to_string_lossy().into_owned())
+                .collect();
+            for host_only in ["home", "root", "var", "sys", "boot", "srv", "mnt", "sbin"] {
+                ensure!(
+                    !root.contains(host_only),
+                    "{name} sees /{host_only}: {root:?}"
+                );
+            }
+            // virtiofsd's own sandbox has pivoted it into the shared directory.
+            ensure!(
+                name == "virtiofsd" || (root.contains("dev") && root.contains("proc")),
+                "{name}: {root:?}"
+            );
+            if let Ok(etc) = std::fs::read_dir(format!("/proc/{pid}/root/etc")) {
+                let etc: Vec<String> = etc
+                    .flatten()
+                    .map(|d| d.file_name().to_string_lossy().into_owned())
+                    .collect();
+                ensure!(
+                    etc.iter().all(|f| f == "ld.so.cache"),
+                    "{name}'s /etc: {etc:?}"
+                );
+            }
+            let report = &c["report"];
+            if report["landlock"]["kernel_abi"].as_i64() >= Some(1) && name != "virtiofsd" {
+                ensure!(
+                    report["landlock"]["status"] != "not enforced",
+                    "{name}: landlock {report}"
+                );
+            }
+            let threads: Vec<u64> = std::fs::read_dir(format!("/proc/{pid}/task"))?
+                .flatten()
+                .filter_map(|t| t.file_name().to_string_lossy().parse().ok())
+                .collect();
+            ensure!(!threads.is_empty());
+            if name == "virtiofsd" {
+                ensure!(
+                    uid.split_whitespace().all(|u| u == "0"),
+                    "virtiofsd uid {uid}"
+                );
+                let prm = caps(&status_field(pid, "CapPrm")) | caps(&status_field(pid, "CapBnd"));
+                ensure!(
+                    prm & !allowed_caps == 0,
+                    "virtiofsd holds capabilities beyond its list: {prm:x}"
+                );
+                // Its worker (pivoted into the shared directory) serves under its own
+                // seccomp filter, with only the file capabilities.
+                let worker = c["children"]
+                    .as_array()
+                    .and_then(|k| k.first())
+                    .and_then(|k| k["pid"].as_u64())
+                    .context("virtiofsd has no worker")?;
+                let wcaps = caps(&status_field(worker, "CapEff"));
+                ensure!(
+                    wcaps & (cap_bit("CAP_SYS_ADMIN") | cap_bit("CAP_SETPCAP")) == 0,
+                    "virtiofsd's worker kept SYS_ADMIN or SETPCAP: {wcaps:x}"
+                );
+                ensure!(
+                    status_field(worker, "Seccomp") == "2",
+                    "virtiofsd's worker has no seccomp filter"
+                );
+                continue;
+            }
+            let ids: Vec<&str> = uid.split_whitespace().collect();
+            ensure!(
+                ids.len() == 4 && ids.iter().all(|u| *u == ids[0]),
+                "{name}: Uid {uid}"
+            );
+            let u: u32 = ids[0].parse()?;
+            ensure!(u != 0, "{name} runs as root");
+            ensure!(report["uid"].as_u64() == Some(u as u64), "{name}: {report}");
+            match jail_uid {
+                None => jail_uid = Some(u),
+                Some(j) => ensure!(j == u, "{name} has uid {u}, another component {j}"),
+            }
+            for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+                let v = status_field(pid, set);
+                ensure!(caps(&v) == 0, "{name}: {set} {v}");
+            }
+            for t in &threads {
+                let st = std::fs::read_to_string(format!("/proc/{pid}/task/{t}/status"))
+                    .unwrap_or_else(|_| "Seccomp:\t2".into());
+                ensure!(
+                    st.lines().any(|l| l == "Seccomp:\t2"),
+                    "{name} thread {t} has no seccomp filter"
+                );
+            }
+        }
+        // The pod still works with all of that in place.
+        let o = exec(e, "jl", "echo jailed-ok")?;
+        ensure!(o.stdout.trim() == "jailed-ok", "{o:?}");
+        // And the human view says the same.
+        let table = e.bh(&["inspect", "jl"])?;
+        table.ok()?;
+        ensure!(
+            table.stdout.contains("vmm") && table.stdout.contains("none"),
+            "{}",
+            table.stdout
+        );
+        Ok(())
+    })();
+    let _ = e.bh(&["rm", "-f", "jl"]);
+    r
+}
+
+fn sigsys_is_a_security_event(e: &mut Env) -> Result<()> {
+    let rootfs = e.rootfs.display().to_string();
+    e.bh(&[
+        "run",
+        "-d",
+        "--name",
+        "sx",
+        "--backend",
+        "qemu",
+        "--rootfs",
+        &rootfs,
+        "sleep",
+        "600",
+    ])?
+    .ok()?;
+    let jailer = component_pid(e, "sx", "vhost-device-vsock")?;
+    // What the kernel does to a process whose seccomp filter kills it.
+    // SAFETY: kill(2) on a component's pid.
+    unsafe { libc::kill(jailer as i32, libc::SIGSYS) };
+    let log = e.state().join("bulkheadd.log");
+    let mut text = String::new();
+    wait_for("the security event", Duration::from_secs(10), || {
+        text = std::fs::read_to_string(&log).unwrap_or_default();
+        Ok(text.lines().any(|l| {
+            l.contains("security event") && l.contains("sx") && l.contains("vhost-device-vsock")
+        }))
+    })?;
+    let _ = e.bh(&["rm", "-f", "sx"]);
+    Ok(())
+}
