@@ -73,8 +73,13 @@ impl Agent {
         loop {
             let ep = self.endpoint.clone();
             let r = tokio::task::spawn_blocking(move || {
-                ep.client(Duration::from_millis(500))
-                    .and_then(|mut c| c.health())
+                // Bounded throughout: a guest that accepts and never answers is tried
+                // again, not waited on forever.
+                let t = Duration::from_secs(2);
+                ep.client(t).and_then(|mut c| {
+                    c.set_read_timeout(Some(t))?;
+                    c.health()
+                })
             })
             .await;
             match r {

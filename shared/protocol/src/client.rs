@@ -51,9 +51,20 @@ impl Endpoint {
         }
     }
 
-    /// Connect and run the handshake.
+    /// Connect and run the handshake. The handshake is bounded by `timeout` (a guest
+    /// that accepts and never answers must not hang the caller); the read timeout is
+    /// lifted only once the agent has answered, since waits may then be long.
     pub fn client(&self, timeout: Duration) -> Result<AgentClient<UnixStream>, ClientError> {
-        AgentClient::handshake(self.connect(timeout)?)
+        let s = self.connect(timeout)?;
+        s.set_read_timeout(Some(timeout))
+            .and_then(|()| s.set_write_timeout(Some(timeout)))
+            .map_err(|e| ClientError::Handshake(e.to_string()))?;
+        let c = AgentClient::handshake(s)?;
+        c.stream
+            .set_read_timeout(None)
+            .and_then(|()| c.stream.set_write_timeout(None))
+            .map_err(|e| ClientError::Handshake(e.to_string()))?;
+        Ok(c)
     }
 
     /// Open a connection carrying one stdio stream of a process.
@@ -133,6 +144,41 @@ pub fn connect_hybrid_vsock(
     Ok(s)
 }
 
+impl AgentClient<UnixStream> {
+    /// Bound every later read (a call whose answer should be quick, such as Health).
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> Result<(), ClientError> {
+        self.stream
+            .set_read_timeout(t)
+            .map_err(|e| ClientError::Handshake(e.to_string()))
+    }
+}
+
+/// At most this much of an unexpected answer goes into an error message.
+const SHOWN: usize = 200;
+
+/// An error naming an answer the caller did not expect, shown in at most [`SHOWN`]
+/// characters: the answer is the guest's, and a 1 MiB one must not become megabytes of
+/// text in a log.
+fn unexpected(r: &Response) -> ClientError {
+    struct Bounded(String);
+    impl std::fmt::Write for Bounded {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            let room = SHOWN.saturating_sub(self.0.len());
+            let cut = s.char_indices().nth(room).map_or(s.len(), |(i, _)| i);
+            self.0.push_str(&s[..cut]);
+            if cut < s.len() {
+                return Err(std::fmt::Error);
+            }
+            Ok(())
+        }
+    }
+    let mut b = Bounded(String::new());
+    if std::fmt::Write::write_fmt(&mut b, format_args!("{r:?}")).is_err() {
+        b.0.push_str("...");
+    }
+    ClientError::Unexpected(b.0)
+}
+
 /// One handshaken connection to the agent.
 pub struct AgentClient<S: Read + Write> {
     stream: S,
@@ -176,14 +222,14 @@ impl<S: Read + Write> AgentClient<S> {
     pub fn health(&mut self) -> Result<crate::HealthInfo, ClientError> {
         match self.call(&Request::Health)? {
             Response::Health(h) => Ok(h),
-            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+            other => Err(unexpected(&other)),
         }
     }
 
     pub fn guest_details(&mut self) -> Result<crate::GuestDetails, ClientError> {
         match self.call(&Request::GuestDetails)? {
             Response::GuestDetails(d) => Ok(d),
-            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+            other => Err(unexpected(&other)),
         }
     }
 
@@ -194,14 +240,14 @@ impl<S: Read + Write> AgentClient<S> {
             len,
         })? {
             Response::Data(d) if d.len() <= len as usize => Ok(d),
-            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+            other => Err(unexpected(&other)),
         }
     }
 
     pub fn expect_ok(&mut self, req: &Request) -> Result<(), ClientError> {
         match self.call(req)? {
             Response::Ok => Ok(()),
-            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+            other => Err(unexpected(&other)),
         }
     }
 
@@ -255,7 +301,7 @@ impl<S: Read + Write> AgentClient<S> {
             exec_id: exec_id.map(Into::into),
         })? {
             Response::Exited(s) => Ok(s),
-            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+            other => Err(unexpected(&other)),
         }
     }
 
@@ -269,14 +315,14 @@ impl<S: Read + Write> AgentClient<S> {
     pub fn processes(&mut self, id: &str) -> Result<Vec<u32>, ClientError> {
         match self.call(&Request::ListProcesses { id: id.into() })? {
             Response::Processes(p) if p.len() <= MAX_PIDS => Ok(p),
-            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+            other => Err(unexpected(&other)),
         }
     }
 
     pub fn stats(&mut self, id: &str) -> Result<ContainerStats, ClientError> {
         match self.call(&Request::Stats { id: id.into() })? {
             Response::Stats(s) => Ok(s),
-            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+            other => Err(unexpected(&other)),
         }
     }
 
@@ -284,14 +330,14 @@ impl<S: Read + Write> AgentClient<S> {
     pub fn wait_oom(&mut self) -> Result<String, ClientError> {
         match self.call(&Request::WaitOom)? {
             Response::Oom { id } if id.len() <= crate::MAX_ID_LEN => Ok(id),
-            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+            other => Err(unexpected(&other)),
         }
     }
 
     pub fn containers(&mut self) -> Result<Vec<ContainerInfo>, ClientError> {
         match self.call(&Request::ListContainers)? {
             Response::Containers(c) => Ok(c),
-            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+            other => Err(unexpected(&other)),
         }
     }
 
@@ -315,21 +361,21 @@ impl<S: Read + Write> AgentClient<S> {
             {
                 Ok(v)
             }
-            other => Err(ClientError::Unexpected(format!("{other:.200?}"))),
+            other => Err(unexpected(&other)),
         }
     }
 
     pub fn routes(&mut self) -> Result<Vec<NetRoute>, ClientError> {
         match self.call(&Request::ListRoutes)? {
             Response::Routes(v) if v.len() <= net::MAX_ROUTES * 4 => Ok(v),
-            other => Err(ClientError::Unexpected(format!("{other:.200?}"))),
+            other => Err(unexpected(&other)),
         }
     }
 
     fn expect_created(&mut self, req: &Request) -> Result<u32, ClientError> {
         match self.call(req)? {
             Response::Created { pid } if pid > 0 => Ok(pid),
-            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+            other => Err(unexpected(&other)),
         }
     }
 }
@@ -338,6 +384,41 @@ impl<S: Read + Write> AgentClient<S> {
 mod tests {
     use super::*;
     use std::io::BufRead;
+
+    #[test]
+    fn a_silent_agent_cannot_hang_the_handshake() {
+        let dir = std::env::temp_dir().join(format!("bh-silent-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("agent.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        // Accepts, then says nothing.
+        let held = std::thread::spawn(move || listener.accept().map(|(s, _)| s));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let ep = Endpoint::Unix(path);
+        std::thread::spawn(move || {
+            let _ = tx.send(ep.client(Duration::from_millis(200)).map(|_| ()));
+        });
+        let r = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the handshake with a silent agent did not time out");
+        assert!(r.is_err());
+        drop(held.join());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_huge_unexpected_answer_makes_a_short_error() {
+        let e = unexpected(&Response::Data(vec![7; 1 << 20]));
+        let text = e.to_string();
+        assert!(text.len() < SHOWN + 64, "{} bytes", text.len());
+        assert!(
+            text.starts_with("unexpected response: Data([7, 7"),
+            "{text}"
+        );
+        assert!(text.ends_with("..."));
+        let small = unexpected(&Response::Ok).to_string();
+        assert_eq!(small, "unexpected response: Ok");
+    }
     use std::os::unix::net::UnixListener;
 
     #[test]

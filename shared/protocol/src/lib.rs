@@ -459,8 +459,24 @@ mod tests {
 
     #[test]
     fn huge_declared_vec_length_does_not_allocate() {
-        // Response::Data with a varint length of u32::MAX and no bytes behind it.
-        let payload = [2u8, 0xff, 0xff, 0xff, 0xff, 0x0f];
-        assert!(decode::<Response>(&payload).is_err());
+        // Every answer that carries a list, declaring u32::MAX elements with none behind
+        // them: an error, not a 4 GiB allocation. The tag is taken from a real encoding,
+        // so the test cannot drift onto another variant.
+        for sample in [
+            Response::Data(vec![]),
+            Response::Processes(vec![]),
+            Response::Containers(vec![]),
+            Response::Interfaces(vec![]),
+            Response::Routes(vec![]),
+        ] {
+            let mut payload = encode(&sample).unwrap();
+            assert_eq!(
+                payload.pop(),
+                Some(0),
+                "{sample:?} ends in its empty length"
+            );
+            payload.extend([0xff, 0xff, 0xff, 0xff, 0x0f]);
+            assert!(decode::<Response>(&payload).is_err(), "{sample:?}");
+        }
     }
 }

@@ -117,6 +117,12 @@ impl MmioTransport {
                 v &= !S_FEATURES_OK;
             }
         }
+        // DRIVER_OK counts only after features were agreed: a driver that skips
+        // FEATURES_OK gets a device that never starts, not one running on features
+        // nobody checked.
+        if v & S_DRIVER_OK != 0 && v & S_FEATURES_OK == 0 {
+            v &= !S_DRIVER_OK;
+        }
         self.status = v;
         if v & S_DRIVER_OK != 0 && v & S_FAILED == 0 && !self.activated {
             self.activate();
@@ -428,6 +434,23 @@ mod tests {
         assert_eq!(*resets.lock().unwrap(), 1);
         assert!(!t.is_activated());
         assert_eq!(r(&mut t, 0x44), 0);
+    }
+
+    #[test]
+    fn driver_ok_without_features_ok_activates_nothing() {
+        let (mut t, act, _) = transport();
+        w(&mut t, 0x70, S_ACK | S_DRIVER);
+        w(&mut t, 0x24, 1);
+        w(&mut t, 0x20, 1);
+        setup_queue(&mut t, 0, 0x1000);
+        w(&mut t, 0x70, S_ACK | S_DRIVER | S_DRIVER_OK);
+        assert_eq!(*act.lock().unwrap(), None);
+        assert!(!t.is_activated());
+        assert_eq!(r(&mut t, 0x70) & S_DRIVER_OK, 0);
+        // The proper order still works afterwards.
+        w(&mut t, 0x70, S_ACK | S_DRIVER | S_FEATURES_OK);
+        w(&mut t, 0x70, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+        assert!(t.is_activated());
     }
 
     #[test]
