@@ -430,6 +430,8 @@ left=$(ls /tmp/bhroot/run /tmp/bhroot/sandboxes 2>/dev/null | grep -v : | grep -
 echo "NESTED-CASE ctr-run backend=$backend rc=$rc5 left=$left"
 [ "$left" = 0 ] || rc=1
 kill $ctd 2>/dev/null
+# Calls a seccomp filter stopped or logged (audit type 1326), by thread name and number.
+dmesg | grep 'type=1326' | sed -E 's/.*comm="([^"]*)".*syscall=([0-9]+).*/\1 \2/' | sort | uniq -c | sed 's/^/NESTED-SECCOMP /'
 exit $rc
 """
 
@@ -479,7 +481,7 @@ def cmd_test(args, demo=False):
               f"(L1 under QEMU TCG, L1 kvm: {kvm_line.group(1).strip() if kvm_line else 'unknown'})")
     for line in parse_probe(out):
         print(line)
-    for line in re.findall(r"^(NESTED-CASE .*|NESTED-RUN .*|NESTED-CTR.*|NESTED-JAIL.*|bulkhead: timings.*)$",
+    for line in re.findall(r"^(NESTED-CASE .*|NESTED-RUN .*|NESTED-CTR.*|NESTED-JAIL.*|NESTED-SECCOMP.*|bulkhead: timings.*)$",
                            out, re.M):
         print(line)
     if not ok:

@@ -136,6 +136,26 @@ pub struct VmConfig {
     /// Skip the check that refuses PVM KVM (which cannot run stock kernels).
     #[serde(default)]
     pub allow_pvm: bool,
+    /// What a thread's seccomp filter does with a call outside its allow list.
+    #[serde(default, with = "seccomp_mode")]
+    pub seccomp: crate::seccomp::Mode,
+}
+
+mod seccomp_mode {
+    use crate::seccomp::Mode;
+
+    pub fn serialize<S: serde::Serializer>(m: &Mode, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(match m {
+            Mode::Kill => "kill",
+            Mode::Log => "log",
+            Mode::Off => "off",
+        })
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Mode, D::Error> {
+        let s: String = serde::Deserialize::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 pub const USAGE: &str = "usage: bulkhead-vmm (--config FILE.json | --kernel PATH [options])
@@ -155,7 +175,10 @@ pub const USAGE: &str = "usage: bulkhead-vmm (--config FILE.json | --kernel PATH
                            (bulkhead-net) connects to PATH, and again after a restart
   --api-socket PATH        control socket (state, pause, resume, shutdown)
   --legacy-mmio-cmdline    also describe devices on the kernel command line
-  --allow-pvm              try to boot even on a PVM /dev/kvm";
+  --allow-pvm              try to boot even on a PVM /dev/kvm
+  --seccomp kill|log|off   per-thread allow lists (seccomp/x86_64.json): a call outside
+                           them kills the VMM (default), is logged by the kernel, or no
+                           filter is installed";
 
 fn kv_pairs(s: &str) -> Vec<(&str, Option<&str>)> {
     s.split(',')
@@ -194,6 +217,7 @@ impl VmConfig {
             api_socket: None,
             legacy_mmio_cmdline: false,
             allow_pvm: false,
+            seccomp: Default::default(),
         };
         while let Some(flag) = it.next() {
             let mut val = || {
@@ -324,6 +348,7 @@ impl VmConfig {
                 "--api-socket" => c.api_socket = Some(val()?.into()),
                 "--legacy-mmio-cmdline" => c.legacy_mmio_cmdline = true,
                 "--allow-pvm" => c.allow_pvm = true,
+                "--seccomp" => c.seccomp = val()?.parse().map_err(ConfigError::Invalid)?,
                 other => return invalid(format!("unknown flag {other:?}\n{USAGE}")),
             }
         }

@@ -311,6 +311,11 @@ impl VcpuRunner {
     /// Run until the VM ends; the reason goes to the shared exit handle.
     pub fn run(mut self) {
         KVM_RUN.with(|c| c.set(self.vcpu.get_kvm_run() as *mut _));
+        // Before the guest runs a single instruction on this vCPU.
+        if let Err(e) = crate::seccomp::install_for(crate::seccomp::Class::Vcpu) {
+            self.exit.request(ExitReason::Crash(e));
+            return;
+        }
         loop {
             if self.exit.reason().is_some() {
                 return;

@@ -81,3 +81,59 @@ mod tests {
         assert_eq!(s, vec![0, 3, 4, 5]);
     }
 }
+
+/// Make a panic on any thread end the whole process at once (SIGABRT, status 134 to
+/// bulkheadd), after its message. Without it a panicking vCPU or device thread ends
+/// alone and leaves a VMM that runs no guest and never exits.
+pub fn abort_on_panic() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        eprintln!("bulkhead-vmm: a thread panicked; stopping the VMM");
+        std::process::abort();
+    }));
+}
+
+#[cfg(test)]
+mod panic_tests {
+    /// Run as a child by `a_thread_panic_ends_the_process`: install the hook, panic on
+    /// a thread, and keep the main thread waiting as the event loop would.
+    #[test]
+    fn panicking_child() {
+        if std::env::var_os("BULKHEAD_PANIC_CHILD").is_none() {
+            return;
+        }
+        super::abort_on_panic();
+        let _ = std::thread::spawn(|| panic!("a vCPU thread fails"));
+        std::thread::sleep(std::time::Duration::from_secs(30));
+    }
+
+    #[test]
+    fn a_thread_panic_ends_the_process() {
+        use std::os::unix::process::ExitStatusExt;
+        let mut c = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "exit::panic_tests::panicking_child",
+                "--nocapture",
+            ])
+            .env("BULKHEAD_PANIC_CHILD", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let t = std::time::Instant::now();
+        let st = loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                break Some(st);
+            }
+            if t.elapsed() > std::time::Duration::from_secs(10) {
+                let _ = c.kill();
+                break None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let st = st.expect("the process outlived its panicked thread");
+        assert_eq!(st.signal(), Some(libc::SIGABRT), "{st:?}");
+    }
+}

@@ -25,6 +25,62 @@ impl Trigger for IrqTrigger {
 #[derive(Clone)]
 pub struct SharedOut(pub Arc<Mutex<Box<dyn Write + Send>>>);
 
+/// How much guest console output (serial or virtio console) one VM may write to its
+/// file: the guest decides how much it prints, the host's disk is not its to fill.
+pub const OUTPUT_CAP: u64 = 16 << 20;
+
+/// A writer that passes on the first `cap` bytes, then says once that it stopped and
+/// swallows the rest (reporting it written, so the guest's device never stalls).
+pub struct Capped<W: Write> {
+    inner: W,
+    left: u64,
+    cap: u64,
+    dropped: u64,
+}
+
+impl<W: Write> Capped<W> {
+    pub fn new(inner: W, cap: u64) -> Self {
+        Capped {
+            inner,
+            left: cap,
+            cap,
+            dropped: 0,
+        }
+    }
+
+    /// Bytes swallowed past the cap.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+}
+
+impl<W: Write> Write for Capped<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            self.dropped += buf.len() as u64;
+            return Ok(buf.len());
+        }
+        let n = buf.len().min(self.left as usize);
+        let wrote = self.inner.write(&buf[..n])?;
+        self.left -= wrote as u64;
+        if self.left == 0 {
+            let _ = writeln!(
+                self.inner,
+                "\n[bulkhead-vmm: guest output stops here: {} bytes is the cap]",
+                self.cap
+            );
+            let _ = self.inner.flush();
+            self.dropped += (buf.len() - wrote) as u64;
+            return Ok(buf.len());
+        }
+        Ok(wrote)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 impl Write for SharedOut {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).write(buf)
@@ -98,6 +154,21 @@ impl BusDevice for AcpiPm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn output_past_the_cap_is_swallowed_and_said_once() {
+        let mut c = Capped::new(Vec::new(), 10);
+        for _ in 0..5 {
+            assert_eq!(c.write(b"abcde").unwrap(), 5);
+        }
+        assert_eq!(c.dropped(), 15);
+        let text = String::from_utf8(c.inner).unwrap();
+        assert!(text.starts_with("abcdeabcde\n[bulkhead-vmm: guest output stops here"));
+        assert_eq!(text.matches("stops here").count(), 1);
+        let mut small = Capped::new(Vec::new(), 100);
+        small.write_all(b"fits").unwrap();
+        assert_eq!(small.inner, b"fits");
+    }
 
     #[test]
     fn acpi_pm_power_off_and_reset() {

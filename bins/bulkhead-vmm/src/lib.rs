@@ -11,5 +11,6 @@ pub mod exit;
 pub mod layout;
 pub mod legacy;
 pub mod memory;
+pub mod seccomp;
 pub mod virtio;
 pub mod vmm;

@@ -12,6 +12,7 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
+    bulkhead_vmm::exit::abort_on_panic();
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "-h" || a == "--help") {
         println!("{}", bulkhead_vmm::config::USAGE);

@@ -25,7 +25,7 @@ use crate::control::{ControlApi, Target};
 use crate::cpu::{self, RunState, VcpuControl, VcpuRunner};
 use crate::exit::{ExitHandle, ExitReason};
 use crate::layout::*;
-use crate::legacy::{AcpiPm, IrqTrigger, SerialDevice, SharedOut, I8042};
+use crate::legacy::{AcpiPm, Capped, IrqTrigger, SerialDevice, SharedOut, I8042, OUTPUT_CAP};
 use crate::memory::{self, GuestRam};
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::{self, EventSink, Interrupt, VirtioDevice, DEVICE_TOKEN_BASE};
@@ -102,6 +102,7 @@ struct Vcpus {
 pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
     cfg.validate()?;
     check_host(cfg)?;
+    crate::seccomp::set_mode(cfg.seccomp);
     let clock = Instant::now();
     let (kvm, vm) = create_vm(cfg)?;
     let ram = map_memory(&vm, cfg.memory_bytes())?;
@@ -122,7 +123,16 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
         devices = slots.len(),
         "VM started"
     );
-    let reason = event_loop(cfg, &epoll, &exit, &slots, &vcpus)?;
+    let api = match &cfg.api_socket {
+        Some(p) => Some(
+            ControlApi::listen(p, &epoll, TOK_API, TOK_API_CONN)
+                .map_err(io(format!("control socket {}", p.display())))?,
+        ),
+        None => None,
+    };
+    // Set-up is done; from here the main thread serves what the guest controls.
+    crate::seccomp::install_for(crate::seccomp::Class::Main).map_err(VmmError::Device)?;
+    let reason = event_loop(cfg, api, &epoll, &exit, &slots, &vcpus)?;
     let _ = SharedOut::flush(&mut serial_out.clone());
     // Let vCPUs that are mid-exit see the reason; they are not joined (a vCPU can sit in
     // KVM_RUN indefinitely) and end with the process.
@@ -195,10 +205,11 @@ fn add_legacy_devices(
     cfg: &VmConfig,
 ) -> Result<SharedOut, VmmError> {
     let out: Box<dyn Write + Send> = match &cfg.serial {
-        SerialOut::Stdout => Box::new(std::io::stdout()),
-        SerialOut::File(p) => Box::new(
+        SerialOut::Stdout => Box::new(Capped::new(std::io::stdout(), OUTPUT_CAP)),
+        SerialOut::File(p) => Box::new(Capped::new(
             std::fs::File::create(p).map_err(io(format!("serial output {}", p.display())))?,
-        ),
+            OUTPUT_CAP,
+        )),
         SerialOut::None => Box::new(std::io::sink()),
     };
     let serial_out = SharedOut(Arc::new(Mutex::new(out)));
@@ -402,18 +413,12 @@ fn start_vcpus(
 /// asks the VM to end.
 fn event_loop(
     cfg: &VmConfig,
+    mut api: Option<ControlApi>,
     epoll: &Arc<Epoll>,
     exit: &ExitHandle,
     slots: &[DeviceSlot],
     vcpus: &Vcpus,
 ) -> Result<ExitReason, VmmError> {
-    let mut api = match &cfg.api_socket {
-        Some(p) => Some(
-            ControlApi::listen(p, epoll, TOK_API, TOK_API_CONN)
-                .map_err(io(format!("control socket {}", p.display())))?,
-        ),
-        None => None,
-    };
     epoll
         .ctl(
             ControlOperation::Add,

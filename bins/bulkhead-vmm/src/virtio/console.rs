@@ -5,6 +5,8 @@ use std::io::{Read, Write};
 use std::sync::Arc;
 
 use virtio_queue::Queue;
+
+use crate::legacy::{Capped, OUTPUT_CAP};
 use vm_memory::GuestMemoryMmap;
 
 use super::{
@@ -16,13 +18,17 @@ const RECEIVEQ: usize = 0;
 const TRANSMITQ: usize = 1;
 
 pub struct Console {
-    out: File,
+    out: Capped<File>,
     active: Option<(GuestMemoryMmap, Vec<Queue>, Arc<Interrupt>)>,
 }
 
 impl Console {
+    /// Guest output goes to `out`, up to [`OUTPUT_CAP`] bytes.
     pub fn new(out: File) -> Self {
-        Console { out, active: None }
+        Console {
+            out: Capped::new(out, OUTPUT_CAP),
+            active: None,
+        }
     }
 }
 

@@ -172,6 +172,10 @@ impl VhostUserNet {
         let worker = std::thread::Builder::new()
             .name("vhost-user-net".into())
             .spawn(move || {
+                if let Err(e) = crate::seccomp::install_for(crate::seccomp::Class::Worker) {
+                    tracing::error!("{e}");
+                    return;
+                }
                 let mut fe = Frontend::from_stream(stream, 2);
                 let r = vhost_user::handshake(&mut fe);
                 let _ = tx.send((fe, r));
