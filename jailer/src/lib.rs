@@ -24,6 +24,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 pub use cgroup::remove as remove_cgroup;
+pub use landlock_rules::kernel_abi as landlock_abi;
 
 /// Where the component's network comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -15,6 +15,16 @@ pub fn check(a: CheckArgs) -> Result<i32> {
     let r = bulkhead_host::check::check(&cfg);
     let state = crate::client::state_dir();
     let bus = bulkhead_dbus::bus::choose(&state);
+    let jailer = cfg.binary(bulkhead_host::config::Binary::BulkheadJailer);
+    let jail_on = cfg.jail.enabled();
+    let jail_ok = !jail_on || jailer.is_some();
+    let jail = json!({
+        "enabled": jail_on,
+        "jailer": jailer,
+        "landlock_abi": bulkhead_jail::landlock_abi(),
+        "uid_base": cfg.jail.uid_base,
+        "uid_count": cfg.jail.uid_count,
+    });
     if a.json {
         let mut v = serde_json::to_value(&r)?;
         v["bus_address"] = json!(bus.address);
@@ -22,6 +32,7 @@ pub fn check(a: CheckArgs) -> Result<i32> {
         v["state_dir"] = json!(state);
         v["guest_kernel"] = json!(cfg.kernel());
         v["guest_initrd"] = json!(cfg.initrd());
+        v["jail"] = jail;
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("kvm: {}", r.kvm);
@@ -43,6 +54,25 @@ pub fn check(a: CheckArgs) -> Result<i32> {
         for n in &r.notes {
             println!("note: {n}");
         }
+        if !jail_ok {
+            println!(
+                "problem: jailing is on but bulkhead-jailer is not found: no sandbox can start"
+            );
+        }
+        println!(
+            "jail: {}",
+            if jail_on {
+                format!(
+                    "on (landlock ABI {}, uids {}..{}; see docs/security.md)",
+                    jail["landlock_abi"],
+                    cfg.jail.uid_base,
+                    cfg.jail.uid_base as u64 + cfg.jail.uid_count as u64
+                )
+            } else {
+                "off (bulkheadd is not root, or jail.enabled is false): components run unjailed"
+                    .to_string()
+            }
+        );
         println!("bus: {} ({})", bus.address, bus.kind.as_str());
         println!(
             "guest image: {} + {}",
@@ -50,5 +80,5 @@ pub fn check(a: CheckArgs) -> Result<i32> {
             cfg.initrd().display()
         );
     }
-    Ok(if r.backend.is_some() { 0 } else { 1 })
+    Ok(if r.backend.is_some() && jail_ok { 0 } else { 1 })
 }

@@ -83,6 +83,15 @@ fn check_json(e: &mut Env) -> Result<()> {
             "the reason names PVM: {vmm}"
         );
     }
+    // The suite runs as root: components are jailed, and the jailer is found.
+    ensure!(v["jail"]["enabled"] == true, "jail: {}", v["jail"]);
+    ensure!(
+        v["jail"]["jailer"]
+            .as_str()
+            .is_some_and(|p| p.ends_with("bulkhead-jailer")),
+        "jail: {}",
+        v["jail"]
+    );
     ensure!(o.code == 0, "check exits 0 when a backend is usable");
     Ok(())
 }
