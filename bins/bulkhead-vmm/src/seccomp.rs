@@ -4,13 +4,14 @@
 //! before its first KVM_RUN, the main thread before its event loop, a worker at its
 //! start. They stack on the jailer's baseline.
 
-use std::str::FromStr;
 use std::sync::OnceLock;
 
-use seccompiler::sock_filter;
+use bulkhead_seccomp::sock_filter;
+pub use bulkhead_seccomp::Mode;
+use bulkhead_seccomp::Programs;
 
-/// The programs: (mode, class, BPF as 8-byte little-endian instructions).
-const PROGRAMS: &[(&str, &str, &[u8])] = include!(concat!(env!("OUT_DIR"), "/seccomp_programs.rs"));
+/// The policy's programs, compiled by build.rs.
+static PROGRAMS: Programs = Programs(include!(concat!(env!("OUT_DIR"), "/seccomp_programs.rs")));
 
 /// The thread classes of the policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,52 +34,9 @@ impl Class {
     }
 }
 
-/// What a call outside the allow list does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Mode {
-    /// Kill the process (the default).
-    #[default]
-    Kill,
-    /// Let it through and have the kernel log it (audit type 1326, with the thread's
-    /// name): for finding what a new code path needs.
-    Log,
-    /// No filter (the jail's baseline still applies when jailed).
-    Off,
-}
-
-impl FromStr for Mode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "kill" => Ok(Mode::Kill),
-            "log" => Ok(Mode::Log),
-            "off" => Ok(Mode::Off),
-            _ => Err(format!("seccomp mode {s:?}: want kill, log or off")),
-        }
-    }
-}
-
 /// The compiled program for `class` in `mode` (`None` for [`Mode::Off`]).
 pub fn program(class: Class, mode: Mode) -> Option<Vec<sock_filter>> {
-    let mode = match mode {
-        Mode::Kill => "kill",
-        Mode::Log => "log",
-        Mode::Off => return None,
-    };
-    let (_, _, bytes) = PROGRAMS
-        .iter()
-        .find(|(m, c, _)| *m == mode && *c == class.name())?;
-    Some(
-        bytes
-            .chunks_exact(8)
-            .map(|i| sock_filter {
-                code: u16::from_le_bytes([i[0], i[1]]),
-                jt: i[2],
-                jf: i[3],
-                k: u32::from_le_bytes([i[4], i[5], i[6], i[7]]),
-            })
-            .collect(),
-    )
+    PROGRAMS.program(class.name(), mode)
 }
 
 /// The process's mode, set once from the configuration before any thread installs.
@@ -96,16 +54,12 @@ pub fn install_for(class: Class) -> Result<(), String> {
 
 /// Install `class`'s filter on the calling thread.
 pub fn install(class: Class, mode: Mode) -> Result<(), String> {
-    let Some(prog) = program(class, mode) else {
-        return Ok(());
-    };
-    seccompiler::apply_filter(&prog).map_err(|e| format!("seccomp filter {}: {e}", class.name()))
+    PROGRAMS.install(class.name(), mode, false)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::process::ExitStatusExt;
 
     #[test]
     fn every_class_has_a_program_in_both_modes() {
@@ -118,78 +72,26 @@ mod tests {
         }
     }
 
-    /// Run as a child by `the_policy_kills_what_it_does_not_allow`: install CLASS's
-    /// filter, make the call named by CALL, and exit 0 if it returned.
-    #[test]
-    fn filtered_child() {
-        let (Ok(class), Ok(call)) = (std::env::var("CLASS"), std::env::var("CALL")) else {
-            return;
-        };
-        let class = match class.as_str() {
-            "main" => Class::Main,
-            "vcpu" => Class::Vcpu,
-            _ => Class::Worker,
-        };
-        install(class, Mode::Kill).unwrap();
-        // SAFETY: each call is harmless if it were allowed: execve of a path that does
-        // not exist, an open read-only, a socket closed at exit, PTRACE_TRACEME.
-        unsafe {
-            match call.as_str() {
-                "getpid" => {
-                    libc::getpid();
-                }
-                "execve" => {
-                    let argv = [std::ptr::null()];
-                    libc::execve(c"/nonexistent".as_ptr(), argv.as_ptr(), argv.as_ptr());
-                }
-                "openat" => {
-                    libc::openat(libc::AT_FDCWD, c"/etc/passwd".as_ptr(), libc::O_RDONLY);
-                }
-                "socket" => {
-                    libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-                }
-                "ptrace" => {
-                    libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0);
-                }
-                other => panic!("unknown call {other}"),
-            }
-        }
-        std::process::exit(0);
-    }
-
-    fn run(class: &str, call: &str) -> std::process::ExitStatus {
-        std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "seccomp::tests::filtered_child",
-                "--test-threads=1",
-            ])
-            .env("CLASS", class)
-            .env("CALL", call)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .unwrap()
-    }
-
     #[test]
     fn the_policy_kills_what_it_does_not_allow() {
+        use bulkhead_seccomp::testing::{killed_by, Call};
         for class in ["main", "vcpu", "worker"] {
-            assert!(
-                run(class, "getpid").success(),
-                "{class}: the child must run"
-            );
-            for call in ["execve", "openat", "ptrace"] {
+            assert_eq!(killed_by(&PROGRAMS, class, Call::Getpid), None, "{class}");
+            for call in [Call::Execve, Call::OpenHostPath, Call::Ptrace] {
                 assert_eq!(
-                    run(class, call).signal(),
+                    killed_by(&PROGRAMS, class, call),
                     Some(libc::SIGSYS),
-                    "{class} let {call} through"
+                    "{class} let {call:?} through"
                 );
             }
         }
         // No thread but the main one opens sockets (vsock's host side connects).
         for class in ["vcpu", "worker"] {
-            assert_eq!(run(class, "socket").signal(), Some(libc::SIGSYS), "{class}");
+            assert_eq!(
+                killed_by(&PROGRAMS, class, Call::Socket),
+                Some(libc::SIGSYS),
+                "{class}"
+            );
         }
     }
 }

@@ -196,12 +196,25 @@ fn every_component_jailed(e: &mut Env) -> Result<()> {
                 let v = status_field(pid, set);
                 ensure!(caps(&v) == 0, "{name}: {set} {v}");
             }
+            // The jail's baseline on every thread; bulkhead-net's own allow list and
+            // QEMU's -sandbox on top of it.
+            let want_filters = if name == "vhost-device-vsock" { 1 } else { 2 };
             for t in &threads {
-                let st = std::fs::read_to_string(format!("/proc/{pid}/task/{t}/status"))
-                    .unwrap_or_else(|_| "Seccomp:\t2".into());
+                let Ok(st) = std::fs::read_to_string(format!("/proc/{pid}/task/{t}/status")) else {
+                    continue; // the thread ended
+                };
                 ensure!(
                     st.lines().any(|l| l == "Seccomp:\t2"),
                     "{name} thread {t} has no seccomp filter"
+                );
+                let filters: u32 = st
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Seccomp_filters:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                ensure!(
+                    filters >= want_filters,
+                    "{name} thread {t}: {filters} seccomp filters, want {want_filters}"
                 );
             }
         }

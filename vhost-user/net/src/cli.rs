@@ -19,8 +19,13 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use crate::backend::NetBackend;
 use crate::Counters;
 
-const USAGE: &str =
-    "usage: bulkhead-net --socket PATH --tap-fd N [--dbus-socket PATH] [--connect-timeout-ms MS]";
+const USAGE: &str = "usage: bulkhead-net --socket PATH --tap-fd N [--dbus-socket PATH] \
+                     [--connect-timeout-ms MS] [--seccomp kill|log|off]";
+
+/// bulkhead-net's seccomp policy (seccomp/x86_64.json), compiled by build.rs: one list
+/// for every thread, installed on all of them once set-up is done.
+static SECCOMP: bulkhead_seccomp::Programs =
+    bulkhead_seccomp::Programs(include!(concat!(env!("OUT_DIR"), "/seccomp_programs.rs")));
 
 #[derive(Debug)]
 struct Args {
@@ -28,11 +33,13 @@ struct Args {
     dbus_socket: Option<PathBuf>,
     tap_fd: i32,
     connect_timeout: Duration,
+    seccomp: bulkhead_seccomp::Mode,
 }
 
 fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
     let (mut socket, mut tap_fd, mut timeout) = (None, None, Duration::from_secs(30));
     let mut dbus_socket = None;
+    let mut seccomp = bulkhead_seccomp::Mode::default();
     while let Some(a) = it.next() {
         let mut val = || it.next().ok_or_else(|| format!("{a} needs a value"));
         match a.as_str() {
@@ -53,6 +60,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
                         .map_err(|_| format!("--connect-timeout-ms {v:?}"))?,
                 );
             }
+            "--seccomp" => seccomp = val()?.parse()?,
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
@@ -62,6 +70,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         dbus_socket,
         tap_fd: tap_fd.ok_or_else(|| format!("--tap-fd is required\n{USAGE}"))?,
         connect_timeout: timeout,
+        seccomp,
     })
 }
 
@@ -145,6 +154,11 @@ fn run(args: Args) -> anyhow::Result<()> {
     let relay = std::thread::Builder::new()
         .name("relay".into())
         .spawn(move || crate::relay::run(front, back))?;
+    // Every thread is up (D-Bus, the daemon's, the relay): from here the allow list
+    // holds for all of them, before a frame from the guest is read.
+    SECCOMP
+        .install("net", args.seccomp, true)
+        .map_err(|e| anyhow::anyhow!(e))?;
     // Runs until the front end hangs up (the VM is gone or is shutting down).
     let end = daemon.wait();
     connected.store(false, Ordering::Relaxed);
@@ -158,6 +172,19 @@ fn run(args: Args) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_policy_kills_what_a_net_back_end_never_does() {
+        use bulkhead_seccomp::testing::{killed_by, Call};
+        assert_eq!(killed_by(&SECCOMP, "net", Call::Getpid), None);
+        for call in [Call::Execve, Call::OpenHostPath, Call::Socket, Call::Ptrace] {
+            assert_eq!(
+                killed_by(&SECCOMP, "net", call),
+                Some(libc::SIGSYS),
+                "{call:?} got through"
+            );
+        }
+    }
+
     fn args(v: &[&str]) -> Result<Args, String> {
         parse(v.iter().map(|s| s.to_string()))
     }
@@ -165,6 +192,8 @@ mod tests {
     #[test]
     fn arguments() {
         let a = args(&["--socket", "/run/x.sock", "--tap-fd", "3"]).unwrap();
+        assert_eq!(a.seccomp, bulkhead_seccomp::Mode::Kill);
+        assert!(args(&["--socket", "/x", "--tap-fd", "3", "--seccomp", "no"]).is_err());
         assert_eq!((a.socket.to_str(), a.tap_fd), (Some("/run/x.sock"), 3));
         assert!(args(&["--socket", "/x"]).unwrap_err().contains("--tap-fd"));
         assert!(args(&["--socket", "/x", "--tap-fd", "1"]).is_err());
