@@ -45,6 +45,9 @@ const MAX_PKT_DATA: usize = 64 * 1024;
 const MAX_PENDING_CTRL: usize = 4096;
 const MAX_CONNS: usize = 1024;
 const CONNECT_LINE_MAX: usize = 32;
+/// How long a host connection may wait for its `CONNECT <port>` line, and then for the
+/// guest to accept it, before it is dropped (and the guest told with RST).
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 const RX: usize = 0;
 const TX: usize = 1;
 const LISTENER_TOKEN: u32 = DEVICE_TOKEN_BASE;
@@ -128,7 +131,11 @@ struct Conn {
     /// The socket has data or hung up, and we have not drained that yet.
     readable: bool,
     host_eof: bool,
+    /// The epoll interest it has, `None` while it is not in epoll at all: a socket we
+    /// want nothing from is taken out, because epoll reports a hang-up even to an empty
+    /// interest, and a level-triggered hang-up would wake the loop without end.
     registered: Option<EventSet>,
+    since: std::time::Instant,
 }
 
 impl Conn {
@@ -160,6 +167,7 @@ impl Conn {
 struct PendingHost {
     stream: UnixStream,
     buf: Vec<u8>,
+    since: std::time::Instant,
 }
 
 struct Active {
@@ -183,6 +191,7 @@ pub struct Vsock {
     next_local_port: u32,
     rx_starved: bool,
     buf: Vec<u8>,
+    connect_timeout: std::time::Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -218,6 +227,7 @@ impl Vsock {
             next_local_port: 1 << 30,
             rx_starved: false,
             buf: vec![0u8; MAX_PKT_DATA],
+            connect_timeout: CONNECT_TIMEOUT,
         })
     }
 
@@ -314,6 +324,7 @@ impl Vsock {
                 readable: false,
                 host_eof: false,
                 registered: None,
+                since: std::time::Instant::now(),
             },
         );
         true
@@ -595,16 +606,52 @@ impl Vsock {
             if !c.out.is_empty() {
                 want |= EventSet::OUT;
             }
-            if c.registered != Some(want) {
-                let fd = c.stream.as_raw_fd();
-                let r = match c.registered {
-                    None => a.events.add(fd, c.token, want),
-                    Some(_) => a.events.modify(fd, c.token, want),
-                };
-                if r.is_ok() {
-                    c.registered = Some(want);
+            if c.registered == Some(want) {
+                continue;
+            }
+            let fd = c.stream.as_raw_fd();
+            if want.is_empty() {
+                if c.registered.take().is_some() {
+                    a.events.remove(fd);
+                }
+                continue;
+            }
+            let r = match c.registered {
+                None => a.events.add(fd, c.token, want),
+                Some(_) => a.events.modify(fd, c.token, want),
+            };
+            if r.is_ok() {
+                c.registered = Some(want);
+            }
+        }
+    }
+
+    /// Drop host connections that never sent their CONNECT line, or that the guest
+    /// never answered, within [`CONNECT_TIMEOUT`]: each holds a descriptor and one of the
+    /// [`MAX_CONNS`] slots.
+    fn expire_connecting(&mut self) {
+        let timeout = self.connect_timeout;
+        let stale: Vec<u32> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.since.elapsed() > timeout)
+            .map(|(t, _)| *t)
+            .collect();
+        for t in stale {
+            if let Some(p) = self.pending.remove(&t) {
+                if let Some(a) = &self.active {
+                    a.events.remove(p.stream.as_raw_fd());
                 }
             }
+        }
+        let stale: Vec<Key> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.state == ConnState::Connecting && c.since.elapsed() > timeout)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in stale {
+            self.reset_conn(k);
         }
     }
 
@@ -629,6 +676,7 @@ impl Vsock {
                         PendingHost {
                             stream: s,
                             buf: Vec::new(),
+                            since: std::time::Instant::now(),
                         },
                     );
                 }
@@ -704,6 +752,7 @@ impl Vsock {
     }
 
     fn after_event(&mut self) {
+        self.expire_connecting();
         self.process_rx();
         self.update_interest();
     }

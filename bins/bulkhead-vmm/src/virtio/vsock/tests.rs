@@ -281,3 +281,67 @@ fn header_round_trips() {
     };
     assert_eq!(Hdr::from_bytes(&h.to_bytes()), h);
 }
+
+/// Run the device's share of the event loop once: whatever its epoll has ready.
+/// Returns how many events were ready.
+fn loop_once(r: &mut Rig<'_>) -> usize {
+    let epoll = r.dev.active.as_ref().unwrap().events.epoll.clone();
+    let mut evs = vec![vmm_sys_util::epoll::EpollEvent::default(); 16];
+    let n = epoll.wait(0, &mut evs).unwrap();
+    for e in &evs[..n] {
+        r.dev
+            .handle_event(e.data() as u32, EventSet::from_bits_truncate(e.events()));
+    }
+    n
+}
+
+#[test]
+fn a_host_that_hangs_up_before_the_guest_answers_does_not_spin_the_loop() {
+    let mem = test_mem();
+    let mut r = rig(&mem, "hup");
+    let mut client = UnixStream::connect(r.dir.join("v.sock")).unwrap();
+    client.write_all(b"CONNECT 1024\n").unwrap();
+    r.pump();
+    assert_eq!(r.rx_packets()[0].0.op, OP_REQUEST);
+    // The guest never answers; the host gives up.
+    drop(client);
+    let busy = (0..50).filter(|_| loop_once(&mut r) > 0).count();
+    assert!(
+        busy <= 2,
+        "the loop woke {busy} times in 50 for one hung-up socket"
+    );
+    assert!(
+        r.dev.ctrl.len() <= 1,
+        "{} control packets queued",
+        r.dev.ctrl.len()
+    );
+}
+
+#[test]
+fn connections_the_guest_never_answers_and_silent_clients_expire() {
+    let mem = test_mem();
+    let mut r = rig(&mem, "expire");
+    r.dev.connect_timeout = Duration::from_millis(50);
+    let mut asked = UnixStream::connect(r.dir.join("v.sock")).unwrap();
+    asked.write_all(b"CONNECT 1024\n").unwrap();
+    let silent = UnixStream::connect(r.dir.join("v.sock")).unwrap();
+    r.pump();
+    let req = r.rx_packets()[0].0;
+    assert_eq!(req.op, OP_REQUEST);
+    assert_eq!((r.dev.conns.len(), r.dev.pending.len()), (1, 1));
+    std::thread::sleep(Duration::from_millis(100));
+    r.dev.queue_notify(RX);
+    assert_eq!((r.dev.conns.len(), r.dev.pending.len()), (0, 0));
+    // The guest hears the request is gone; both host sockets are closed.
+    let p = r.rx_packets();
+    assert!(
+        p.iter()
+            .any(|(h, _)| h.op == OP_RST && h.src_port == req.src_port),
+        "{p:?}"
+    );
+    for mut s in [asked, silent] {
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut b = [0u8; 8];
+        assert_eq!(s.read(&mut b).unwrap(), 0, "still open");
+    }
+}
