@@ -70,24 +70,36 @@ fn dir(h: &Hierarchy, rel: &str) -> PathBuf {
     h.mount.join(h.own.trim_start_matches('/')).join(rel)
 }
 
-/// Join `rel` below the jailer's cgroup in every hierarchy; returns the paths joined.
+/// Join `rel` below the jailer's cgroup in every hierarchy; returns each hierarchy's
+/// directory, marked where it could not be joined. A hierarchy that refuses (a
+/// read-only cgroup file system, as in some containers) costs accounting, not
+/// isolation: the component starts, and the report and its log say so.
 pub fn join(rel: Option<&str>) -> Result<Vec<String>, JailError> {
     let Some(rel) = rel else { return Ok(vec![]) };
     let mut joined = vec![];
     for h in hierarchies() {
         let d = dir(&h, rel);
-        std::fs::create_dir_all(&d)
-            .map_err(|e| JailError::sys(format!("create cgroup {}", d.display()), e))?;
-        if h.cpuset {
-            inherit_cpuset(&h, rel)?;
+        let tag = if h.v2 { "v2" } else { "v1" };
+        let r = std::fs::create_dir_all(&d)
+            .map_err(|e| JailError::sys(format!("create cgroup {}", d.display()), e))
+            .and_then(|()| {
+                if h.cpuset {
+                    inherit_cpuset(&h, rel)
+                } else {
+                    Ok(())
+                }
+            })
+            .and_then(|()| {
+                std::fs::write(d.join("cgroup.procs"), b"0")
+                    .map_err(|e| JailError::sys(format!("join cgroup {}", d.display()), e))
+            });
+        match r {
+            Ok(()) => joined.push(format!("{tag}:{}", d.display())),
+            Err(e) => {
+                eprintln!("bulkhead-jailer: {e}; not joined");
+                joined.push(format!("{tag}:{} (not joined: {e})", d.display()));
+            }
         }
-        std::fs::write(d.join("cgroup.procs"), b"0")
-            .map_err(|e| JailError::sys(format!("join cgroup {}", d.display()), e))?;
-        joined.push(format!(
-            "{}{}",
-            if h.v2 { "v2:" } else { "v1:" },
-            d.display()
-        ));
     }
     Ok(joined)
 }

@@ -784,6 +784,8 @@ fn docker(e: &mut Env) -> Result<()> {
         );
         let o = run(&["--rm", "-i"], &["cat"], Some(b"through dockerd\n"))?;
         ensure!(o.stdout == "through dockerd\n", "docker run -i: {o:?}");
+        // A retried case finds the first attempt's container in the same data root.
+        let _ = docker(&["rm", "-f", "dk"], None);
         run(&["-d", "--name", "dk"], &["sleep", "600"], None)?.ok()?;
         let o = docker(&["exec", "dk", "sh", "-c", "echo exec-ok; exit 4"], None)?;
         ensure!(o.code == 4 && o.stdout == "exec-ok\n", "docker exec: {o:?}");
