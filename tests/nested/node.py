@@ -442,6 +442,16 @@ for i in $(seq 1 $N); do
   bulkhead probe --socket /tmp/v.sock --timeout 240 --guest-mib 128 --shutdown -- \
     /opt/bulkhead/bulkhead-vmm --kernel /opt/guest/vmlinux --initrd /opt/guest/initramfs.cpio.gz \
     --cmdline 'L2CMD' --cpus 1 --memory 128 --vsock cid=3,socket=/tmp/v.sock --serial none
+  # The same VMM under the jail bulkheadd gives it (own root and namespaces, a uid, no
+  # capabilities, landlock, seccomp): exec of the jailer to the agent's first answer.
+  echo "BENCH bulkhead-vmm-jailed run $i"
+  mkdir -p /tmp/jroot /tmp/jvm; chown 1000000000:1000000000 /tmp/jvm
+  bulkhead probe --socket /tmp/jvm/v.sock --timeout 240 --guest-mib 128 --shutdown -- \
+    /opt/bulkhead/bulkhead-jailer --sandbox bench --name vmm --root /tmp/jroot \
+    --uid 1000000000 --gid 1000000000 --ro /lib --ro /lib64 --ro /opt/bulkhead/bulkhead-vmm \
+    --ro /opt/guest --rw /tmp/jvm --dev kvm --dev null --dev urandom -- \
+    /opt/bulkhead/bulkhead-vmm --kernel /opt/guest/vmlinux --initrd /opt/guest/initramfs.cpio.gz \
+    --cmdline 'L2CMD' --cpus 1 --memory 128 --vsock cid=3,socket=/tmp/jvm/v.sock --serial none
   echo "BENCH qemu-microvm run $i"
   bulkhead probe --cid 3 --timeout 240 --guest-mib 128 -- \
     /opt/qemu/qemu-system-x86_64 -M microvm,acpi=on,x-option-roms=off -accel kvm -cpu host -m 128 -smp 1 \
@@ -501,9 +511,10 @@ def cmd_bench(args):
     with tempfile.TemporaryDirectory() as w:
         l1, vmlinux = l1_initramfs(guest, bins, True, w)
         script = BENCH_SCRIPT.replace("NRUNS", str(args.runs)).replace("L2CMD", L2_CMDLINE)
-        log(f"bench: {args.runs} alternating boots each of bulkhead-vmm and QEMU microvm in one L1")
+        log(f"bench: {args.runs} alternating boots each of bulkhead-vmm, bulkhead-vmm jailed and QEMU "
+            f"microvm in one L1")
         out, secs = run_l1(l1, vmlinux, script, args.timeout, mem_mib=2048)
-    res = {"bulkhead-vmm": [], "qemu-microvm": []}
+    res = {"bulkhead-vmm": [], "bulkhead-vmm-jailed": [], "qemu-microvm": []}
     cur = None
     for line in out.splitlines():
         m = re.match(r"BENCH (\S+) run", line)
@@ -522,12 +533,16 @@ def cmd_bench(args):
     med = lambda xs, k: statistics.median(x[k] for x in xs if k in x)
     print(f"\nNested node (L1: QEMU TCG -cpu max -smp 1, kvm-amd; L2: Debian cloud kernel "
           f"{open(os.path.join(guest, 'kernel-release')).read().strip()} vmlinux + agent initramfs, 1 vCPU, 128 MiB)")
-    print(f"{'VMM':<16}{'runs':>5}{'exec->agent answer (ms, median)':>34}{'min':>8}{'max':>8}"
+    print(f"{'VMM':<22}{'runs':>5}{'exec->agent answer (ms, median)':>34}{'min':>8}{'max':>8}"
           f"{'non-guest RSS (MiB)':>21}{'VMM CPU (ms)':>14}")
     for k, xs in res.items():
         boots = [x["boot"] for x in xs]
-        print(f"{k:<16}{len(xs):>5}{med(xs, 'boot'):>34.0f}{min(boots):>8}{max(boots):>8}"
+        print(f"{k:<22}{len(xs):>5}{med(xs, 'boot'):>34.0f}{min(boots):>8}{max(boots):>8}"
               f"{med(xs, 'rss') / 1024:>21.1f}{med(xs, 'cpu'):>14.0f}")
+    if res["bulkhead-vmm-jailed"]:
+        print(f"the jail's cost, exec to the agent's first answer: "
+              f"{med(res['bulkhead-vmm-jailed'], 'boot') - med(res['bulkhead-vmm'], 'boot'):+.0f} ms "
+              f"(the jailed row's RSS and CPU are the jailer's own, not the VMM's)")
     ratio = med(res["qemu-microvm"], "boot") / med(res["bulkhead-vmm"], "boot")
     print(f"ratio (QEMU microvm / bulkhead-vmm, boot to first answer): {ratio:.2f}x   (whole run {secs:.0f}s)")
     return 0

@@ -1,8 +1,10 @@
 //! VMM start cost on the host's own KVM, with a toy guest whose first instruction after
 //! entry is an I/O port write: the VMM's CPU time (user + system, from wait4's rusage)
 //! from exec to exit is its cost to reach the guest's first I/O exit, plus teardown.
-//! Measured side by side with QEMU (`-M microvm`, the same code as its BIOS), alternating
-//! runs, medians reported.
+//! Measured side by side with QEMU (`-M microvm`, the same code as its BIOS), and with
+//! bulkhead-vmm under `bulkhead-jailer` (the jail bulkheadd gives it: own root and
+//! namespaces, a uid, no capabilities, landlock, seccomp), alternating runs, medians
+//! reported. The jailed row's CPU includes the jailer's.
 //!
 //! cargo bench -p bulkhead-vmm --bench toy_start [-- RUNS]
 
@@ -67,18 +69,46 @@ fn main() {
     std::fs::write(&romp, &rom).unwrap();
     let qemu = which("qemu-system-x86_64");
 
-    let (mut ours, mut theirs) = (vec![], vec![]);
+    let vmm_args = [
+        "--boot",
+        "raw16",
+        "--kernel",
+        bin.to_str().unwrap(),
+        "--memory",
+        "128",
+    ];
+    // The jailer is built beside the VMM (cargo build --release builds both).
+    let jailer = std::path::Path::new(VMM).with_file_name("bulkhead-jailer");
+    // SAFETY: geteuid has no preconditions.
+    let jail = (jailer.exists() && unsafe { libc::geteuid() } == 0).then(|| {
+        let root = dir.join("jail");
+        std::fs::create_dir_all(&root).unwrap();
+        let mut j = bulkhead_jail::Jail::new("bench", "vmm", root, VMM.into());
+        j.uid = 1_999_000_300;
+        j.gid = 1_999_000_300;
+        j.read_only = [
+            "/usr/lib",
+            "/usr/lib64",
+            "/lib",
+            "/lib64",
+            "/etc/ld.so.cache",
+        ]
+        .iter()
+        .map(std::path::PathBuf::from)
+        .filter(|p| p.symlink_metadata().is_ok())
+        .chain([std::path::PathBuf::from(VMM), bin.clone()])
+        .collect();
+        j.devices.push(bulkhead_jail::Device::Kvm);
+        j.cgroup = Some("bulkhead-bench/toy".into());
+        j.args = vmm_args.iter().map(Into::into).collect();
+        j.to_args()
+    });
+    let (mut ours, mut jailed, mut theirs) = (vec![], vec![], vec![]);
     for _ in 0..runs {
-        let mut c = Command::new(VMM);
-        c.args([
-            "--boot",
-            "raw16",
-            "--kernel",
-            bin.to_str().unwrap(),
-            "--memory",
-            "128",
-        ]);
-        ours.extend(run(&mut c));
+        ours.extend(run(Command::new(VMM).args(vmm_args)));
+        if let Some(a) = &jail {
+            jailed.extend(run(Command::new(&jailer).args(a)));
+        }
         if let Some(q) = &qemu {
             let mut c = Command::new(q);
             c.args([
@@ -130,7 +160,15 @@ fn main() {
         (w, c)
     };
     let (ow, oc) = row("bulkhead-vmm", &ours);
+    let (jw, jc) = row("bulkhead-vmm, jailed", &jailed);
     let (qw, qc) = row("qemu -M microvm", &theirs);
+    if !jailed.is_empty() {
+        println!(
+            "the jail's cost: wall +{:.2} ms, CPU +{:.2} ms",
+            jw - ow,
+            jc - oc
+        );
+    }
     if !theirs.is_empty() {
         println!(
             "ratio (QEMU / bulkhead-vmm): wall {:.1}x, CPU {:.1}x",
@@ -138,6 +176,7 @@ fn main() {
             qc / oc
         );
     }
+    bulkhead_jail::remove_cgroup("bulkhead-bench");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
