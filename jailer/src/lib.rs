@@ -26,6 +26,26 @@ use serde::{Deserialize, Serialize};
 pub use cgroup::remove as remove_cgroup;
 pub use landlock_rules::kernel_abi as landlock_abi;
 
+/// The paths every dynamically linked program needs read-only: the system libraries and
+/// the loader's cache (a symlink is bound as a symlink, so merged-/usr hosts get
+/// `/lib -> usr/lib`).
+const SYSTEM_PATHS: &[&str] = &[
+    "/usr/lib",
+    "/usr/lib64",
+    "/lib",
+    "/lib64",
+    "/etc/ld.so.cache",
+];
+
+/// [`SYSTEM_PATHS`] that exist on this host.
+pub fn system_paths() -> Vec<PathBuf> {
+    SYSTEM_PATHS
+        .iter()
+        .map(PathBuf::from)
+        .filter(|p| p.symlink_metadata().is_ok())
+        .collect()
+}
+
 /// Where the component's network comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Net {

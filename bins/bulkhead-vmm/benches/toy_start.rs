@@ -86,18 +86,9 @@ fn main() {
         let mut j = bulkhead_jail::Jail::new("bench", "vmm", root, VMM.into());
         j.uid = 1_999_000_300;
         j.gid = 1_999_000_300;
-        j.read_only = [
-            "/usr/lib",
-            "/usr/lib64",
-            "/lib",
-            "/lib64",
-            "/etc/ld.so.cache",
-        ]
-        .iter()
-        .map(std::path::PathBuf::from)
-        .filter(|p| p.symlink_metadata().is_ok())
-        .chain([std::path::PathBuf::from(VMM), bin.clone()])
-        .collect();
+        j.read_only = bulkhead_jail::system_paths();
+        j.read_only
+            .extend([std::path::PathBuf::from(VMM), bin.clone()]);
         j.devices.push(bulkhead_jail::Device::Kvm);
         j.cgroup = Some("bulkhead-bench/toy".into());
         j.args = vmm_args.iter().map(Into::into).collect();

@@ -16,16 +16,6 @@ use bulkhead_jail::{Device, Jail, Net};
 use crate::backend::{ComponentSpec, PlanError};
 use crate::store::SandboxRec;
 
-/// Read-only paths every dynamically linked program needs (symlinks are copied as
-/// symlinks, so merged-/usr hosts get `/lib -> usr/lib`).
-const SYSTEM: &[&str] = &[
-    "/usr/lib",
-    "/usr/lib64",
-    "/lib",
-    "/lib64",
-    "/etc/ld.so.cache",
-];
-
 /// Environment passed into a jail; nothing else of bulkheadd's is.
 const PASSED_ENV: &[&str] = &["BULKHEAD_LOG", "RUST_LOG"];
 
@@ -57,11 +47,7 @@ pub fn jail_for(rec: &SandboxRec, spec: &ComponentSpec) -> Option<Jail> {
         j.gid = 0;
         j.keep_caps = spec.needs.root_caps.iter().map(|c| c.to_string()).collect();
     }
-    j.read_only = SYSTEM
-        .iter()
-        .map(PathBuf::from)
-        .filter(|p| p.symlink_metadata().is_ok())
-        .collect();
+    j.read_only = bulkhead_jail::system_paths();
     j.read_only.push(program);
     j.read_only.extend(spec.needs.read_only.iter().cloned());
     j.read_write.push(rec.vm_dir());
