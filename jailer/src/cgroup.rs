@@ -52,7 +52,7 @@ fn hierarchies() -> Vec<Hierarchy> {
         });
         if let Some(own) = place {
             out.push(Hierarchy {
-                mount: unescape(mountpoint).into(),
+                mount: crate::unescape_mountinfo(mountpoint).into(),
                 own,
                 v2: fstype == "cgroup2",
                 cpuset: key.contains(&"cpuset"),
@@ -60,10 +60,6 @@ fn hierarchies() -> Vec<Hierarchy> {
         }
     }
     out
-}
-
-fn unescape(s: &str) -> String {
-    s.replace("\\040", " ")
 }
 
 fn dir(h: &Hierarchy, rel: &str) -> PathBuf {
@@ -74,8 +70,8 @@ fn dir(h: &Hierarchy, rel: &str) -> PathBuf {
 /// directory, marked where it could not be joined. A hierarchy that refuses (a
 /// read-only cgroup file system, as in some containers) costs accounting, not
 /// isolation: the component starts, and the report and its log say so.
-pub fn join(rel: Option<&str>) -> Result<Vec<String>, JailError> {
-    let Some(rel) = rel else { return Ok(vec![]) };
+pub fn join(rel: Option<&str>) -> Vec<String> {
+    let Some(rel) = rel else { return vec![] };
     let mut joined = vec![];
     for h in hierarchies() {
         let d = dir(&h, rel);
@@ -101,7 +97,7 @@ pub fn join(rel: Option<&str>) -> Result<Vec<String>, JailError> {
             }
         }
     }
-    Ok(joined)
+    joined
 }
 
 /// A new v1 cpuset starts with no CPUs and no memory nodes: copy them down.
@@ -122,8 +118,8 @@ fn inherit_cpuset(h: &Hierarchy, rel: &str) -> Result<(), JailError> {
     Ok(())
 }
 
-/// Remove `rel` (deepest first, and its parents while they are empty and below `rel`'s
-/// first component) in every hierarchy; a cgroup still holding a process stays.
+/// Remove `rel` and everything below it (deepest first) in every hierarchy; a cgroup
+/// still holding a process stays, and so do `rel`'s parents.
 pub fn remove(rel: &str) {
     for h in hierarchies() {
         let d = dir(&h, rel);

@@ -46,6 +46,29 @@ pub fn system_paths() -> Vec<PathBuf> {
         .collect()
 }
 
+/// Undo `/proc/*/mountinfo`'s octal escapes (`\040` for a space, `\011`, `\012`,
+/// `\134`).
+pub fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 4 <= b.len() {
+            if let Some(v) = std::str::from_utf8(&b[i + 1..i + 4])
+                .ok()
+                .and_then(|t| u8::from_str_radix(t, 8).ok())
+            {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Where the component's network comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Net {
@@ -172,7 +195,7 @@ impl Jail {
         fds::close_all_but(&self.keep_fds)?;
         // 2. The environment is rebuilt from `env` at exec; nothing else is passed.
         // 3. Resource accounting: the sandbox's cgroup, in every hierarchy.
-        let cgroups = cgroup::join(self.cgroup.as_deref())?;
+        let cgroups = cgroup::join(self.cgroup.as_deref());
         // 4. The network it must have, opened while host paths are still visible.
         namespaces::enter_net(&self.net)?;
         // 5. New PID, IPC and UTS namespaces; the PID namespace takes effect in the
@@ -251,5 +274,17 @@ impl JailError {
             step: step.into(),
             source: e.into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape_mountinfo(r"/a\040b"), "/a b");
+        assert_eq!(unescape_mountinfo(r"/plain"), "/plain");
+        assert_eq!(unescape_mountinfo(r"/end\"), "/end\\");
     }
 }
