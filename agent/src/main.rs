@@ -103,6 +103,7 @@ fn main() {
     let boot = Instant::now();
     let pid1 = std::process::id() == 1;
     if pid1 && !args.iter().any(|a| a == "--switched") {
+        sys::signal_boot_timer();
         if let Err(e) = sys::switch_root_to_tmpfs(&args) {
             log(&format!(
                 "cannot move the root to a tmpfs: {e}; containers cannot pivot_root"

@@ -395,3 +395,31 @@ pub fn ns_holder(pid_ns: bool, hostname: Option<&str>) -> ! {
         unsafe { libc::pause() };
     }
 }
+
+/// Tell the VMM that init has started, through its boot-timer port (see
+/// [`bulkhead_protocol::BOOT_TIMER_PORT`]). Best effort: without the port (another VMM,
+/// a kernel without ioperm) nothing happens. Never on bare metal: the CPU must report a
+/// hypervisor, so a port write cannot reach real hardware.
+pub fn signal_boot_timer() {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use bulkhead_protocol::{BOOT_TIMER_MAGIC, BOOT_TIMER_PORT};
+        // CPUID leaf 1, ECX bit 31: running under a hypervisor.
+        if std::arch::x86_64::__cpuid(1).ecx & (1 << 31) == 0 {
+            return;
+        }
+        let port = libc::c_ulong::from(BOOT_TIMER_PORT);
+        // SAFETY: ioperm with integer arguments; it grants this process one port.
+        if unsafe { libc::ioperm(port, 1, 1) } != 0 {
+            return;
+        }
+        // SAFETY: a one-byte write to the port ioperm just granted; it touches no memory.
+        // Only bulkhead-vmm's boot timer claims it; other VMMs drop the write.
+        unsafe {
+            std::arch::asm!("out dx, al", in("dx") BOOT_TIMER_PORT, in("al") BOOT_TIMER_MAGIC,
+                options(nomem, nostack, preserves_flags));
+        }
+        // SAFETY: as above; gives the port back.
+        unsafe { libc::ioperm(port, 1, 0) };
+    }
+}

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::layout;
+use crate::memory::{Backing, HugePages};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -139,6 +140,12 @@ pub struct VmConfig {
     /// What a thread's seccomp filter does with a call outside its allow list.
     #[serde(default, with = "seccomp_mode")]
     pub seccomp: crate::seccomp::Mode,
+    /// Private or shared guest RAM (see [`crate::memory`]); auto: shared only when a
+    /// vhost-user device must map it.
+    #[serde(default)]
+    pub memory_backing: Backing,
+    #[serde(default)]
+    pub hugepages: HugePages,
 }
 
 mod seccomp_mode {
@@ -165,6 +172,12 @@ pub const USAGE: &str = "usage: bulkhead-vmm (--config FILE.json | --kernel PATH
   --cmdline STR            kernel command line
   --cpus N                 vCPUs (default 1)
   --memory MIB             guest RAM in MiB (default 256)
+  --memory-backing auto|private|shared
+                           private anonymous RAM, or a shared memfd that vhost-user
+                           back ends can map (auto: shared only when --fs/--net need it)
+  --hugepages auto|thp|hugetlb|off
+                           auto: hugetlbfs 2 MiB pages for shared RAM when enough are
+                           reserved, else transparent huge pages advised
   --serial stdout|none|file:PATH
   --vsock cid=N,socket=PATH
   --disk path=PATH[,readonly]      (repeatable)
@@ -218,6 +231,8 @@ impl VmConfig {
             legacy_mmio_cmdline: false,
             allow_pvm: false,
             seccomp: Default::default(),
+            memory_backing: Backing::Auto,
+            hugepages: HugePages::Auto,
         };
         while let Some(flag) = it.next() {
             let mut val = || {
@@ -349,6 +364,10 @@ impl VmConfig {
                 "--legacy-mmio-cmdline" => c.legacy_mmio_cmdline = true,
                 "--allow-pvm" => c.allow_pvm = true,
                 "--seccomp" => c.seccomp = val()?.parse().map_err(ConfigError::Invalid)?,
+                "--memory-backing" => {
+                    c.memory_backing = val()?.parse().map_err(ConfigError::Invalid)?
+                }
+                "--hugepages" => c.hugepages = val()?.parse().map_err(ConfigError::Invalid)?,
                 other => return invalid(format!("unknown flag {other:?}\n{USAGE}")),
             }
         }
@@ -400,6 +419,12 @@ impl VmConfig {
                 ));
             }
         }
+        if self.memory_backing == Backing::Private && !(self.fs.is_empty() && self.net.is_empty()) {
+            return invalid(
+                "memory backing private: virtio-fs and virtio-net back ends map guest RAM, \
+                 which needs shared (or auto)",
+            );
+        }
         for n in &self.net {
             if n.mac[0] & 1 != 0 || n.mac == [0; 6] {
                 return invalid(format!("net mac {:02x?}: must be a unicast address", n.mac));
@@ -425,6 +450,11 @@ impl VmConfig {
 
     pub fn memory_bytes(&self) -> u64 {
         self.memory_mib << 20
+    }
+
+    /// A device in another process (vhost-user) maps guest RAM.
+    pub fn shared_memory_needed(&self) -> bool {
+        !self.fs.is_empty() || !self.net.is_empty()
     }
 }
 
@@ -454,6 +484,38 @@ mod tests {
         assert!(c.disks[0].readonly && !c.disks[1].readonly);
         assert!(c.rng);
         assert_eq!(c.fs[0].tag, "share");
+        assert_eq!(c.memory_backing, Backing::Auto);
+        assert!(c.shared_memory_needed());
+    }
+
+    #[test]
+    fn memory_backing_flags() {
+        let c = VmConfig::from_args(&args(
+            "--kernel /k --memory-backing private --hugepages off",
+        ))
+        .unwrap();
+        assert_eq!(
+            (c.memory_backing, c.hugepages),
+            (Backing::Private, HugePages::Off)
+        );
+        let e = VmConfig::from_args(&args("--kernel /k --hugepages big")).unwrap_err();
+        assert!(
+            e.to_string().contains("want auto, thp, hugetlb or off"),
+            "{e}"
+        );
+        let e = VmConfig::from_args(&args(
+            "--kernel /k --memory-backing private --fs tag=a,socket=/f",
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("needs shared"), "{e}");
+        let j = VmConfig::from_json(
+            r#"{"kernel":"/k","memory_backing":"shared","hugepages":"hugetlb"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (j.memory_backing, j.hugepages),
+            (Backing::Shared, HugePages::Hugetlb)
+        );
     }
 
     #[test]

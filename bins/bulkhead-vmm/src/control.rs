@@ -1,5 +1,5 @@
-//! The VMM's control socket: newline-delimited JSON requests (state, info, pause, resume,
-//! shutdown) from bulkheadd, served from the event loop.
+//! The VMM's control socket: newline-delimited JSON requests (state, info, memory, start,
+//! pause, resume, shutdown) from bulkheadd, served from the event loop.
 
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
@@ -24,6 +24,8 @@ pub struct Target<'a> {
     pub vcpus: &'a [libc::pthread_t],
     pub exit: &'a ExitHandle,
     pub cfg: &'a VmConfig,
+    pub memory: &'a crate::memory::MemoryReport,
+    pub timeline: &'a crate::startup::Timeline,
 }
 
 /// The listening socket and its open connections, each registered in the event loop's
@@ -136,8 +138,11 @@ fn request(line: &[u8], target: &Target<'_>) -> serde_json::Value {
     match req.get("op").and_then(|o| o.as_str()) {
         Some("state") => json!({"ok": true, "state": state(control)}),
         Some("info") => {
-            json!({"ok": true, "state": state(control), "cpus": cfg.cpus, "memory_mib": cfg.memory_mib})
+            json!({"ok": true, "state": state(control), "cpus": cfg.cpus, "memory_mib": cfg.memory_mib,
+                   "memory": target.memory})
         }
+        Some("memory") => json!({"ok": true, "memory": target.memory}),
+        Some("start") => json!({"ok": true, "phases": target.timeline.phases()}),
         Some("pause") => {
             if control.state() == RunState::Paused {
                 return json!({"ok": true, "state": "paused"});

@@ -305,6 +305,8 @@ pub struct VcpuRunner {
     pub mmio: Bus,
     pub exit: ExitHandle,
     pub control: Arc<VcpuControl>,
+    /// vCPU 0 records its first entry into the guest here.
+    pub timeline: Option<Arc<crate::startup::Timeline>>,
 }
 
 impl VcpuRunner {
@@ -315,6 +317,11 @@ impl VcpuRunner {
         if let Err(e) = crate::seccomp::install_for(crate::seccomp::Class::Vcpu) {
             self.exit.request(ExitReason::Crash(e));
             return;
+        }
+        if let Some(t) = self.timeline.take() {
+            if t.mark("first vCPU entry", None) {
+                tracing::info!(phases = %t.line(), "entering the guest");
+            }
         }
         loop {
             if self.exit.reason().is_some() {

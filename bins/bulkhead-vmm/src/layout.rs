@@ -45,6 +45,7 @@ pub const ACPI_SLEEP_CTL_PORT: u16 = 0x3c0;
 pub const ACPI_SLEEP_STS_PORT: u16 = 0x3c1;
 pub const ACPI_RESET_PORT: u16 = 0x3c2;
 pub const ACPI_RESET_VALUE: u8 = 0x0f;
+pub use bulkhead_protocol::BOOT_TIMER_PORT;
 
 /// First GSI handed to virtio devices; the IOAPIC has 24 pins.
 pub const VIRTIO_IRQ_BASE: u32 = 5;

@@ -12,5 +12,6 @@ pub mod layout;
 pub mod legacy;
 pub mod memory;
 pub mod seccomp;
+pub mod startup;
 pub mod virtio;
 pub mod vmm;

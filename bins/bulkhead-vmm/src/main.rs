@@ -5,6 +5,7 @@ use bulkhead_vmm::config::VmConfig;
 use bulkhead_vmm::exit::ExitReason;
 
 fn main() {
+    bulkhead_vmm::startup::mark_exec();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("BULKHEAD_LOG")

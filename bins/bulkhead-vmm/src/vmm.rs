@@ -9,7 +9,6 @@ use std::os::fd::AsRawFd;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
@@ -27,6 +26,7 @@ use crate::exit::{ExitHandle, ExitReason};
 use crate::layout::*;
 use crate::legacy::{AcpiPm, Capped, IrqTrigger, SerialDevice, SharedOut, I8042, OUTPUT_CAP};
 use crate::memory::{self, GuestRam};
+use crate::startup::{BootTimer, Timeline};
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::{self, EventSink, Interrupt, VirtioDevice, DEVICE_TOKEN_BASE};
 
@@ -93,6 +93,14 @@ struct DeviceSlot {
     kicks: Vec<EventFd>,
 }
 
+/// What every step shares: the switch that ends the VM, the event loop's epoll, and the
+/// start timeline.
+struct Core {
+    exit: ExitHandle,
+    epoll: Arc<Epoll>,
+    timeline: Arc<Timeline>,
+}
+
 /// The running vCPUs and the switch that pauses them.
 struct Vcpus {
     control: Arc<VcpuControl>,
@@ -103,45 +111,48 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
     cfg.validate()?;
     check_host(cfg)?;
     crate::seccomp::set_mode(cfg.seccomp);
-    let clock = Instant::now();
+    let core = Core {
+        exit: ExitHandle::new().map_err(io("exit eventfd"))?,
+        epoll: Arc::new(Epoll::new().map_err(io("epoll"))?),
+        timeline: Timeline::new(),
+    };
     let (kvm, vm) = create_vm(cfg)?;
-    let ram = map_memory(&vm, cfg.memory_bytes())?;
-    step(clock, "guest memory mapped");
-    let exit = ExitHandle::new().map_err(io("exit eventfd"))?;
-    let epoll = Arc::new(Epoll::new().map_err(io("epoll"))?);
+    let ram = map_memory(&vm, cfg)?;
+    core.timeline.mark("memory ready", None);
     let mut buses = Buses::default();
-    let serial_out = add_legacy_devices(&vm, &mut buses.pio, &exit, cfg)?;
+    let serial_out = add_legacy_devices(&vm, &mut buses.pio, &core, cfg)?;
     let devices = open_virtio_devices(cfg, &ram)?;
-    let (slots, descs) = attach_virtio_devices(devices, &vm, &mut buses.mmio, &epoll, &ram)?;
+    let (slots, descs) = attach_virtio_devices(devices, &vm, &mut buses.mmio, &core.epoll, &ram)?;
+    core.timeline.mark("devices ready", None);
     let entry = load_kernel(cfg, &ram, &descs)?;
-    step(clock, "kernel loaded");
-    let vcpus = start_vcpus(&kvm, &vm, cfg, &ram, entry, &buses, &exit)?;
+    core.timeline
+        .mark("kernel loaded", memory::huge_kib_in_use());
+    let vcpus = start_vcpus(&kvm, &vm, cfg, &ram, entry, &buses, &core)?;
     tracing::info!(
-        ms = clock.elapsed().as_secs_f64() * 1e3,
         cpus = cfg.cpus,
         memory_mib = cfg.memory_mib,
+        memory = ram.report.backing,
+        pages = ram.report.pages,
+        why = %ram.report.why,
         devices = slots.len(),
+        phases = %core.timeline.line(),
         "VM started"
     );
     let api = match &cfg.api_socket {
         Some(p) => Some(
-            ControlApi::listen(p, &epoll, TOK_API, TOK_API_CONN)
+            ControlApi::listen(p, &core.epoll, TOK_API, TOK_API_CONN)
                 .map_err(io(format!("control socket {}", p.display())))?,
         ),
         None => None,
     };
     // Set-up is done; from here the main thread serves what the guest controls.
     crate::seccomp::install_for(crate::seccomp::Class::Main).map_err(VmmError::Device)?;
-    let reason = event_loop(cfg, api, &epoll, &exit, &slots, &vcpus)?;
+    let reason = event_loop(cfg, api, &core, &slots, &vcpus, &ram)?;
     let _ = SharedOut::flush(&mut serial_out.clone());
     // Let vCPUs that are mid-exit see the reason; they are not joined (a vCPU can sit in
     // KVM_RUN indefinitely) and end with the process.
     vcpus.control.set(RunState::Running);
     Ok(reason)
-}
-
-fn step(clock: Instant, what: &str) {
-    tracing::info!(ms = clock.elapsed().as_secs_f64() * 1e3, "{what}");
 }
 
 /// Toy guests (raw boot) run on PVM; stock kernels do not.
@@ -179,9 +190,15 @@ fn create_vm(cfg: &VmConfig) -> Result<(Kvm, VmFd), VmmError> {
     Ok((kvm, vm))
 }
 
-/// Guest RAM (one shared memfd) registered with KVM, one slot per region.
-fn map_memory(vm: &VmFd, mem_size: u64) -> Result<GuestRam, VmmError> {
-    let ram = memory::create(mem_size)?;
+/// Guest RAM, backed as the configuration and its devices need (see [`memory`]),
+/// registered with KVM, one slot per region.
+fn map_memory(vm: &VmFd, cfg: &VmConfig) -> Result<GuestRam, VmmError> {
+    let ram = memory::create(
+        cfg.memory_bytes(),
+        cfg.memory_backing,
+        cfg.hugepages,
+        cfg.shared_memory_needed(),
+    )?;
     for (slot, r) in ram.regions.iter().enumerate() {
         let region = kvm_userspace_memory_region {
             slot: slot as u32,
@@ -196,14 +213,15 @@ fn map_memory(vm: &VmFd, mem_size: u64) -> Result<GuestRam, VmmError> {
     Ok(ram)
 }
 
-/// COM1, the i8042 reset line and the ACPI sleep port. Returns the serial output so it
+/// COM1, the i8042 reset line, the ACPI sleep port and the boot timer. Returns the serial output so it
 /// can be flushed when the VM ends.
 fn add_legacy_devices(
     vm: &VmFd,
     pio: &mut Bus,
-    exit: &ExitHandle,
+    core: &Core,
     cfg: &VmConfig,
 ) -> Result<SharedOut, VmmError> {
+    let exit = &core.exit;
     let out: Box<dyn Write + Send> = match &cfg.serial {
         SerialOut::Stdout => Box::new(Capped::new(std::io::stdout(), OUTPUT_CAP)),
         SerialOut::File(p) => Box::new(Capped::new(
@@ -225,6 +243,11 @@ fn add_legacy_devices(
     let pm = AcpiPm { exit: exit.clone() };
     pio.insert(u64::from(ACPI_SLEEP_CTL_PORT), 3, Arc::new(Mutex::new(pm)))
         .map_err(dev_err)?;
+    let timer = BootTimer {
+        timeline: core.timeline.clone(),
+    };
+    pio.insert(u64::from(BOOT_TIMER_PORT), 1, Arc::new(Mutex::new(timer)))
+        .map_err(dev_err)?;
     Ok(serial_out)
 }
 
@@ -235,6 +258,13 @@ fn open_virtio_devices(
     ram: &GuestRam,
 ) -> Result<Vec<Box<dyn VirtioDevice>>, VmmError> {
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    // Set whenever a vhost-user device is configured (memory::create makes it so).
+    let ram_fd = || {
+        ram.file
+            .as_ref()
+            .map(|f| f.as_raw_fd())
+            .ok_or_else(|| VmmError::Device("vhost-user device on private guest RAM".into()))
+    };
     if let Some(v) = &cfg.vsock {
         devices.push(Box::new(
             virtio::vsock::Vsock::new(v.cid, &v.socket).map_err(dev_err)?,
@@ -258,7 +288,7 @@ fn open_virtio_devices(
             &f.tag,
             f.queue_size,
             ram.regions.clone(),
-            ram.file.as_raw_fd(),
+            ram_fd()?,
         )
         .map_err(dev_err)?;
         devices.push(Box::new(dev));
@@ -270,7 +300,7 @@ fn open_virtio_devices(
             n.mac,
             n.mtu,
             ram.regions.clone(),
-            ram.file.as_raw_fd(),
+            ram_fd()?,
             std::time::Duration::from_secs(30),
         )
         .map_err(dev_err)?;
@@ -370,7 +400,7 @@ fn start_vcpus(
     ram: &GuestRam,
     entry: BootEntry,
     buses: &Buses,
-    exit: &ExitHandle,
+    core: &Core,
 ) -> Result<Vcpus, VmmError> {
     cpu::install_kick_handler().map_err(io("vCPU kick signal handler"))?;
     let base_cpuid = cpu::supported_cpuid(kvm)?;
@@ -393,8 +423,9 @@ fn start_vcpus(
             vcpu,
             pio: buses.pio.clone(),
             mmio: buses.mmio.clone(),
-            exit: exit.clone(),
+            exit: core.exit.clone(),
             control: control.clone(),
+            timeline: (id == 0).then(|| core.timeline.clone()),
         });
     }
     let mut threads = Vec::new();
@@ -414,11 +445,12 @@ fn start_vcpus(
 fn event_loop(
     cfg: &VmConfig,
     mut api: Option<ControlApi>,
-    epoll: &Arc<Epoll>,
-    exit: &ExitHandle,
+    core: &Core,
     slots: &[DeviceSlot],
     vcpus: &Vcpus,
+    ram: &GuestRam,
 ) -> Result<ExitReason, VmmError> {
+    let (epoll, exit) = (&core.epoll, &core.exit);
     epoll
         .ctl(
             ControlOperation::Add,
@@ -432,6 +464,8 @@ fn event_loop(
         vcpus: &pthreads,
         exit,
         cfg,
+        memory: &ram.report,
+        timeline: &core.timeline,
     };
     let mut events = vec![EpollEvent::default(); 64];
     loop {

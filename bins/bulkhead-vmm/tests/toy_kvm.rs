@@ -252,6 +252,78 @@ fn control_socket_state_pause_resume_shutdown() {
     assert_eq!(st.code(), Some(5));
 }
 
+/// The start timeline on the control socket: every phase in order, the guest's
+/// boot-timer write last; and the memory report (no vhost-user device: private RAM).
+#[test]
+fn start_phases_and_boot_timer_on_the_control_socket() {
+    if !kvm_available() {
+        return;
+    }
+    let d = tmpdir("phases");
+    let img = d.join("timer.bin");
+    let mut code = out(0x3f8, b'.', false); // a stray value first: ignored
+    code.extend(out(bulkhead_protocol::BOOT_TIMER_PORT, 0x01, false));
+    code.extend(out(
+        bulkhead_protocol::BOOT_TIMER_PORT,
+        bulkhead_protocol::BOOT_TIMER_MAGIC,
+        false,
+    ));
+    code.extend([0xeb, 0xfe]); // jmp $
+    std::fs::write(&img, code).unwrap();
+    let sock = d.join("api.sock");
+    let mut child = Command::new(VMM)
+        .args(["--boot", "raw16", "--kernel", img.to_str().unwrap()])
+        .args(["--memory", "64", "--api-socket", sock.to_str().unwrap()])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let s = loop {
+        match UnixStream::connect(&sock) {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => panic!("control socket never came up: {e}"),
+        }
+    };
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut s = BufReader::new(s);
+    let phases = loop {
+        let v: serde_json::Value = serde_json::from_str(&api(&mut s, r#"{"op":"start"}"#)).unwrap();
+        let p = v["phases"].as_array().unwrap().clone();
+        if p.len() == 5 || Instant::now() > deadline {
+            break p;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let names: Vec<&str> = phases.iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "memory ready",
+            "devices ready",
+            "kernel loaded",
+            "first vCPU entry",
+            "guest init"
+        ]
+    );
+    let ms: Vec<f64> = phases.iter().map(|p| p["ms"].as_f64().unwrap()).collect();
+    assert!(ms.windows(2).all(|w| w[0] <= w[1]), "{ms:?}");
+    assert!(phases
+        .iter()
+        .all(|p| p["minor_faults"].as_u64().unwrap() > 0));
+    let m: serde_json::Value = serde_json::from_str(&api(&mut s, r#"{"op":"memory"}"#)).unwrap();
+    assert_eq!(m["memory"]["backing"], "private", "{m}");
+    assert!(
+        m["memory"]["why"]
+            .as_str()
+            .unwrap()
+            .contains("no vhost-user"),
+        "{m}"
+    );
+    assert!(api(&mut s, r#"{"op":"shutdown"}"#).contains("stopping"));
+    assert_eq!(child.wait().unwrap().code(), Some(5));
+}
+
 fn vmm(args: &[&str]) -> Output {
     Command::new(VMM).args(args).output().unwrap()
 }

@@ -25,6 +25,7 @@ pub fn check(a: CheckArgs) -> Result<i32> {
         "uid_base": cfg.jail.uid_base,
         "uid_count": cfg.jail.uid_count,
     });
+    let pages = bulkhead_host::hugepages::HostPages::read();
     if a.json {
         let mut v = serde_json::to_value(&r)?;
         v["bus_address"] = json!(bus.address);
@@ -33,6 +34,10 @@ pub fn check(a: CheckArgs) -> Result<i32> {
         v["guest_kernel"] = json!(cfg.kernel());
         v["guest_initrd"] = json!(cfg.initrd());
         v["jail"] = jail;
+        v["guest_memory"] = json!({
+            "summary": pages.summary(),
+            "hint": pages.shared_hint(),
+        });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("kvm: {}", r.kvm);
@@ -73,6 +78,10 @@ pub fn check(a: CheckArgs) -> Result<i32> {
                     .to_string()
             }
         );
+        println!("guest memory: {}", pages.summary());
+        if let Some(h) = pages.shared_hint() {
+            println!("note: {h}");
+        }
         println!("bus: {} ({})", bus.address, bus.kind.as_str());
         println!(
             "guest image: {} + {}",

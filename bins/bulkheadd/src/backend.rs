@@ -191,6 +191,13 @@ fn virtiofsd(cfg: &Config, rec: &SandboxRec) -> Result<ComponentSpec, PlanError>
     ))
 }
 
+/// The host's huge page policy, read by bulkhead-vmm to choose guest RAM's backing and
+/// report why (see bulkhead-vmm's memory.rs).
+const HUGE_PAGE_POLICY: [&str; 2] = [
+    "/sys/kernel/mm/transparent_hugepage",
+    "/sys/kernel/mm/hugepages/hugepages-2048kB",
+];
+
 /// The components of `rec` on its backend, in start order.
 pub fn plan(cfg: &Config, rec: &SandboxRec, tcg: bool) -> Result<Vec<ComponentSpec>, PlanError> {
     let backend = Backend::parse(&rec.backend)
@@ -248,7 +255,15 @@ pub fn plan(cfg: &Config, rec: &SandboxRec, tcg: bool) -> Result<Vec<ComponentSp
                 c,
                 None,
                 Needs {
-                    read_only: image,
+                    read_only: image
+                        .into_iter()
+                        .chain(
+                            HUGE_PAGE_POLICY
+                                .iter()
+                                .map(PathBuf::from)
+                                .filter(|p| p.exists()),
+                        )
+                        .collect(),
                     kvm: true,
                     ..Needs::default()
                 },

@@ -3,6 +3,7 @@
 
 pub mod check;
 pub mod config;
+pub mod hugepages;
 pub mod pod;
 
 use std::path::Path;

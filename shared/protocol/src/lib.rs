@@ -35,6 +35,12 @@ pub const MIN_PROTOCOL_VERSION: u32 = 1;
 /// line says otherwise.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
+/// The boot timer: the agent writes [`BOOT_TIMER_MAGIC`] to this x86 I/O port as the
+/// first thing it does as init, and bulkhead-vmm records the moment (exec to init
+/// without vsock). Other VMMs ignore the write.
+pub const BOOT_TIMER_PORT: u16 = 0x440;
+pub const BOOT_TIMER_MAGIC: u8 = 0xb0;
+
 /// Largest file read a single [`Request::ReadFile`] may ask for.
 pub const MAX_READ: u32 = 512 * 1024;
 
