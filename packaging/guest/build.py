@@ -13,7 +13,7 @@ KERNEL_PKG = os.environ.get("BULKHEAD_KERNEL_PKG", "linux-image-6.1.0-56-cloud-a
 KERNEL_VERSION = os.environ.get("BULKHEAD_KERNEL_VERSION", "")  # empty: the archive's candidate
 # What the guest needs; their dependencies are added in load order automatically.
 WANTED = ["virtio_mmio", "vmw_vsock_virtio_transport", "virtio_console", "virtiofs",
-          "overlay", "virtio_blk", "virtio_net", "virtio-rng"]
+          "overlay", "virtio_blk", "virtio_net", "virtio-rng", "virtio_balloon"]
 
 
 def log(msg):

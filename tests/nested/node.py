@@ -10,8 +10,9 @@ lines this harness parses.
   node.py test   bulkhead-vmm boots the guest; health over vsock, a virtio-blk read and a
                  virtio-fs read of a host file must all succeed (exit 0 if they do)
   node.py demo   the same, printing the agent's answer and the boot time
-  node.py bench  N alternating boots of bulkhead-vmm and QEMU -M microvm on L1's KVM,
-                 same kernel and initramfs; prints a table of medians and the ratio
+  node.py bench  N rounds of alternating boots of bulkhead-vmm and QEMU -M microvm on L1's
+                 KVM, same kernel and initramfs, at several memory sizes, with and without
+                 virtio-fs; prints a table of medians (start phases, faults, CPU, RSS) and ratios
 """
 import argparse, glob, gzip, hashlib, os, re, shutil, statistics, subprocess, sys, tempfile, threading, time
 
@@ -209,6 +210,8 @@ echo "NESTED-KVM $(ls /dev/kvm 2>&1) $(grep -o -w svm /proc/cpuinfo | head -1)"
 # The harness writes a newline to this console every second (see run_l1): no echo, and
 # nothing here reads the console.
 stty -echo 2>/dev/null
+# As systemd/bulkhead-memory.conf does on a node: shared guest RAM may use huge pages.
+echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled
 sh /opt/script.sh </dev/null
 echo "NESTED-EXIT $?"
 poweroff -f
@@ -401,6 +404,36 @@ bulkhead rm -f np >/dev/null 2>&1
 left=$($IP -n pod -o link show | grep -c bhtap)
 echo "NESTED-CASE net-teardown taps-left=$left"
 [ "$left" = 0 ] || rc=1
+# Memory handed back: a container holds 400 MiB for a few seconds and frees it; the guest
+# reports the free pages through the balloon and the VMM's RSS must fall back within
+# seconds. Then a balloon target on the VMM's control socket: inflate 128 MiB, deflate.
+timeout 300 bulkhead run -d --name bal --memory 768 --rootfs /opt/share/rootfs sleep 600 >/dev/null 2>/tmp/bal.err || { rc=1; cat /tmp/bal.err; }
+vp=$(ps -o pid,args | awk '$2 ~ /bulkhead-vmm$/ {print $1}')
+rss() { awk '/^VmRSS/ {print int($2/1024)}' /proc/$vp/status 2>/dev/null || echo 0; }
+up() { cut -d' ' -f1 /proc/uptime; }
+api=$(ls /tmp/bhroot/run/*/vm/api.sock | head -1)
+before=$(rss); peak=$before
+bulkhead exec bal sh -c 'dd if=/dev/zero bs=419430400 count=1 2>/dev/null | sleep 10' &
+ex=$!
+while kill -0 $ex 2>/dev/null; do r=$(rss); [ $r -gt $peak ] && peak=$r; sleep 0.5; done
+t0=$(up); back=never
+for i in $(seq 1 60); do
+  if [ $(rss) -le $((peak - 300)) ]; then back=$(awk "BEGIN{printf \"%.1f\", $(up) - $t0}"); break; fi; sleep 0.5
+done
+after=$(rss)
+bulkhead probe --api $api '{"op":"balloon"}' '{"op":"memory"}' '{"op":"start"}' | sed 's/^/NESTED-BALLOON /'
+bulkhead probe --api $api '{"op":"balloon","target_mib":128}' >/dev/null
+inflated=no
+for i in $(seq 1 60); do bulkhead probe --api $api '{"op":"balloon"}' | grep -q '"actual_mib":128' && { inflated=yes; break; }; sleep 0.5; done
+bulkhead probe --api $api '{"op":"balloon","target_mib":0}' >/dev/null
+deflated=no
+for i in $(seq 1 60); do bulkhead probe --api $api '{"op":"balloon"}' | grep -q '"actual_mib":0,' && { deflated=yes; break; }; sleep 0.5; done
+bulkhead probe --api $api '{"op":"balloon"}' | sed 's/^/NESTED-BALLOON /'
+br=0
+[ $((peak - before)) -ge 350 ] && [ "$back" != never ] && [ $inflated = yes ] && [ $deflated = yes ] || br=1
+echo "NESTED-CASE balloon rc=$br rss_mib_before=$before peak=$peak after=$after back_in_s=$back inflate=$inflated deflate=$deflated"
+[ $br = 0 ] || { rc=1; tail -20 /tmp/bhroot/run/*/vmm.log; }
+bulkhead rm -f bal >/dev/null 2>&1
 # containerd with our shim, as a node runs it: ctr run on bulkhead-vmm through bulkheadd.
 mkdir -p /run /tmp/ctd
 cat > /tmp/ctd/config.toml <<CTDCONF
@@ -437,28 +470,56 @@ exit $rc
 
 BENCH_SCRIPT = r"""
 N=NRUNS
-for i in $(seq 1 $N); do
-  echo "BENCH bulkhead-vmm run $i"
-  bulkhead probe --socket /tmp/v.sock --timeout 240 --guest-mib 128 --shutdown -- \
-    /opt/bulkhead/bulkhead-vmm --kernel /opt/guest/vmlinux --initrd /opt/guest/initramfs.cpio.gz \
-    --cmdline 'L2CMD' --cpus 1 --memory 128 --vsock cid=3,socket=/tmp/v.sock --serial none
-  # The same VMM under the jail bulkheadd gives it (own root and namespaces, a uid, no
-  # capabilities, landlock, seccomp): exec of the jailer to the agent's first answer.
-  echo "BENCH bulkhead-vmm-jailed run $i"
-  mkdir -p /tmp/jroot /tmp/jvm; chown 1000000000:1000000000 /tmp/jvm
-  bulkhead probe --socket /tmp/jvm/v.sock --timeout 240 --guest-mib 128 --shutdown -- \
-    /opt/bulkhead/bulkhead-jailer --sandbox bench --name vmm --root /tmp/jroot \
-    --uid 1000000000 --gid 1000000000 --ro /lib --ro /lib64 --ro /opt/bulkhead/bulkhead-vmm \
-    --ro /opt/guest --rw /tmp/jvm --dev kvm --dev null --dev urandom -- \
-    /opt/bulkhead/bulkhead-vmm --kernel /opt/guest/vmlinux --initrd /opt/guest/initramfs.cpio.gz \
-    --cmdline 'L2CMD' --cpus 1 --memory 128 --vsock cid=3,socket=/tmp/jvm/v.sock --serial none
-  echo "BENCH qemu-microvm run $i"
-  bulkhead probe --cid 3 --timeout 240 --guest-mib 128 -- \
-    /opt/qemu/qemu-system-x86_64 -M microvm,acpi=on,x-option-roms=off -accel kvm -cpu host -m 128 -smp 1 \
+SIZES="SIZELIST"
+share() {  # a virtiofsd on $1 for one boot; it exits when its VMM goes
+  rm -f $1
+  virtiofsd --socket-path=$1 --shared-dir=/opt/share --sandbox=none --cache=never >/dev/null 2>&1 &
+  fsd=$!
+  for k in $(seq 1 200); do [ -S $1 ] && break; sleep 0.05; done
+}
+unshare_fs() { [ -n "$fsd" ] && { kill $fsd 2>/dev/null; wait $fsd 2>/dev/null; }; fsd=; }
+vmm() {  # label mib fs=yes|no [jailed]
+  echo "BENCH $1 mib=$2 fs=$3 run $i"
+  extra=; sock=/tmp/v.sock; pre=
+  if [ $3 = yes ]; then share /tmp/bfs.sock; extra="--fs tag=share,socket=/tmp/bfs.sock"; fi
+  if [ "$4" = jailed ]; then
+    # The jail bulkheadd gives the VMM (own root and namespaces, a uid, no capabilities,
+    # landlock, seccomp); exec of the jailer to the agent's first answer.
+    mkdir -p /tmp/jroot /tmp/jvm; chown 1000000000:1000000000 /tmp/jvm; sock=/tmp/jvm/v.sock
+    pre="/opt/bulkhead/bulkhead-jailer --sandbox bench --name vmm --root /tmp/jroot --uid 1000000000 --gid 1000000000 --ro /lib --ro /lib64 --ro /opt/bulkhead/bulkhead-vmm --ro /opt/guest --ro /sys/kernel/mm/transparent_hugepage --rw /tmp/jvm --dev kvm --dev null --dev urandom --"
+  fi
+  NO_COLOR=1 BULKHEAD_LOG=info bulkhead probe --socket $sock --timeout 240 --guest-mib $2 --shutdown -- \
+    $pre /opt/bulkhead/bulkhead-vmm --kernel /opt/guest/vmlinux --initrd /opt/guest/initramfs.cpio.gz \
+    --cmdline 'L2CMD' --cpus 1 --memory $2 --vsock cid=3,socket=$sock --serial none $extra 2>/tmp/vmm.err
+  grep -h "guest init reached" /tmp/vmm.err | tail -1 | sed 's/^/BENCH-PHASES /'
+  grep -h "VM started" /tmp/vmm.err | sed -E 's/.* pages=([^ ]*) .*/BENCH-PAGES \1/'
+  grep -h "ERROR\|WARN" /tmp/vmm.err | head -3
+  unshare_fs
+}
+qemu() {  # mib fs=yes|no
+  echo "BENCH qemu-microvm mib=$1 fs=$2 run $i"
+  extra=; mach=microvm,acpi=on,x-option-roms=off
+  if [ $2 = yes ]; then
+    share /tmp/qfs.sock
+    mach=$mach,memory-backend=mem
+    extra="-object memory-backend-memfd,id=mem,size=$1M,share=on -chardev socket,id=fs0,path=/tmp/qfs.sock -device vhost-user-fs-device,chardev=fs0,tag=share"
+  fi
+  bulkhead probe --cid 3 --timeout 240 --guest-mib $1 -- \
+    /opt/qemu/qemu-system-x86_64 -M $mach -accel kvm -cpu host -m $1 -smp 1 \
     -nodefaults -no-user-config -nographic -no-reboot -serial none -bios /opt/qemu/qboot.rom \
     -kernel /opt/guest/vmlinux -initrd /opt/guest/initramfs.cpio.gz -append 'L2CMD' \
-    -device vhost-vsock-device,guest-cid=3
-  sleep 0.5
+    -device vhost-vsock-device,guest-cid=3 $extra
+  unshare_fs
+  sleep 0.3
+}
+shmem=/sys/kernel/mm/transparent_hugepage/shmem_enabled
+for i in $(seq 1 $N); do
+  for m in $SIZES; do
+    for fs in no yes; do vmm bulkhead-vmm $m $fs; qemu $m $fs; done
+  done
+  vmm bulkhead-vmm-jailed 128 no jailed
+  # The same node without shmem huge pages (a host that never set shmem_enabled).
+  echo never > $shmem; vmm bulkhead-vmm-shmem-never 128 yes; echo advise > $shmem
 done
 """
 
@@ -491,7 +552,7 @@ def cmd_test(args, demo=False):
               f"(L1 under QEMU TCG, L1 kvm: {kvm_line.group(1).strip() if kvm_line else 'unknown'})")
     for line in parse_probe(out):
         print(line)
-    for line in re.findall(r"^(NESTED-CASE .*|NESTED-RUN .*|NESTED-CTR.*|NESTED-JAIL.*|NESTED-SECCOMP.*|bulkhead: timings.*)$",
+    for line in re.findall(r"^(NESTED-CASE .*|NESTED-RUN .*|NESTED-CTR.*|NESTED-JAIL.*|NESTED-SECCOMP.*|NESTED-BALLOON.*|bulkhead: timings.*)$",
                            out, re.M):
         print(line)
     if not ok:
@@ -505,53 +566,105 @@ def cmd_test(args, demo=False):
     return 0
 
 
+def parse_bench(out):
+    """BENCH/PROBE/BENCH-PHASES lines → {(vmm, mib, fs): [run dicts]}."""
+    res, cur = {}, None
+    for line in out.splitlines():
+        m = re.match(r"BENCH (\S+) mib=(\d+) fs=(\w+) run", line)
+        if m:
+            cur = (m.group(1), int(m.group(2)), m.group(3))
+            continue
+        if cur is None:
+            continue
+        m = re.search(r"first_answer_ms=(\d+) .*guest_uptime_ms=(\d+)", line)
+        if m:
+            res.setdefault(cur, []).append({"answer": int(m.group(1)),
+                                            "clock": int(m.group(1)) - int(m.group(2))})
+            continue
+        run = res.get(cur, [None])[-1]
+        if run is None:
+            continue
+        m = re.search(r"non_guest_kib=(\d+) total_kib=(\d+) cpu_ms=(\d+) faults=(\d+)", line)
+        if m:
+            run.update(rss=int(m.group(1)), cpu=int(m.group(3)), faults=int(m.group(4)))
+        if line.startswith("BENCH-PHASES"):
+            for name, ms, flt, cpu in re.findall(r"(\w+)=([\d.]+)ms/(\d+)flt/([\d.]+)cpu", line):
+                run[name] = (float(ms), int(flt), float(cpu))
+        m = re.match(r"BENCH-PAGES (\S+)", line)
+        if m:
+            run["pages"] = m.group(1)
+    return res
+
+
 def cmd_bench(args):
     bins = release_bins()
     guest = guest_image(bins)
+    sizes = [int(x) for x in args.sizes.split(",")]
     with tempfile.TemporaryDirectory() as w:
         l1, vmlinux = l1_initramfs(guest, bins, True, w)
-        script = BENCH_SCRIPT.replace("NRUNS", str(args.runs)).replace("L2CMD", L2_CMDLINE)
-        log(f"bench: {args.runs} alternating boots each of bulkhead-vmm, bulkhead-vmm jailed and QEMU "
-            f"microvm in one L1")
-        out, secs = run_l1(l1, vmlinux, script, args.timeout, mem_mib=2048)
-    res = {"bulkhead-vmm": [], "bulkhead-vmm-jailed": [], "qemu-microvm": []}
-    cur = None
-    for line in out.splitlines():
-        m = re.match(r"BENCH (\S+) run", line)
-        if m:
-            cur = m.group(1)
-        m = re.search(r"first_answer_ms=(\d+)", line)
-        if m and cur:
-            res[cur].append({"boot": int(m.group(1))})
-        m = re.search(r"non_guest_kib=(\d+) total_kib=(\d+) cpu_ms=(\d+)", line)
-        if m and cur and res[cur]:
-            res[cur][-1].update(rss=int(m.group(1)), cpu=int(m.group(3)))
-    if not res["bulkhead-vmm"] or not res["qemu-microvm"]:
+        script = (BENCH_SCRIPT.replace("NRUNS", str(args.runs)).replace("L2CMD", L2_CMDLINE)
+                  .replace("SIZELIST", " ".join(map(str, sizes))))
+        log(f"bench: {args.runs} rounds of alternating boots, bulkhead-vmm and QEMU microvm at "
+            f"{sizes} MiB, with and without virtio-fs, in one L1")
+        out, secs = run_l1(l1, vmlinux, script, args.timeout, mem_mib=max(sizes) + 1536)
+    res = parse_bench(out)
+    if not any(k[0] == "bulkhead-vmm" for k in res) or not any(k[0] == "qemu-microvm" for k in res):
         print(out[-8000:])
         print("bench FAILED: missing results")
         return 1
-    med = lambda xs, k: statistics.median(x[k] for x in xs if k in x)
-    print(f"\nNested node (L1: QEMU TCG -cpu max -smp 1, kvm-amd; L2: Debian cloud kernel "
-          f"{open(os.path.join(guest, 'kernel-release')).read().strip()} vmlinux + agent initramfs, 1 vCPU, 128 MiB)")
-    print(f"{'VMM':<22}{'runs':>5}{'exec->agent answer (ms, median)':>34}{'min':>8}{'max':>8}"
-          f"{'non-guest RSS (MiB)':>21}{'VMM CPU (ms)':>14}")
-    for k, xs in res.items():
-        boots = [x["boot"] for x in xs]
-        print(f"{k:<22}{len(xs):>5}{med(xs, 'boot'):>34.0f}{min(boots):>8}{max(boots):>8}"
-              f"{med(xs, 'rss') / 1024:>21.1f}{med(xs, 'cpu'):>14.0f}")
-    if res["bulkhead-vmm-jailed"]:
-        print(f"the jail's cost, exec to the agent's first answer: "
-              f"{med(res['bulkhead-vmm-jailed'], 'boot') - med(res['bulkhead-vmm'], 'boot'):+.0f} ms "
-              f"(the jailed row's RSS and CPU are the jailer's own, not the VMM's)")
-    ratio = med(res["qemu-microvm"], "boot") / med(res["bulkhead-vmm"], "boot")
-    print(f"ratio (QEMU microvm / bulkhead-vmm, boot to first answer): {ratio:.2f}x   (whole run {secs:.0f}s)")
+
+    def med(xs, f):
+        v = [f(x) for x in xs if f(x) is not None]
+        return statistics.median(v) if v else None
+
+    def fmt(v, spec=".0f"):
+        return "-" if v is None else format(v, spec)
+
+    print(f"\nNested node (L1: QEMU TCG -cpu max -smp 1, kvm-amd, shmem_enabled=advise; L2: Debian "
+          f"kernel {open(os.path.join(guest, 'kernel-release')).read().strip()} vmlinux + agent "
+          f"initramfs, 1 vCPU). Medians of {args.runs} rounds; times from the VMM's exec.")
+    head = (f"{'VMM':<27}{'MiB':>5}{'fs':>4}{'n':>3}{'clock start':>12}{'init':>7}{'answer':>8}"
+            f"{'faults@entry':>13}{'cpu@entry':>10}{'faults@answer':>14}{'cpu@answer':>11}"
+            f"{'RSS MiB':>8}  pages")
+    print(head)
+    print("-" * len(head))
+    phase = lambda name, i: (lambda x: x[name][i] if name in x else None)
+    for k in sorted(res, key=lambda k: (k[1], k[2], k[0])):
+        xs = res[k]
+        pages = sorted({x.get("pages", "-") for x in xs})
+        print(f"{k[0]:<27}{k[1]:>5}{k[2]:>4}{len(xs):>3}"
+              f"{fmt(med(xs, lambda x: x['clock'])):>12}{fmt(med(xs, phase('guest_init', 0))):>7}"
+              f"{fmt(med(xs, lambda x: x['answer'])):>8}"
+              f"{fmt(med(xs, phase('first_vCPU_entry', 1))):>13}{fmt(med(xs, phase('first_vCPU_entry', 2))):>10}"
+              f"{fmt(med(xs, lambda x: x.get('faults'))):>14}{fmt(med(xs, lambda x: x.get('cpu'))):>11}"
+              f"{fmt(med(xs, lambda x: x['rss'] / 1024 if 'rss' in x else None), '.1f'):>8}  {','.join(pages)}")
+    print("clock start: exec to the guest's clock starting (first answer minus guest uptime); init: the "
+          "agent's boot-timer write (bulkhead-vmm only); entry: first vCPU entry (bulkhead-vmm's phase "
+          "record); RSS: outside guest RAM, at the first answer")
+    for fs in ("no", "yes"):
+        ratios, clocks = [], []
+        for m in sizes:
+            q, b = res.get(("qemu-microvm", m, fs)), res.get(("bulkhead-vmm", m, fs))
+            if q and b:
+                ratios.append(f"{m} MiB {med(q, lambda x: x['answer']) / med(b, lambda x: x['answer']):.2f}x")
+            if b:
+                clocks.append(med(b, lambda x: x["clock"]))
+        flat = (f"; bulkhead-vmm clock start spread across sizes {100 * (max(clocks) - min(clocks)) / min(clocks):.0f}%"
+                if len(clocks) > 1 and min(clocks) > 0 else "")
+        print(f"virtio-fs {fs}: QEMU / bulkhead-vmm, exec to answer: {', '.join(ratios)}{flat}")
+    j, b = res.get(("bulkhead-vmm-jailed", 128, "no")), res.get(("bulkhead-vmm", 128, "no"))
+    if j and b:
+        print(f"the jail's cost, exec to answer at 128 MiB: "
+              f"{med(j, lambda x: x['answer']) - med(b, lambda x: x['answer']):+.0f} ms")
+    print(f"(whole run {secs:.0f}s)")
     return 0
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("mode", choices=["test", "demo", "bench"])
-    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--sizes", default="128,1024,2048", help="bench: guest MiB, comma-separated")
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--verbose", action="store_true", help="guest kernel log and VMM info log")
     a = ap.parse_args()

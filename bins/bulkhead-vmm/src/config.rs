@@ -146,6 +146,9 @@ pub struct VmConfig {
     pub memory_backing: Backing,
     #[serde(default)]
     pub hugepages: HugePages,
+    /// A virtio-balloon with free page reporting and deflate-on-OOM.
+    #[serde(default)]
+    pub balloon: bool,
 }
 
 mod seccomp_mode {
@@ -182,6 +185,8 @@ pub const USAGE: &str = "usage: bulkhead-vmm (--config FILE.json | --kernel PATH
   --vsock cid=N,socket=PATH
   --disk path=PATH[,readonly]      (repeatable)
   --rng                    virtio-rng fed from the host's getrandom
+  --balloon                virtio-balloon: free pages the guest reports go back to the
+                           host; a target is set on the control socket
   --console PATH           virtio-console output file
   --fs tag=TAG,socket=PATH (repeatable) vhost-user-fs front end
   --net socket=PATH,mac=MAC[,mtu=N] (repeatable) virtio-net; a vhost-user back end
@@ -233,6 +238,7 @@ impl VmConfig {
             seccomp: Default::default(),
             memory_backing: Backing::Auto,
             hugepages: HugePages::Auto,
+            balloon: false,
         };
         while let Some(flag) = it.next() {
             let mut val = || {
@@ -318,6 +324,7 @@ impl VmConfig {
                     c.disks.push(DiskConfig { path, readonly });
                 }
                 "--rng" => c.rng = true,
+                "--balloon" => c.balloon = true,
                 "--console" => c.console = Some(val()?.into()),
                 "--fs" => {
                     let v = val()?;
@@ -438,6 +445,7 @@ impl VmConfig {
             + self.net.len()
             + usize::from(self.vsock.is_some())
             + usize::from(self.rng)
+            + usize::from(self.balloon)
             + usize::from(self.console.is_some());
         if devices > layout::MAX_VIRTIO_DEVICES {
             return invalid(format!(

@@ -1,5 +1,5 @@
 //! The VMM's control socket: newline-delimited JSON requests (state, info, memory, start,
-//! pause, resume, shutdown) from bulkheadd, served from the event loop.
+//! balloon, pause, resume, shutdown) from bulkheadd, served from the event loop.
 
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
@@ -26,6 +26,7 @@ pub struct Target<'a> {
     pub cfg: &'a VmConfig,
     pub memory: &'a crate::memory::MemoryReport,
     pub timeline: &'a crate::startup::Timeline,
+    pub balloon: Option<&'a crate::virtio::balloon::BalloonControl>,
 }
 
 /// The listening socket and its open connections, each registered in the event loop's
@@ -143,6 +144,18 @@ fn request(line: &[u8], target: &Target<'_>) -> serde_json::Value {
         }
         Some("memory") => json!({"ok": true, "memory": target.memory}),
         Some("start") => json!({"ok": true, "phases": target.timeline.phases()}),
+        Some("balloon") => match (target.balloon, req.get("target_mib")) {
+            (None, _) => json!({"ok": false, "error": "this VM has no balloon (--balloon)"}),
+            (Some(b), None) => json!({"ok": true, "balloon": b.status()}),
+            (Some(b), Some(t)) => match t
+                .as_u64()
+                .ok_or_else(|| "target_mib: want a number of MiB".to_string())
+                .and_then(|m| b.set_target(m))
+            {
+                Ok(()) => json!({"ok": true, "balloon": b.status()}),
+                Err(e) => json!({"ok": false, "error": e}),
+            },
+        },
         Some("pause") => {
             if control.state() == RunState::Paused {
                 return json!({"ok": true, "state": "paused"});

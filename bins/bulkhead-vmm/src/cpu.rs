@@ -319,7 +319,7 @@ impl VcpuRunner {
             return;
         }
         if let Some(t) = self.timeline.take() {
-            if t.mark("first vCPU entry", None) {
+            if t.mark("first vCPU entry") {
                 tracing::info!(phases = %t.line(), "entering the guest");
             }
         }

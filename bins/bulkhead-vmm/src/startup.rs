@@ -66,7 +66,7 @@ impl Timeline {
 
     /// Record `name` now. A phase is recorded once; later marks of it are ignored.
     /// Returns whether this call recorded it.
-    pub fn mark(&self, name: &'static str, huge_kib: Option<u64>) -> bool {
+    pub fn mark(&self, name: &'static str) -> bool {
         let ms = exec().elapsed().as_secs_f64() * 1e3;
         let (minor_faults, major_faults, cpu_ms) = usage();
         let mut p = self.phases.lock().unwrap_or_else(|e| e.into_inner());
@@ -79,9 +79,18 @@ impl Timeline {
             minor_faults,
             major_faults,
             cpu_ms,
-            huge_kib,
+            huge_kib: None,
         });
         true
+    }
+
+    /// Add the huge-page figure to a recorded phase (measured after it, so that reading
+    /// /proc does not count in its time).
+    pub fn set_huge_kib(&self, name: &str, kib: Option<u64>) {
+        let mut p = self.phases.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(x) = p.iter_mut().find(|x| x.name == name) {
+            x.huge_kib = kib;
+        }
     }
 
     pub fn phases(&self) -> Vec<Phase> {
@@ -127,7 +136,7 @@ impl BusDevice for BootTimer {
     }
 
     fn write(&mut self, _offset: u64, data: &[u8]) {
-        if data.first() == Some(&BOOT_TIMER_MAGIC) && self.timeline.mark("guest init", None) {
+        if data.first() == Some(&BOOT_TIMER_MAGIC) && self.timeline.mark("guest init") {
             tracing::info!(phases = %self.timeline.line(), "guest init reached");
         }
     }
@@ -140,11 +149,12 @@ mod tests {
     #[test]
     fn phases_are_recorded_once_in_order_with_counts() {
         let t = Timeline::new();
-        assert!(t.mark("memory ready", None));
+        assert!(t.mark("memory ready"));
         let v = vec![1u8; 8 << 20]; // touch fresh pages: faults rise
         std::hint::black_box(&v);
-        assert!(t.mark("kernel loaded", Some(2048)));
-        assert!(!t.mark("memory ready", None));
+        assert!(t.mark("kernel loaded"));
+        t.set_huge_kib("kernel loaded", Some(2048));
+        assert!(!t.mark("memory ready"));
         let p = t.phases();
         assert_eq!(p.len(), 2);
         assert_eq!(p[0].name, "memory ready");

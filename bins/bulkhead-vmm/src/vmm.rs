@@ -27,6 +27,7 @@ use crate::layout::*;
 use crate::legacy::{AcpiPm, Capped, IrqTrigger, SerialDevice, SharedOut, I8042, OUTPUT_CAP};
 use crate::memory::{self, GuestRam};
 use crate::startup::{BootTimer, Timeline};
+use crate::virtio::balloon::{Balloon, BalloonControl};
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::{self, EventSink, Interrupt, VirtioDevice, DEVICE_TOKEN_BASE};
 
@@ -118,15 +119,16 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
     };
     let (kvm, vm) = create_vm(cfg)?;
     let ram = map_memory(&vm, cfg)?;
-    core.timeline.mark("memory ready", None);
+    core.timeline.mark("memory ready");
     let mut buses = Buses::default();
     let serial_out = add_legacy_devices(&vm, &mut buses.pio, &core, cfg)?;
-    let devices = open_virtio_devices(cfg, &ram)?;
+    let (devices, balloon) = open_virtio_devices(cfg, &ram)?;
     let (slots, descs) = attach_virtio_devices(devices, &vm, &mut buses.mmio, &core.epoll, &ram)?;
-    core.timeline.mark("devices ready", None);
+    core.timeline.mark("devices ready");
     let entry = load_kernel(cfg, &ram, &descs)?;
-    core.timeline
-        .mark("kernel loaded", memory::huge_kib_in_use());
+    core.timeline.mark("kernel loaded");
+    let huge = memory::huge_kib_in_use();
+    core.timeline.set_huge_kib("kernel loaded", huge);
     let vcpus = start_vcpus(&kvm, &vm, cfg, &ram, entry, &buses, &core)?;
     tracing::info!(
         cpus = cfg.cpus,
@@ -147,7 +149,7 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
     };
     // Set-up is done; from here the main thread serves what the guest controls.
     crate::seccomp::install_for(crate::seccomp::Class::Main).map_err(VmmError::Device)?;
-    let reason = event_loop(cfg, api, &core, &slots, &vcpus, &ram)?;
+    let reason = event_loop(cfg, api, &core, &slots, &vcpus, &ram, balloon.as_deref())?;
     let _ = SharedOut::flush(&mut serial_out.clone());
     // Let vCPUs that are mid-exit see the reason; they are not joined (a vCPU can sit in
     // KVM_RUN indefinitely) and end with the process.
@@ -253,10 +255,13 @@ fn add_legacy_devices(
 
 /// The configured virtio devices, in a fixed order so a config always yields the same
 /// guest layout.
+type Devices = Vec<Box<dyn VirtioDevice>>;
+
+/// Also returns the balloon's control side when there is one.
 fn open_virtio_devices(
     cfg: &VmConfig,
     ram: &GuestRam,
-) -> Result<Vec<Box<dyn VirtioDevice>>, VmmError> {
+) -> Result<(Devices, Option<Arc<BalloonControl>>), VmmError> {
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     // Set whenever a vhost-user device is configured (memory::create makes it so).
     let ram_fd = || {
@@ -277,6 +282,17 @@ fn open_virtio_devices(
     }
     if cfg.rng {
         devices.push(Box::new(virtio::rng::Rng::default()));
+    }
+    let mut balloon = None;
+    if cfg.balloon {
+        let (dev, control) = Balloon::new(
+            ram.regions.clone(),
+            ram.file.clone(),
+            ram.report.pages == "hugetlb-2m",
+        )
+        .map_err(io("balloon eventfd"))?;
+        devices.push(Box::new(dev));
+        balloon = Some(control);
     }
     if let Some(p) = &cfg.console {
         let f = std::fs::File::create(p).map_err(io(format!("console output {}", p.display())))?;
@@ -306,14 +322,14 @@ fn open_virtio_devices(
         .map_err(dev_err)?;
         devices.push(Box::new(dev));
     }
-    Ok(devices)
+    Ok((devices, balloon))
 }
 
 /// Put each device on the MMIO bus behind a virtio-mmio transport, with an irqfd for its
 /// interrupt and one ioeventfd per queue. Queue kicks of devices served in this process go
 /// to the event loop; those of external (vhost-user) devices go to their back end.
 fn attach_virtio_devices(
-    devices: Vec<Box<dyn VirtioDevice>>,
+    devices: Devices,
     vm: &VmFd,
     mmio: &mut Bus,
     epoll: &Arc<Epoll>,
@@ -449,6 +465,7 @@ fn event_loop(
     slots: &[DeviceSlot],
     vcpus: &Vcpus,
     ram: &GuestRam,
+    balloon: Option<&BalloonControl>,
 ) -> Result<ExitReason, VmmError> {
     let (epoll, exit) = (&core.epoll, &core.exit);
     epoll
@@ -466,6 +483,7 @@ fn event_loop(
         cfg,
         memory: &ram.report,
         timeline: &core.timeline,
+        balloon,
     };
     let mut events = vec![EpollEvent::default(); 64];
     loop {

@@ -18,7 +18,12 @@ pub const USAGE: &str = "probe options:
   --shutdown             power the guest off at the end and wait for the VMM to exit
   --guest-mib N          report the spawned VMM's RSS outside guest memory (mappings
                          smaller than N MiB) and its CPU time at the first answer
-  -- CMD ARGS...         spawn this VMM first; time is measured from its exec";
+  -- CMD ARGS...         spawn this VMM first; time is measured from its exec
+
+  bulkhead probe --api SOCKET JSON...
+                         send each JSON request to a bulkhead-vmm control socket and
+                         print each reply (ops: state, info, memory, start, balloon,
+                         pause, resume, shutdown)";
 
 enum Target {
     Hybrid(PathBuf),
@@ -89,7 +94,28 @@ fn open(target: &Target) -> Result<Stream, ClientError> {
     }
 }
 
+/// `--api SOCKET JSON...`: one request per argument to the VMM's control socket.
+fn vmm_api(socket: &str, requests: &[String]) -> Result<()> {
+    use std::io::{BufRead, BufReader, Write};
+    let s = UnixStream::connect(socket).with_context(|| format!("cannot connect to {socket}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut r = BufReader::new(s.try_clone()?);
+    let mut s = s;
+    for q in requests {
+        s.write_all(format!("{q}\n").as_bytes())?;
+        let mut line = String::new();
+        r.read_line(&mut line)?;
+        println!("PROBE api {}", line.trim_end());
+    }
+    Ok(())
+}
+
 pub fn run(args: &[String]) -> Result<()> {
+    if let [flag, socket, requests @ ..] = args {
+        if flag == "--api" {
+            return vmm_api(socket, requests);
+        }
+    }
     let (opts, cmd) = match args.iter().position(|a| a == "--") {
         Some(i) => (&args[..i], &args[i + 1..]),
         None => (args, &args[..0]),
@@ -173,8 +199,9 @@ pub fn run(args: &[String]) -> Result<()> {
     if let (Some(g), Some(c)) = (guest_mib, child.as_ref()) {
         let (non_guest, total) = rss_kib(c.id(), g << 10).unwrap_or((0, 0));
         println!(
-            "PROBE rss non_guest_kib={non_guest} total_kib={total} cpu_ms={}",
-            cpu_ms(c.id()).unwrap_or(0)
+            "PROBE rss non_guest_kib={non_guest} total_kib={total} cpu_ms={} faults={}",
+            cpu_ms(c.id()).unwrap_or(0),
+            faults(c.id()).unwrap_or(0)
         );
     }
     let mut failed = false;
@@ -266,11 +293,26 @@ fn rss_kib(pid: u32, guest_kib: u64) -> Option<(u64, u64)> {
 }
 
 /// User + system CPU time of a process, in milliseconds.
-pub fn cpu_ms(pid: u32) -> Option<u64> {
+/// The fields of `/proc/<pid>/stat` after the command name (the first is the state).
+fn stat_fields(pid: u32) -> Option<Vec<u64>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(
+        rest.split_whitespace()
+            .map(|f| f.parse().unwrap_or(0))
+            .collect(),
+    )
+}
+
+/// Minor plus major page faults of the whole process.
+pub fn faults(pid: u32) -> Option<u64> {
+    let f = stat_fields(pid)?;
+    Some(f.get(7)? + f.get(9)?)
+}
+
+pub fn cpu_ms(pid: u32) -> Option<u64> {
+    let f = stat_fields(pid)?;
+    let ticks = f.get(11)? + f.get(12)?;
     // SAFETY: sysconf has no memory-safety preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     Some(ticks * 1000 / hz)

@@ -240,7 +240,12 @@ pub fn plan(cfg: &Config, rec: &SandboxRec, tcg: bool) -> Result<Vec<ComponentSp
                     "tag={SHARE_TAG},socket={}",
                     vm.join("fs.sock").display()
                 ))
-                .arg("--rng");
+                .arg("--rng")
+                // Free pages the guest reports go back to the host; the control socket
+                // sets a balloon target and reads the figures.
+                .arg("--balloon")
+                .arg("--api-socket")
+                .arg(vm.join("api.sock"));
             for (i, l) in rec.network.iter().flat_map(|n| n.links.iter()).enumerate() {
                 out.push(bulkhead_net(cfg, rec, i)?);
                 c.arg("--net").arg(format!(
@@ -358,7 +363,11 @@ fn qemu_command(
             "-device",
             &format!("vhost-user-fs-device,chardev=fs,tag={SHARE_TAG}"),
         ])
-        .args(["-device", "virtio-rng-device"]);
+        .args(["-device", "virtio-rng-device"])
+        .args([
+            "-device",
+            "virtio-balloon-device,deflate-on-oom=on,free-page-reporting=on",
+        ]);
     // One virtio-net device per pod interface, its back end a `bulkhead-net` that
     // connects to QEMU's socket (QEMU serves it, so a restarted back end reconnects at
     // once; QEMU waits for the first connection before the guest starts).

@@ -1,10 +1,11 @@
 //! Virtio devices over the MMIO transport.
 //!
-//! In-process devices (vsock, blk, rng, console) are driven from the VMM's event loop:
+//! In-process devices (vsock, blk, rng, console, balloon) are driven from the VMM's event loop:
 //! each queue's notify register is an ioeventfd the loop waits on, and each device
 //! raises its interrupt through an irqfd. A vhost-user device hands those same two
 //! eventfds to its back end, so its data path never passes through this process.
 
+pub mod balloon;
 pub mod blk;
 pub mod console;
 pub mod mmio;
