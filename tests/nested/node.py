@@ -587,12 +587,15 @@ def parse_bench(out):
         m = re.search(r"non_guest_kib=(\d+) total_kib=(\d+) cpu_ms=(\d+) faults=(\d+)", line)
         if m:
             run.update(rss=int(m.group(1)), cpu=int(m.group(3)), faults=int(m.group(4)))
+        m = re.search(r"non_guest_anon_kib=(\d+)", line)
+        if m:
+            run["anon"] = int(m.group(1))
         if line.startswith("BENCH-PHASES"):
             for name, ms, flt, cpu in re.findall(r"(\w+)=([\d.]+)ms/(\d+)flt/([\d.]+)cpu", line):
                 run[name] = (float(ms), int(flt), float(cpu))
         m = re.match(r"BENCH-PAGES (\S+)", line)
         if m:
-            run["pages"] = m.group(1)
+            run["pages"] = m.group(1).strip('"')
     return res
 
 
@@ -625,7 +628,7 @@ def cmd_bench(args):
           f"initramfs, 1 vCPU). Medians of {args.runs} rounds; times from the VMM's exec.")
     head = (f"{'VMM':<27}{'MiB':>5}{'fs':>4}{'n':>3}{'clock start':>12}{'init':>7}{'answer':>8}"
             f"{'faults@entry':>13}{'cpu@entry':>10}{'faults@answer':>14}{'cpu@answer':>11}"
-            f"{'RSS MiB':>8}  pages")
+            f"{'RSS MiB':>8}{'anon':>6}  pages")
     print(head)
     print("-" * len(head))
     phase = lambda name, i: (lambda x: x[name][i] if name in x else None)
@@ -637,10 +640,12 @@ def cmd_bench(args):
               f"{fmt(med(xs, lambda x: x['answer'])):>8}"
               f"{fmt(med(xs, phase('first_vCPU_entry', 1))):>13}{fmt(med(xs, phase('first_vCPU_entry', 2))):>10}"
               f"{fmt(med(xs, lambda x: x.get('faults'))):>14}{fmt(med(xs, lambda x: x.get('cpu'))):>11}"
-              f"{fmt(med(xs, lambda x: x['rss'] / 1024 if 'rss' in x else None), '.1f'):>8}  {','.join(pages)}")
+              f"{fmt(med(xs, lambda x: x['rss'] / 1024 if 'rss' in x else None), '.1f'):>8}"
+              f"{fmt(med(xs, lambda x: x['anon'] / 1024 if 'anon' in x else None), '.1f'):>6}  {','.join(pages)}")
     print("clock start: exec to the guest's clock starting (first answer minus guest uptime); init: the "
           "agent's boot-timer write (bulkhead-vmm only); entry: first vCPU entry (bulkhead-vmm's phase "
-          "record); RSS: outside guest RAM, at the first answer")
+          "record); RSS: outside guest RAM at the first answer, anon: the part of it that is the "
+          "process's own (the rest is code shared through the page cache)")
     for fs in ("no", "yes"):
         ratios, clocks = [], []
         for m in sizes:

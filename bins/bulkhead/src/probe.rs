@@ -197,9 +197,9 @@ pub fn run(args: &[String]) -> Result<()> {
         Err(e) => println!("PROBE details FAILED {e}"),
     }
     if let (Some(g), Some(c)) = (guest_mib, child.as_ref()) {
-        let (non_guest, total) = rss_kib(c.id(), g << 10).unwrap_or((0, 0));
+        let (non_guest, anon, total) = rss_kib(c.id(), g << 10).unwrap_or((0, 0, 0));
         println!(
-            "PROBE rss non_guest_kib={non_guest} total_kib={total} cpu_ms={} faults={}",
+            "PROBE rss non_guest_kib={non_guest} total_kib={total} cpu_ms={} faults={} non_guest_anon_kib={anon}",
             cpu_ms(c.id()).unwrap_or(0),
             faults(c.id()).unwrap_or(0)
         );
@@ -272,9 +272,11 @@ pub fn run(args: &[String]) -> Result<()> {
 }
 
 /// (RSS of mappings smaller than the guest, total RSS) in KiB, from /proc/PID/smaps.
-fn rss_kib(pid: u32, guest_kib: u64) -> Option<(u64, u64)> {
+/// RSS outside guest RAM (mappings smaller than the guest), the anonymous part of it
+/// (this VMM's own memory; the rest is code shared through the page cache), and total.
+fn rss_kib(pid: u32, guest_kib: u64) -> Option<(u64, u64, u64)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
-    let (mut size, mut non_guest, mut total) = (0u64, 0u64, 0u64);
+    let (mut size, mut non_guest, mut anon, mut total) = (0u64, 0u64, 0u64, 0u64);
     for line in text.lines() {
         let mut f = line.split_whitespace();
         match f.next() {
@@ -286,13 +288,13 @@ fn rss_kib(pid: u32, guest_kib: u64) -> Option<(u64, u64)> {
                     non_guest += rss;
                 }
             }
+            Some("Anonymous:") if size < guest_kib => anon += f.next()?.parse::<u64>().ok()?,
             _ => {}
         }
     }
-    Some((non_guest, total))
+    Some((non_guest, anon, total))
 }
 
-/// User + system CPU time of a process, in milliseconds.
 /// The fields of `/proc/<pid>/stat` after the command name (the first is the state).
 fn stat_fields(pid: u32) -> Option<Vec<u64>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -310,6 +312,7 @@ pub fn faults(pid: u32) -> Option<u64> {
     Some(f.get(7)? + f.get(9)?)
 }
 
+/// User + system CPU time of a process, in milliseconds.
 pub fn cpu_ms(pid: u32) -> Option<u64> {
     let f = stat_fields(pid)?;
     let ticks = f.get(11)? + f.get(12)?;
