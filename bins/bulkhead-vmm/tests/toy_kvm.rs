@@ -206,6 +206,20 @@ fn api(s: &mut BufReader<UnixStream>, req: &str) -> String {
     line
 }
 
+/// The VMM's control socket once it is up (within 20 s), replies bounded to 10 s.
+fn connect_api(sock: &std::path::Path) -> BufReader<UnixStream> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let s = loop {
+        match UnixStream::connect(sock) {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => panic!("control socket never came up: {e}"),
+        }
+    };
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    BufReader::new(s)
+}
+
 #[test]
 fn control_socket_state_pause_resume_shutdown() {
     if !kvm_available() {
@@ -230,16 +244,7 @@ fn control_socket_state_pause_resume_shutdown() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let s = loop {
-        match UnixStream::connect(&sock) {
-            Ok(s) => break s,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => panic!("control socket never came up: {e}"),
-        }
-    };
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut s = BufReader::new(s);
+    let mut s = connect_api(&sock);
     assert!(api(&mut s, r#"{"op":"state"}"#).contains(r#""state":"running""#));
     assert!(api(&mut s, r#"{"op":"pause"}"#).contains(r#""state":"paused""#));
     assert!(api(&mut s, r#"{"op":"state"}"#).contains(r#""state":"paused""#));
@@ -277,16 +282,8 @@ fn start_phases_and_boot_timer_on_the_control_socket() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let mut s = connect_api(&sock);
     let deadline = Instant::now() + Duration::from_secs(20);
-    let s = loop {
-        match UnixStream::connect(&sock) {
-            Ok(s) => break s,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => panic!("control socket never came up: {e}"),
-        }
-    };
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut s = BufReader::new(s);
     let phases = loop {
         let v: serde_json::Value = serde_json::from_str(&api(&mut s, r#"{"op":"start"}"#)).unwrap();
         let p = v["phases"].as_array().unwrap().clone();

@@ -50,6 +50,16 @@ fn rig(mem: &GuestMemoryMmap, acked: u64) -> Rig<'_> {
     }
 }
 
+/// The guest puts a list of frame numbers on the inflate queue; it must come back used.
+fn inflate(r: &mut Rig<'_>, list: &[u8]) {
+    r.mem.write_slice(list, GuestAddress(0x10_0000)).unwrap();
+    r.qs[0]
+        .build_desc_chain(&[desc(0x10_0000, list.len() as u32, 0, 0)])
+        .unwrap();
+    r.dev.queue_notify(0);
+    assert_eq!(used(&r.qs[0]).len(), 1);
+}
+
 fn fill(mem: &GuestMemoryMmap, addr: u64, len: usize, b: u8) {
     mem.write_slice(&vec![b; len], GuestAddress(addr)).unwrap();
 }
@@ -76,12 +86,7 @@ fn inflate_discards_listed_frames_only_and_refuses_the_rest() {
         (0xd000_0000u64 >> 12) as u32,
     ];
     let list: Vec<u8> = pfns.iter().flat_map(|p| p.to_le_bytes()).collect();
-    r.mem.write_slice(&list, GuestAddress(0x10_0000)).unwrap();
-    r.qs[0]
-        .build_desc_chain(&[desc(0x10_0000, list.len() as u32, 0, 0)])
-        .unwrap();
-    r.dev.queue_notify(0);
-    assert_eq!(used(&r.qs[0]).len(), 1);
+    inflate(&mut r, &list);
     assert!(all(r.mem, DATA, 0x3000, 0), "frames 0..2 discarded");
     assert!(all(r.mem, DATA + 0x3000, 0x1000, 0xaa), "frame 3 kept");
     assert!(all(r.mem, DATA + 0x4000, 0x1000, 0), "frame 4 discarded");
@@ -104,12 +109,7 @@ fn a_huge_inflate_list_is_read_only_up_to_its_bound() {
     }
     list.extend((first + 100).to_le_bytes());
     fill(r.mem, DATA + 100 * 4096, 4096, 0x55);
-    r.mem.write_slice(&list, GuestAddress(0x10_0000)).unwrap();
-    r.qs[0]
-        .build_desc_chain(&[desc(0x10_0000, list.len() as u32, 0, 0)])
-        .unwrap();
-    r.dev.queue_notify(0);
-    assert_eq!(used(&r.qs[0]).len(), 1);
+    inflate(&mut r, &list);
     assert!(
         all(r.mem, DATA + 100 * 4096, 4096, 0x55),
         "past the bound: not read"
