@@ -107,6 +107,13 @@ pub struct MemoryReport {
     pub why: String,
 }
 
+impl MemoryReport {
+    /// Backed by hugetlbfs: only whole 2 MiB pages can be discarded.
+    pub fn hugetlb(&self) -> bool {
+        self.pages == "hugetlb-2m"
+    }
+}
+
 /// One RAM region as a vhost-user back end needs to see it.
 #[derive(Debug, Clone, Copy)]
 pub struct RamRegion {
@@ -236,41 +243,54 @@ pub fn create(
             msg: "memory backing private: a vhost-user device needs shared guest RAM".into(),
         });
     }
-    let host = HostPages::read();
-    let (plan, pages, why) = plan(mem_size, backing, huge, shared_needed, &host)?;
-    let report = |backing_got: &'static str, pages: &'static str, why: String| MemoryReport {
+    create_on(&HostPages::read(), mem_size, backing, huge, shared_needed)
+}
+
+/// [`create`] on a host whose huge page policy is `host`.
+fn create_on(
+    host: &HostPages,
+    mem_size: u64,
+    backing: Backing,
+    huge: HugePages,
+    shared_needed: bool,
+) -> Result<GuestRam, MemoryError> {
+    let (plan, pages, why) = plan(mem_size, backing, huge, shared_needed, host)?;
+    let report = |backing_got: &'static str| MemoryReport {
         asked_backing: backing,
         asked_hugepages: huge,
         backing: backing_got,
         pages,
-        why,
+        why: why.clone(),
     };
     match plan {
-        Plan::Private { advise } => map(mem_size, None, advise, report("private", pages, why)),
-        Plan::Memfd { hugetlb, advise } => {
-            let file = match memfd(mem_size, hugetlb) {
-                Ok(f) => f,
-                Err(e) if hugetlb && huge == HugePages::Auto => {
-                    let why = format!("{why}, but mapping them failed ({e}); THP advised instead");
-                    let f = memfd(mem_size, false)?;
-                    return map(mem_size, Some(f), true, report("shared", "thp", why));
+        Plan::Private { advise } => map(mem_size, None, advise, report("private")),
+        Plan::Memfd {
+            hugetlb: false,
+            advise,
+        } => map(
+            mem_size,
+            Some(memfd(mem_size, false)?),
+            advise,
+            report("shared"),
+        ),
+        Plan::Memfd { hugetlb: true, .. } => {
+            match memfd(mem_size, true)
+                .and_then(|f| map(mem_size, Some(f), false, report("shared")))
+            {
+                // The pages went between reading the count and mapping: plan again as
+                // on a host with none reserved, and say why.
+                Err(e) if huge == HugePages::Auto => {
+                    let none = HostPages {
+                        free_hugetlb_2m: Some(0),
+                        ..host.clone()
+                    };
+                    let mut ram = create_on(&none, mem_size, backing, huge, shared_needed)?;
+                    ram.report.why =
+                        format!("{why}, but mapping them failed ({e}); {}", ram.report.why);
+                    Ok(ram)
                 }
-                Err(e) if hugetlb => return Err(MemoryError::Hugetlb(e.to_string())),
-                Err(e) => return Err(e),
-            };
-            match map(
-                mem_size,
-                Some(file),
-                advise,
-                report("shared", pages, why.clone()),
-            ) {
-                Err(e) if hugetlb && huge == HugePages::Auto => {
-                    let why = format!("{why}, but mapping them failed ({e}); THP advised instead");
-                    let f = memfd(mem_size, false)?;
-                    map(mem_size, Some(f), true, report("shared", "thp", why))
-                }
-                Err(e) if hugetlb => Err(MemoryError::Hugetlb(e.to_string())),
-                r => r,
+                Err(e) => Err(MemoryError::Hugetlb(e.to_string())),
+                ok => ok,
             }
         }
     }

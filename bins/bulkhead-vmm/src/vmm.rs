@@ -127,9 +127,10 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
     core.timeline.mark("devices ready");
     let entry = load_kernel(cfg, &ram, &descs)?;
     core.timeline.mark("kernel loaded");
+    let vcpus = start_vcpus(&kvm, &vm, cfg, &ram, entry, &buses, &core)?;
+    // Read /proc while the guest already runs, not on the way to its first instruction.
     let huge = memory::huge_kib_in_use();
     core.timeline.set_huge_kib("kernel loaded", huge);
-    let vcpus = start_vcpus(&kvm, &vm, cfg, &ram, entry, &buses, &core)?;
     tracing::info!(
         cpus = cfg.cpus,
         memory_mib = cfg.memory_mib,
@@ -285,12 +286,9 @@ fn open_virtio_devices(
     }
     let mut balloon = None;
     if cfg.balloon {
-        let (dev, control) = Balloon::new(
-            ram.regions.clone(),
-            ram.file.clone(),
-            ram.report.pages == "hugetlb-2m",
-        )
-        .map_err(io("balloon eventfd"))?;
+        let (dev, control) =
+            Balloon::new(ram.regions.clone(), ram.file.clone(), ram.report.hugetlb())
+                .map_err(io("balloon eventfd"))?;
         devices.push(Box::new(dev));
         balloon = Some(control);
     }
