@@ -191,7 +191,7 @@ pub const USAGE: &str = "usage: bulkhead-vmm (--config FILE.json | --kernel PATH
   --fs tag=TAG,socket=PATH (repeatable) vhost-user-fs front end
   --net socket=PATH,mac=MAC[,mtu=N] (repeatable) virtio-net; a vhost-user back end
                            (bulkhead-net) connects to PATH, and again after a restart
-  --api-socket PATH        control socket (state, pause, resume, shutdown)
+  --api-socket PATH        serve org.bulkhead.Vmm1 (peer-to-peer D-Bus) on this socket
   --legacy-mmio-cmdline    also describe devices on the kernel command line
   --allow-pvm              try to boot even on a PVM /dev/kvm
   --seccomp kill|log|off   per-thread allow lists (seccomp/x86_64.json): a call outside

@@ -1,41 +1,44 @@
-//! The VMM's control socket: newline-delimited JSON requests (state, info, memory, start,
-//! balloon, pause, resume, shutdown) from bulkheadd, served from the event loop.
+//! `org.bulkhead.Vmm1`, the VMM's control interface (state, pause, resume, shutdown,
+//! memory, start phases, balloon), served peer to peer on the `--api-socket` socket.
+//!
+//! The event loop watches the listening socket. The first peer to connect starts the
+//! `api` thread, which takes the socket over and serves every peer from then on under its
+//! own seccomp class; a VM nobody asks about never runs (or maps in) the D-Bus code.
 
 use std::collections::HashMap;
-use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bulkhead_dbus::vmm::{PhaseRow, VMM_PATH};
+use bulkhead_dbus::Error;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use zbus::zvariant::{OwnedValue, Value};
 
-use crate::config::VmConfig;
 use crate::cpu::{self, RunState, VcpuControl};
 use crate::exit::{ExitHandle, ExitReason};
+use crate::memory::MemoryReport;
+use crate::startup::Timeline;
+use crate::virtio::balloon::BalloonControl;
 
-/// Longest request line accepted; a longer one closes the connection.
-const API_LINE_MAX: usize = 4096;
-
-/// What a request may act on.
-pub struct Target<'a> {
-    pub control: &'a VcpuControl,
-    pub vcpus: &'a [libc::pthread_t],
-    pub exit: &'a ExitHandle,
-    pub cfg: &'a VmConfig,
-    pub memory: &'a crate::memory::MemoryReport,
-    pub timeline: &'a crate::startup::Timeline,
-    pub balloon: Option<&'a crate::virtio::balloon::BalloonControl>,
+/// What the interface acts on, shared by every peer's object.
+pub struct VmHandle {
+    pub control: Arc<VcpuControl>,
+    pub vcpus: Vec<libc::pthread_t>,
+    pub exit: ExitHandle,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub memory: MemoryReport,
+    pub timeline: Arc<Timeline>,
+    pub balloon: Option<Arc<BalloonControl>>,
 }
 
-/// The listening socket and its open connections, each registered in the event loop's
-/// epoll under its own token (all tokens are at or above `first_conn_token`).
+/// The listening socket, until the first peer hands it to the `api` thread.
 pub struct ControlApi {
-    listener: UnixListener,
-    conns: HashMap<u32, (UnixStream, Vec<u8>)>,
-    first_conn_token: u32,
-    next_token: u32,
+    listener: Option<UnixListener>,
+    handle: Arc<VmHandle>,
 }
 
 impl ControlApi {
@@ -44,143 +47,181 @@ impl ControlApi {
         path: &Path,
         epoll: &Epoll,
         token: u32,
-        first_conn_token: u32,
+        handle: Arc<VmHandle>,
     ) -> std::io::Result<Self> {
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path)?;
-        listener.set_nonblocking(true)?;
         epoll.ctl(
             ControlOperation::Add,
             listener.as_raw_fd(),
             EpollEvent::new(EventSet::IN, u64::from(token)),
         )?;
         Ok(Self {
-            listener,
-            conns: HashMap::new(),
-            first_conn_token,
-            next_token: first_conn_token,
+            listener: Some(listener),
+            handle,
         })
     }
 
-    /// Accept every pending connection.
-    pub fn accept(&mut self, epoll: &Epoll) {
-        while let Ok((s, _)) = self.listener.accept() {
-            let tok = self.next_token;
-            self.next_token = self.next_token.wrapping_add(1).max(self.first_conn_token);
-            if s.set_nonblocking(true).is_ok()
-                && epoll
-                    .ctl(
-                        ControlOperation::Add,
-                        s.as_raw_fd(),
-                        EpollEvent::new(EventSet::IN, u64::from(tok)),
-                    )
-                    .is_ok()
-            {
-                self.conns.insert(tok, (s, Vec::new()));
-            }
-        }
-    }
-
-    /// Serve what arrived on connection `tok`, closing it when the peer is done.
-    pub fn readable(&mut self, tok: u32, epoll: &Arc<Epoll>, target: &Target<'_>) {
-        let done = match self.conns.get_mut(&tok) {
-            Some((s, buf)) => serve(s, buf, target),
-            None => true,
+    /// A peer is waiting: start the `api` thread and give it the socket (the peer is
+    /// accepted there).
+    pub fn readable(&mut self, epoll: &Epoll) {
+        let Some(listener) = self.listener.take() else {
+            return;
         };
-        if done {
-            if let Some((s, _)) = self.conns.remove(&tok) {
-                let _ = epoll.ctl(
-                    ControlOperation::Delete,
-                    s.as_raw_fd(),
-                    EpollEvent::default(),
-                );
-            }
+        let _ = epoll.ctl(
+            ControlOperation::Delete,
+            listener.as_raw_fd(),
+            EpollEvent::default(),
+        );
+        let handle = self.handle.clone();
+        let setup = || crate::seccomp::install_for(crate::seccomp::Class::Api);
+        if let Err(e) = bulkhead_dbus::p2p::serve(
+            listener,
+            "api",
+            VMM_PATH,
+            move || Vmm1(handle.clone()),
+            setup,
+        ) {
+            tracing::error!("control interface: cannot start its thread: {e}");
         }
     }
 }
 
-/// Handle readable data on a control connection. Returns true when it should be closed.
-fn serve(s: &mut UnixStream, buf: &mut Vec<u8>, target: &Target<'_>) -> bool {
-    let mut chunk = [0u8; 1024];
-    loop {
-        match s.read(&mut chunk) {
-            Ok(0) => return true,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(_) => return true,
-        }
-        if buf.len() > API_LINE_MAX {
-            let _ = s.write_all(b"{\"ok\":false,\"error\":\"request line too long\"}\n");
-            return true;
-        }
-    }
-    while let Some(end) = buf.iter().position(|&b| b == b'\n') {
-        let line: Vec<u8> = buf.drain(..=end).collect();
-        let reply = request(&line, target);
-        if s.write_all(format!("{reply}\n").as_bytes()).is_err() {
-            return true;
-        }
-    }
-    false
-}
+/// One peer's `org.bulkhead.Vmm1` object.
+pub struct Vmm1(Arc<VmHandle>);
 
-fn request(line: &[u8], target: &Target<'_>) -> serde_json::Value {
-    use serde_json::json;
-    let (control, vcpus, exit, cfg) = (target.control, target.vcpus, target.exit, target.cfg);
-    let req: serde_json::Value = match serde_json::from_slice(line) {
-        Ok(v) => v,
-        Err(e) => return json!({"ok": false, "error": format!("bad request: {e}")}),
-    };
-    let state = |c: &VcpuControl| match c.state() {
+fn state_name(s: RunState) -> &'static str {
+    match s {
         RunState::Running => "running",
         RunState::Paused => "paused",
-    };
-    match req.get("op").and_then(|o| o.as_str()) {
-        Some("state") => json!({"ok": true, "state": state(control)}),
-        Some("info") => {
-            json!({"ok": true, "state": state(control), "cpus": cfg.cpus, "memory_mib": cfg.memory_mib,
-                   "memory": target.memory})
+    }
+}
+
+impl Vmm1 {
+    fn balloon_control(&self) -> Result<&BalloonControl, Error> {
+        self.0.balloon.as_deref().ok_or_else(|| {
+            Error::FailedPrecondition("this VM has no balloon (start it with --balloon)".into())
+        })
+    }
+}
+
+#[zbus::interface(name = "org.bulkhead.Vmm1")]
+impl Vmm1 {
+    /// Stop every vCPU; the VM keeps running if they do not stop within 2 s.
+    fn pause(&self) -> Result<(), Error> {
+        let h = &self.0;
+        if h.control.state() == RunState::Paused {
+            return Ok(());
         }
-        Some("memory") => json!({"ok": true, "memory": target.memory}),
-        Some("start") => json!({"ok": true, "phases": target.timeline.phases()}),
-        Some("balloon") => match (target.balloon, req.get("target_mib")) {
-            (None, _) => json!({"ok": false, "error": "this VM has no balloon (--balloon)"}),
-            (Some(b), None) => json!({"ok": true, "balloon": b.status()}),
-            (Some(b), Some(t)) => match t
-                .as_u64()
-                .ok_or_else(|| "target_mib: want a number of MiB".to_string())
-                .and_then(|m| b.set_target(m))
-            {
-                Ok(()) => json!({"ok": true, "balloon": b.status()}),
-                Err(e) => json!({"ok": false, "error": e}),
-            },
-        },
-        Some("pause") => {
-            if control.state() == RunState::Paused {
-                return json!({"ok": true, "state": "paused"});
-            }
-            control.set(RunState::Paused);
-            for t in vcpus {
-                // SAFETY: t is a live vCPU thread (they run until process exit).
-                unsafe { libc::pthread_kill(*t, cpu::kick_signal()) };
-            }
-            if control.wait_parked(vcpus.len(), Duration::from_secs(2)) {
-                json!({"ok": true, "state": "paused"})
-            } else {
-                control.set(RunState::Running);
-                json!({"ok": false, "error": "vCPUs did not stop within 2 s; still running"})
-            }
+        h.control.set(RunState::Paused);
+        for t in &h.vcpus {
+            // SAFETY: t is a live vCPU thread (they run until process exit).
+            unsafe { libc::pthread_kill(*t, cpu::kick_signal()) };
         }
-        Some("resume") => {
-            control.set(RunState::Running);
-            json!({"ok": true, "state": "running"})
+        // Blocks this thread only (the event loop and the vCPUs go on).
+        if h.control.wait_parked(h.vcpus.len(), Duration::from_secs(2)) {
+            Ok(())
+        } else {
+            h.control.set(RunState::Running);
+            Err(Error::Failed(
+                "vCPUs did not stop within 2 s; still running".into(),
+            ))
         }
-        Some("shutdown") => {
+    }
+
+    fn resume(&self) {
+        self.0.control.set(RunState::Running);
+    }
+
+    /// End the VM (the VMM exits with status 5), once this reply is on its way.
+    fn shutdown(&self) {
+        let exit = self.0.exit.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
             exit.request(ExitReason::Stopped);
-            json!({"ok": true, "state": "stopping"})
+        });
+    }
+
+    fn memory(&self) -> HashMap<String, String> {
+        let m = &self.0.memory;
+        [
+            ("asked_backing", m.asked_backing.as_str().to_string()),
+            ("asked_hugepages", m.asked_hugepages.as_str().to_string()),
+            ("backing", m.backing.to_string()),
+            ("pages", m.pages.to_string()),
+            ("why", m.why.clone()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    fn start_phases(&self) -> Vec<PhaseRow> {
+        self.0
+            .timeline
+            .phases()
+            .into_iter()
+            .map(|p| {
+                (
+                    p.name.to_string(),
+                    p.ms,
+                    p.minor_faults,
+                    p.major_faults,
+                    p.cpu_ms,
+                    p.huge_kib.unwrap_or(0),
+                )
+            })
+            .collect()
+    }
+
+    fn balloon(&self) -> Result<HashMap<String, OwnedValue>, Error> {
+        let s = self.balloon_control()?.status();
+        let mut out: HashMap<String, OwnedValue> = HashMap::new();
+        let mut put = |k: &str, v: Value<'_>| {
+            if let Ok(v) = v.try_to_owned() {
+                out.insert(k.to_string(), v);
+            }
+        };
+        put("active", Value::from(s.active));
+        put("target_mib", Value::from(s.target_mib));
+        put("actual_mib", Value::from(s.actual_mib));
+        put("features", Value::from(s.features.clone()));
+        put("inflated_bytes", Value::from(s.inflated_bytes));
+        put("reported_bytes", Value::from(s.reported_bytes));
+        put("refused", Value::from(s.refused));
+        put("discard_errors", Value::from(s.discard_errors));
+        let stats: HashMap<String, u64> =
+            s.stats.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        put("stats", Value::from(stats));
+        if let Some(age) = s.stats_age_ms {
+            put("stats_age_ms", Value::from(age));
         }
-        Some(other) => json!({"ok": false, "error": format!("unknown op {other:?}")}),
-        None => json!({"ok": false, "error": "missing \"op\""}),
+        Ok(out)
+    }
+
+    fn set_balloon_target(&self, mib: u64) -> Result<(), Error> {
+        self.balloon_control()?
+            .set_target(mib)
+            .map_err(Error::InvalidArgument)
+    }
+
+    #[zbus(property)]
+    fn state(&self) -> String {
+        state_name(self.0.control.state()).into()
+    }
+
+    #[zbus(property)]
+    fn cpus(&self) -> u32 {
+        self.0.cpus
+    }
+
+    #[zbus(property, name = "MemoryMiB")]
+    fn memory_mib(&self) -> u64 {
+        self.0.memory_mib
+    }
+
+    #[zbus(property)]
+    fn has_balloon(&self) -> bool {
+        self.0.balloon.is_some()
     }
 }

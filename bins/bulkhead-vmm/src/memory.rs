@@ -68,6 +68,27 @@ pub enum HugePages {
     Off,
 }
 
+impl Backing {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Private => "private",
+            Self::Shared => "shared",
+        }
+    }
+}
+
+impl HugePages {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Thp => "thp",
+            Self::Hugetlb => "hugetlb",
+            Self::Off => "off",
+        }
+    }
+}
+
 impl std::str::FromStr for Backing {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

@@ -22,6 +22,8 @@ pub enum Class {
     Vcpu,
     /// A short-lived worker (a vhost-user back end's handshake).
     Worker,
+    /// The control interface's thread (`org.bulkhead.Vmm1`).
+    Api,
 }
 
 impl Class {
@@ -30,6 +32,7 @@ impl Class {
             Class::Main => "main",
             Class::Vcpu => "vcpu",
             Class::Worker => "worker",
+            Class::Api => "api",
         }
     }
 }
@@ -63,7 +66,7 @@ mod tests {
 
     #[test]
     fn every_class_has_a_program_in_both_modes() {
-        for c in [Class::Main, Class::Vcpu, Class::Worker] {
+        for c in [Class::Main, Class::Vcpu, Class::Worker, Class::Api] {
             for m in [Mode::Kill, Mode::Log] {
                 let p = program(c, m).unwrap_or_else(|| panic!("{c:?} {m:?}"));
                 assert!(p.len() > 10, "{c:?} {m:?}: {} instructions", p.len());
@@ -75,7 +78,7 @@ mod tests {
     #[test]
     fn the_policy_kills_what_it_does_not_allow() {
         use bulkhead_seccomp::testing::{killed_by, Call};
-        for class in ["main", "vcpu", "worker"] {
+        for class in ["main", "vcpu", "worker", "api"] {
             assert_eq!(killed_by(&PROGRAMS, class, Call::Getpid), None, "{class}");
             for call in [Call::Execve, Call::OpenHostPath, Call::Ptrace] {
                 assert_eq!(
@@ -86,7 +89,7 @@ mod tests {
             }
         }
         // No thread but the main one opens sockets (vsock's host side connects).
-        for class in ["vcpu", "worker"] {
+        for class in ["vcpu", "worker", "api"] {
             assert_eq!(
                 killed_by(&PROGRAMS, class, Call::Socket),
                 Some(libc::SIGSYS),

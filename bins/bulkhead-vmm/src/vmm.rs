@@ -20,7 +20,7 @@ use crate::acpi::{self, MmioDesc};
 use crate::boot::{self, BootEntry};
 use crate::bus::Bus;
 use crate::config::{BootMode, SerialOut, VmConfig};
-use crate::control::{ControlApi, Target};
+use crate::control::{ControlApi, VmHandle};
 use crate::cpu::{self, RunState, VcpuControl, VcpuRunner};
 use crate::exit::{ExitHandle, ExitReason};
 use crate::layout::*;
@@ -79,7 +79,6 @@ fn dev_err(e: impl std::fmt::Display) -> VmmError {
 const SLOT_CORE: u32 = 0;
 const TOK_EXIT: u32 = 0;
 const TOK_API: u32 = 1;
-const TOK_API_CONN: u32 = 2;
 
 /// The port I/O and MMIO buses the vCPUs dispatch exits to.
 #[derive(Default)]
@@ -142,15 +141,27 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
         "VM started"
     );
     let api = match &cfg.api_socket {
-        Some(p) => Some(
-            ControlApi::listen(p, &core.epoll, TOK_API, TOK_API_CONN)
-                .map_err(io(format!("control socket {}", p.display())))?,
-        ),
+        Some(p) => {
+            let handle = Arc::new(VmHandle {
+                control: vcpus.control.clone(),
+                vcpus: vcpus.threads.iter().map(|t| t.as_pthread_t()).collect(),
+                exit: core.exit.clone(),
+                cpus: u32::from(cfg.cpus),
+                memory_mib: cfg.memory_mib,
+                memory: ram.report.clone(),
+                timeline: core.timeline.clone(),
+                balloon,
+            });
+            Some(
+                ControlApi::listen(p, &core.epoll, TOK_API, handle)
+                    .map_err(io(format!("control socket {}", p.display())))?,
+            )
+        }
         None => None,
     };
     // Set-up is done; from here the main thread serves what the guest controls.
     crate::seccomp::install_for(crate::seccomp::Class::Main).map_err(VmmError::Device)?;
-    let reason = event_loop(cfg, api, &core, &slots, &vcpus, &ram, balloon.as_deref())?;
+    let reason = event_loop(api, &core, &slots)?;
     let _ = SharedOut::flush(&mut serial_out.clone());
     // Let vCPUs that are mid-exit see the reason; they are not joined (a vCPU can sit in
     // KVM_RUN indefinitely) and end with the process.
@@ -457,13 +468,9 @@ fn start_vcpus(
 /// Serve device queues, device back-end events and the control socket until something
 /// asks the VM to end.
 fn event_loop(
-    cfg: &VmConfig,
     mut api: Option<ControlApi>,
     core: &Core,
     slots: &[DeviceSlot],
-    vcpus: &Vcpus,
-    ram: &GuestRam,
-    balloon: Option<&BalloonControl>,
 ) -> Result<ExitReason, VmmError> {
     let (epoll, exit) = (&core.epoll, &core.exit);
     epoll
@@ -473,16 +480,6 @@ fn event_loop(
             EpollEvent::new(EventSet::IN, u64::from(TOK_EXIT)),
         )
         .map_err(io("epoll add"))?;
-    let pthreads: Vec<libc::pthread_t> = vcpus.threads.iter().map(|t| t.as_pthread_t()).collect();
-    let target = Target {
-        control: &vcpus.control,
-        vcpus: &pthreads,
-        exit,
-        cfg,
-        memory: &ram.report,
-        timeline: &core.timeline,
-        balloon,
-    };
     let mut events = vec![EpollEvent::default(); 64];
     loop {
         let n = match epoll.wait(-1, &mut events) {
@@ -500,14 +497,10 @@ fn event_loop(
                 }
                 (SLOT_CORE, TOK_API) => {
                     if let Some(api) = api.as_mut() {
-                        api.accept(epoll);
+                        api.readable(epoll);
                     }
                 }
-                (SLOT_CORE, conn) => {
-                    if let Some(api) = api.as_mut() {
-                        api.readable(conn, epoll, &target);
-                    }
-                }
+                (SLOT_CORE, _) => {}
                 (slot, token) => device_event(slots, slot, token, ev.event_set()),
             }
         }

@@ -6,11 +6,11 @@
 //! These tests need /dev/kvm. Without it they fail, unless BULKHEAD_SKIP_KVM_TESTS=1
 //! says to skip them on purpose.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+use bulkhead_dbus::vmm::Vmm1Proxy;
 
 const VMM: &str = env!("CARGO_BIN_EXE_bulkhead-vmm");
 
@@ -197,31 +197,35 @@ fn serial_interrupt_reaches_the_guest_through_irqfd_and_the_pic() {
     assert_eq!(r.out.status.code(), Some(0));
 }
 
-fn api(s: &mut BufReader<UnixStream>, req: &str) -> String {
-    s.get_mut()
-        .write_all(format!("{req}\n").as_bytes())
-        .unwrap();
-    let mut line = String::new();
-    s.read_line(&mut line).unwrap();
-    line
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
 }
 
-/// The VMM's control socket once it is up (within 20 s), replies bounded to 10 s.
-fn connect_api(sock: &std::path::Path) -> BufReader<UnixStream> {
+/// `org.bulkhead.Vmm1` on the VMM's control socket once it is up (within 20 s).
+async fn connect_api(sock: &Path) -> Vmm1Proxy<'static> {
     let deadline = Instant::now() + Duration::from_secs(20);
-    let s = loop {
-        match UnixStream::connect(sock) {
-            Ok(s) => break s,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => panic!("control socket never came up: {e}"),
-        }
-    };
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    BufReader::new(s)
+    while !sock.exists() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bulkhead_dbus::vmm::connect(sock, Duration::from_secs(10))
+        .await
+        .expect("control interface")
+}
+
+/// The named error a failed call carries.
+fn error_name(e: zbus::Error) -> String {
+    match e {
+        zbus::Error::MethodError(name, _, _) => name.to_string(),
+        other => panic!("not a method error: {other}"),
+    }
 }
 
 #[test]
-fn control_socket_state_pause_resume_shutdown() {
+fn control_interface_state_pause_resume_shutdown() {
     if !kvm_available() {
         return;
     }
@@ -244,23 +248,110 @@ fn control_socket_state_pause_resume_shutdown() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut s = connect_api(&sock);
-    assert!(api(&mut s, r#"{"op":"state"}"#).contains(r#""state":"running""#));
-    assert!(api(&mut s, r#"{"op":"pause"}"#).contains(r#""state":"paused""#));
-    assert!(api(&mut s, r#"{"op":"state"}"#).contains(r#""state":"paused""#));
-    assert!(api(&mut s, r#"{"op":"resume"}"#).contains(r#""state":"running""#));
-    assert!(api(&mut s, r#"{"op":"info"}"#).contains(r#""cpus":2"#));
-    assert!(api(&mut s, r#"{"op":"frobnicate"}"#).contains("unknown op"));
-    assert!(api(&mut s, "not json").contains("bad request"));
-    assert!(api(&mut s, r#"{"op":"shutdown"}"#).contains("stopping"));
+    block_on(async {
+        let p = connect_api(&sock).await;
+        assert_eq!(p.state().await.unwrap(), "running");
+        assert_eq!(p.cpus().await.unwrap(), 2);
+        assert_eq!(p.memory_mib().await.unwrap(), 32);
+        p.pause().await.unwrap();
+        assert_eq!(p.state().await.unwrap(), "paused");
+        // A second peer sees the same VM.
+        let q = connect_api(&sock).await;
+        assert_eq!(q.state().await.unwrap(), "paused");
+        p.resume().await.unwrap();
+        assert_eq!(q.state().await.unwrap(), "running");
+        assert!(!p.has_balloon().await.unwrap());
+        assert_eq!(
+            error_name(p.balloon().await.unwrap_err()),
+            "org.bulkhead.Error.FailedPrecondition"
+        );
+        assert_eq!(
+            error_name(p.set_balloon_target(1).await.unwrap_err()),
+            "org.bulkhead.Error.FailedPrecondition"
+        );
+        p.shutdown().await.unwrap();
+    });
     let st = child.wait().unwrap();
     assert_eq!(st.code(), Some(5));
 }
 
-/// The start timeline on the control socket: every phase in order, the guest's
+/// busctl, a client nobody wrote for us, reads the interface peer to peer.
+#[test]
+fn busctl_reads_the_control_interface() {
+    if !kvm_available() || Command::new("busctl").arg("--version").output().is_err() {
+        return;
+    }
+    let d = tmpdir("busctl");
+    let img = d.join("spin.bin");
+    std::fs::write(&img, [0xeb, 0xfe]).unwrap(); // jmp $
+    let sock = d.join("api.sock");
+    let mut child = Command::new(VMM)
+        .args(["--boot", "raw16", "--kernel", img.to_str().unwrap()])
+        .args([
+            "--memory",
+            "32",
+            "--balloon",
+            "--api-socket",
+            sock.to_str().unwrap(),
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sock.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let addr = format!("--address=unix:path={}", sock.display());
+    let busctl = |args: &[&str]| {
+        let o = Command::new("busctl")
+            .arg(&addr)
+            .arg("--timeout=10")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "busctl {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    // A peer has no bus names: busctl wants one, and any will do.
+    let (path, iface) = ("/org/bulkhead/Vmm1", "org.bulkhead.Vmm1");
+    let prop = |p: &str| busctl(&["get-property", iface, path, iface, p]);
+    assert_eq!(prop("State"), "s \"running\"");
+    assert_eq!(prop("HasBalloon"), "b true");
+    let intro = busctl(&["introspect", iface, path, iface]);
+    for m in [".Pause", ".SetBalloonTarget", ".StartPhases", ".MemoryMiB"] {
+        assert!(intro.contains(m), "{m} missing from:\n{intro}");
+    }
+    // 32 MiB of RAM cannot give 64 to the balloon: a named error, and the VM runs on.
+    let o = Command::new("busctl")
+        .arg(&addr)
+        .args([
+            "--timeout=10",
+            "call",
+            iface,
+            path,
+            iface,
+            "SetBalloonTarget",
+            "t",
+            "64",
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("below guest RAM"));
+    busctl(&["call", iface, path, iface, "Pause"]);
+    assert_eq!(prop("State"), "s \"paused\"");
+    busctl(&["call", iface, path, iface, "Shutdown"]);
+    assert_eq!(child.wait().unwrap().code(), Some(5));
+}
+
+/// The start timeline on the control interface: every phase in order, the guest's
 /// boot-timer write last; and the memory report (no vhost-user device: private RAM).
 #[test]
-fn start_phases_and_boot_timer_on_the_control_socket() {
+fn start_phases_and_boot_timer_on_the_control_interface() {
     if !kvm_available() {
         return;
     }
@@ -282,42 +373,36 @@ fn start_phases_and_boot_timer_on_the_control_socket() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut s = connect_api(&sock);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let phases = loop {
-        let v: serde_json::Value = serde_json::from_str(&api(&mut s, r#"{"op":"start"}"#)).unwrap();
-        let p = v["phases"].as_array().unwrap().clone();
-        if p.len() == 5 || Instant::now() > deadline {
-            break p;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let names: Vec<&str> = phases.iter().map(|p| p["name"].as_str().unwrap()).collect();
-    assert_eq!(
-        names,
-        [
-            "memory ready",
-            "devices ready",
-            "kernel loaded",
-            "first vCPU entry",
-            "guest init"
-        ]
-    );
-    let ms: Vec<f64> = phases.iter().map(|p| p["ms"].as_f64().unwrap()).collect();
-    assert!(ms.windows(2).all(|w| w[0] <= w[1]), "{ms:?}");
-    assert!(phases
-        .iter()
-        .all(|p| p["minor_faults"].as_u64().unwrap() > 0));
-    let m: serde_json::Value = serde_json::from_str(&api(&mut s, r#"{"op":"memory"}"#)).unwrap();
-    assert_eq!(m["memory"]["backing"], "private", "{m}");
-    assert!(
-        m["memory"]["why"]
-            .as_str()
-            .unwrap()
-            .contains("no vhost-user"),
-        "{m}"
-    );
-    assert!(api(&mut s, r#"{"op":"shutdown"}"#).contains("stopping"));
+    block_on(async {
+        let p = connect_api(&sock).await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let phases = loop {
+            let ph = p.start_phases().await.unwrap();
+            if ph.len() == 5 || Instant::now() > deadline {
+                break ph;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let names: Vec<&str> = phases.iter().map(|p| p.0.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "memory ready",
+                "devices ready",
+                "kernel loaded",
+                "first vCPU entry",
+                "guest init"
+            ]
+        );
+        let ms: Vec<f64> = phases.iter().map(|p| p.1).collect();
+        assert!(ms.windows(2).all(|w| w[0] <= w[1]), "{ms:?}");
+        assert!(phases.iter().all(|p| p.2 > 0), "{phases:?}");
+        let m = p.memory().await.unwrap();
+        assert_eq!(m["backing"], "private", "{m:?}");
+        assert_eq!(m["asked_backing"], "auto", "{m:?}");
+        assert!(m["why"].contains("no vhost-user"), "{m:?}");
+        p.shutdown().await.unwrap();
+    });
     assert_eq!(child.wait().unwrap().code(), Some(5));
 }
 

@@ -8,6 +8,8 @@
 //!   per sandbox, its state, backend, resources, containers and components as properties,
 //!   and the container calls.
 //! - Errors are named `org.bulkhead.Error.<Name>` ([`Error`]).
+//! - Jailed components serve their own interfaces peer to peer ([`p2p`]), not on the
+//!   bus: `org.bulkhead.Vmm1` ([`vmm`]) and `org.bulkhead.Net1` ([`net`]).
 //!
 //! The bus carries control only. A process's stdio and its exit status are handed to the
 //! caller as file descriptors ([`Sandbox1Proxy::attach`]): the stream runs between the
@@ -17,7 +19,9 @@
 
 pub mod bus;
 pub mod net;
+pub mod p2p;
 mod path;
+pub mod vmm;
 
 use std::collections::HashMap;
 
