@@ -406,12 +406,11 @@ echo "NESTED-CASE net-teardown taps-left=$left"
 [ "$left" = 0 ] || rc=1
 # Memory handed back: a container holds 400 MiB for a few seconds and frees it; the guest
 # reports the free pages through the balloon and the VMM's RSS must fall back within
-# seconds. Then a balloon target on the VMM's control socket: inflate 128 MiB, deflate.
+# seconds. Then a balloon target set through bulkheadd: inflate 128 MiB, deflate.
 timeout 300 bulkhead run -d --name bal --memory 768 --rootfs /opt/share/rootfs sleep 600 >/dev/null 2>/tmp/bal.err || { rc=1; cat /tmp/bal.err; }
 vp=$(ps -o pid,args | awk '$2 ~ /bulkhead-vmm$/ {print $1}')
 rss() { awk '/^VmRSS/ {print int($2/1024)}' /proc/$vp/status 2>/dev/null || echo 0; }
 up() { cut -d' ' -f1 /proc/uptime; }
-api=$(ls /tmp/bhroot/run/*/vm/api.sock | head -1)
 before=$(rss); peak=$before
 bulkhead exec bal sh -c 'dd if=/dev/zero bs=419430400 count=1 2>/dev/null | sleep 10' &
 ex=$!
@@ -421,14 +420,17 @@ for i in $(seq 1 60); do
   if [ $(rss) -le $((peak - 300)) ]; then back=$(awk "BEGIN{printf \"%.1f\", $(up) - $t0}"); break; fi; sleep 0.5
 done
 after=$(rss)
-bulkhead probe --api $api '{"op":"balloon"}' '{"op":"memory"}' '{"op":"start"}' | sed 's/^/NESTED-BALLOON /'
-bulkhead probe --api $api '{"op":"balloon","target_mib":128}' >/dev/null
+# Through bulkheadd (Sandbox1.VmStatus / SetBalloonTarget), which asks the VMM over its
+# org.bulkhead.Vmm1 peer socket.
+vmj() { bulkhead vm "$@" bal --json | tr -d ' \n'; }
+bulkhead vm bal | sed 's/^/NESTED-BALLOON /'
+vmj --balloon 128 >/dev/null
 inflated=no
-for i in $(seq 1 60); do bulkhead probe --api $api '{"op":"balloon"}' | grep -q '"actual_mib":128' && { inflated=yes; break; }; sleep 0.5; done
-bulkhead probe --api $api '{"op":"balloon","target_mib":0}' >/dev/null
+for i in $(seq 1 60); do vmj | grep -q '"actual_mib":128,' && { inflated=yes; break; }; sleep 0.5; done
+vmj --balloon 0 >/dev/null
 deflated=no
-for i in $(seq 1 60); do bulkhead probe --api $api '{"op":"balloon"}' | grep -q '"actual_mib":0,' && { deflated=yes; break; }; sleep 0.5; done
-bulkhead probe --api $api '{"op":"balloon"}' | sed 's/^/NESTED-BALLOON /'
+for i in $(seq 1 60); do vmj | grep -q '"actual_mib":0,' && { deflated=yes; break; }; sleep 0.5; done
+bulkhead vm bal | grep balloon | sed 's/^/NESTED-BALLOON /'
 br=0
 [ $((peak - before)) -ge 350 ] && [ "$back" != never ] && [ $inflated = yes ] && [ $deflated = yes ] || br=1
 echo "NESTED-CASE balloon rc=$br rss_mib_before=$before peak=$peak after=$after back_in_s=$back inflate=$inflated deflate=$deflated"

@@ -19,6 +19,7 @@ mod probe;
 mod registry;
 mod run;
 mod stdio;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -42,6 +43,9 @@ enum Cmd {
     /// How each host process of a sandbox is jailed (uids, capabilities, seccomp,
     /// landlock, namespaces), read live.
     Inspect(inspect::InspectArgs),
+    /// The VM as its VMM reports it: guest RAM backing, start phases, the balloon
+    /// (bulkhead-vmm); `--balloon MIB` asks the guest to give memory back.
+    Vm(vm::VmArgs),
     /// Remove sandboxes.
     Rm(ls::RmArgs),
     /// What this host can run, and why not.
@@ -146,6 +150,7 @@ fn main() {
         Cmd::Monitor(a) => rt.block_on(monitor::monitor(a)),
         Cmd::Ls(a) => rt.block_on(ls::ls(a)).map(|_| 0),
         Cmd::Inspect(a) => rt.block_on(inspect::inspect(a)),
+        Cmd::Vm(a) => rt.block_on(vm::vm(a)),
         Cmd::Rm(a) => rt.block_on(ls::rm(a)),
         Cmd::Check(a) => check::check(a),
         Cmd::Probe { args } => probe::run(&args).map(|_| 0),

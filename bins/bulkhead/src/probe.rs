@@ -20,10 +20,8 @@ pub const USAGE: &str = "probe options:
                          smaller than N MiB) and its CPU time at the first answer
   -- CMD ARGS...         spawn this VMM first; time is measured from its exec
 
-  bulkhead probe --api SOCKET JSON...
-                         send each JSON request to a bulkhead-vmm control socket and
-                         print each reply (ops: state, info, memory, start, balloon,
-                         pause, resume, shutdown)";
+A running bulkhead-vmm's control interface: busctl --address=unix:path=SOCKET ...
+(org.bulkhead.Vmm1; see docs/dbus-api.md), or `bulkhead vm SANDBOX` through bulkheadd.";
 
 enum Target {
     Hybrid(PathBuf),
@@ -94,28 +92,7 @@ fn open(target: &Target) -> Result<Stream, ClientError> {
     }
 }
 
-/// `--api SOCKET JSON...`: one request per argument to the VMM's control socket.
-fn vmm_api(socket: &str, requests: &[String]) -> Result<()> {
-    use std::io::{BufRead, BufReader, Write};
-    let s = UnixStream::connect(socket).with_context(|| format!("cannot connect to {socket}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut r = BufReader::new(s.try_clone()?);
-    let mut s = s;
-    for q in requests {
-        s.write_all(format!("{q}\n").as_bytes())?;
-        let mut line = String::new();
-        r.read_line(&mut line)?;
-        println!("PROBE api {}", line.trim_end());
-    }
-    Ok(())
-}
-
 pub fn run(args: &[String]) -> Result<()> {
-    if let [flag, socket, requests @ ..] = args {
-        if flag == "--api" {
-            return vmm_api(socket, requests);
-        }
-    }
     let (opts, cmd) = match args.iter().position(|a| a == "--") {
         Some(i) => (&args[..i], &args[i + 1..]),
         None => (args, &args[..0]),

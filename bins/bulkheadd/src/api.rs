@@ -307,6 +307,25 @@ impl SandboxIface {
         self.d.network_stats(&self.sb.id).await
     }
 
+    /// The VM as its VMM reports it over `org.bulkhead.Vmm1` (bulkhead-vmm only):
+    /// `state` (s), `memory` (a{ss}: asked and got backing and pages, and why),
+    /// `start_phases` (a(sdttdt)) and, with a balloon, `balloon` (a{sv}).
+    async fn vm_status(&self) -> Result<HashMap<String, zbus::zvariant::OwnedValue>, Error> {
+        self.d.vm_status(&self.sb.id).await
+    }
+
+    /// Ask the guest to give `mib` MiB of its RAM back to the host through the balloon
+    /// (0 deflates it). `InvalidArgument` at or above the VM's memory.
+    async fn set_balloon_target(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        mib: u64,
+    ) -> Result<(), Error> {
+        require_admin(conn, &hdr).await?;
+        self.d.set_balloon_target(&self.sb.id, mib).await
+    }
+
     /// Each component's jail as enforced and as seen live, as JSON (see
     /// docs/security.md): what `bulkhead inspect` prints.
     async fn security(&self) -> Result<String, Error> {

@@ -77,6 +77,11 @@ pub fn net_socket(rec: &SandboxRec, i: usize) -> PathBuf {
     rec.vm_dir().join(format!("net{i}.sock"))
 }
 
+/// Where bulkhead-vmm serves `org.bulkhead.Vmm1` (peer to peer).
+pub fn vmm_api_socket(rec: &SandboxRec) -> PathBuf {
+    rec.vm_dir().join("api.sock")
+}
+
 /// Where `bulkhead-net` for interface `i` serves `org.bulkhead.Net1` (peer to peer).
 pub fn net_dbus_socket(rec: &SandboxRec, i: usize) -> PathBuf {
     rec.vm_dir().join(format!("net{i}.dbus"))
@@ -241,11 +246,11 @@ pub fn plan(cfg: &Config, rec: &SandboxRec, tcg: bool) -> Result<Vec<ComponentSp
                     vm.join("fs.sock").display()
                 ))
                 .arg("--rng")
-                // Free pages the guest reports go back to the host; the control socket
-                // sets a balloon target and reads the figures.
+                // Free pages the guest reports go back to the host; Vmm1 on the API
+                // socket sets a balloon target and reads the figures.
                 .arg("--balloon")
                 .arg("--api-socket")
-                .arg(vm.join("api.sock"));
+                .arg(vmm_api_socket(rec));
             for (i, l) in rec.network.iter().flat_map(|n| n.links.iter()).enumerate() {
                 out.push(bulkhead_net(cfg, rec, i)?);
                 c.arg("--net").arg(format!(

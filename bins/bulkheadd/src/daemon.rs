@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bulkhead_dbus::{random_id, sandbox_path, valid_id, Error};
 use bulkhead_host::config::{Backend, Config};
 use bulkhead_protocol::{CreateContainer, ExecProcess, Request, Rootfs, SandboxConfig};
-use zbus::zvariant::OwnedObjectPath;
+use zbus::zvariant::{OwnedObjectPath, OwnedValue, Value};
 
 use crate::agent::Agent;
 use crate::backend::{self, GUEST_SHARED};
@@ -850,6 +850,69 @@ impl Daemon {
         Ok(out)
     }
 
+    /// The VMM's `org.bulkhead.Vmm1`, for a running bulkhead-vmm sandbox.
+    async fn vmm1(&self, sid: &str) -> Result<bulkhead_dbus::vmm::Vmm1Proxy<'static>, Error> {
+        let rec = self.running(sid)?.snapshot();
+        if rec.backend != Backend::BulkheadVmm.as_str() {
+            return Err(Error::FailedPrecondition(format!(
+                "sandbox {sid} runs on {}: only bulkhead-vmm serves the VM control interface (org.bulkhead.Vmm1)",
+                rec.backend
+            )));
+        }
+        bulkhead_dbus::vmm::connect(&backend::vmm_api_socket(&rec), Duration::from_secs(2))
+            .await
+            .map_err(|e| Error::Backend(format!("sandbox {sid}: VMM control interface: {e}")))
+    }
+
+    /// See `Sandbox1.VmStatus`.
+    pub async fn vm_status(&self, sid: &str) -> Result<HashMap<String, OwnedValue>, Error> {
+        let p = self.vmm1(sid).await?;
+        let from_vmm = |e: zbus::Error| vmm_error(sid, e);
+        let read = async {
+            let mut out: HashMap<String, OwnedValue> = HashMap::new();
+            let state = p.state().await.map_err(from_vmm)?;
+            out.insert("state".into(), owned(Value::from(clip(state))));
+            let memory: HashMap<String, String> = p
+                .memory()
+                .await
+                .map_err(from_vmm)?
+                .into_iter()
+                .filter(|(k, _)| VM_MEMORY_KEYS.contains(&k.as_str()))
+                .map(|(k, v)| (k, clip(v)))
+                .collect();
+            out.insert("memory".into(), owned(Value::from(memory)));
+            let mut phases = p.start_phases().await.map_err(from_vmm)?;
+            phases.truncate(16);
+            for ph in &mut phases {
+                ph.0 = clip(std::mem::take(&mut ph.0));
+            }
+            out.insert("start_phases".into(), owned(Value::from(phases)));
+            if p.has_balloon().await.map_err(from_vmm)? {
+                let b: HashMap<String, OwnedValue> = p
+                    .balloon()
+                    .await
+                    .map_err(from_vmm)?
+                    .into_iter()
+                    .filter(|(k, _)| VM_BALLOON_KEYS.contains(&k.as_str()))
+                    .collect();
+                out.insert("balloon".into(), owned(Value::from(b)));
+            }
+            Ok::<_, Error>(out)
+        };
+        tokio::time::timeout(Duration::from_secs(5), read)
+            .await
+            .map_err(|_| Error::Backend(format!("sandbox {sid}: the VMM did not answer in 5 s")))?
+    }
+
+    /// See `Sandbox1.SetBalloonTarget`.
+    pub async fn set_balloon_target(&self, sid: &str, mib: u64) -> Result<(), Error> {
+        let p = self.vmm1(sid).await?;
+        tokio::time::timeout(Duration::from_secs(5), p.set_balloon_target(mib))
+            .await
+            .map_err(|_| Error::Backend(format!("sandbox {sid}: the VMM did not answer in 5 s")))?
+            .map_err(|e| vmm_error(sid, e))
+    }
+
     /// The security posture of every component of a sandbox, as JSON: what its jailer
     /// reported enforcing, and what `/proc` shows for the live process and its children
     /// (uids, capability sets, no_new_privs, seccomp mode of every thread, namespaces).
@@ -1230,4 +1293,55 @@ impl Daemon {
         };
         sb.agent.attach_stdio(cid, exec_id, which).await
     }
+}
+
+/// What `Sandbox1.VmStatus` passes on from the VMM (a separate, jailed process): known
+/// keys only, strings clipped.
+const VM_MEMORY_KEYS: [&str; 5] = [
+    "asked_backing",
+    "asked_hugepages",
+    "backing",
+    "pages",
+    "why",
+];
+const VM_BALLOON_KEYS: [&str; 10] = [
+    "active",
+    "target_mib",
+    "actual_mib",
+    "features",
+    "inflated_bytes",
+    "reported_bytes",
+    "refused",
+    "discard_errors",
+    "stats",
+    "stats_age_ms",
+];
+
+fn clip(mut s: String) -> String {
+    if s.len() > 512 {
+        let mut end = 512;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+fn owned(v: Value<'_>) -> OwnedValue {
+    v.try_to_owned().unwrap_or_else(|_| OwnedValue::from(0u8))
+}
+
+/// A Vmm1 failure as the manager reports it: the VMM's own named errors keep their
+/// kind (a refused balloon target stays `InvalidArgument`), anything else is `Backend`.
+fn vmm_error(sid: &str, e: zbus::Error) -> Error {
+    if let zbus::Error::MethodError(name, msg, _) = &e {
+        let msg = clip(msg.clone().unwrap_or_default());
+        match name.as_str() {
+            "org.bulkhead.Error.InvalidArgument" => return Error::InvalidArgument(msg),
+            "org.bulkhead.Error.FailedPrecondition" => return Error::FailedPrecondition(msg),
+            _ => {}
+        }
+    }
+    Error::Backend(format!("sandbox {sid}: VMM control interface: {e}"))
 }

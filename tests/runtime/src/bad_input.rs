@@ -265,6 +265,18 @@ fn rows(e: &Env) -> Result<Vec<Row>> {
             "org.bulkhead.Error.NotFound",
         ),
         row(
+            "vm: unknown sandbox",
+            cli(&["vm", "nosuch"]),
+            "org.bulkhead.Error.NotFound",
+        ),
+        row(
+            // QEMU (this host): FailedPrecondition, it serves no org.bulkhead.Vmm1;
+            // bulkhead-vmm: InvalidArgument, past guest RAM. Named either way.
+            "vm: a balloon target the VM cannot take",
+            cli(&["vm", "--balloon", "999999", "bad"]),
+            "org.bulkhead.Error.",
+        ),
+        row(
             "exec: unknown container",
             cli(&["exec", "nosuch", "true"]),
             "does not exist",
