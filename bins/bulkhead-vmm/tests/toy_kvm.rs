@@ -224,30 +224,44 @@ fn error_name(e: zbus::Error) -> String {
     }
 }
 
+/// A VMM that a failed test does not leave spinning.
+struct KillOnDrop(std::process::Child);
+
+impl KillOnDrop {
+    fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        self.0.wait()
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A VMM whose guest spins (`jmp $`) with its control interface on `<dir>/api.sock`.
+fn spin_vmm(name: &str, args: &[&str]) -> (KillOnDrop, PathBuf) {
+    let d = tmpdir(name);
+    let img = d.join("spin.bin");
+    std::fs::write(&img, [0xeb, 0xfe]).unwrap(); // jmp $
+    let sock = d.join("api.sock");
+    let child = Command::new(VMM)
+        .args(["--boot", "raw16", "--kernel", img.to_str().unwrap()])
+        .args(args)
+        .args(["--api-socket", sock.to_str().unwrap()])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    (KillOnDrop(child), sock)
+}
+
 #[test]
 fn control_interface_state_pause_resume_shutdown() {
     if !kvm_available() {
         return;
     }
-    let d = tmpdir("api");
-    let img = d.join("spin.bin");
-    std::fs::write(&img, [0xeb, 0xfe]).unwrap(); // jmp $
-    let sock = d.join("api.sock");
-    let mut child = Command::new(VMM)
-        .args([
-            "--boot",
-            "raw16",
-            "--kernel",
-            img.to_str().unwrap(),
-            "--memory",
-            "32",
-            "--cpus",
-            "2",
-        ])
-        .args(["--api-socket", sock.to_str().unwrap()])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (mut child, sock) = spin_vmm("api", &["--memory", "32", "--cpus", "2"]);
     block_on(async {
         let p = connect_api(&sock).await;
         assert_eq!(p.state().await.unwrap(), "running");
@@ -281,22 +295,7 @@ fn busctl_reads_the_control_interface() {
     if !kvm_available() || Command::new("busctl").arg("--version").output().is_err() {
         return;
     }
-    let d = tmpdir("busctl");
-    let img = d.join("spin.bin");
-    std::fs::write(&img, [0xeb, 0xfe]).unwrap(); // jmp $
-    let sock = d.join("api.sock");
-    let mut child = Command::new(VMM)
-        .args(["--boot", "raw16", "--kernel", img.to_str().unwrap()])
-        .args([
-            "--memory",
-            "32",
-            "--balloon",
-            "--api-socket",
-            sock.to_str().unwrap(),
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (mut child, sock) = spin_vmm("busctl", &["--memory", "32", "--balloon"]);
     let deadline = Instant::now() + Duration::from_secs(20);
     while !sock.exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
@@ -367,12 +366,14 @@ fn start_phases_and_boot_timer_on_the_control_interface() {
     code.extend([0xeb, 0xfe]); // jmp $
     std::fs::write(&img, code).unwrap();
     let sock = d.join("api.sock");
-    let mut child = Command::new(VMM)
-        .args(["--boot", "raw16", "--kernel", img.to_str().unwrap()])
-        .args(["--memory", "64", "--api-socket", sock.to_str().unwrap()])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = KillOnDrop(
+        Command::new(VMM)
+            .args(["--boot", "raw16", "--kernel", img.to_str().unwrap()])
+            .args(["--memory", "64", "--api-socket", sock.to_str().unwrap()])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     block_on(async {
         let p = connect_api(&sock).await;
         let deadline = Instant::now() + Duration::from_secs(20);
