@@ -69,6 +69,8 @@ pub enum HugePages {
 }
 
 impl Backing {
+    const ALL: [Self; 3] = [Self::Auto, Self::Private, Self::Shared];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Auto => "auto",
@@ -79,6 +81,8 @@ impl Backing {
 }
 
 impl HugePages {
+    const ALL: [Self; 4] = [Self::Auto, Self::Thp, Self::Hugetlb, Self::Off];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Auto => "auto",
@@ -92,27 +96,20 @@ impl HugePages {
 impl std::str::FromStr for Backing {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "private" => Ok(Self::Private),
-            "shared" => Ok(Self::Shared),
-            _ => Err(format!(
-                "memory backing {s:?}: want auto, private or shared"
-            )),
-        }
+        Self::ALL
+            .into_iter()
+            .find(|b| b.as_str() == s)
+            .ok_or_else(|| format!("memory backing {s:?}: want auto, private or shared"))
     }
 }
 
 impl std::str::FromStr for HugePages {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "thp" => Ok(Self::Thp),
-            "hugetlb" => Ok(Self::Hugetlb),
-            "off" => Ok(Self::Off),
-            _ => Err(format!("hugepages {s:?}: want auto, thp, hugetlb or off")),
-        }
+        Self::ALL
+            .into_iter()
+            .find(|h| h.as_str() == s)
+            .ok_or_else(|| format!("hugepages {s:?}: want auto, thp, hugetlb or off"))
     }
 }
 

@@ -827,11 +827,7 @@ impl Daemon {
         for (i, l) in rec.network.iter().flat_map(|n| n.links.iter()).enumerate() {
             let sock = backend::net_dbus_socket(&rec, i);
             let read = async {
-                let stream = tokio::net::UnixStream::connect(&sock).await?;
-                let conn = zbus::connection::Builder::unix_stream(stream)
-                    .p2p()
-                    .build()
-                    .await?;
+                let conn = bulkhead_dbus::p2p::connect(&sock, Duration::from_secs(2)).await?;
                 // A peer connection has no bus names; any destination is the peer.
                 let p = bulkhead_dbus::net::Net1Proxy::new(&conn, "org.bulkhead.Net1").await?;
                 p.counters().await
@@ -893,23 +889,20 @@ impl Daemon {
                     .await
                     .map_err(from_vmm)?
                     .into_iter()
-                    .filter(|(k, _)| VM_BALLOON_KEYS.contains(&k.as_str()))
+                    .filter(|(k, v)| balloon_field_ok(k, v))
                     .collect();
                 out.insert("balloon".into(), owned(Value::from(b)));
             }
             Ok::<_, Error>(out)
         };
-        tokio::time::timeout(Duration::from_secs(5), read)
-            .await
-            .map_err(|_| Error::Backend(format!("sandbox {sid}: the VMM did not answer in 5 s")))?
+        within_vmm_bound(sid, read).await?
     }
 
     /// See `Sandbox1.SetBalloonTarget`.
     pub async fn set_balloon_target(&self, sid: &str, mib: u64) -> Result<(), Error> {
         let p = self.vmm1(sid).await?;
-        tokio::time::timeout(Duration::from_secs(5), p.set_balloon_target(mib))
-            .await
-            .map_err(|_| Error::Backend(format!("sandbox {sid}: the VMM did not answer in 5 s")))?
+        within_vmm_bound(sid, p.set_balloon_target(mib))
+            .await?
             .map_err(|e| vmm_error(sid, e))
     }
 
@@ -1304,18 +1297,52 @@ const VM_MEMORY_KEYS: [&str; 5] = [
     "pages",
     "why",
 ];
-const VM_BALLOON_KEYS: [&str; 10] = [
-    "active",
-    "target_mib",
-    "actual_mib",
-    "features",
-    "inflated_bytes",
-    "reported_bytes",
-    "refused",
-    "discard_errors",
-    "stats",
-    "stats_age_ms",
+/// Each balloon figure the VMM may send, with its D-Bus signature.
+const VM_BALLOON_FIELDS: [(&str, &str); 10] = [
+    ("active", "b"),
+    ("target_mib", "t"),
+    ("actual_mib", "t"),
+    ("features", "as"),
+    ("inflated_bytes", "t"),
+    ("reported_bytes", "t"),
+    ("refused", "t"),
+    ("discard_errors", "t"),
+    ("stats", "a{st}"),
+    ("stats_age_ms", "t"),
 ];
+/// The most entries passed on in `features` or `stats` (the VMM keeps at most 64 stats).
+const VM_BALLOON_LIST_MAX: usize = 64;
+
+/// A known balloon figure of the expected type, its lists within bounds.
+fn balloon_field_ok(key: &str, v: &OwnedValue) -> bool {
+    let sig = v.value_signature().to_string();
+    if !VM_BALLOON_FIELDS.contains(&(key, sig.as_str())) {
+        return false;
+    }
+    match &**v {
+        Value::Array(a) => {
+            a.len() <= VM_BALLOON_LIST_MAX
+                && a.iter()
+                    .all(|s| matches!(s, Value::Str(s) if s.len() <= 64))
+        }
+        Value::Dict(d) => {
+            d.iter().count() <= VM_BALLOON_LIST_MAX
+                && d.iter()
+                    .all(|(k, _)| matches!(k, Value::Str(s) if s.len() <= 64))
+        }
+        _ => true,
+    }
+}
+
+/// Every call to a VMM is bounded: a stuck or hostile VMM costs a caller 5 s at most.
+async fn within_vmm_bound<T>(
+    sid: &str,
+    f: impl std::future::Future<Output = T>,
+) -> Result<T, Error> {
+    tokio::time::timeout(Duration::from_secs(5), f)
+        .await
+        .map_err(|_| Error::Backend(format!("sandbox {sid}: the VMM did not answer in 5 s")))
+}
 
 fn clip(mut s: String) -> String {
     if s.len() > 512 {
