@@ -36,25 +36,6 @@ pub fn alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
-/// CPU time (ms) and RSS (KiB) of a component: its process and every process below it
-/// (a jailed component runs as its jailer's child).
-fn usage(pid: u32) -> (u64, u64) {
-    std::iter::once(pid)
-        .chain(bulkhead_jail::posture::descendants(pid))
-        .map(process_usage)
-        .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
-}
-
-fn process_usage(pid: u32) -> (u64, u64) {
-    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0);
-    (crate::probe::cpu_ms(pid).unwrap_or(0), rss)
-}
-
 pub async fn ls(a: LsArgs) -> Result<()> {
     let c = Client::connect().await?;
     let rows = c.manager.list_sandboxes().await.map_err(explain)?;
@@ -72,8 +53,8 @@ pub async fn ls(a: LsArgs) -> Result<()> {
         let created = sb.created_at().await.unwrap_or(now);
         let (cpu_ms, rss_kib) = components
             .iter()
-            .map(|(_, pid)| usage(*pid))
-            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+            .map(|(_, pid)| bulkhead_jail::posture::tree_usage(*pid))
+            .fold((0, 0), |a, b| (a.0 + b.cpu_ms, a.1 + b.rss_kib));
         out.push(json!({
             "id": id,
             "state": state,
