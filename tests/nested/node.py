@@ -37,7 +37,8 @@ def tsc_khz():
 def release_bins():
     out = os.path.join(ROOT, "target", "release")
     bins = {b: os.path.join(out, b) for b in ("bulkhead-vmm", "bulkhead", "bulkheadd", "bulkhead-agent", "agent-api-tests",
-                                              "containerd-shim-bulkhead-v2", "bulkhead-net", "bulkhead-jailer")}
+                                              "containerd-shim-bulkhead-v2", "bulkhead-net", "bulkhead-jailer",
+                                              "bulkhead-metrics")}
     for b, p in bins.items():
         if not os.path.exists(p):
             sys.exit(f"nested: {p} missing: run cargo build --release first")
@@ -134,7 +135,7 @@ def l1_initramfs(guest_dir, bins, with_qemu, workdir):
     busybox = shutil.which("busybox") or "/bin/busybox"
     shutil.copy(busybox, os.path.join(root, "bin", "busybox"))
     for b in ("bulkhead-vmm", "bulkhead", "bulkheadd", "agent-api-tests", "containerd-shim-bulkhead-v2",
-              "bulkhead-net", "bulkhead-jailer"):
+              "bulkhead-net", "bulkhead-jailer", "bulkhead-metrics"):
         copy_with_libs(root, bins[b], f"/opt/bulkhead/{b}")
     # iproute2, for the network namespaces and veths of the pod networking case (busybox's
     # ip has no netns).
@@ -427,13 +428,26 @@ bulkhead vm bal | sed 's/^/NESTED-BALLOON /'
 vmj --balloon 128 >/dev/null
 inflated=no
 for i in $(seq 1 60); do vmj | grep -q '"actual_mib":128,' && { inflated=yes; break; }; sleep 0.5; done
+# The same figures as Prometheus sees them: bulkhead-metrics on loopback, reading
+# bulkheadd over the bus, which asks the VMM.
+$IP link set lo up
+bulkhead-metrics --listen 127.0.0.1:9469 --min-interval-ms 0 >/dev/null 2>/tmp/metrics.err &
+mp=$!
+for i in $(seq 1 20); do busybox wget -q -O /tmp/metrics.txt http://127.0.0.1:9469/metrics 2>/dev/null && break; sleep 0.3; done
+kill $mp 2>/dev/null
+grep -E '^bulkhead_vm_|^bulkhead_up|component="vmm"' /tmp/metrics.txt | sed 's/^/NESTED-METRICS /'
+metrics=no
+grep -q '^bulkhead_vm_balloon_actual_bytes{sandbox="bal"} 134217728' /tmp/metrics.txt &&
+  grep -q '^bulkhead_vm_memory_info{sandbox="bal",backing=' /tmp/metrics.txt &&
+  grep -q '^bulkhead_vm_start_phase_seconds{sandbox="bal",phase="guest init"}' /tmp/metrics.txt && metrics=yes
+[ $metrics = yes ] || cat /tmp/metrics.err
 vmj --balloon 0 >/dev/null
 deflated=no
 for i in $(seq 1 60); do vmj | grep -q '"actual_mib":0,' && { deflated=yes; break; }; sleep 0.5; done
 bulkhead vm bal | grep balloon | sed 's/^/NESTED-BALLOON /'
 br=0
-[ $((peak - before)) -ge 350 ] && [ "$back" != never ] && [ $inflated = yes ] && [ $deflated = yes ] || br=1
-echo "NESTED-CASE balloon rc=$br rss_mib_before=$before peak=$peak after=$after back_in_s=$back inflate=$inflated deflate=$deflated"
+[ $((peak - before)) -ge 350 ] && [ "$back" != never ] && [ $inflated = yes ] && [ $deflated = yes ] && [ $metrics = yes ] || br=1
+echo "NESTED-CASE balloon rc=$br rss_mib_before=$before peak=$peak after=$after back_in_s=$back inflate=$inflated deflate=$deflated metrics=$metrics"
 [ $br = 0 ] || { rc=1; tail -20 /tmp/bhroot/run/*/vmm.log; }
 bulkhead rm -f bal >/dev/null 2>&1
 # containerd with our shim, as a node runs it: ctr run on bulkhead-vmm through bulkheadd.
@@ -554,7 +568,7 @@ def cmd_test(args, demo=False):
               f"(L1 under QEMU TCG, L1 kvm: {kvm_line.group(1).strip() if kvm_line else 'unknown'})")
     for line in parse_probe(out):
         print(line)
-    for line in re.findall(r"^(NESTED-CASE .*|NESTED-RUN .*|NESTED-CTR.*|NESTED-JAIL.*|NESTED-SECCOMP.*|NESTED-BALLOON.*|bulkhead: timings.*)$",
+    for line in re.findall(r"^(NESTED-CASE .*|NESTED-RUN .*|NESTED-CTR.*|NESTED-JAIL.*|NESTED-SECCOMP.*|NESTED-BALLOON.*|NESTED-METRICS.*|bulkhead: timings.*)$",
                            out, re.M):
         print(line)
     if not ok:

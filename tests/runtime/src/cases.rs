@@ -14,7 +14,7 @@ pub fn list() -> Vec<Case> {
     let own: Vec<Case> = vec![
         ("check: --json names the backend and the bus", check_json),
         (
-            "systemd files: dbus-daemon takes the policy, systemd-analyze the unit",
+            "systemd files: dbus-daemon takes the policy, systemd-analyze the units",
             systemd_files,
         ),
         (
@@ -52,6 +52,7 @@ pub fn list() -> Vec<Case> {
     own.into_iter()
         .chain(crate::net::list())
         .chain(crate::jail::list())
+        .chain(crate::metrics::list())
         .chain(crate::containerd::list())
         .collect()
 }
@@ -100,22 +101,27 @@ fn systemd_files(e: &mut Env) -> Result<()> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../systemd")
         .canonicalize()?;
-    // The unit, with ExecStart pointing at the binary we built: no warning at all.
-    let unit = std::fs::read_to_string(dir.join("bulkheadd.service"))?.replace(
-        "/usr/libexec/bulkhead/bulkheadd",
-        &e.bin.join("bulkheadd").display().to_string(),
-    );
-    let u = e.dir.join("bulkheadd.service");
-    std::fs::write(&u, unit)?;
-    let o = run_cmd(
-        Command::new("systemd-analyze").arg("verify").arg(&u),
-        None,
-        Duration::from_secs(60),
-    )?;
-    ensure!(
-        o.code == 0 && o.stderr.trim().is_empty(),
-        "systemd-analyze verify: {o:?}"
-    );
+    // The units, with ExecStart pointing at the binaries we built: no warning at all.
+    for (unit, bin) in [
+        ("bulkheadd.service", "bulkheadd"),
+        ("bulkhead-metrics.service", "bulkhead-metrics"),
+    ] {
+        let text = std::fs::read_to_string(dir.join(unit))?.replace(
+            &format!("/usr/libexec/bulkhead/{bin}"),
+            &e.bin.join(bin).display().to_string(),
+        );
+        let u = e.dir.join(unit);
+        std::fs::write(&u, text)?;
+        let o = run_cmd(
+            Command::new("systemd-analyze").arg("verify").arg(&u),
+            None,
+            Duration::from_secs(60),
+        )?;
+        ensure!(
+            o.code == 0 && o.stderr.trim().is_empty(),
+            "systemd-analyze verify {unit}: {o:?}"
+        );
+    }
     // The policy, included in a bus config: dbus-daemon refuses to start on a bad one.
     let conf = e.dir.join("policy-check.conf");
     let sock = e.dir.join("policy-check.sock");

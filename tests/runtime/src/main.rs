@@ -10,6 +10,7 @@ mod cases;
 mod containerd;
 mod cri;
 mod jail;
+mod metrics;
 mod net;
 
 use std::path::PathBuf;
