@@ -5,7 +5,7 @@
 //! Blobs are kept by digest under `<data>/images/blobs`, and each image's layers are
 //! unpacked once into `<data>/images/rootfs/<manifest digest>`, which containers use as
 //! the read-only lower layer of an overlay the manager mounts. Layer unpacking is ours
-//! (on the `tar` and `flate2` crates): OCI whiteouts and opaque directories, hard links,
+//! (on the `tar`, `flate2` and `ruzstd` crates): OCI whiteouts and opaque directories, hard links,
 //! device nodes, ownership; no path may leave the root, through `..` or a symlink.
 
 use std::fs;
@@ -238,13 +238,15 @@ fn open_layer(path: &Path, media: &str) -> Result<Box<dyn Read>> {
         if media.ends_with("+gzip") || media.ends_with(".gzip") || media.ends_with("tar.gzip") {
             Box::new(flate2::read::GzDecoder::new(f))
         } else if media.ends_with("+zstd") {
-            bail!("zstd-compressed layers are not supported yet ({media})")
+            Box::new(crate::zstd::Frames::new(f))
         } else {
-            // Plain tar, or a media type we do not know: sniff gzip's magic.
-            let mut head = [0u8; 2];
+            // Plain tar, or a media type we do not know: sniff gzip's and zstd's magic.
+            let mut head = [0u8; 4];
             let n = fs::File::open(path)?.read(&mut head)?;
-            if n == 2 && head == [0x1f, 0x8b] {
+            if n >= 2 && head[..2] == [0x1f, 0x8b] {
                 Box::new(flate2::read::GzDecoder::new(f))
+            } else if n == 4 && head == [0x28, 0xb5, 0x2f, 0xfd] {
+                Box::new(crate::zstd::Frames::new(f))
             } else {
                 Box::new(f)
             }

@@ -20,6 +20,7 @@ mod registry;
 mod run;
 mod stdio;
 mod vm;
+mod zstd;
 
 use clap::{Parser, Subcommand};
 

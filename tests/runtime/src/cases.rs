@@ -28,7 +28,7 @@ pub fn list() -> Vec<Case> {
         ("run: stdin reaches the container", run_stdin),
         ("run: a terminal", run_tty),
         (
-            "images: OCI layout, OCI archive, local registry; writes stay private",
+            "images: OCI layout, OCI archive, local registry, zstd layers; writes stay private",
             images,
         ),
         (
@@ -282,6 +282,48 @@ fn images(e: &mut Env) -> Result<()> {
     o.ok()?;
     let guest = std::fs::read_to_string(e.guest.join("kernel-release"))?;
     ensure!(o.stdout.trim() == guest.trim(), "registry image: {o:?}");
+    // zstd-compressed layers (what podman and buildah push with zstd on), recompressed
+    // by skopeo into a layout, then pushed as they are (a push that recompresses would
+    // reuse the gzip blob the registry already has).
+    let zlayout = e.dir.join("layout-zstd");
+    let zref = format!("{reg}/test/busybox:zstd");
+    for (src, dest, flags) in [
+        (
+            format!("oci:{layout}:latest"),
+            format!("oci:{}:latest", zlayout.display()),
+            &["--dest-compress-format", "zstd"][..],
+        ),
+        (
+            format!("oci:{}:latest", zlayout.display()),
+            format!("docker://{zref}"),
+            &["--dest-tls-verify=false"][..],
+        ),
+    ] {
+        let mut c = Command::new("skopeo");
+        c.arg("copy").args(flags).args([&src, &dest]);
+        run_cmd(&mut c, None, Duration::from_secs(120))?.ok()?;
+    }
+    let mut c = Command::new("skopeo");
+    c.args([
+        "inspect",
+        "--tls-verify=false",
+        "--raw",
+        &format!("docker://{zref}"),
+    ]);
+    let manifest = run_cmd(&mut c, None, Duration::from_secs(60))?;
+    ensure!(
+        manifest.stdout.contains("tar+zstd") && !manifest.stdout.contains("tar+gzip"),
+        "skopeo did not push zstd layers: {}",
+        manifest.stdout
+    );
+    let script = "head -1 /etc/passwd; test -x /bin/busybox && echo whole";
+    for image in [format!("{}:latest", zlayout.display()), zref] {
+        let o = e.bh(&["run", "--rm", &image, "sh", "-c", script])?;
+        ensure!(
+            o.code == 0 && o.stdout == "root:x:0:0:root:/root:/bin/sh\nwhole\n",
+            "zstd image {image}: {o:?}"
+        );
+    }
     Ok(())
 }
 
