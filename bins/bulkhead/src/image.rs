@@ -79,7 +79,8 @@ fn split_tag(s: &str) -> (PathBuf, Option<String>) {
     }
 }
 
-pub async fn prepare(reference: &str) -> Result<Prepared> {
+/// `authfile`: registry credentials to use (`--authfile`), see [`crate::auth`].
+pub async fn prepare(reference: &str, authfile: Option<&Path>) -> Result<Prepared> {
     let store = data_dir();
     let r = reference
         .strip_prefix("oci:")
@@ -102,7 +103,7 @@ pub async fn prepare(reference: &str) -> Result<Prepared> {
     if reference.starts_with('/') || reference.starts_with('.') {
         bail!("image {reference:?}: no such file or directory");
     }
-    crate::registry::pull(reference, &store).await
+    crate::registry::pull(reference, &store, authfile).await
 }
 
 /// An OCI archive is a tar of a layout: unpack it once per archive content.

@@ -7,6 +7,7 @@
 //! - `bulkhead probe`: talk to a guest agent directly (test node, benchmarks).
 
 mod attach;
+mod auth;
 mod check;
 mod client;
 mod hooks;

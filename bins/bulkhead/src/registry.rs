@@ -65,18 +65,35 @@ fn blob_file(store: &Path, digest: &str) -> Result<PathBuf> {
     Ok(store.join("blobs").join("sha256").join(hex))
 }
 
-pub async fn pull(reference: &str, store: &Path) -> Result<Prepared> {
+/// Pull `reference` into `store`, with the credentials [`crate::auth`] finds for it
+/// (`authfile`: `--authfile`), else anonymously.
+pub async fn pull(reference: &str, store: &Path, authfile: Option<&Path>) -> Result<Prepared> {
     let r = Reference::from_str(reference)
         .map_err(|e| anyhow!("image {reference:?}: not a valid reference: {e}"))?;
     let client = Client::new(ClientConfig {
         protocol: protocol_for(r.resolve_registry()),
         ..Default::default()
     });
-    let auth = RegistryAuth::Anonymous;
+    let files = crate::auth::files(authfile);
+    let found = crate::auth::lookup(&files, r.registry(), r.repository())?;
+    let auth = found
+        .as_ref()
+        .map(|f| f.auth.clone())
+        .unwrap_or(RegistryAuth::Anonymous);
     let (manifest, mdigest, config) = client
         .pull_manifest_and_config(&r, &auth)
         .await
-        .map_err(|e| anyhow!("cannot pull {reference}: {e}"))?;
+        .map_err(|e| {
+            let how = match &found {
+                Some(f) => format!("with the credentials for {:?} in {}", f.key, f.file.display()),
+                None => format!(
+                    "anonymously (no credentials for {} in {}; log in with podman, skopeo or docker, or give --authfile)",
+                    r.registry(),
+                    files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
+                ),
+            };
+            anyhow!("cannot pull {reference} {how}: {e}")
+        })?;
     let config: ImageConfiguration =
         serde_json::from_str(&config).context("the image's config is not valid JSON")?;
     std::fs::create_dir_all(store.join("blobs").join("sha256"))?;

@@ -38,6 +38,10 @@ pub struct RunArgs {
     /// A host directory to use as the root file system instead of an image.
     #[arg(long, value_name = "DIR")]
     pub rootfs: Option<PathBuf>,
+    /// Registry credentials (an auth.json as `podman login` writes it); by default
+    /// $REGISTRY_AUTH_FILE, podman's and docker's usual files.
+    #[arg(long, value_name = "PATH")]
+    pub authfile: Option<PathBuf>,
     /// Hypervisor backend: bulkhead-vmm or qemu (default: what `bulkhead check` picks).
     #[arg(long)]
     pub backend: Option<String>,
@@ -166,7 +170,7 @@ pub async fn run(a: RunArgs) -> Result<i32> {
             let Some((reference, rest)) = a.args.split_first() else {
                 bail!("bulkhead run: give an IMAGE, or --rootfs DIR and a command");
             };
-            let img = image::prepare(reference).await?;
+            let img = image::prepare(reference, a.authfile.as_deref()).await?;
             (img.rootfs, img.config, rest.to_vec())
         }
     };

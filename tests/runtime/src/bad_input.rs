@@ -205,6 +205,17 @@ fn rows(e: &Env) -> Result<Vec<Row>> {
             "cannot pull",
         ),
         row(
+            "run: an auth file that is not JSON",
+            cli(&[
+                "run",
+                "--authfile",
+                &f,
+                &format!("{reg}/test/busybox:latest"),
+                "true",
+            ]),
+            "not a valid auth file",
+        ),
+        row(
             "run: malformed reference",
             cli(&["run", "Not A Reference!!", "true"]),
             "not a valid reference",

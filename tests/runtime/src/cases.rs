@@ -32,6 +32,10 @@ pub fn list() -> Vec<Case> {
             images,
         ),
         (
+            "images: a registry that wants a login, with the auth file skopeo login wrote",
+            registry_login,
+        ),
+        (
             "sandbox: detached, ls, exec, pause/resume, kill, shared volume, busctl",
             sandbox,
         ),
@@ -324,6 +328,64 @@ fn images(e: &mut Env) -> Result<()> {
             "zstd image {image}: {o:?}"
         );
     }
+    Ok(())
+}
+
+fn registry_login(e: &mut Env) -> Result<()> {
+    let reg = e.start_login_registry("alice", "s3cret")?;
+    let image = format!("{reg}/private/busybox:latest");
+    // A user's own environment: podman's runtime-dir auth file, nothing else.
+    let xdg = e.dir.join("xdg");
+    let home = e.dir.join("home");
+    std::fs::create_dir_all(&home)?;
+    let run = |extra: &[&str], env: &[(&str, &Path)]| -> Result<Out> {
+        let mut args = vec!["run", "--rm"];
+        args.extend(extra);
+        args.extend([image.as_str(), "sh", "-c", "echo pulled"]);
+        let mut c = e.cmd(&args);
+        c.env("HOME", &home)
+            .env("XDG_RUNTIME_DIR", &xdg)
+            .env_remove("REGISTRY_AUTH_FILE")
+            .env_remove("DOCKER_CONFIG")
+            .env_remove("XDG_CONFIG_HOME");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        run_cmd(&mut c, None, Duration::from_secs(180))
+    };
+    let o = run(&[], &[])?;
+    ensure!(
+        o.code == 125 && o.stderr.contains("anonymously") && o.stderr.contains("--authfile"),
+        "no login: {o:?}"
+    );
+    // `skopeo login` (as `podman login`) writes $XDG_RUNTIME_DIR/containers/auth.json.
+    let authfile = xdg.join("containers/auth.json");
+    let mut c = Command::new("skopeo");
+    c.args(["login", "--tls-verify=false", "-u", "alice", "-p", "s3cret"])
+        .arg("--authfile")
+        .arg(&authfile)
+        .arg(&reg);
+    run_cmd(&mut c, None, Duration::from_secs(60))?.ok()?;
+    let o = run(&[], &[])?;
+    ensure!(
+        o.code == 0 && o.stdout == "pulled\n",
+        "after skopeo login: {o:?}"
+    );
+    // A wrong password, given with REGISTRY_AUTH_FILE: refused, and the file is named.
+    let bad = e.dir.join("bad-auth.json");
+    std::fs::write(
+        &bad,
+        format!(r#"{{"auths": {{"{reg}": {{"auth": "YWxpY2U6d3Jvbmc="}}}}}}"#),
+    )?;
+    let o = run(&[], &[("REGISTRY_AUTH_FILE", &bad)])?;
+    ensure!(
+        o.code == 125 && o.stderr.contains(&bad.display().to_string()),
+        "a wrong password: {o:?}"
+    );
+    // --authfile wins over REGISTRY_AUTH_FILE.
+    let good = authfile.display().to_string();
+    let o = run(&["--authfile", &good], &[("REGISTRY_AUTH_FILE", &bad)])?;
+    ensure!(o.code == 0, "--authfile: {o:?}");
     Ok(())
 }
 

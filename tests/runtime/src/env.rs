@@ -20,6 +20,7 @@ pub struct Env {
     /// `127.0.0.1:PORT`, while the registry runs.
     pub registry: Option<String>,
     registry_proc: Option<Child>,
+    login_registry_proc: Option<Child>,
     pub runtime_wrapper: PathBuf,
 }
 
@@ -117,6 +118,7 @@ impl Env {
             archive,
             registry: None,
             registry_proc: None,
+            login_registry_proc: None,
             runtime_wrapper: wrapper,
         };
         e.write_wrapper()?;
@@ -207,34 +209,8 @@ impl Env {
 
     /// Start a local registry on a free loopback port and push the test image to it.
     pub fn start_registry(&mut self) -> Result<String> {
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-            l.local_addr()?.port()
-        };
-        let addr = format!("127.0.0.1:{port}");
-        let cfg = self.dir.join("registry.yml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
-                self.dir.join("registry").display()
-            ),
-        )?;
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&cfg)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(self.dir.join("registry.log"))?)
-            .spawn()
-            .context("docker-registry (apt-get install docker-registry)")?;
+        let (addr, child) = self.spawn_registry("registry", "")?;
         self.registry_proc = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(&addr).is_err() {
-            if Instant::now() > deadline {
-                bail!("the registry did not listen on {addr}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
         run_cmd(
             Command::new("skopeo").args([
                 "copy",
@@ -249,11 +225,76 @@ impl Env {
         self.registry = Some(addr.clone());
         Ok(addr)
     }
+
+    /// A second registry that wants a login (htpasswd, basic auth), holding the test
+    /// image as `private/busybox:latest`, pushed with `user`'s credentials.
+    pub fn start_login_registry(&mut self, user: &str, password: &str) -> Result<String> {
+        let htpasswd = self.dir.join("htpasswd");
+        let hash = bcrypt::hash(password, 4).context("bcrypt")?;
+        std::fs::write(&htpasswd, format!("{user}:{hash}\n"))?;
+        let auth = format!(
+            "auth:\n  htpasswd:\n    realm: bulkhead-test\n    path: {}\n",
+            htpasswd.display()
+        );
+        let (addr, child) = self.spawn_registry("registry-login", &auth)?;
+        self.login_registry_proc = Some(child);
+        run_cmd(
+            Command::new("skopeo").args([
+                "copy",
+                "--dest-tls-verify=false",
+                "--dest-creds",
+                &format!("{user}:{password}"),
+                &format!("oci:{}:latest", self.layout.display()),
+                &format!("docker://{addr}/private/busybox:latest"),
+            ]),
+            None,
+            Duration::from_secs(60),
+        )?
+        .ok()?;
+        Ok(addr)
+    }
+
+    /// `docker-registry` on a free loopback port, storing under `<dir>/<name>`, with
+    /// `extra` appended to its config; returns once it listens.
+    fn spawn_registry(&self, name: &str, extra: &str) -> Result<(String, Child)> {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            l.local_addr()?.port()
+        };
+        let addr = format!("127.0.0.1:{port}");
+        let cfg = self.dir.join(format!("{name}.yml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n{extra}",
+                self.dir.join(name).display()
+            ),
+        )?;
+        let mut child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.join(format!("{name}.log")))?)
+            .spawn()
+            .context("docker-registry (apt-get install docker-registry)")?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("the registry did not listen on {addr}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok((addr, child))
+    }
 }
 
 impl Drop for Env {
     fn drop(&mut self) {
-        if let Some(mut r) = self.registry_proc.take() {
+        for mut r in [self.registry_proc.take(), self.login_registry_proc.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = r.kill();
             let _ = r.wait();
         }
