@@ -257,7 +257,7 @@ mod tests {
         std::fs::write(&a, "garbage").unwrap();
         let e = lookup(&order, "127.0.0.1:5000", "x/y").unwrap_err();
         assert!(format!("{e:#}").contains("a.json"), "{e:#}");
-        assert_eq!(files(Some(&b)), [b.clone()]);
+        assert_eq!(files(Some(&b)), vec![b.clone()]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
