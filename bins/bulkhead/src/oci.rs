@@ -1,8 +1,11 @@
 //! The runc-compatible OCI runtime CLI, so podman (`--runtime`) and dockerd (through
 //! containerd's runc shim) run containers in VMs. Each container gets its own sandbox
-//! (same id). What runc keeps in its state directory we keep in `--root` (default
-//! `<state>/oci`): the bundle, the creation time and the monitor's pid, which is the
-//! container's pid as callers see it (see `monitor.rs`).
+//! (same id), except in a podman pod: a container whose spec names the namespaces of
+//! one of ours by pid (`/proc/<pid>/ns/...`, how podman points a pod's members at its
+//! infra container) joins that container's VM, sharing the pod's UTS and IPC there.
+//! What runc keeps in its state directory we keep in `--root` (default `<state>/oci`):
+//! the bundle, the creation time and the monitor's pid, which is the container's pid as
+//! callers see it (see `monitor.rs`).
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -207,20 +210,38 @@ async fn create_in(g: &Global, a: &CreateArgs, mut spec: Value, rootfs: PathBuf)
     let annotations: HashMap<String, String> =
         serde_json::from_value(spec["annotations"].clone()).unwrap_or_default();
     let client = Client::connect().await?;
-    let mut sopts: HashMap<&str, V<'_>> = HashMap::new();
-    // podman (netavark, CNI) hands the container a network namespace it made: the pod's
-    // network, mirrored into the VM.
-    let netns = bulkhead_host::pod::network_namespace(&spec);
-    if let Some(n) = &netns {
-        sopts.insert("netns", V::from(n.as_str()));
-    }
-    client
-        .manager
-        .create_sandbox(&a.id, sopts)
-        .await
-        .map_err(explain)?;
+    // A podman pod's member names its infra container's namespaces by the pid podman
+    // knows for it, which is that container's monitor: it joins that container's VM.
+    let joined = pod_owner(g, &spec);
+    let sandbox = match &joined {
+        Some(owner) => {
+            tracing::info!(container = %a.id, sandbox = %owner.sandbox, "joining the pod's VM");
+            bulkhead_host::pod::host_paths_to_guest(&mut spec);
+            bulkhead_host::pod::join_pod_namespaces(&mut spec);
+            owner.sandbox.clone()
+        }
+        None => {
+            let mut sopts: HashMap<&str, V<'_>> = HashMap::new();
+            // podman (netavark, CNI) hands the container a network namespace it made:
+            // the pod's network, mirrored into the VM.
+            let netns = bulkhead_host::pod::network_namespace(&spec);
+            if let Some(n) = &netns {
+                sopts.insert("netns", V::from(n.as_str()));
+            }
+            // The pod's hostname, which containers that join later see too.
+            if let Some(h) = spec["hostname"].as_str() {
+                sopts.insert("hostname", V::from(h.to_owned()));
+            }
+            client
+                .manager
+                .create_sandbox(&a.id, sopts)
+                .await
+                .map_err(explain)?;
+            a.id.clone()
+        }
+    };
     let made = async {
-        let sb = client.sandbox(&a.id).await?;
+        let sb = client.sandbox(&sandbox).await?;
         let mut opts: HashMap<&str, V<'_>> = HashMap::new();
         opts.insert("stdin", V::from(true));
         sb.create_container(
@@ -233,7 +254,7 @@ async fn create_in(g: &Global, a: &CreateArgs, mut spec: Value, rootfs: PathBuf)
         .map_err(explain)?;
         let mut margs = vec![
             "--sandbox".to_string(),
-            a.id.clone(),
+            sandbox.clone(),
             "--container".into(),
             a.id.clone(),
             "--exit-file".into(),
@@ -246,7 +267,7 @@ async fn create_in(g: &Global, a: &CreateArgs, mut spec: Value, rootfs: PathBuf)
         let bundle = std::fs::canonicalize(&a.bundle)?;
         let rec = Record {
             id: a.id.clone(),
-            sandbox: a.id.clone(),
+            sandbox: sandbox.clone(),
             bundle,
             rootfs: rootfs.clone(),
             created: now_rfc3339(),
@@ -266,10 +287,37 @@ async fn create_in(g: &Global, a: &CreateArgs, mut spec: Value, rootfs: PathBuf)
     }
     .await;
     if let Err(e) = made {
-        let _ = client.manager.remove_sandbox(&a.id, true).await;
+        // Undo what this create made: its own sandbox, or only its container in a pod's.
+        if joined.is_some() {
+            if let Ok(sb) = client.sandbox(&sandbox).await {
+                let _ = sb.delete_container(&a.id, true).await;
+            }
+        } else {
+            let _ = client.manager.remove_sandbox(&a.id, true).await;
+        }
         return Err(e);
     }
     Ok(0)
+}
+
+/// The container whose VM a new container must join: one of ours whose pid (its
+/// monitor's, as written to `--pid-file`) the spec names in a `/proc/<pid>/ns/...`
+/// namespace path, the way podman points a pod's containers at its infra container.
+fn pod_owner(g: &Global, spec: &Value) -> Option<Record> {
+    let pids: Vec<u32> = spec["linux"]["namespaces"]
+        .as_array()?
+        .iter()
+        .filter_map(|ns| ns["path"].as_str())
+        .filter_map(|p| p.strip_prefix("/proc/")?.split_once("/ns/")?.0.parse().ok())
+        .collect();
+    if pids.is_empty() {
+        return None;
+    }
+    std::fs::read_dir(g.root())
+        .ok()?
+        .flatten()
+        .filter_map(|e| load(g, &e.file_name().to_string_lossy()).ok())
+        .find(|r| pids.contains(&r.pid) && crate::ls::alive(r.pid))
 }
 
 fn write_pid_file(p: &Path, pid: u32) -> Result<()> {
@@ -365,7 +413,17 @@ pub async fn delete(g: &Global, id: &str, force: bool) -> Result<i32> {
     if !force && (st == "running" || st == "paused") {
         bail!("container {id} is {st}: stop it first or use --force");
     }
-    match client.manager.remove_sandbox(&r.sandbox, true).await {
+    // A pod member leaves the pod's VM running; the container that made the sandbox
+    // takes it down (podman removes a pod's infra container last).
+    let gone = if r.sandbox == r.id {
+        client.manager.remove_sandbox(&r.sandbox, true).await
+    } else {
+        match client.sandbox(&r.sandbox).await {
+            Ok(sb) => sb.delete_container(&r.id, true).await,
+            Err(_) => Ok(()),
+        }
+    };
+    match gone {
         Err(zbus::Error::MethodError(n, _, _)) if n.as_str().ends_with(".NotFound") => {}
         Err(e) => return Err(explain(e)),
         Ok(()) => {}

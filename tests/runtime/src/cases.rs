@@ -49,6 +49,10 @@ pub fn list() -> Vec<Case> {
         ),
         ("podman: run, exit code, stdin, exec, tty, stop", podman),
         (
+            "podman: a pod's containers share one VM (infra and members)",
+            podman_pod,
+        ),
+        (
             "dockerd: run, exit code, stdin, exec, stop (containerd's runc shim)",
             docker,
         ),
@@ -762,27 +766,40 @@ fn kill_vmm(e: &mut Env) -> Result<()> {
     Ok(())
 }
 
-fn podman(e: &mut Env) -> Result<()> {
+/// podman's global flags for this environment: private roots, our runtime.
+fn podman_base(e: &Env) -> Vec<String> {
     let pm = e.dir.join("podman");
-    let base: Vec<String> = vec![
+    vec![
         format!("--root={}", pm.join("root").display()),
         format!("--runroot={}", pm.join("run").display()),
         "--cgroup-manager=cgroupfs".into(),
         "--events-backend=file".into(),
         format!("--runtime={}", e.runtime_wrapper.display()),
-    ];
-    let podman = |args: &[&str], stdin: Option<&[u8]>| -> Result<Out> {
-        let mut c = Command::new("podman");
-        c.args(&base).args(args);
-        run_cmd(&mut c, stdin, Duration::from_secs(180))
-    };
+    ]
+}
+
+/// podman with [`podman_base`].
+fn podman_in(e: &Env, args: &[&str], stdin: Option<&[u8]>) -> Result<Out> {
+    let mut c = Command::new("podman");
+    c.args(podman_base(e)).args(args);
+    run_cmd(&mut c, stdin, Duration::from_secs(180))
+}
+
+/// The test image in podman's store, and the flags every container needs here (this
+/// machine's root cannot raise its limits; no network).
+const PODMAN_IMAGE: &str = "localhost/latest:latest";
+const PODMAN_FLAGS: [&str; 3] = [
+    "--network=none",
+    "--ulimit=nofile=1024:1024",
+    "--ulimit=nproc=1024:1024",
+];
+
+fn podman(e: &mut Env) -> Result<()> {
+    let base = podman_base(e);
+    let podman = |args: &[&str], stdin: Option<&[u8]>| podman_in(e, args, stdin);
     podman(&["load", "-i", &e.archive.display().to_string()], None)?.ok()?;
-    let img = "localhost/latest:latest";
-    let u = [
-        "--network=none",
-        "--ulimit=nofile=1024:1024",
-        "--ulimit=nproc=1024:1024",
-    ];
+    let img = PODMAN_IMAGE;
+    let u = PODMAN_FLAGS;
     let run = |extra: &[&str], cmd: &[&str], stdin: Option<&[u8]>| {
         let mut a = vec!["run"];
         a.extend(extra);
@@ -831,6 +848,90 @@ fn podman(e: &mut Env) -> Result<()> {
             .iter()
             .any(|s| s["id"].as_str().is_some_and(|i| i.len() == 64)),
         "podman's sandboxes were not removed"
+    );
+    Ok(())
+}
+
+/// A podman pod: its infra container makes the VM, and every member joins it, sharing
+/// the pod's UTS, IPC and network namespaces in the guest.
+fn podman_pod(e: &mut Env) -> Result<()> {
+    let podman = |args: &[&str]| podman_in(e, args, None);
+    podman(&["load", "-i", &e.archive.display().to_string()])?.ok()?;
+    // An infra image that stays up (podman's own pause image needs catatonit).
+    let ctx = e.dir.join("infra-image");
+    std::fs::create_dir_all(&ctx)?;
+    std::fs::write(
+        ctx.join("Containerfile"),
+        format!("FROM {PODMAN_IMAGE}\nCMD [\"sleep\", \"600\"]\n"),
+    )?;
+    let ctx_s = ctx.display().to_string();
+    podman(&["build", "-q", "-t", "localhost/bh-infra:latest", &ctx_s])?.ok()?;
+    podman(&[
+        "pod",
+        "create",
+        "--name",
+        "bp",
+        "--network",
+        "none",
+        "--infra-image",
+        "localhost/bh-infra:latest",
+    ])?
+    .ok()?;
+    let r = (|| -> Result<()> {
+        podman(&["pod", "start", "bp"])?.ok()?;
+        let member = |extra: &[&str], cmd: &str| {
+            let mut a = vec!["run", "--pod", "bp"];
+            a.extend(extra);
+            a.extend(&PODMAN_FLAGS[1..]);
+            a.extend([PODMAN_IMAGE, "sh", "-c", cmd]);
+            podman(&a)
+        };
+        member(&["-d", "--name", "bp-a"], "sleep 600")?.ok()?;
+        let ns = "hostname; uname -r; for n in ipc uts net; do readlink /proc/self/ns/$n; done";
+        let b = member(&["--rm"], ns)?;
+        b.ok()?;
+        let a = podman(&["exec", "bp-a", "sh", "-c", ns])?;
+        a.ok()?;
+        let guest = std::fs::read_to_string(e.guest.join("kernel-release"))?;
+        let lines: Vec<&str> = b.stdout.lines().collect();
+        ensure!(
+            lines.len() == 5 && lines[0] == "bp" && lines[1] == guest.trim(),
+            "a pod member's hostname and kernel: {b:?}"
+        );
+        ensure!(
+            a.stdout == b.stdout,
+            "two members of the pod in different namespaces or VMs: {a:?} / {b:?}"
+        );
+        // One VM: the infra container's sandbox holds the members.
+        let infra = podman(&["pod", "inspect", "bp", "--format", "{{.InfraContainerID}}"])?;
+        let infra = infra.stdout.trim().to_string();
+        let a_id = podman(&["inspect", "bp-a", "--format", "{{.Id}}"])?;
+        let sbs = ls_json(e)?;
+        let sb = find(&sbs, &infra).with_context(|| format!("no sandbox {infra}: {sbs:?}"))?;
+        let ids: Vec<&str> = sb["containers"]
+            .as_array()
+            .context("containers")?
+            .iter()
+            .filter_map(|c| c["id"].as_str())
+            .collect();
+        ensure!(
+            ids.contains(&infra.as_str()) && ids.contains(&a_id.stdout.trim()),
+            "the pod's sandbox holds {ids:?}"
+        );
+        ensure!(
+            !sbs.iter().any(|s| s["id"] == a_id.stdout.trim()),
+            "a pod member got a VM of its own"
+        );
+        Ok(())
+    })();
+    let rm = podman(&["pod", "rm", "-f", "bp"]);
+    r?;
+    rm?.ok()?;
+    ensure!(
+        !ls_json(e)?
+            .iter()
+            .any(|s| s["id"].as_str().is_some_and(|i| i.len() == 64)),
+        "the pod's sandbox was not removed"
     );
     Ok(())
 }
