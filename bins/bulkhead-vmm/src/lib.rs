@@ -11,6 +11,7 @@ pub mod exit;
 pub mod layout;
 pub mod legacy;
 pub mod memory;
+pub mod ratelimit;
 pub mod seccomp;
 pub mod startup;
 pub mod virtio;

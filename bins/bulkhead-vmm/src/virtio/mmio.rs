@@ -184,7 +184,8 @@ impl MmioTransport {
         match result {
             Ok(()) => self.activated = true,
             Err(e) => {
-                tracing::warn!(
+                // A guest can reset and re-activate in a loop: limited.
+                crate::warn_limited!(
                     "virtio device type {} failed to activate: {e}",
                     self.dev.device_type()
                 );

@@ -113,7 +113,7 @@ impl VirtioDevice for VhostUserFs {
             .map_err(|e| ActivateError::Failed(format!("vhost-user-fs {}: {e}", self.path)))?;
         // The kick eventfds stay registered with KVM; keep our copies alive with them.
         self._kicks = act.kicks;
-        tracing::info!(socket = %self.path, fd = self.fe.as_raw_fd(), "vhost-user-fs active");
+        crate::info_limited!(socket = %self.path, fd = self.fe.as_raw_fd(), "vhost-user-fs active");
         Ok(())
     }
     fn external_interrupts(&self) -> bool {
