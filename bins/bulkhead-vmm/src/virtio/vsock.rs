@@ -124,6 +124,9 @@ struct Conn {
     last_fwd_cnt_sent: u32,
     /// Guest data (and our OK line) waiting for the socket to take it.
     out: VecDeque<u8>,
+    /// Host data that came in the same read as the `CONNECT <port>` line: the first
+    /// bytes for the guest once it accepts (at most [`CONNECT_LINE_MAX`]).
+    early: Vec<u8>,
     /// The guest will send no more (shut down the socket's write side once `out` drains).
     peer_shut_send: bool,
     /// The guest will receive no more.
@@ -319,6 +322,7 @@ impl Vsock {
                 fwd_cnt: 0,
                 last_fwd_cnt_sent: 0,
                 out: VecDeque::new(),
+                early: Vec::new(),
                 peer_shut_send: false,
                 peer_shut_rcv: false,
                 readable: false,
@@ -352,7 +356,7 @@ impl Vsock {
                     return;
                 }
                 let path = format!("{}_{}", self.socket.display(), h.dst_port);
-                let ok = match UnixStream::connect(&path) {
+                let ok = match connect_nonblocking(&path) {
                     Ok(s) => self.add_conn(key, s, ConnState::Established, Some(&h)),
                     Err(_) => false,
                 };
@@ -362,6 +366,7 @@ impl Vsock {
             OP_RESPONSE => match self.conns.get_mut(&key) {
                 Some(c) if c.state == ConnState::Connecting => {
                     c.state = ConnState::Established;
+                    c.readable |= !c.early.is_empty();
                     c.out.extend(format!("OK {}\n", key.0).bytes());
                     if c.flush_out().is_err() {
                         self.reset_conn(key);
@@ -544,6 +549,11 @@ impl Vsock {
         let max = room.min(MAX_PKT_DATA).min(c.credit() as usize);
         let n = if max == 0 || c.host_eof {
             Ok(0)
+        } else if !c.early.is_empty() {
+            let n = max.min(c.early.len());
+            self.buf[..n].copy_from_slice(&c.early[..n]);
+            c.early.drain(..n);
+            Ok(n)
         } else {
             loop {
                 match c.stream.read(&mut self.buf[..max]) {
@@ -725,6 +735,10 @@ impl Vsock {
         {
             return;
         }
+        // A client may write its first bytes right after the line, in the same read.
+        if let (Some(c), Some(e)) = (self.conns.get_mut(&key), line_end) {
+            c.early = p.buf[e + 1..].to_vec();
+        }
         let h = self.conn_hdr(key, OP_REQUEST, 0);
         self.push_ctrl(h);
     }
@@ -825,6 +839,16 @@ impl VirtioDevice for Vsock {
         }
         self.after_event();
     }
+}
+
+/// Connect to a host listener without blocking the event loop: a listener whose
+/// backlog is full refuses at once (EAGAIN), and the guest gets RST, instead of every
+/// device of the VM stalling until the listener accepts.
+fn connect_nonblocking(path: &str) -> std::io::Result<UnixStream> {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let s = Socket::new(Domain::UNIX, Type::STREAM.nonblocking().cloexec(), None)?;
+    s.connect(&SockAddr::unix(path)?)?;
+    Ok(UnixStream::from(std::os::fd::OwnedFd::from(s)))
 }
 
 #[cfg(test)]

@@ -345,3 +345,67 @@ fn connections_the_guest_never_answers_and_silent_clients_expire() {
         assert_eq!(s.read(&mut b).unwrap(), 0, "still open");
     }
 }
+
+#[test]
+fn bytes_sent_with_the_connect_line_reach_the_guest_first() {
+    let mem = test_mem();
+    let mut r = rig(&mem, "early");
+    let mut client = UnixStream::connect(r.dir.join("v.sock")).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    // One write: the line and the start of the conversation.
+    client.write_all(b"CONNECT 1024\nhello").unwrap();
+    r.pump();
+    let req = r.rx_packets()[0].0;
+    assert_eq!(req.op, OP_REQUEST);
+    let resp = r.guest_hdr(1024, req.src_port, OP_RESPONSE);
+    r.guest_send(resp, b"");
+    let mut line = String::new();
+    std::io::BufReader::new(&client)
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, format!("OK {}\n", req.src_port));
+    client.write_all(b" world").unwrap();
+    r.pump();
+    let data: Vec<u8> = r
+        .rx_packets()
+        .into_iter()
+        .filter(|(h, _)| h.op == OP_RW)
+        .flat_map(|(_, d)| d)
+        .collect();
+    assert_eq!(String::from_utf8_lossy(&data), "hello world");
+}
+
+#[test]
+fn a_host_listener_with_a_full_backlog_is_refused_without_blocking() {
+    let mem = test_mem();
+    let mut r = rig(&mem, "backlog");
+    let path = r.dir.join("v.sock_7000");
+    // A listener that never accepts, with the smallest backlog, filled up.
+    let l = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
+    l.bind(&socket2::SockAddr::unix(&path).unwrap()).unwrap();
+    l.listen(0).unwrap();
+    let mut fillers = vec![];
+    for _ in 0..8 {
+        let s = socket2::Socket::new(
+            socket2::Domain::UNIX,
+            socket2::Type::STREAM.nonblocking(),
+            None,
+        )
+        .unwrap();
+        if s.connect(&socket2::SockAddr::unix(&path).unwrap()).is_err() {
+            break;
+        }
+        fillers.push(s);
+    }
+    let t = std::time::Instant::now();
+    r.guest_send(r.guest_hdr(40002, 7000, OP_REQUEST), b"");
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "the loop blocked {:?}",
+        t.elapsed()
+    );
+    assert_eq!(r.rx_packets()[0].0.op, OP_RST);
+    drop(l);
+}
