@@ -18,6 +18,7 @@ use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::{
     ActivateError, Activation, EventSink, Interrupt, VirtioDevice, DEVICE_TOKEN_BASE, INT_VRING,
@@ -51,6 +52,9 @@ const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 const RX: usize = 0;
 const TX: usize = 1;
 const LISTENER_TOKEN: u32 = DEVICE_TOKEN_BASE;
+/// The expiry timer's token; connection tokens come after it.
+const TIMER_TOKEN: u32 = DEVICE_TOKEN_BASE + 1;
+const FIRST_CONN_TOKEN: u32 = DEVICE_TOKEN_BASE + 2;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Hdr {
@@ -195,6 +199,10 @@ pub struct Vsock {
     rx_starved: bool,
     buf: Vec<u8>,
     connect_timeout: std::time::Duration,
+    /// Ticks while any connection waits for its CONNECT line or for the guest's answer,
+    /// so that one expires on time even when nothing else happens on the device.
+    timer: TimerFd,
+    timer_armed: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -217,6 +225,15 @@ impl Vsock {
                 path: socket.display().to_string(),
                 source,
             })?;
+        let err = |source| VsockError {
+            path: socket.display().to_string(),
+            source,
+        };
+        let timer = TimerFd::new().map_err(|e| err(e.into()))?;
+        // SAFETY: F_SETFL on a descriptor we own; a read of it must never block the loop.
+        if unsafe { libc::fcntl(timer.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) } < 0 {
+            return Err(err(std::io::Error::last_os_error()));
+        }
         Ok(Vsock {
             cid: u64::from(cid),
             socket: socket.to_owned(),
@@ -226,18 +243,20 @@ impl Vsock {
             tokens: HashMap::new(),
             pending: HashMap::new(),
             ctrl: VecDeque::new(),
-            next_token: LISTENER_TOKEN + 1,
+            next_token: FIRST_CONN_TOKEN,
             next_local_port: 1 << 30,
             rx_starved: false,
             buf: vec![0u8; MAX_PKT_DATA],
             connect_timeout: CONNECT_TIMEOUT,
+            timer,
+            timer_armed: false,
         })
     }
 
     fn alloc_token(&mut self) -> u32 {
         loop {
             let t = self.next_token;
-            self.next_token = self.next_token.checked_add(1).unwrap_or(LISTENER_TOKEN + 1);
+            self.next_token = self.next_token.checked_add(1).unwrap_or(FIRST_CONN_TOKEN);
             if !self.tokens.contains_key(&t) && !self.pending.contains_key(&t) {
                 return t;
             }
@@ -769,6 +788,24 @@ impl Vsock {
         self.expire_connecting();
         self.process_rx();
         self.update_interest();
+        self.update_timer();
+    }
+
+    /// Tick while something waits to expire; stay quiet otherwise.
+    fn update_timer(&mut self) {
+        let waiting = !self.pending.is_empty()
+            || self
+                .conns
+                .values()
+                .any(|c| c.state == ConnState::Connecting);
+        if waiting && !self.timer_armed {
+            let tick = (self.connect_timeout / 2)
+                .min(std::time::Duration::from_secs(1))
+                .max(std::time::Duration::from_millis(10));
+            self.timer_armed = self.timer.reset(tick, Some(tick)).is_ok();
+        } else if !waiting && self.timer_armed {
+            self.timer_armed = self.timer.clear().is_err();
+        }
     }
 }
 
@@ -795,6 +832,9 @@ impl VirtioDevice for Vsock {
                 .add(l.as_raw_fd(), LISTENER_TOKEN, EventSet::IN)
                 .map_err(|e| ActivateError::Failed(format!("watch vsock listener: {e}")))?;
         }
+        act.events
+            .add(self.timer.as_raw_fd(), TIMER_TOKEN, EventSet::IN)
+            .map_err(|e| ActivateError::Failed(format!("watch vsock timer: {e}")))?;
         self.active = Some(Active {
             mem: act.mem,
             rx,
@@ -813,6 +853,9 @@ impl VirtioDevice for Vsock {
             if let Some(l) = &self.listener {
                 a.events.remove(l.as_raw_fd());
             }
+            // Disarmed by the event loop's next look (a reset runs on a vCPU thread,
+            // whose filter has no timerfd calls); a tick meanwhile wakes nobody.
+            a.events.remove(self.timer.as_raw_fd());
             for p in self.pending.values() {
                 a.events.remove(p.stream.as_raw_fd());
             }
@@ -832,6 +875,9 @@ impl VirtioDevice for Vsock {
     fn handle_event(&mut self, token: u32, events: EventSet) {
         if token == LISTENER_TOKEN {
             self.accept_host();
+        } else if token == TIMER_TOKEN {
+            // Non-blocking: a tick that a disarm already took back reads EAGAIN.
+            let _ = self.timer.wait();
         } else if self.pending.contains_key(&token) {
             self.pending_readable(token);
         } else {

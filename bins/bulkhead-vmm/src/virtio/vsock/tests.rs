@@ -409,3 +409,29 @@ fn a_host_listener_with_a_full_backlog_is_refused_without_blocking() {
     assert_eq!(r.rx_packets()[0].0.op, OP_RST);
     drop(l);
 }
+
+#[test]
+fn a_silent_client_expires_on_time_with_nothing_else_happening() {
+    let mem = test_mem();
+    let mut r = rig(&mem, "tick");
+    r.dev.connect_timeout = Duration::from_millis(60);
+    let silent = UnixStream::connect(r.dir.join("v.sock")).unwrap();
+    r.pump();
+    assert_eq!(r.dev.pending.len(), 1);
+    // Only the event loop runs: no device event, no guest kick, no other client.
+    let t = std::time::Instant::now();
+    while !r.dev.pending.is_empty() && t.elapsed() < Duration::from_secs(2) {
+        loop_once(&mut r);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        r.dev.pending.is_empty(),
+        "still waiting after {:?}",
+        t.elapsed()
+    );
+    assert!(
+        !r.dev.timer_armed,
+        "the timer ticks on with nothing to expire"
+    );
+    drop(silent);
+}
