@@ -42,8 +42,12 @@ const SHUT_SEND: u32 = 2;
 const BUF_ALLOC: u32 = 256 * 1024;
 /// Largest payload we put into one rx packet.
 const MAX_PKT_DATA: usize = 64 * 1024;
-/// Control packets waiting for rx buffers; beyond this the oldest are dropped.
+/// Control packets waiting for rx buffers. Near this, the device stops taking the
+/// guest's tx packets (each may need a reply) until the guest posts rx buffers again;
+/// past it (host-side events only) the oldest are dropped.
 const MAX_PENDING_CTRL: usize = 4096;
+/// The most control packets one tx packet makes (a reply and a credit update).
+const CTRL_PER_TX: usize = 2;
 const MAX_CONNS: usize = 1024;
 const CONNECT_LINE_MAX: usize = 32;
 /// How long a host connection may wait for its `CONNECT <port>` line, and then for the
@@ -197,6 +201,10 @@ pub struct Vsock {
     next_token: u32,
     next_local_port: u32,
     rx_starved: bool,
+    /// [`MAX_PENDING_CTRL`] (smaller in tests).
+    ctrl_max: usize,
+    /// tx packets were left in the ring because their replies had no room.
+    tx_held: bool,
     buf: Vec<u8>,
     connect_timeout: std::time::Duration,
     /// Ticks while any connection waits for its CONNECT line or for the guest's answer,
@@ -246,6 +254,8 @@ impl Vsock {
             next_token: FIRST_CONN_TOKEN,
             next_local_port: 1 << 30,
             rx_starved: false,
+            ctrl_max: MAX_PENDING_CTRL,
+            tx_held: false,
             buf: vec![0u8; MAX_PKT_DATA],
             connect_timeout: CONNECT_TIMEOUT,
             timer,
@@ -278,7 +288,7 @@ impl Vsock {
     }
 
     fn push_ctrl(&mut self, h: Hdr) {
-        if self.ctrl.len() >= MAX_PENDING_CTRL {
+        if self.ctrl.len() >= self.ctrl_max {
             self.ctrl.pop_front();
         }
         self.ctrl.push_back(h);
@@ -475,11 +485,20 @@ impl Vsock {
             return;
         };
         let mut used = false;
-        while let Some(chain) = self
-            .active
-            .as_mut()
-            .and_then(|a| a.tx.pop_descriptor_chain(&mem))
-        {
+        loop {
+            // A guest that posts no rx buffers gets no more of its packets read: their
+            // replies would have nowhere to go (back-pressure, not dropped replies).
+            if self.ctrl.len() + CTRL_PER_TX > self.ctrl_max {
+                self.tx_held = true;
+                break;
+            }
+            let Some(chain) = self
+                .active
+                .as_mut()
+                .and_then(|a| a.tx.pop_descriptor_chain(&mem))
+            else {
+                break;
+            };
             let head = chain.head_index();
             if let Ok(mut r) = chain.reader(&mem) {
                 let mut hb = [0u8; HDR_LEN];
@@ -787,6 +806,12 @@ impl Vsock {
     fn after_event(&mut self) {
         self.expire_connecting();
         self.process_rx();
+        // Each round takes at least one held tx packet, or ends the loop.
+        while self.tx_held && self.ctrl.len() + CTRL_PER_TX <= self.ctrl_max {
+            self.tx_held = false;
+            self.process_tx();
+            self.process_rx();
+        }
         self.update_interest();
         self.update_timer();
     }
@@ -863,6 +888,7 @@ impl VirtioDevice for Vsock {
         self.pending.clear();
         self.ctrl.clear();
         self.rx_starved = false;
+        self.tx_held = false;
     }
     fn queue_notify(&mut self, queue: usize) {
         match queue {

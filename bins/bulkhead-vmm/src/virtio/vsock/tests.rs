@@ -435,3 +435,40 @@ fn a_silent_client_expires_on_time_with_nothing_else_happening() {
     );
     drop(silent);
 }
+
+#[test]
+fn a_guest_that_posts_no_rx_buffers_is_held_back_not_answered_with_drops() {
+    let mem = test_mem();
+    let mut r = rig(&mem, "ctrlfull");
+    r.dev.ctrl_max = 8;
+    // 60 requests to a port nobody listens on: 60 RSTs owed, 32 rx buffers posted.
+    for i in 0..60 {
+        r.guest_send(r.guest_hdr(50_000 + i, 9999, OP_REQUEST), b"");
+    }
+    assert!(
+        r.dev.ctrl.len() <= 8,
+        "{} control packets queued",
+        r.dev.ctrl.len()
+    );
+    let mut rst: Vec<u32> = r
+        .rx_packets()
+        .into_iter()
+        .filter(|(h, _)| h.op == OP_RST)
+        .map(|(h, _)| h.dst_port)
+        .collect();
+    assert_eq!(rst.len(), 32);
+    // The guest posts 32 more buffers: every reply owed arrives, none was dropped.
+    let descs: Vec<_> = (32..64)
+        .map(|i| desc(RX_BUF + i * 0x1000, 0x1000, F_WRITE, 0))
+        .collect();
+    r.rx.add_desc_chains(&descs, 32).unwrap();
+    r.dev.queue_notify(RX);
+    rst.extend(
+        r.rx_packets()
+            .into_iter()
+            .filter(|(h, _)| h.op == OP_RST)
+            .map(|(h, _)| h.dst_port),
+    );
+    rst.sort_unstable();
+    assert_eq!(rst, (50_000..50_060).collect::<Vec<u32>>());
+}
