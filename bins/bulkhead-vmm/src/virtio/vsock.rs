@@ -48,6 +48,10 @@ const MAX_PKT_DATA: usize = 64 * 1024;
 const MAX_PENDING_CTRL: usize = 4096;
 /// The most control packets one tx packet makes (a reply and a credit update).
 const CTRL_PER_TX: usize = 2;
+/// Guest data held for host sockets that do not take it, across all connections.
+/// Each connection may hold [`BUF_ALLOC`]; without a total, 1024 of them could make a
+/// VMM hold 256 MiB. Past it the guest's tx packets wait in their ring.
+const MAX_BUFFERED: usize = 16 << 20;
 const MAX_CONNS: usize = 1024;
 const CONNECT_LINE_MAX: usize = 32;
 /// How long a host connection may wait for its `CONNECT <port>` line, and then for the
@@ -203,8 +207,11 @@ pub struct Vsock {
     rx_starved: bool,
     /// [`MAX_PENDING_CTRL`] (smaller in tests).
     ctrl_max: usize,
-    /// tx packets were left in the ring because their replies had no room.
+    /// tx packets were left in the ring because their replies had no room, or the
+    /// data buffered for host sockets was over [`MAX_BUFFERED`].
     tx_held: bool,
+    /// [`MAX_BUFFERED`] (smaller in tests).
+    buffer_budget: usize,
     buf: Vec<u8>,
     connect_timeout: std::time::Duration,
     /// Ticks while any connection waits for its CONNECT line or for the guest's answer,
@@ -256,6 +263,7 @@ impl Vsock {
             rx_starved: false,
             ctrl_max: MAX_PENDING_CTRL,
             tx_held: false,
+            buffer_budget: MAX_BUFFERED,
             buf: vec![0u8; MAX_PKT_DATA],
             connect_timeout: CONNECT_TIMEOUT,
             timer,
@@ -285,6 +293,13 @@ impl Vsock {
             buf_alloc: BUF_ALLOC,
             ..Default::default()
         }
+    }
+
+    /// Can one more tx packet be taken: room for its replies, and guest data held for
+    /// host sockets under the budget?
+    fn tx_room(&self) -> bool {
+        self.ctrl.len() + CTRL_PER_TX <= self.ctrl_max
+            && self.conns.values().map(|c| c.out.len()).sum::<usize>() < self.buffer_budget
     }
 
     fn push_ctrl(&mut self, h: Hdr) {
@@ -487,8 +502,9 @@ impl Vsock {
         let mut used = false;
         loop {
             // A guest that posts no rx buffers gets no more of its packets read: their
-            // replies would have nowhere to go (back-pressure, not dropped replies).
-            if self.ctrl.len() + CTRL_PER_TX > self.ctrl_max {
+            // replies would have nowhere to go (back-pressure, not dropped replies). The
+            // same while host sockets hold back more guest data than the budget.
+            if !self.tx_room() {
                 self.tx_held = true;
                 break;
             }
@@ -807,7 +823,7 @@ impl Vsock {
         self.expire_connecting();
         self.process_rx();
         // Each round takes at least one held tx packet, or ends the loop.
-        while self.tx_held && self.ctrl.len() + CTRL_PER_TX <= self.ctrl_max {
+        while self.tx_held && self.tx_room() {
             self.tx_held = false;
             self.process_tx();
             self.process_rx();

@@ -472,3 +472,48 @@ fn a_guest_that_posts_no_rx_buffers_is_held_back_not_answered_with_drops() {
     rst.sort_unstable();
     assert_eq!(rst, (50_000..50_060).collect::<Vec<u32>>());
 }
+
+#[test]
+fn guest_data_held_for_slow_host_sockets_stays_within_one_budget() {
+    let mem = test_mem();
+    let mut r = rig(&mem, "budget");
+    r.dev.buffer_budget = 16 * 1024;
+    let l = UnixListener::bind(r.dir.join("v.sock_5100")).unwrap();
+    r.guest_send(r.guest_hdr(41000, 5100, OP_REQUEST), b"");
+    let (mut host, _) = l.accept().unwrap();
+    assert_eq!(r.rx_packets()[0].0.op, OP_RESPONSE);
+    // The host does not read: the socket's kernel buffer fills, then ours.
+    let chunk = vec![7u8; 3000];
+    let sent = 60;
+    for _ in 0..sent {
+        let mut rw = r.guest_hdr(41000, 5100, OP_RW);
+        rw.len = chunk.len() as u32;
+        r.guest_send(rw, &chunk);
+    }
+    let held: usize = r.dev.conns.values().map(|c| c.out.len()).sum();
+    assert!(
+        held < 16 * 1024 + chunk.len(),
+        "{held} bytes held past a 16 KiB budget"
+    );
+    let taken = used(&r.tx).len();
+    // The host reads now: everything the guest sent arrives, the held packets included.
+    host.set_nonblocking(true).unwrap();
+    let mut got = 0usize;
+    let t = std::time::Instant::now();
+    while got < sent * chunk.len() && t.elapsed() < Duration::from_secs(5) {
+        let mut b = vec![0u8; 65536];
+        match host.read(&mut b) {
+            Ok(n) => got += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                loop_once(&mut r);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(got, sent * chunk.len());
+    assert!(
+        taken < sent,
+        "the budget held no packet back ({taken} of {sent} taken at once)"
+    );
+}
