@@ -8,6 +8,8 @@ pub mod config;
 pub mod control;
 pub mod cpu;
 pub mod exit;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod layout;
 pub mod legacy;
 pub mod memory;
