@@ -6,13 +6,7 @@ use bulkhead_vmm::exit::ExitReason;
 
 fn main() {
     bulkhead_vmm::startup::mark_exec();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BULKHEAD_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    bulkhead_host::logging::init_stderr("warn");
     bulkhead_vmm::exit::abort_on_panic();
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "-h" || a == "--help") {

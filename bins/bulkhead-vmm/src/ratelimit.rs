@@ -1,9 +1,10 @@
 //! Log lines a guest can cause, limited. A guest that kicks a broken queue a million
 //! times a second, or resets and re-activates a device in a loop, would otherwise write
 //! a log line each time into a file on the host: a guest-paid way to fill the host's
-//! disk. Each such call site gets its own [`RateLimit`] (through [`warn_limited!`] and
-//! [`info_limited!`]): a burst of [`BURST`] lines per [`WINDOW_MS`], then nothing until
-//! the next window, whose first line says how many were left out.
+//! disk. Each such call site gets its own [`RateLimit`] (through [`log_limited!`],
+//! [`warn_limited!`] and [`info_limited!`]): a burst of [`BURST`] lines per
+//! [`WINDOW_MS`], then nothing until the next window, whose first line says how many
+//! were left out.
 //!
 //! Written here rather than taken from a crate: tracing has no limiter of its own, and
 //! this is one atomic word and a compare-exchange.
@@ -60,34 +61,32 @@ pub fn now_ms() -> u64 {
     START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
-/// `tracing::warn!`, at most [`BURST`] times per [`WINDOW_MS`] from this call site.
+/// A tracing event at `$level`, at most [`BURST`] times per [`WINDOW_MS`] from this
+/// call site; the first one after a quiet spell carries `left_out`.
 #[macro_export]
-macro_rules! warn_limited {
-    ($($arg:tt)+) => {{
+macro_rules! log_limited {
+    ($level:expr, $($arg:tt)+) => {{
         static LIMIT: $crate::ratelimit::RateLimit = $crate::ratelimit::RateLimit::new();
         if let Some(left_out) = LIMIT.admit($crate::ratelimit::now_ms()) {
             if left_out > 0 {
-                tracing::warn!(left_out, $($arg)+);
+                tracing::event!($level, left_out, $($arg)+);
             } else {
-                tracing::warn!($($arg)+);
+                tracing::event!($level, $($arg)+);
             }
         }
     }};
 }
 
-/// `tracing::info!`, at most [`BURST`] times per [`WINDOW_MS`] from this call site.
+/// `tracing::warn!`, limited as [`log_limited!`] says.
+#[macro_export]
+macro_rules! warn_limited {
+    ($($arg:tt)+) => { $crate::log_limited!(tracing::Level::WARN, $($arg)+) };
+}
+
+/// `tracing::info!`, limited as [`log_limited!`] says.
 #[macro_export]
 macro_rules! info_limited {
-    ($($arg:tt)+) => {{
-        static LIMIT: $crate::ratelimit::RateLimit = $crate::ratelimit::RateLimit::new();
-        if let Some(left_out) = LIMIT.admit($crate::ratelimit::now_ms()) {
-            if left_out > 0 {
-                tracing::info!(left_out, $($arg)+);
-            } else {
-                tracing::info!($($arg)+);
-            }
-        }
-    }};
+    ($($arg:tt)+) => { $crate::log_limited!(tracing::Level::INFO, $($arg)+) };
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 pub mod check;
 pub mod config;
 pub mod hugepages;
+pub mod logging;
 pub mod pod;
 
 use std::path::Path;

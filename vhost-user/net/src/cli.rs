@@ -75,13 +75,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
 }
 
 pub fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BULKHEAD_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    bulkhead_host::logging::init_stderr("info");
     let args = match parse(std::env::args().skip(1)) {
         Ok(a) => a,
         Err(e) => {
