@@ -66,21 +66,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
 }
 
 pub fn main() -> ExitCode {
-    bulkhead_host::logging::init_stderr("info");
-    let args = match parse(std::env::args().skip(1)) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("bulkhead-metrics: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    match run(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    bulkhead_host::logging::component_main("bulkhead-metrics", "info", parse, run)
 }
 
 fn run(args: Args) -> anyhow::Result<()> {

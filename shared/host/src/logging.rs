@@ -11,3 +11,30 @@ pub fn init_stderr(default: &str) {
         .with_writer(std::io::stderr)
         .init();
 }
+
+/// A component's `main`: logging set up, the arguments parsed by `parse` (a usage
+/// error is printed and exits 2), then `run` (an error is logged and exits 1).
+pub fn component_main<A, E: std::fmt::Display>(
+    name: &str,
+    default_level: &str,
+    parse: impl FnOnce(std::env::Args) -> Result<A, String>,
+    run: impl FnOnce(A) -> Result<(), E>,
+) -> std::process::ExitCode {
+    init_stderr(default_level);
+    let mut argv = std::env::args();
+    argv.next();
+    let args = match parse(argv) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match run(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
