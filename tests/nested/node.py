@@ -116,12 +116,14 @@ def busybox_rootfs(dest):
     open(os.path.join(dest, "etc", "group"), "w").write("root:x:0:\nnogroup:x:65534:\n")
 
 
-def l1_initramfs(guest_dir, bins, with_qemu, workdir):
+def l1_initramfs(guest_dir, bins, with_qemu, workdir, with_podman=False):
     """Build L1's initramfs; cached under .cache/nested by the hash of its inputs."""
     deb = build.fetch_deb(os.path.join(ROOT, ".cache"))
     inputs = [build.sha256_file(__file__), build.sha256_file(deb), guest_dir]
     inputs += [build.sha256_file(p) for p in sorted(bins.values())]
     inputs += [build.sha256_file(find_virtiofsd()), str(with_qemu)]
+    if with_podman:
+        inputs += ["podman"] + [build.sha256_file(find_tool(t)) for t in PODMAN_TOOLS]
     inputs += [build.sha256_file(find_tool(t)) for t in ("containerd", "ctr")]
     key = hashlib.sha256("|".join(inputs).encode()).hexdigest()[:16]
     cache = os.path.join(ROOT, ".cache", "nested", key)
@@ -180,6 +182,14 @@ def l1_initramfs(guest_dir, bins, with_qemu, workdir):
             open(os.path.join(root, "lib", "modules", name), "wb").write(data)
             names.append(name)
         open(os.path.join(root, "etc", "modules"), "w").write("\n".join(names) + "\n")
+    if with_podman:
+        # podman + conmon + runc, the peer of `bulkhead run` in the start benchmark.
+        for t in PODMAN_TOOLS:
+            copy_with_libs(root, find_tool(t), f"/opt/bulkhead/{t}")
+        os.makedirs(os.path.join(root, "etc", "containers"), exist_ok=True)
+        shutil.copy("/etc/containers/policy.json", os.path.join(root, "etc", "containers", "policy.json"))
+        open(os.path.join(root, "etc", "resolv.conf"), "w").write("")
+        open(os.path.join(root, "etc", "hosts"), "w").write("127.0.0.1 localhost\n")
     if with_qemu:
         qemu = shutil.which("qemu-system-x86_64")
         if not qemu:
@@ -216,6 +226,35 @@ echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled
 sh /opt/script.sh </dev/null
 echo "NESTED-EXIT $?"
 poweroff -f
+"""
+
+
+PODMAN_TOOLS = ("podman", "conmon", "runc")
+
+# `bulkhead run --rm` on bulkhead-vmm beside `podman run --rm --runtime runc`, the same
+# busybox image, interleaved, in one L1. Times from L1's /proc/uptime (10 ms steps).
+RUNBENCH_SCRIPT = r"""
+export BULKHEAD_ROOT=/tmp/bhroot BULKHEAD_GUEST_DIR=/opt/guest BULKHEAD_DATA=/tmp/bhdata TMPDIR=/tmp
+mkdir -p /sys/fs/cgroup /dev/shm /var/tmp && mount -t cgroup2 none /sys/fs/cgroup 2>/dev/null; mount -t tmpfs shm /dev/shm
+# L1 runs from its initramfs, where pivot_root is refused: runc moves the root instead.
+printf '[engine]\nno_pivot_root = true\n' > /tmp/containers.conf; export CONTAINERS_CONF=/tmp/containers.conf
+P="podman --root /tmp/pm/root --runroot /tmp/pm/run --storage-driver vfs --cgroup-manager cgroupfs --events-backend file --conmon /opt/bulkhead/conmon --runtime /opt/bulkhead/runc"
+$P load -q -i /opt/data/busybox-oci.tar >/tmp/load.log 2>&1 || cat /tmp/load.log
+img=$($P images -q | head -1)
+ms() { awk '{printf "%d", $1 * 1000}' /proc/uptime; }
+one_bulkhead() {
+  t0=$(ms); out=$(BULKHEAD_TIMINGS=1 timeout 300 bulkhead run --rm --rootfs /opt/share/rootfs echo hello 2>/tmp/b.err); rc=$?; t1=$(ms)
+  echo "RUNBENCH bulkhead rc=$rc out=$out total_ms=$((t1 - t0)) $(grep -h 'timings ms' /tmp/b.err | tail -1)"
+  [ $rc = 0 ] || tail -5 /tmp/b.err
+}
+one_podman() {
+  t0=$(ms); out=$(timeout 300 $P run --rm --network none $img echo hello 2>/tmp/p.err); rc=$?; t1=$(ms)
+  echo "RUNBENCH podman-runc rc=$rc out=$out total_ms=$((t1 - t0))"
+  [ $rc = 0 ] || tail -5 /tmp/p.err
+}
+# One of each first, not counted: caches, the bus, the manager.
+one_bulkhead >/dev/null; one_podman >/dev/null
+for i in $(seq 1 NRUNS); do one_bulkhead; one_podman; done
 """
 
 
@@ -681,9 +720,49 @@ def cmd_bench(args):
     return 0
 
 
+def cmd_runbench(args):
+    """`bulkhead run --rm` on bulkhead-vmm beside podman + runc in the nested node."""
+    bins = release_bins()
+    guest = guest_image(bins)
+    with tempfile.TemporaryDirectory() as w:
+        l1, vmlinux = l1_initramfs(guest, bins, False, w, with_podman=True)
+        log(f"runbench: {args.runs} interleaved runs of bulkhead run --rm and podman run --runtime runc in one L1")
+        out, secs = run_l1(l1, vmlinux, RUNBENCH_SCRIPT.replace("NRUNS", str(args.runs)), args.timeout)
+    rows = {"bulkhead": [], "podman-runc": []}
+    for m in re.finditer(r"^RUNBENCH (\S+) rc=(\d+) out=(\S*) total_ms=(\d+)(.*)$", out, re.M):
+        who, rc, said, total, rest = m.groups()
+        if rc != "0" or said != "hello":
+            print(f"runbench: a failed run: {m.group(0)}")
+            continue
+        r = {"total": float(total)}
+        if who == "bulkhead":
+            f = lambda k: float(m2.group(1)) if (m2 := re.search(rf"{k} ([0-9.]+)", rest)) else None
+            bus, vexec, agent, exited = f("bus\\+manager"), f("vmm exec"), f("agent ready"), f("exited")
+            if None not in (bus, vexec, agent, exited):
+                r.update(pre=bus + vexec, boot=agent - vexec, run=exited - (bus + agent), teardown=float(total) - exited)
+        rows[who].append(r)
+    if not rows["bulkhead"] or not rows["podman-runc"]:
+        print(out[-6000:])
+        print("runbench FAILED: missing results")
+        return 1
+    med = lambda xs, k: statistics.median([x[k] for x in xs if k in x]) if any(k in x for x in xs) else None
+    fmt = lambda v: "-" if v is None else f"{v:.0f}"
+    print(f"\nNested node (L1: QEMU TCG -cpu max -smp 1, kvm-amd). `echo hello` in the busybox image, "
+          f"medians of {len(rows['bulkhead'])} and {len(rows['podman-runc'])} interleaved runs, ms (10 ms steps).")
+    head = f"{'runtime':<14}{'n':>3}{'total':>8}{'pre-VMM':>9}{'VMM exec->agent':>17}{'agent->exit':>13}{'teardown':>10}"
+    print(head)
+    print("-" * len(head))
+    for who, xs in rows.items():
+        print(f"{who:<14}{len(xs):>3}{fmt(med(xs, 'total')):>8}{fmt(med(xs, 'pre')):>9}{fmt(med(xs, 'boot')):>17}"
+              f"{fmt(med(xs, 'run')):>13}{fmt(med(xs, 'teardown')):>10}")
+    b, p = med(rows["bulkhead"], "total"), med(rows["podman-runc"], "total")
+    print(f"bulkhead / podman+runc, total: {b / p:.2f}x (whole run {secs:.0f} s)")
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["test", "demo", "bench"])
+    ap.add_argument("mode", choices=["test", "demo", "bench", "runbench"])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--sizes", default="128,1024,2048", help="bench: guest MiB, comma-separated")
     ap.add_argument("--timeout", type=int, default=900)
@@ -691,6 +770,8 @@ def main():
     a = ap.parse_args()
     if a.mode == "bench":
         sys.exit(cmd_bench(a))
+    if a.mode == "runbench":
+        sys.exit(cmd_runbench(a))
     sys.exit(cmd_test(a, demo=a.mode == "demo"))
 
 
