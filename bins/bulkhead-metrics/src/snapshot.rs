@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bulkhead_dbus::{Manager1Proxy, Sandbox1Proxy, MANAGER_NAME, MANAGER_PATH};
+use bulkhead_dbus::{Sandbox1Proxy, MANAGER_NAME, MANAGER_PATH};
 use bulkhead_jail::posture::{tree_usage, Usage};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -113,6 +113,12 @@ pub const GUEST_STATS: [&str; 10] = [
     "hugetlb_failures",
 ];
 
+/// `GetManagedObjects`' answer.
+type ManagedObjects = HashMap<
+    zbus::zvariant::OwnedObjectPath,
+    HashMap<zbus::names::OwnedInterfaceName, HashMap<String, OwnedValue>>,
+>;
+
 /// Reads the manager; keeps one bus connection, opened again after a failure.
 pub struct Collector {
     address: Option<String>,
@@ -132,6 +138,8 @@ enum ReadError {
     NoManager,
     #[error("no answer in {0:?}")]
     Timeout(Duration),
+    #[error("no reply")]
+    NoReply,
 }
 
 impl Collector {
@@ -206,6 +214,25 @@ where
     }
 }
 
+/// A method call that never D-Bus-activates its destination (`NO_AUTO_START`): a
+/// manager that went away between `NameHasOwner` and the call is an error here, not a
+/// new bulkheadd started by a scrape.
+async fn call<B, R>(
+    proxy: &zbus::Proxy<'_>,
+    method: &str,
+    body: &B,
+    limit: Duration,
+) -> Result<R, ReadError>
+where
+    B: serde::Serialize + zbus::zvariant::DynamicType,
+    R: for<'d> zbus::zvariant::DynamicDeserialize<'d>,
+{
+    let flags = zbus::proxy::MethodFlags::NoAutoStart.into();
+    bounded(limit, proxy.call_with_flags::<_, B, R>(method, flags, body))
+        .await?
+        .ok_or(ReadError::NoReply)
+}
+
 async fn read_manager(
     conn: &zbus::Connection,
     limit: Duration,
@@ -216,17 +243,25 @@ async fn read_manager(
     if !bounded(limit, dbus.name_has_owner(name)).await? {
         return Err(ReadError::NoManager);
     }
-    let manager = Manager1Proxy::builder(conn)
-        .cache_properties(zbus::proxy::CacheProperties::No)
+    let props = zbus::fdo::PropertiesProxy::builder(conn)
+        .destination(MANAGER_NAME)?
+        .path(MANAGER_PATH)?
         .build()
         .await?;
-    let version = bounded(limit, manager.version()).await?;
+    let version: OwnedValue = call(
+        props.inner(),
+        "Get",
+        &("org.bulkhead.Manager1", "Version"),
+        limit,
+    )
+    .await?;
+    let version = string(&version).unwrap_or_default();
     let om = zbus::fdo::ObjectManagerProxy::builder(conn)
         .destination(MANAGER_NAME)?
         .path(MANAGER_PATH)?
         .build()
         .await?;
-    let objects = bounded(limit, om.get_managed_objects()).await?;
+    let objects: ManagedObjects = call(om.inner(), "GetManagedObjects", &(), limit).await?;
     let mut sandboxes: Vec<(String, Sandbox)> = objects
         .into_iter()
         .filter_map(|(path, ifaces)| {
@@ -334,7 +369,9 @@ async fn read_sandbox(
         return x;
     };
     for id in running.into_iter().take(MAX_PER_SANDBOX) {
-        match bounded(limit, sb.stats(&id)).await {
+        let stats: Result<HashMap<String, u64>, _> =
+            call(sb.inner(), "Stats", &(id.as_str(),), limit).await;
+        match stats {
             Ok(s) => x
                 .stats
                 .push((id, s.into_iter().take(MAX_PER_SANDBOX).collect())),
@@ -345,7 +382,9 @@ async fn read_sandbox(
             }
         }
     }
-    match bounded(limit, sb.network_stats()).await {
+    let net: Result<HashMap<String, HashMap<String, u64>>, _> =
+        call(sb.inner(), "NetworkStats", &(), limit).await;
+    match net {
         Ok(n) => {
             x.network = n
                 .into_iter()
@@ -360,7 +399,9 @@ async fn read_sandbox(
         }
     }
     if vm {
-        match bounded(limit, sb.vm_status()).await {
+        let status: Result<HashMap<String, OwnedValue>, _> =
+            call(sb.inner(), "VmStatus", &(), limit).await;
+        match status {
             Ok(s) => x.vm = Some(vm_from_status(&s)),
             Err(e) if gone(&e) => {}
             Err(e) => {
