@@ -38,7 +38,8 @@ pub struct Exporter {
 
 struct Inner {
     collector: Collector,
-    last: Option<(Instant, Arc<String>)>,
+    /// The last exposition; `Bytes` so that every answer shares it without a copy.
+    last: Option<(Instant, Bytes)>,
     failed_calls_total: u64,
 }
 
@@ -57,7 +58,7 @@ impl Exporter {
 
     /// The exposition: read now, or the last one if it is recent. Concurrent callers
     /// wait for one read instead of each starting their own.
-    pub async fn scrape(&self) -> Arc<String> {
+    pub async fn scrape(&self) -> Bytes {
         let mut g = self.inner.lock().await;
         if let Some((at, text)) = &g.last {
             if at.elapsed() < self.min_interval {
@@ -79,7 +80,7 @@ impl Exporter {
             scrape_duration: t0.elapsed(),
             failed_calls_total: g.failed_calls_total,
         };
-        let text = Arc::new(render::render(&snap, figures));
+        let text = Bytes::from(render::render(&snap, figures));
         g.last = Some((Instant::now(), text.clone()));
         text
     }
@@ -138,11 +139,7 @@ async fn handle(
     Ok(match req.uri().path() {
         "/metrics" if read => {
             let text = ex.scrape().await;
-            reply(
-                StatusCode::OK,
-                render::CONTENT_TYPE,
-                text.as_bytes().to_vec(),
-            )
+            reply(StatusCode::OK, render::CONTENT_TYPE, text)
         }
         "/" if read => reply(
             StatusCode::OK,
