@@ -15,6 +15,8 @@ usage: bulkhead-jailer --sandbox ID --name NAME --root DIR --uid N --gid N [opti
   --net MODE        none (a new, empty namespace; default), host, or a netns path
   --cgroup PATH     join PATH below the jailer's cgroup in every hierarchy
   --keep-fd N       hand descriptor N on (repeatable)
+  --start-gate N    with the jail set up, wait for one byte on descriptor N before the
+                    exec (EOF: give up); N is not handed on
   --cap NAME        keep capability NAME, e.g. CAP_NET_ADMIN (repeatable)
   --max-files N     RLIMIT_NOFILE (default 4096)
   --landlock on|off apply the landlock ruleset (default on)
@@ -53,6 +55,9 @@ impl Jail {
         }
         for fd in &self.keep_fds {
             push("--keep-fd", fd.to_string().as_ref());
+        }
+        if let Some(fd) = self.start_gate {
+            push("--start-gate", fd.to_string().as_ref());
         }
         for c in &self.keep_caps {
             push("--cap", c.as_ref());
@@ -135,6 +140,13 @@ impl Jail {
                     }
                     j.keep_fds.push(n as i32)
                 }
+                "--start-gate" => {
+                    let n = num("--start-gate")?;
+                    if !(3..=65535).contains(&n) {
+                        return Err(bad(format!("--start-gate {n}: want 3 to 65535")));
+                    }
+                    j.start_gate = Some(n as i32)
+                }
                 "--cap" => j.keep_caps.push(text()?),
                 "--max-files" => j.max_files = num("--max-files")?,
                 "--landlock" => {
@@ -161,6 +173,11 @@ impl Jail {
         }
         if j.uid == u32::MAX || j.gid == u32::MAX {
             return Err(bad("--uid and --gid are required".into()));
+        }
+        if j.start_gate.is_some_and(|g| j.keep_fds.contains(&g)) {
+            return Err(bad(
+                "--start-gate: a descriptor handed on cannot be the gate".into(),
+            ));
         }
         if !j.program.is_absolute() {
             return Err(bad(format!(
@@ -204,6 +221,7 @@ mod tests {
         j.net = Net::Join("/run/netns/p".into());
         j.cgroup = Some("bulkhead/sb".into());
         j.keep_fds = vec![3];
+        j.start_gate = Some(4);
         j.keep_caps = vec!["CAP_CHOWN".into()];
         j.env = vec![("BULKHEAD_LOG".into(), "info=x".into())];
         j.report = Some("/run/sb/vmm.jail.json".into());
@@ -240,6 +258,8 @@ mod tests {
             &["--ro", "/usr/../etc", "--", "/bin/true"],
             &["--cgroup", "../up", "--", "/bin/true"],
             &["--keep-fd", "2", "--", "/bin/true"],
+            &["--start-gate", "1", "--", "/bin/true"],
+            &["--keep-fd", "3", "--start-gate", "3", "--", "/bin/true"],
             &["--dev", "sda", "--", "/bin/true"],
             &["--uid"],
             &["--what", "x", "--", "/bin/true"],

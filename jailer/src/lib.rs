@@ -147,6 +147,10 @@ pub struct Jail {
     pub cgroup: Option<String>,
     /// Descriptors handed on, besides 0-2; every other one is closed.
     pub keep_fds: Vec<i32>,
+    /// A descriptor to wait on, with the jail set up, until one byte arrives (the
+    /// manager's word that what the component connects to is there); EOF means give up.
+    /// Closed before the exec.
+    pub start_gate: Option<i32>,
     /// Capabilities kept (names as in `CAP_NET_ADMIN`); none by default.
     pub keep_caps: Vec<String>,
     /// RLIMIT_NOFILE.
@@ -178,6 +182,7 @@ impl Jail {
             net: Net::None,
             cgroup: None,
             keep_fds: vec![],
+            start_gate: None,
             keep_caps: vec![],
             max_files: 4096,
             landlock: true,
@@ -192,7 +197,13 @@ impl Jail {
     /// process becomes the component's parent and exits with its status.
     pub fn run(self) -> Result<std::convert::Infallible, JailError> {
         // 1. Nothing inherited by accident: only stdio and the descriptors handed on.
-        fds::close_all_but(&self.keep_fds)?;
+        let kept: Vec<i32> = self
+            .keep_fds
+            .iter()
+            .copied()
+            .chain(self.start_gate)
+            .collect();
+        fds::close_all_but(&kept)?;
         // 2. The environment is rebuilt from `env` at exec; nothing else is passed.
         // 3. Resource accounting: the sandbox's cgroup, in every hierarchy.
         let cgroups = cgroup::join(self.cgroup.as_deref());
@@ -222,10 +233,13 @@ impl Jail {
                 status: "off (own sandbox)".into(),
             }
         };
-        // 8. The baseline seccomp filter, then say what was enforced and become the
-        //    component.
+        // 8. The baseline seccomp filter, then wait at the start gate (if any), say what
+        //    was enforced and become the component.
         if self.landlock {
             seccomp::install()?;
+        }
+        if let Some(fd) = self.start_gate {
+            fds::wait_gate(fd)?;
         }
         let report = posture::Report {
             sandbox: self.sandbox.clone(),

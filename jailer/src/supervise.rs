@@ -106,7 +106,7 @@ pub fn exec(j: &Jail) -> JailError {
 
 fn parent_loop(j: &Jail, child: Pid, report: OwnedFd) -> i32 {
     // Nothing the component was handed stays open here.
-    for fd in &j.keep_fds {
+    for fd in j.keep_fds.iter().chain(&j.start_gate) {
         // SAFETY: closing a descriptor this process owns and no longer uses.
         unsafe { libc::close(*fd) };
     }

@@ -176,6 +176,87 @@ fn only_the_descriptors_handed_on_stay_open() {
     assert!(!fds.contains(&fa), "{fa} leaked: {fds:?}");
 }
 
+/// A pipe whose read end is inheritable at `fd` in children of this process.
+fn gate_pipe(fd: i32) -> std::fs::File {
+    use std::os::fd::FromRawFd;
+    let mut p = [0; 2];
+    // SAFETY: pipe2 writes two new descriptors into the array on success.
+    assert_eq!(unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: dup2 onto a number this test owns (the copy is inheritable; the caller
+    // closes it), then the original read end, which nothing else uses, is closed.
+    unsafe {
+        assert_eq!(libc::dup2(p[0], fd), fd);
+        libc::close(p[0]);
+    }
+    // SAFETY: the write end is new and owned by nobody else.
+    unsafe { std::fs::File::from_raw_fd(p[1]) }
+}
+
+#[test]
+fn the_start_gate_holds_the_exec_until_a_byte_arrives() {
+    use std::io::Write;
+    need_root();
+    let s = Scratch::new("gate");
+    let gate = 50;
+    let mut wr = gate_pipe(gate);
+    let mark = s.dir.join("rw").join("ran");
+    let mut j = s.jail(
+        "sh",
+        Path::new("/bin/sh"),
+        &["-c", &format!("touch {}; ls /proc/self/fd", mark.display())],
+    );
+    j.start_gate = Some(gate);
+    let c = Command::new(JAILER)
+        .args(j.to_args())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // SAFETY: closing this process's copy; the child holds its own.
+    unsafe { libc::close(gate) };
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!mark.exists(), "the program ran before the gate opened");
+    wr.write_all(&[1]).unwrap();
+    let o = c.wait_with_output().unwrap();
+    assert!(o.status.success(), "{o:?}");
+    assert!(mark.exists());
+    let fds: Vec<i32> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    assert!(!fds.contains(&gate), "the gate was handed on: {fds:?}");
+}
+
+#[test]
+fn a_start_gate_closed_unopened_means_no_exec() {
+    need_root();
+    let s = Scratch::new("gate-eof");
+    let gate = 51;
+    let wr = gate_pipe(gate);
+    let mark = s.dir.join("rw").join("ran");
+    let mut j = s.jail(
+        "sh",
+        Path::new("/bin/sh"),
+        &["-c", &format!("touch {}", mark.display())],
+    );
+    j.start_gate = Some(gate);
+    let c = Command::new(JAILER)
+        .args(j.to_args())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // SAFETY: closing this process's copy; the child holds its own.
+    unsafe { libc::close(gate) };
+    drop(wr);
+    let o = c.wait_with_output().unwrap();
+    assert!(!o.status.success(), "{o:?}");
+    assert!(
+        !mark.exists(),
+        "the program ran though the gate never opened"
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("start gate"), "{err}");
+}
+
 #[test]
 fn exit_status_and_signals_pass_through_the_jailer() {
     need_root();
