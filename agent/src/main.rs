@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bulkhead_protocol::AGENT_VSOCK_PORT;
+use bulkhead_protocol::{AGENT_READY_VSOCK_PORT, AGENT_VSOCK_PORT};
 
 /// Log a line. As PID 1 the kernel log is the one channel that always works (it reaches
 /// the console even before user space has a usable tty); otherwise stderr. Never fails:
@@ -132,6 +132,13 @@ fn main() {
         match sys::VsockListener::bind(port) {
             Ok(l) => {
                 log(&format!("listening on vsock port {port}"));
+                // Tell the host it may connect now (see AGENT_READY_VSOCK_PORT). A host
+                // without a listener there refuses; it then finds the agent by polling.
+                spawn("ready", || {
+                    if let Err(e) = sys::vsock_hello(AGENT_READY_VSOCK_PORT, b"ready\n") {
+                        log(&format!("no host listener for the ready word: {e}"));
+                    }
+                });
                 loop {
                     match l.accept() {
                         Ok(conn) => {

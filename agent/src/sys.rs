@@ -348,6 +348,36 @@ impl VsockListener {
     }
 }
 
+/// Connect to `port` of the host (CID 2) and say `hello`; the connection is closed
+/// on return.
+pub fn vsock_hello(port: u32, hello: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    // SAFETY: plain socket(2) call; the result is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_vm is plain data; zeroed is a valid starting value.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_port = port;
+    addr.svm_cid = libc::VMADDR_CID_HOST;
+    // SAFETY: addr is a valid sockaddr_vm and the length matches it.
+    let rc = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_vm).cast(),
+            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    File::from(fd).write_all(hello)
+}
+
 /// The sandbox's namespace holder (`bulkhead-agent --ns-holder`), started by the agent
 /// with its IPC, UTS (and PID) namespaces already unshared. It sets the hostname, makes
 /// the PID namespace's init when asked to, prints that init's pid (or 0) and sleeps

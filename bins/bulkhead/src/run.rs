@@ -278,10 +278,11 @@ pub async fn run(a: RunArgs) -> Result<i32> {
         if std::env::var_os("BULKHEAD_TIMINGS").is_some() {
             let timings = sb.timings().await.unwrap_or_default();
             eprintln!(
-                "bulkhead: timings ms: bus+manager {:.1}, sandbox ready {:.1} (manager: vmm exec {:.1}, agent ready {:.1}), started {:.1}, exited {:.1}",
+                "bulkhead: timings ms: bus+manager {:.1}, sandbox ready {:.1} (manager: vmm exec {:.1}, back ends ready {:.1}, agent ready {:.1}), started {:.1}, exited {:.1}",
                 t_bus.as_secs_f64() * 1e3,
                 t_sandbox.as_secs_f64() * 1e3,
                 timings.get("vmm_exec").copied().unwrap_or(0) as f64 / 1e3,
+                timings.get("components_started").copied().unwrap_or(0) as f64 / 1e3,
                 timings.get("agent_ready").copied().unwrap_or(0) as f64 / 1e3,
                 t_started.as_secs_f64() * 1e3,
                 t0.elapsed().as_secs_f64() * 1e3,

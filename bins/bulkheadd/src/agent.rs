@@ -4,12 +4,14 @@
 //! the protocol crate (frame limits, typed decoding).
 
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use bulkhead_dbus::Error;
 use bulkhead_protocol::client::{AgentClient, ClientError, Endpoint};
-use bulkhead_protocol::{encode, write_frame, AgentError, Request, AGENT_VSOCK_PORT};
+use bulkhead_protocol::{
+    encode, write_frame, AgentError, Request, AGENT_READY_VSOCK_PORT, AGENT_VSOCK_PORT,
+};
 
 /// How long to wait for the vsock connection and handshake on a live guest.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -62,14 +64,35 @@ impl Agent {
         self.call(move |c| c.expect_ok(&req)).await
     }
 
-    /// Poll until the agent answers a health request, `gone()` says the VM died, or
-    /// `timeout` passes.
+    /// Wait for the agent's ready word on `ready` (see [`ready_listener`]), then poll
+    /// until it answers a health request; an error when `gone()` says the VM died or
+    /// `timeout` passes. Without a ready word within half the timeout (a guest image
+    /// whose agent predates it), polling starts anyway.
     pub async fn wait_ready(
         &self,
         timeout: Duration,
+        ready: Option<ReadyListener>,
         gone: impl Fn() -> Option<String>,
     ) -> Result<(), Error> {
         let start = Instant::now();
+        if let Some(l) = ready {
+            loop {
+                tokio::select! {
+                    r = l.listener.accept() => if r.is_ok() { break },
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+                if let Some(why) = gone() {
+                    return Err(Error::Backend(why));
+                }
+                if start.elapsed() > timeout / 2 {
+                    tracing::warn!(
+                        "no ready word from the guest agent in {:?}: polling for it",
+                        timeout / 2
+                    );
+                    break;
+                }
+            }
+        }
         loop {
             let ep = self.endpoint.clone();
             let r = tokio::task::spawn_blocking(move || {
@@ -133,5 +156,104 @@ impl Agent {
             Ok(s)
         })
         .await
+    }
+}
+
+/// Where the agent's ready word arrives; the socket file goes when this is dropped.
+pub struct ReadyListener {
+    listener: tokio::net::UnixListener,
+    path: PathBuf,
+}
+
+impl Drop for ReadyListener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Listen where the agent's ready word arrives: `<vsock socket>_<port>`, the hybrid
+/// vsock path of host port [`AGENT_READY_VSOCK_PORT`], owned by the sandbox's jail uid so
+/// the jailed VMM or vhost-device-vsock may connect to it.
+pub fn ready_listener(
+    vsock_socket: &Path,
+    jail_uid: Option<u32>,
+) -> std::io::Result<ReadyListener> {
+    let path = PathBuf::from(format!(
+        "{}_{AGENT_READY_VSOCK_PORT}",
+        vsock_socket.display()
+    ));
+    let _ = std::fs::remove_file(&path);
+    let l = std::os::unix::net::UnixListener::bind(&path)?;
+    if let Some(uid) = jail_uid {
+        std::os::unix::fs::lchown(&path, Some(uid), Some(uid))?;
+    }
+    l.set_nonblocking(true)?;
+    Ok(ReadyListener {
+        listener: tokio::net::UnixListener::from_std(l)?,
+        path,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// No connection reaches the agent's socket before the guest's ready word: one made
+    /// while vhost-device-vsock is being started can stop its worker for good.
+    #[tokio::test(flavor = "current_thread")]
+    async fn no_connection_before_the_ready_word() {
+        let dir = std::env::temp_dir().join(format!("bh-ready-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let vsock = dir.join("vsock.sock");
+        // The agent's side of hybrid vsock: counts connections, answers none.
+        let agent_side = std::os::unix::net::UnixListener::bind(&vsock).unwrap();
+        agent_side.set_nonblocking(true).unwrap();
+        let ready = ready_listener(&vsock, None).unwrap();
+        let ready_path = format!("{}_{AGENT_READY_VSOCK_PORT}", vsock.display());
+        let t0 = Instant::now();
+        let word_at = Duration::from_millis(600);
+        let rp = ready_path.clone();
+        let guest = std::thread::spawn(move || {
+            std::thread::sleep(word_at);
+            let mut s = UnixStream::connect(&rp).unwrap();
+            std::io::Write::write_all(&mut s, b"ready\n").unwrap();
+        });
+        let first = std::sync::Arc::new(std::sync::Mutex::new(None::<Duration>));
+        let f = first.clone();
+        let watcher = std::thread::spawn(move || {
+            while t0.elapsed() < Duration::from_secs(5) {
+                if agent_side.accept().is_ok() {
+                    *f.lock().unwrap() = Some(t0.elapsed());
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        let agent = Agent::new(vsock.clone());
+        // `gone` ends the wait once a connection came in (or after 5 s).
+        let seen = first.clone();
+        let r = agent
+            .wait_ready(Duration::from_secs(30), Some(ready), move || {
+                (seen.lock().unwrap().is_some() || t0.elapsed() > Duration::from_secs(5))
+                    .then(|| "done".to_string())
+            })
+            .await;
+        guest.join().unwrap();
+        watcher.join().unwrap();
+        assert!(r.is_err());
+        let at = first
+            .lock()
+            .unwrap()
+            .expect("no connection after the ready word");
+        assert!(
+            at >= word_at,
+            "connected {at:?} in, before the ready word at {word_at:?}"
+        );
+        assert!(
+            !Path::new(&ready_path).exists(),
+            "the ready socket was left behind"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

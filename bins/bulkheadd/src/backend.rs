@@ -34,6 +34,8 @@ pub struct ComponentSpec {
     pub ready_socket: Option<PathBuf>,
     /// Descriptors handed to the child at the given numbers; held until it has started.
     pub fds: Vec<(OwnedFd, i32)>,
+    /// One of `fds` that is the jailer's start gate, not the component's.
+    pub start_gate: Option<i32>,
     /// What its jail must hold besides the sandbox's `vm/` directory and system libraries.
     pub needs: Needs,
 }
@@ -62,6 +64,7 @@ impl ComponentSpec {
             command,
             ready_socket,
             fds: vec![],
+            start_gate: None,
             needs,
         }
     }

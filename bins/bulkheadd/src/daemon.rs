@@ -190,6 +190,23 @@ fn share_bind_mounts(
 /// Wait for each back end's socket. In a jailed sandbox the sockets are then handed to
 /// the jail uid: a back end that runs as root (virtiofsd) makes its socket root's, and
 /// the VMM must be able to connect to it.
+/// A pipe, both ends close-on-exec: (read, write).
+fn cloexec_pipe() -> std::io::Result<(std::os::fd::OwnedFd, std::fs::File)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two new descriptors into the array on success.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors are new and owned by nobody else.
+    Ok(unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    })
+}
+
 async fn wait_sockets(
     pending: &[(Component, PathBuf, PathBuf)],
     jail_uid: Option<u32>,
@@ -459,41 +476,78 @@ impl Daemon {
     async fn boot(self: &Arc<Self>, sb: &Arc<Sandbox>, t0: Instant) -> Result<(), Error> {
         let rec = sb.snapshot();
         let specs = backend::plan(&self.cfg, &rec, self.tcg).map_err(|e| Error::Backend(e.0))?;
-        // Back ends start together; the VMM starts once every socket it connects to is there.
+        // Every component starts at once. A jailed VMM sets its jail up beside the back
+        // ends and waits at its jailer's start gate until every socket it connects to is
+        // there and handed to the jail's uid; an unjailed one starts after them.
+        let ready = crate::agent::ready_listener(&rec.vsock_socket(), rec.jail_uid)
+            .map_err(
+                |e| tracing::warn!(sandbox = %sb.id, "no listener for the agent's ready word: {e}"),
+            )
+            .ok();
         let mut pending: Vec<(Component, PathBuf, PathBuf)> = vec![];
-        for spec in specs {
+        let mut gate: Option<std::fs::File> = None;
+        for mut spec in specs {
             let log = rec.run_dir.join(format!("{}.log", spec.name));
-            if spec.ready_socket.is_none() {
-                wait_sockets(&std::mem::take(&mut pending), rec.jail_uid).await?;
-            }
             if spec.name == "vmm" {
-                let us = t0.elapsed().as_micros() as u64;
+                if rec.jail_uid.is_some() {
+                    let (rd, wr) =
+                        cloexec_pipe().map_err(|e| Error::Backend(format!("start gate: {e}")))?;
+                    let n = spec
+                        .fds
+                        .iter()
+                        .map(|(_, n)| n + 1)
+                        .max()
+                        .unwrap_or(3)
+                        .max(3);
+                    spec.fds.push((rd, n));
+                    spec.start_gate = Some(n);
+                    gate = Some(wr);
+                } else {
+                    wait_sockets(&std::mem::take(&mut pending), rec.jail_uid).await?;
+                }
                 sb.rec
                     .lock()
                     .expect("rec lock")
                     .timings
-                    .insert("vmm_exec".into(), us);
+                    .insert("vmm_exec".into(), t0.elapsed().as_micros() as u64);
             }
             let mut cmd = jail::command(&self.cfg, &rec, &spec).map_err(|e| Error::Backend(e.0))?;
             let comp = supervisor::spawn(&spec.name, &mut cmd, &log)
                 .map_err(|e| Error::Backend(format!("cannot start {}: {e}", spec.name)))?;
             drop(spec.fds);
             tracing::debug!(sandbox = %sb.id, "started {} pid {}", comp.name, comp.pid);
-            self.update(
-                sb,
-                Changed {
-                    components: true,
-                    ..Default::default()
-                },
-                |r| r.components.push(comp.clone()),
-            )
-            .await;
+            // Saved at once, so a manager restarted mid-start knows what to stop; the
+            // bus hears of them all together below.
+            sb.rec
+                .lock()
+                .expect("rec lock")
+                .components
+                .push(comp.clone());
+            self.save(sb);
             self.watch_component(sb, comp.clone());
             if let Some(sock) = spec.ready_socket {
                 pending.push((comp, sock, log));
             }
         }
+        self.notify(
+            sb,
+            Changed {
+                components: true,
+                ..Default::default()
+            },
+        )
+        .await;
+        // On an error the gate's write end closes with `gate`: the jailer gives up.
         wait_sockets(&pending, rec.jail_uid).await?;
+        if let Some(mut g) = gate {
+            use std::io::Write;
+            g.write_all(&[1]).map_err(|e| {
+                Error::Backend(format!(
+                    "the VMM's jail did not wait for its start ({e}): {}",
+                    log_tail(&rec.run_dir.join("vmm.log"))
+                ))
+            })?;
+        }
         sb.rec
             .lock()
             .expect("rec lock")
@@ -504,7 +558,7 @@ impl Daemon {
             .ok_or_else(|| Error::Backend("no VMM component".into()))?;
         let serial = rec.vm_dir().join("serial.log");
         sb.agent
-            .wait_ready(Duration::from_secs(self.cfg.boot_timeout_s), || {
+            .wait_ready(Duration::from_secs(self.cfg.boot_timeout_s), ready, || {
                 (!supervisor::alive(&vmm)).then(|| {
                     format!(
                         "the VMM exited while the guest booted: {} / serial: {}",

@@ -61,7 +61,13 @@ pub fn jail_for(rec: &SandboxRec, spec: &ComponentSpec) -> Option<Jail> {
         j.max_files = n;
     }
     j.cgroup = Some(cgroup(rec));
-    j.keep_fds = spec.fds.iter().map(|(_, n)| *n).collect();
+    j.keep_fds = spec
+        .fds
+        .iter()
+        .map(|(_, n)| *n)
+        .filter(|n| Some(*n) != spec.start_gate)
+        .collect();
+    j.start_gate = spec.start_gate;
     j.env = PASSED_ENV
         .iter()
         .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))

@@ -35,6 +35,14 @@ pub const MIN_PROTOCOL_VERSION: u32 = 1;
 /// line says otherwise.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
+/// Host vsock port the agent connects to, once, as soon as it listens on its own port:
+/// the host's word that the guest's vsock device is up and the agent is there. The host
+/// connects to the agent only after it (on hybrid vsock: a listener at
+/// `<socket>_<port>`). A host connection that reaches vhost-device-vsock while QEMU is
+/// still starting the device (memory table sent, queues not yet ready) stops that back
+/// end's worker thread for good, so polling from the first moment is not safe.
+pub const AGENT_READY_VSOCK_PORT: u32 = 1025;
+
 /// The boot timer: the agent writes [`BOOT_TIMER_MAGIC`] to this x86 I/O port as the
 /// first thing it does as init, and bulkhead-vmm records the moment (exec to init
 /// without vsock). Other VMMs ignore the write.
