@@ -298,33 +298,48 @@ pub fn power_off() {
     }
 }
 
+/// A new AF_VSOCK stream socket and the address of `cid`:`port`, handed to `f`
+/// (bind or connect) with the address's length.
+fn vsock_socket(
+    cid: u32,
+    port: u32,
+    f: unsafe extern "C" fn(libc::c_int, *const libc::sockaddr, libc::socklen_t) -> libc::c_int,
+) -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2) call; the result is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_vm is plain data; zeroed is a valid starting value.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_port = port;
+    addr.svm_cid = cid;
+    // SAFETY: `f` is bind(2) or connect(2); addr is a valid sockaddr_vm and the length
+    // matches it.
+    let rc = unsafe {
+        f(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_vm).cast(),
+            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
 /// A listening AF_VSOCK stream socket.
 pub struct VsockListener(OwnedFd);
 
 impl VsockListener {
     pub fn bind(port: u32) -> io::Result<Self> {
-        // SAFETY: plain socket(2) call; the result is checked before use.
-        let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd is a fresh socket we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: sockaddr_vm is plain data; zeroed is a valid starting value.
-        let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
-        addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
-        addr.svm_port = port;
-        addr.svm_cid = libc::VMADDR_CID_ANY;
-        // SAFETY: addr is a valid sockaddr_vm and the length matches it.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&addr as *const libc::sockaddr_vm).cast(),
-                std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
-            )
-        };
+        let fd = vsock_socket(libc::VMADDR_CID_ANY, port, libc::bind)?;
         // SAFETY: listen on a bound socket we own.
-        if rc < 0 || unsafe { libc::listen(fd.as_raw_fd(), 64) } < 0 {
+        if unsafe { libc::listen(fd.as_raw_fd(), 64) } < 0 {
             return Err(io::Error::last_os_error());
         }
         Ok(VsockListener(fd))
@@ -352,29 +367,7 @@ impl VsockListener {
 /// on return.
 pub fn vsock_hello(port: u32, hello: &[u8]) -> io::Result<()> {
     use std::io::Write;
-    // SAFETY: plain socket(2) call; the result is checked before use.
-    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh socket we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: sockaddr_vm is plain data; zeroed is a valid starting value.
-    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
-    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
-    addr.svm_port = port;
-    addr.svm_cid = libc::VMADDR_CID_HOST;
-    // SAFETY: addr is a valid sockaddr_vm and the length matches it.
-    let rc = unsafe {
-        libc::connect(
-            fd.as_raw_fd(),
-            (&addr as *const libc::sockaddr_vm).cast(),
-            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let fd = vsock_socket(libc::VMADDR_CID_HOST, port, libc::connect)?;
     File::from(fd).write_all(hello)
 }
 
