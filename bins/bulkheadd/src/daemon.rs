@@ -185,11 +185,6 @@ fn share_bind_mounts(
     Ok(())
 }
 
-/// Wait until each component has created its socket; a component that exits first, or
-/// takes over 10 s, fails the sandbox with the tail of its log.
-/// Wait for each back end's socket. In a jailed sandbox the sockets are then handed to
-/// the jail uid: a back end that runs as root (virtiofsd) makes its socket root's, and
-/// the VMM must be able to connect to it.
 /// A pipe, both ends close-on-exec: (read, write).
 fn cloexec_pipe() -> std::io::Result<(std::os::fd::OwnedFd, std::fs::File)> {
     use std::os::fd::FromRawFd;
@@ -207,6 +202,10 @@ fn cloexec_pipe() -> std::io::Result<(std::os::fd::OwnedFd, std::fs::File)> {
     })
 }
 
+/// Wait until each back end has created its socket; one that exits first, or takes over
+/// 10 s, fails the sandbox with the tail of its log. In a jailed sandbox the sockets are
+/// then handed to the jail uid: a back end that runs as root (virtiofsd) makes its socket root's, and
+/// the VMM must be able to connect to it.
 async fn wait_sockets(
     pending: &[(Component, PathBuf, PathBuf)],
     jail_uid: Option<u32>,
