@@ -93,9 +93,13 @@ fn main() {
         };
         let rt = runtime(state_dir, false);
         let state = serve::AgentState::new(Instant::now(), sys::ModuleReport::default(), false, rt);
+        let cap = serve::ConnectionCap::new(
+            arg_value(&args, "--max-connections")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(serve::DEFAULT_MAX_CONNECTIONS),
+        );
         for conn in listener.incoming().flatten() {
-            let st = state.clone();
-            spawn("conn", move || serve::serve_connection(conn, &st));
+            serve::serve_capped(conn, &state, &cap);
         }
         return;
     }
@@ -128,6 +132,11 @@ fn main() {
         .unwrap_or(AGENT_VSOCK_PORT);
     let rt = runtime(PathBuf::from("/run/bulkhead/agent"), pid1);
     let state = serve::AgentState::new(boot, modules, pid1, rt);
+    let cap = serve::ConnectionCap::new(
+        sys::cmdline_param("bulkhead.agent_max_connections")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(serve::DEFAULT_MAX_CONNECTIONS),
+    );
     loop {
         match sys::VsockListener::bind(port) {
             Ok(l) => {
@@ -141,10 +150,7 @@ fn main() {
                 });
                 loop {
                     match l.accept() {
-                        Ok(conn) => {
-                            let st = state.clone();
-                            spawn("conn", move || serve::serve_connection(conn, &st));
-                        }
+                        Ok(conn) => serve::serve_capped(conn, &state, &cap),
                         Err(e) => {
                             log(&format!("accept failed: {e}"));
                             std::thread::sleep(std::time::Duration::from_millis(50));

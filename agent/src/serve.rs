@@ -1,6 +1,7 @@
 //! One connection's request loop.
 
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -54,6 +55,70 @@ impl Conn for std::fs::File {
     fn try_clone(&self) -> std::io::Result<Self> {
         std::fs::File::try_clone(self)
     }
+}
+
+/// Host connections served at once unless the kernel command line sets
+/// `bulkhead.agent_max_connections`. Every exec's and container's stdio stream is one,
+/// so this is far above what a pod uses; it bounds the threads and descriptors a host
+/// (or anything else that reaches the agent's port) can make the agent hold.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+
+/// Counts the connections being served; one over the cap is refused at once.
+pub struct ConnectionCap {
+    open: AtomicUsize,
+    max: usize,
+}
+
+/// A served connection's place under the cap, given back when it ends.
+pub struct ConnectionSlot(Arc<ConnectionCap>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl ConnectionCap {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(ConnectionCap {
+            open: AtomicUsize::new(0),
+            max: max.max(1),
+        })
+    }
+
+    /// A slot, or `None` when `max` connections are already being served.
+    pub fn admit(self: &Arc<Self>) -> Option<ConnectionSlot> {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| ConnectionSlot(self.clone()))
+    }
+
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+}
+
+/// Serve `conn` on a thread of its own if the cap allows; otherwise answer its
+/// handshake with a refusal that says why (written at once: the socket's buffer is
+/// empty) and close it, without a thread.
+pub fn serve_capped<S: Conn>(mut conn: S, state: &AgentState, cap: &Arc<ConnectionCap>) {
+    let Some(slot) = cap.admit() else {
+        let reason = format!(
+            "the agent is serving {} connections (its limit is {}); try again when one closes",
+            cap.open(),
+            cap.max
+        );
+        let _ = send(&mut conn, &HelloReply::Refused { reason });
+        return;
+    };
+    let st = state.clone();
+    crate::spawn("conn", move || {
+        let _slot = slot;
+        serve_connection(conn, &st);
+    });
 }
 
 /// Serve one connection until the peer closes it, breaks framing, or turns it into a
@@ -257,6 +322,48 @@ mod tests {
         let st = AgentState::new(Instant::now(), sys::ModuleReport::default(), false, rt);
         let t = std::thread::spawn(move || serve_connection(b, &st));
         (a, t)
+    }
+
+    #[test]
+    fn connections_past_the_cap_are_refused_with_a_reason_until_one_closes() {
+        use bulkhead_protocol::client::ClientError;
+        let dir = std::env::temp_dir().join(format!("bh-agent-cap-{}", std::process::id()));
+        let reaper = std::sync::Arc::new(crate::reaper::Reaper::default());
+        let st = AgentState::new(
+            Instant::now(),
+            sys::ModuleReport::default(),
+            false,
+            Runtime::new(dir, false, reaper),
+        );
+        let cap = ConnectionCap::new(2);
+        let connect = || {
+            let (a, b) = UnixStream::pair().unwrap();
+            serve_capped(b, &st, &cap);
+            AgentClient::handshake(a)
+        };
+        let mut first = connect().unwrap();
+        let mut second = connect().unwrap();
+        match connect() {
+            Err(ClientError::Refused(reason)) => assert!(reason.contains("limit"), "{reason}"),
+            other => panic!(
+                "a third connection was served: {:?}",
+                other.map(|c| c.version)
+            ),
+        }
+        // The two admitted ones are still served.
+        first.health().unwrap();
+        second.health().unwrap();
+        assert_eq!(cap.open(), 2);
+        drop(first);
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        while cap.open() > 1 {
+            assert!(
+                Instant::now() < deadline,
+                "the closed connection kept its slot"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        connect().unwrap().health().unwrap();
     }
 
     #[test]

@@ -189,8 +189,13 @@ pub struct AgentClient<S: Read + Write> {
 impl<S: Read + Write> AgentClient<S> {
     /// Run the version handshake on an open stream.
     pub fn handshake(mut stream: S) -> Result<Self, ClientError> {
-        write_frame(&mut stream, &encode(&Hello::current())?)?;
-        let reply: HelloReply = decode(&read_frame(&mut stream)?)?;
+        // An agent at its connection limit answers before it reads and closes: our
+        // Hello may then meet a closed socket, but its refusal is still there to read.
+        let sent = write_frame(&mut stream, &encode(&Hello::current())?);
+        let reply: HelloReply = match (sent, read_frame(&mut stream)) {
+            (_, Ok(frame)) => decode(&frame)?,
+            (Err(e), Err(_)) | (Ok(()), Err(e)) => return Err(e.into()),
+        };
         match reply {
             HelloReply::Accepted {
                 version,
