@@ -269,6 +269,7 @@ struct Active {
     irq: Arc<Interrupt>,
     /// The stats buffer the guest gave us, held until fresh figures are wanted.
     held_stats: Option<u16>,
+    requeue: super::Requeue,
 }
 
 pub struct Balloon {
@@ -467,6 +468,7 @@ impl VirtioDevice for Balloon {
             queues,
             irq: act.interrupt,
             held_stats: None,
+            requeue: super::Requeue::new(act.kicks),
         });
         // Linux queues its first stats buffer and kicks before DRIVER_OK, when the
         // transport drops the kick: look at every queue once now.
@@ -493,7 +495,17 @@ impl VirtioDevice for Balloon {
         let role = *role;
         let mem = a.mem.clone();
         let mut used_any = false;
-        while let Some(chain) = q.pop_descriptor_chain(&mem) {
+        let mut served = 0;
+        loop {
+            if served == super::QUEUE_BUDGET {
+                // The rest on a later turn: the other devices go first.
+                a.requeue.later(queue);
+                break;
+            }
+            let Some(chain) = q.pop_descriptor_chain(&mem) else {
+                break;
+            };
+            served += 1;
             let head = chain.head_index();
             match role {
                 Role::Inflate => self.inflate(chain, &mem),

@@ -10,7 +10,8 @@ use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::GuestMemoryMmap;
 
 use super::{
-    drain_queue, ActivateError, Activation, Interrupt, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
+    drain_queue, ActivateError, Activation, Drained, Interrupt, Requeue, VirtioDevice, TYPE_BLOCK,
+    VIRTIO_F_VERSION_1,
 };
 
 const SECTOR: u64 = 512;
@@ -45,6 +46,7 @@ pub struct Blk {
     id: [u8; 20],
     config: [u8; 16],
     active: Option<(GuestMemoryMmap, Queue, Arc<Interrupt>)>,
+    requeue: Requeue,
     buf: Vec<u8>,
 }
 
@@ -88,6 +90,7 @@ impl Blk {
             id,
             config,
             active: None,
+            requeue: Requeue::default(),
             buf: vec![0u8; CHUNK],
         })
     }
@@ -206,16 +209,21 @@ impl VirtioDevice for Blk {
             .pop()
             .ok_or_else(|| ActivateError::Failed("no queue".into()))?;
         self.active = Some((act.mem, q, act.interrupt));
+        self.requeue = Requeue::new(act.kicks);
         Ok(())
     }
     fn reset(&mut self) {
         self.active = None;
     }
-    fn queue_notify(&mut self, _queue: usize) {
+    fn queue_notify(&mut self, queue: usize) {
         let Some((mem, mut q, irq)) = self.active.take() else {
             return;
         };
-        drain_queue(&mem, &mut q, &irq, |chain| self.request(&mem, chain));
+        if drain_queue(&mem, &mut q, &irq, |chain| self.request(&mem, chain))
+            == Drained::BudgetSpent
+        {
+            self.requeue.later(queue);
+        }
         self.active = Some((mem, q, irq));
     }
 }

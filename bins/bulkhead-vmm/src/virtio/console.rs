@@ -10,8 +10,8 @@ use crate::legacy::{Capped, OUTPUT_CAP};
 use vm_memory::GuestMemoryMmap;
 
 use super::{
-    drain_queue, ActivateError, Activation, Interrupt, VirtioDevice, TYPE_CONSOLE,
-    VIRTIO_F_VERSION_1,
+    drain_queue, ActivateError, Activation, Drained, Interrupt, Requeue, VirtioDevice,
+    TYPE_CONSOLE, VIRTIO_F_VERSION_1,
 };
 
 const RECEIVEQ: usize = 0;
@@ -20,6 +20,7 @@ const TRANSMITQ: usize = 1;
 pub struct Console {
     out: Capped<File>,
     active: Option<(GuestMemoryMmap, Vec<Queue>, Arc<Interrupt>)>,
+    requeue: Requeue,
 }
 
 impl Console {
@@ -28,6 +29,7 @@ impl Console {
         Console {
             out: Capped::new(out, OUTPUT_CAP),
             active: None,
+            requeue: Requeue::default(),
         }
     }
 }
@@ -51,6 +53,7 @@ impl VirtioDevice for Console {
             return Err(ActivateError::Failed("console needs two queues".into()));
         }
         self.active = Some((act.mem, act.queues, act.interrupt));
+        self.requeue = Requeue::new(act.kicks);
         Ok(())
     }
     fn reset(&mut self) {
@@ -65,7 +68,7 @@ impl VirtioDevice for Console {
         };
         let out = &mut self.out;
         let mut buf = [0u8; 4096];
-        drain_queue(mem, &mut qs[TRANSMITQ], irq, |chain| {
+        let end = drain_queue(mem, &mut qs[TRANSMITQ], irq, |chain| {
             let Ok(mut r) = chain.reader(mem) else {
                 return 0;
             };
@@ -80,6 +83,9 @@ impl VirtioDevice for Console {
             }
             0
         });
+        if end == Drained::BudgetSpent {
+            self.requeue.later(TRANSMITQ);
+        }
     }
 }
 

@@ -151,13 +151,52 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     data[..n].copy_from_slice(&config[off..off + n]);
 }
 
+/// Descriptor chains a device serves from its queues in one turn of the event loop.
+/// One event-loop thread serves every in-process device and the VM's exit: a guest that
+/// refills a queue as fast as the device empties it must not keep the others (or the
+/// exit) waiting. A device that spends its budget with work left asks to come back
+/// ([`Requeue::later`]) and the loop serves whatever else is ready first.
+pub const QUEUE_BUDGET: usize = 256;
+
+/// A device's own queue notify eventfds: writing one is what a guest's kick does, so the
+/// event loop comes back to that queue on a later turn.
+#[derive(Default)]
+pub struct Requeue(Vec<EventFd>);
+
+impl Requeue {
+    pub fn new(kicks: Vec<EventFd>) -> Self {
+        Requeue(kicks)
+    }
+
+    /// Serve queue `q` again on a later turn of the event loop.
+    pub fn later(&self, q: usize) {
+        if let Some(k) = self.0.get(q) {
+            if let Err(e) = k.write(1) {
+                crate::warn_limited!("cannot requeue virtio queue {q}: {e}");
+            }
+        }
+    }
+}
+
+/// How a bounded pass over a queue ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drained {
+    /// No chain left (or the queue is broken).
+    Empty,
+    /// [`QUEUE_BUDGET`] chains served; there may be more.
+    BudgetSpent,
+}
+
 /// Pop-process-complete helper shared by the simple devices: hands each available chain
-/// to `f`, which returns the number of bytes written to the chain; then notifies once.
-pub fn drain_queue<F>(mem: &GuestMemoryMmap, q: &mut Queue, irq: &Interrupt, mut f: F)
+/// to `f`, which returns the number of bytes written to the chain, up to
+/// [`QUEUE_BUDGET`] chains; then notifies once.
+pub fn drain_queue<F>(mem: &GuestMemoryMmap, q: &mut Queue, irq: &Interrupt, mut f: F) -> Drained
 where
     F: FnMut(virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> u32,
 {
     let mut used_any = false;
+    let mut served = 0;
+    let mut end = Drained::Empty;
     // A queue whose rings point outside guest memory yields no chain, not a panic.
     while let Some(chain) = q.pop_descriptor_chain(mem) {
         let head = chain.head_index();
@@ -168,10 +207,16 @@ where
             break;
         }
         used_any = true;
+        served += 1;
+        if served == QUEUE_BUDGET {
+            end = Drained::BudgetSpent;
+            break;
+        }
     }
     if used_any && q.needs_notification(mem).unwrap_or(true) {
         irq.signal(INT_VRING);
     }
+    end
 }
 
 #[cfg(test)]
@@ -191,16 +236,29 @@ pub mod testutil {
     }
 
     pub fn activation(mem: &GuestMemoryMmap, queues: Vec<Queue>) -> (Activation, Arc<Interrupt>) {
+        let (act, irq, _) = activation_with_kicks(mem, queues);
+        (act, irq)
+    }
+
+    /// Also returns the queues' notify eventfds, as the event loop would see them.
+    pub fn activation_with_kicks(
+        mem: &GuestMemoryMmap,
+        queues: Vec<Queue>,
+    ) -> (Activation, Arc<Interrupt>, Vec<EventFd>) {
         let irq = Interrupt::new(EventFd::new(0).unwrap());
+        let kicks: Vec<EventFd> = queues
+            .iter()
+            .map(|_| EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap())
+            .collect();
         let act = Activation {
             mem: mem.clone(),
             queues,
             interrupt: irq.clone(),
             acked_features: VIRTIO_F_VERSION_1,
-            kicks: vec![],
+            kicks: kicks.iter().map(|k| k.try_clone().unwrap()).collect(),
             events: EventSink::new(Arc::new(Epoll::new().unwrap()), 1),
         };
-        (act, irq)
+        (act, irq, kicks)
     }
 
     /// (head id, len) of every used-ring entry so far.

@@ -4,7 +4,8 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
 use super::{
-    drain_queue, ActivateError, Activation, Interrupt, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1,
+    drain_queue, ActivateError, Activation, Drained, Interrupt, Requeue, VirtioDevice, TYPE_RNG,
+    VIRTIO_F_VERSION_1,
 };
 use std::io::Write;
 use std::sync::Arc;
@@ -15,6 +16,7 @@ const MAX_PER_REQUEST: usize = 64 * 1024;
 #[derive(Default)]
 pub struct Rng {
     active: Option<(GuestMemoryMmap, Queue, Arc<Interrupt>)>,
+    requeue: Requeue,
 }
 
 fn fill_random(buf: &mut [u8]) -> bool {
@@ -49,17 +51,18 @@ impl VirtioDevice for Rng {
             .pop()
             .ok_or_else(|| ActivateError::Failed("no queue".into()))?;
         self.active = Some((act.mem, q, act.interrupt));
+        self.requeue = Requeue::new(act.kicks);
         Ok(())
     }
     fn reset(&mut self) {
         self.active = None;
     }
-    fn queue_notify(&mut self, _queue: usize) {
+    fn queue_notify(&mut self, queue: usize) {
         let Some((mem, q, irq)) = self.active.as_mut() else {
             return;
         };
         let mut buf = vec![0u8; MAX_PER_REQUEST];
-        drain_queue(mem, q, irq, |chain| {
+        let end = drain_queue(mem, q, irq, |chain| {
             let Ok(mut w) = chain.writer(mem) else {
                 return 0;
             };
@@ -72,6 +75,9 @@ impl VirtioDevice for Rng {
                 Err(_) => 0,
             }
         });
+        if end == Drained::BudgetSpent {
+            self.requeue.later(queue);
+        }
     }
 }
 
@@ -111,5 +117,24 @@ mod tests {
         mem.read_slice(&mut got, GuestAddress(0x20000)).unwrap();
         assert_eq!(got, [7u8; 64]);
         assert!(irq.evt.read().unwrap() >= 1);
+    }
+
+    #[test]
+    fn a_full_queue_is_served_a_budget_per_turn_and_requeued() {
+        let mem = test_mem();
+        let vq = MockSplitQueue::new(&mem, 512);
+        let descs: Vec<_> = (0..300u64)
+            .map(|i| desc(0x100000 + i * 64, 64, VRING_DESC_F_WRITE, 0))
+            .collect();
+        vq.build_multiple_desc_chains(&descs).unwrap();
+        let (act, _, kicks) = activation_with_kicks(&mem, vec![vq.create_queue().unwrap()]);
+        let mut rng = Rng::default();
+        rng.activate(act).unwrap();
+        rng.queue_notify(0);
+        assert_eq!(used(&vq).len(), crate::virtio::QUEUE_BUDGET);
+        assert_eq!(kicks[0].read().unwrap(), 1, "not requeued");
+        rng.queue_notify(0);
+        assert_eq!(used(&vq).len(), 300);
+        assert!(kicks[0].read().is_err(), "requeued with the queue empty");
     }
 }

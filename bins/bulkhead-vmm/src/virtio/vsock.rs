@@ -191,6 +191,7 @@ struct Active {
     tx: Queue,
     irq: Arc<Interrupt>,
     events: EventSink,
+    requeue: super::Requeue,
 }
 
 pub struct Vsock {
@@ -218,6 +219,9 @@ pub struct Vsock {
     /// so that one expires on time even when nothing else happens on the device.
     timer: TimerFd,
     timer_armed: bool,
+    /// Chains this turn of the event loop may still take from either queue
+    /// ([`super::QUEUE_BUDGET`] at the start of each).
+    turn_budget: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -268,6 +272,7 @@ impl Vsock {
             connect_timeout: CONNECT_TIMEOUT,
             timer,
             timer_armed: false,
+            turn_budget: super::QUEUE_BUDGET,
         })
     }
 
@@ -508,6 +513,9 @@ impl Vsock {
                 self.tx_held = true;
                 break;
             }
+            if !self.take_from_budget(TX) {
+                break;
+            }
             let Some(chain) = self
                 .active
                 .as_mut()
@@ -557,6 +565,9 @@ impl Vsock {
                 None
             };
             if self.ctrl.is_empty() && next_conn.is_none() {
+                break;
+            }
+            if !self.take_from_budget(RX) {
                 break;
             }
             let Some(chain) = self
@@ -819,10 +830,24 @@ impl Vsock {
         }
     }
 
+    /// One chain off this turn's budget; with none left, the queue is served again on
+    /// a later turn and this one stops.
+    fn take_from_budget(&mut self, queue: usize) -> bool {
+        if self.turn_budget == 0 {
+            if let Some(a) = &self.active {
+                a.requeue.later(queue);
+            }
+            return false;
+        }
+        self.turn_budget -= 1;
+        true
+    }
+
     fn after_event(&mut self) {
         self.expire_connecting();
         self.process_rx();
-        // Each round takes at least one held tx packet, or ends the loop.
+        // Each round takes at least one held tx packet, or ends the loop (at the latest
+        // when this turn's budget is spent: process_tx then requeues the tx queue).
         while self.tx_held && self.tx_room() {
             self.tx_held = false;
             self.process_tx();
@@ -882,6 +907,7 @@ impl VirtioDevice for Vsock {
             tx,
             irq: act.interrupt,
             events: act.events,
+            requeue: super::Requeue::new(act.kicks),
         });
         Ok(())
     }
@@ -907,6 +933,7 @@ impl VirtioDevice for Vsock {
         self.tx_held = false;
     }
     fn queue_notify(&mut self, queue: usize) {
+        self.turn_budget = super::QUEUE_BUDGET;
         match queue {
             RX => self.rx_starved = false,
             TX => self.process_tx(),
@@ -915,6 +942,7 @@ impl VirtioDevice for Vsock {
         self.after_event();
     }
     fn handle_event(&mut self, token: u32, events: EventSet) {
+        self.turn_budget = super::QUEUE_BUDGET;
         if token == LISTENER_TOKEN {
             self.accept_host();
         } else if token == TIMER_TOKEN {

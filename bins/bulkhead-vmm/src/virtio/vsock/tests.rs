@@ -17,6 +17,8 @@ struct Rig<'a> {
     rx_seen: usize,
     dev: Vsock,
     dir: std::path::PathBuf,
+    /// The queues' notify eventfds (rx, tx, event), as the event loop watches them.
+    kicks: Vec<vmm_sys_util::eventfd::EventFd>,
 }
 
 fn rig<'a>(mem: &'a GuestMemoryMmap, name: &str) -> Rig<'a> {
@@ -24,14 +26,14 @@ fn rig<'a>(mem: &'a GuestMemoryMmap, name: &str) -> Rig<'a> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let rx = MockSplitQueue::create(mem, GuestAddress(0), 64);
-    let tx = MockSplitQueue::create(mem, GuestAddress(0x10000), 64);
+    let tx = MockSplitQueue::create(mem, GuestAddress(0x10000), 512);
     // 32 rx buffers of 4 KiB each.
     let descs: Vec<_> = (0..32)
         .map(|i| desc(RX_BUF + i * 0x1000, 0x1000, F_WRITE, 0))
         .collect();
     rx.add_desc_chains(&descs, 0).unwrap();
     let mut dev = Vsock::new(CID, &dir.join("v.sock")).unwrap();
-    let (act, _) = activation(
+    let (act, _, kicks) = activation_with_kicks(
         mem,
         vec![
             rx.create_queue().unwrap(),
@@ -48,6 +50,7 @@ fn rig<'a>(mem: &'a GuestMemoryMmap, name: &str) -> Rig<'a> {
         rx_seen: 0,
         dev,
         dir,
+        kicks,
     }
 }
 
@@ -516,4 +519,31 @@ fn guest_data_held_for_slow_host_sockets_stays_within_one_budget() {
         taken < sent,
         "the budget held no packet back ({taken} of {sent} taken at once)"
     );
+}
+
+#[test]
+fn a_guest_that_refills_its_tx_queue_gets_a_budget_per_turn_not_the_loop() {
+    let mem = test_mem();
+    let mut r = rig(&mem, "turns");
+    // 300 packets that need no reply (RST for no connection), posted before one kick.
+    let chains: Vec<_> = (0..300u32)
+        .map(|i| {
+            let addr = TX_BUF + u64::from(i) * 0x1000;
+            let h = r.guest_hdr(40_000 + i, 9999, OP_RST);
+            mem.write_slice(&h.to_bytes(), GuestAddress(addr)).unwrap();
+            desc(addr, HDR_LEN as u32, 0, 0)
+        })
+        .collect();
+    r.tx.add_desc_chains(&chains, 0).unwrap();
+    r.dev.queue_notify(TX);
+    assert_eq!(used(&r.tx).len(), crate::virtio::QUEUE_BUDGET);
+    // The device asked the loop to come back to its tx queue, and nothing more.
+    assert_eq!(r.kicks[TX].read().unwrap(), 1);
+    assert!(
+        r.kicks[RX].read().is_err(),
+        "rx requeued with nothing to do"
+    );
+    r.dev.queue_notify(TX);
+    assert_eq!(used(&r.tx).len(), 300);
+    assert!(r.kicks[TX].read().is_err(), "requeued with the queue empty");
 }
