@@ -27,6 +27,8 @@ use crate::virtio::balloon::BalloonControl;
 pub struct VmHandle {
     pub control: Arc<VcpuControl>,
     pub vcpus: Vec<libc::pthread_t>,
+    /// Threads that stop for a pause (see [`VcpuControl`]).
+    pub stop_for_pause: usize,
     pub exit: ExitHandle,
     pub cpus: u32,
     pub memory_mib: u64,
@@ -107,7 +109,8 @@ impl Vmm1 {
 
 #[zbus::interface(name = "org.bulkhead.Vmm1")]
 impl Vmm1 {
-    /// Stop every vCPU; the VM keeps running if they do not stop within 2 s.
+    /// Stop every vCPU and the in-process devices (the event loop stops serving them);
+    /// the VM keeps running if they do not all stop within 2 s.
     fn pause(&self) -> Result<(), Error> {
         let h = &self.0;
         if h.control.state() == RunState::Paused {
@@ -118,8 +121,10 @@ impl Vmm1 {
             // SAFETY: t is a live vCPU thread (they run until process exit).
             unsafe { libc::pthread_kill(*t, cpu::kick_signal()) };
         }
-        // Blocks this thread only (the event loop and the vCPUs go on).
-        if h.control.wait_parked(h.vcpus.len(), Duration::from_secs(2)) {
+        // Blocks this thread only, until the vCPUs and the event loop say they stopped.
+        if h.control
+            .wait_parked(h.stop_for_pause, Duration::from_secs(2))
+        {
             Ok(())
         } else {
             h.control.set(RunState::Running);

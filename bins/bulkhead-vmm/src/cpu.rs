@@ -9,6 +9,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::{BootEntry, EntryMode};
 use crate::bus::Bus;
@@ -219,9 +220,13 @@ pub enum RunState {
     Paused,
 }
 
+/// The VM's run state, and how many of the threads that touch guest memory have stopped
+/// for a pause: every vCPU, and the event loop that serves the in-process devices.
 pub struct VcpuControl {
     state: Mutex<(RunState, usize)>,
     cv: Condvar,
+    /// Written on every change of state, for threads that wait in epoll, not here.
+    watchers: Mutex<Vec<EventFd>>,
 }
 
 impl Default for VcpuControl {
@@ -229,6 +234,7 @@ impl Default for VcpuControl {
         VcpuControl {
             state: Mutex::new((RunState::Running, 0)),
             cv: Condvar::new(),
+            watchers: Mutex::new(Vec::new()),
         }
     }
 }
@@ -240,6 +246,37 @@ impl VcpuControl {
 
     pub fn set(&self, s: RunState) {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).0 = s;
+        self.cv.notify_all();
+        for w in self
+            .watchers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = w.write(1);
+        }
+    }
+
+    /// An eventfd that becomes readable whenever the state is set.
+    pub fn watch(&self) -> std::io::Result<EventFd> {
+        let w = EventFd::new(EFD_NONBLOCK)?;
+        let copy = w.try_clone()?;
+        self.watchers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(copy);
+        Ok(w)
+    }
+
+    /// For a thread that stops touching guest memory without blocking here (the event
+    /// loop): count it as parked (`true`) or running again (`false`).
+    pub fn count_parked(&self, parked: bool) {
+        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if parked {
+            g.1 += 1;
+        } else {
+            g.1 = g.1.saturating_sub(1);
+        }
         self.cv.notify_all();
     }
 

@@ -74,11 +74,14 @@ fn dev_err(e: impl std::fmt::Display) -> VmmError {
     VmmError::Device(e.to_string())
 }
 
-/// Epoll tokens: the upper 32 bits are a device slot (0 = the VMM itself), the lower 32
-/// a queue index or device token, or for slot 0 one of these.
-const SLOT_CORE: u32 = 0;
+/// Tokens of the event loop's own epoll. The devices' epoll inside it has tokens whose
+/// upper 32 bits are a device slot (from 1) and lower 32 a queue index or device token.
 const TOK_EXIT: u32 = 0;
 const TOK_API: u32 = 1;
+/// The devices' own epoll (see [`DeviceEvents`]) has something ready.
+const TOK_DEVICES: u32 = 2;
+/// The run state changed (pause, resume).
+const TOK_RUNSTATE: u32 = 3;
 
 /// The port I/O and MMIO buses the vCPUs dispatch exits to.
 #[derive(Default)]
@@ -93,11 +96,12 @@ struct DeviceSlot {
     kicks: Vec<EventFd>,
 }
 
-/// What every step shares: the switch that ends the VM, the event loop's epoll, and the
-/// start timeline.
+/// What every step shares: the switch that ends the VM, the event loop's epoll, the
+/// devices' epoll inside it, and the start timeline.
 struct Core {
     exit: ExitHandle,
     epoll: Arc<Epoll>,
+    devices: Arc<Epoll>,
     timeline: Arc<Timeline>,
 }
 
@@ -114,6 +118,7 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
     let core = Core {
         exit: ExitHandle::new().map_err(io("exit eventfd"))?,
         epoll: Arc::new(Epoll::new().map_err(io("epoll"))?),
+        devices: Arc::new(Epoll::new().map_err(io("epoll"))?),
         timeline: Timeline::new(),
     };
     let (kvm, vm) = create_vm(cfg)?;
@@ -122,7 +127,7 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
     let mut buses = Buses::default();
     let serial_out = add_legacy_devices(&vm, &mut buses.pio, &core, cfg)?;
     let (devices, balloon) = open_virtio_devices(cfg, &ram)?;
-    let (slots, descs) = attach_virtio_devices(devices, &vm, &mut buses.mmio, &core.epoll, &ram)?;
+    let (slots, descs) = attach_virtio_devices(devices, &vm, &mut buses.mmio, &core.devices, &ram)?;
     core.timeline.mark("devices ready");
     let entry = load_kernel(cfg, &ram, &descs)?;
     core.timeline.mark("kernel loaded");
@@ -145,6 +150,8 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
             let handle = Arc::new(VmHandle {
                 control: vcpus.control.clone(),
                 vcpus: vcpus.threads.iter().map(|t| t.as_pthread_t()).collect(),
+                // Every vCPU and the event loop (its devices) stop for a pause.
+                stop_for_pause: vcpus.threads.len() + 1,
                 exit: core.exit.clone(),
                 cpus: u32::from(cfg.cpus),
                 memory_mib: cfg.memory_mib,
@@ -161,7 +168,7 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
     };
     // Set-up is done; from here the main thread serves what the guest controls.
     crate::seccomp::install_for(crate::seccomp::Class::Main).map_err(VmmError::Device)?;
-    let reason = event_loop(api, &core, &slots)?;
+    let reason = event_loop(api, &core, &slots, &vcpus.control)?;
     let _ = SharedOut::flush(&mut serial_out.clone());
     // Let vCPUs that are mid-exit see the reason; they are not joined (a vCPU can sit in
     // KVM_RUN indefinitely) and end with the process.
@@ -465,22 +472,77 @@ fn start_vcpus(
     Ok(Vcpus { control, threads })
 }
 
+/// The devices' epoll, watched from the event loop's while the VM runs and left out of
+/// it while the VM is paused: then no in-process device touches guest memory, and what
+/// became ready meanwhile is served on resume (epoll is level-triggered).
+struct DeviceEvents {
+    epoll: Arc<Epoll>,
+    watched: bool,
+}
+
+impl DeviceEvents {
+    fn watch(core: &Epoll, devices: Arc<Epoll>) -> std::io::Result<Self> {
+        core.ctl(
+            ControlOperation::Add,
+            devices.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, u64::from(TOK_DEVICES)),
+        )?;
+        Ok(DeviceEvents {
+            epoll: devices,
+            watched: true,
+        })
+    }
+
+    /// Follow the run state: stop watching on pause (and count the loop as parked),
+    /// watch again on resume.
+    fn follow(&mut self, core: &Epoll, control: &VcpuControl) {
+        let want = control.state() == RunState::Running;
+        if want == self.watched {
+            return;
+        }
+        let (op, ev) = if want {
+            (
+                ControlOperation::Add,
+                EpollEvent::new(EventSet::IN, u64::from(TOK_DEVICES)),
+            )
+        } else {
+            (ControlOperation::Delete, EpollEvent::default())
+        };
+        match core.ctl(op, self.epoll.as_raw_fd(), ev) {
+            Ok(()) => {
+                self.watched = want;
+                control.count_parked(!want);
+            }
+            Err(e) => tracing::error!("device events: cannot follow the run state: {e}"),
+        }
+    }
+}
+
 /// Serve device queues, device back-end events and the control socket until something
 /// asks the VM to end.
 fn event_loop(
     mut api: Option<ControlApi>,
     core: &Core,
     slots: &[DeviceSlot],
+    control: &VcpuControl,
 ) -> Result<ExitReason, VmmError> {
     let (epoll, exit) = (&core.epoll, &core.exit);
-    epoll
-        .ctl(
-            ControlOperation::Add,
-            exit.eventfd().as_raw_fd(),
-            EpollEvent::new(EventSet::IN, u64::from(TOK_EXIT)),
-        )
-        .map_err(io("epoll add"))?;
-    let mut events = vec![EpollEvent::default(); 64];
+    let runstate = control.watch().map_err(io("eventfd"))?;
+    for (fd, token) in [
+        (exit.eventfd().as_raw_fd(), TOK_EXIT),
+        (runstate.as_raw_fd(), TOK_RUNSTATE),
+    ] {
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, u64::from(token)),
+            )
+            .map_err(io("epoll add"))?;
+    }
+    let mut devices = DeviceEvents::watch(epoll, core.devices.clone()).map_err(io("epoll add"))?;
+    let mut events = vec![EpollEvent::default(); 8];
+    let mut device_events = vec![EpollEvent::default(); 64];
     loop {
         let n = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
@@ -488,20 +550,33 @@ fn event_loop(
             Err(e) => return Err(io("epoll wait")(e)),
         };
         for ev in &events[..n] {
-            let (slot, token) = ((ev.data() >> 32) as u32, ev.data() as u32);
-            match (slot, token) {
-                (SLOT_CORE, TOK_EXIT) => {
+            match ev.data() as u32 {
+                TOK_EXIT => {
                     return Ok(exit.reason().unwrap_or(ExitReason::Crash(
                         "event loop ended without a reason".into(),
                     )))
                 }
-                (SLOT_CORE, TOK_API) => {
+                TOK_API => {
                     if let Some(api) = api.as_mut() {
                         api.readable(epoll);
                     }
                 }
-                (SLOT_CORE, _) => {}
-                (slot, token) => device_event(slots, slot, token, ev.event_set()),
+                TOK_RUNSTATE => {
+                    let _ = runstate.read();
+                    devices.follow(epoll, control);
+                }
+                TOK_DEVICES if devices.watched => {
+                    let m = match devices.epoll.wait(0, &mut device_events) {
+                        Ok(m) => m,
+                        Err(e) if e.kind() == ErrorKind::Interrupted => 0,
+                        Err(e) => return Err(io("epoll wait (devices)")(e)),
+                    };
+                    for d in &device_events[..m] {
+                        let (slot, token) = ((d.data() >> 32) as u32, d.data() as u32);
+                        device_event(slots, slot, token, d.event_set());
+                    }
+                }
+                _ => {}
             }
         }
     }
@@ -509,7 +584,7 @@ fn event_loop(
 
 /// A queue kick (token below [`DEVICE_TOKEN_BASE`]) or a device's own event.
 fn device_event(slots: &[DeviceSlot], slot: u32, token: u32, set: EventSet) {
-    let Some(d) = slots.get((slot - 1) as usize) else {
+    let Some(d) = slot.checked_sub(1).and_then(|i| slots.get(i as usize)) else {
         return;
     };
     let mut t = d.transport.lock().unwrap_or_else(|p| p.into_inner());
@@ -522,5 +597,51 @@ fn device_event(slots: &[DeviceSlot], slot: u32, token: u32, set: EventSet) {
         }
     } else {
         t.device_mut().handle_event(token, set);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_paused_vm_serves_no_device_event_until_it_resumes() {
+        let core = Epoll::new().unwrap();
+        let devices = Arc::new(Epoll::new().unwrap());
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        devices
+            .ctl(
+                ControlOperation::Add,
+                kick.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, 1 << 32), // slot 1, queue 0
+            )
+            .unwrap();
+        let control = VcpuControl::default();
+        let mut dev = DeviceEvents::watch(&core, devices).unwrap();
+        let mut evs = vec![EpollEvent::default(); 4];
+        kick.write(1).unwrap();
+        assert_eq!(core.wait(0, &mut evs).unwrap(), 1, "a kick while running");
+
+        control.set(RunState::Paused);
+        dev.follow(&core, &control);
+        assert_eq!(core.wait(0, &mut evs).unwrap(), 0, "served while paused");
+        assert!(
+            control.wait_parked(1, Duration::ZERO),
+            "the loop did not count itself stopped"
+        );
+        // Following twice changes nothing.
+        dev.follow(&core, &control);
+        assert!(!control.wait_parked(2, Duration::ZERO));
+
+        control.set(RunState::Running);
+        dev.follow(&core, &control);
+        assert_eq!(
+            core.wait(0, &mut evs).unwrap(),
+            1,
+            "the kick waited for resume"
+        );
+        assert_eq!(evs[0].data() as u32, TOK_DEVICES);
+        assert!(!control.wait_parked(1, Duration::ZERO));
     }
 }
