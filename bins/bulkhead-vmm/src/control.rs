@@ -117,10 +117,7 @@ impl Vmm1 {
             return Ok(());
         }
         h.control.set(RunState::Paused);
-        for t in &h.vcpus {
-            // SAFETY: t is a live vCPU thread (they run until process exit).
-            unsafe { libc::pthread_kill(*t, cpu::kick_signal()) };
-        }
+        cpu::kick(&h.vcpus);
         // Blocks this thread only, until the vCPUs and the event loop say they stopped.
         if h.control
             .wait_parked(h.stop_for_pause, Duration::from_secs(2))

@@ -1,6 +1,7 @@
 //! vCPU setup (CPUID, MSRs, FPU, LAPIC, entry registers) and the per-vCPU run loop.
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -312,6 +313,48 @@ impl VcpuControl {
     }
 }
 
+/// Finds a guest that can never run again. A vCPU halted with interrupts off (`cli;
+/// hlt`, Linux's `halt`), or waiting for a start-up IPI, sleeps inside KVM_RUN with the
+/// in-kernel LAPIC and never exits to us: without this the VMM would live on, silent,
+/// running nothing. The event loop calls [`HaltWatch::tick`] once a second and kicks the
+/// vCPUs; each, back from KVM_RUN, looks at its own state ([`VcpuRunner`]).
+pub struct HaltWatch {
+    tick: AtomicU64,
+    /// Per vCPU: ticks in a row it was seen unable to wake, with no exit to us between.
+    dead_ticks: Mutex<Vec<u32>>,
+}
+
+/// Ticks in a row every vCPU must be seen unable to wake before the VM is given up.
+pub const DEAD_TICKS: u32 = 3;
+
+impl HaltWatch {
+    pub fn new(cpus: usize) -> Self {
+        HaltWatch {
+            tick: AtomicU64::new(0),
+            dead_ticks: Mutex::new(vec![0; cpus]),
+        }
+    }
+
+    /// A new look is due; returns its number.
+    pub fn tick(&self) -> u64 {
+        self.tick.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    fn current(&self) -> u64 {
+        self.tick.load(Ordering::Acquire)
+    }
+
+    /// vCPU `id` was seen unable to wake (`dead`) or not at this tick; true when every
+    /// vCPU has now been seen so for [`DEAD_TICKS`] ticks in a row.
+    fn report(&self, id: usize, dead: bool) -> bool {
+        let mut d = self.dead_ticks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = d.get_mut(id) {
+            *n = if dead { n.saturating_add(1) } else { 0 };
+        }
+        d.iter().all(|&n| n >= DEAD_TICKS)
+    }
+}
+
 thread_local! {
     static KVM_RUN: Cell<*mut kvm_bindings::kvm_run> = const { Cell::new(std::ptr::null_mut()) };
 }
@@ -330,6 +373,14 @@ extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
     }
 }
 
+/// Kick each of `threads` (vCPU threads) out of KVM_RUN.
+pub fn kick(threads: &[libc::pthread_t]) {
+    for t in threads {
+        // SAFETY: t is a live vCPU thread (they run until process exit).
+        unsafe { libc::pthread_kill(*t, kick_signal()) };
+    }
+}
+
 pub fn install_kick_handler() -> std::io::Result<()> {
     vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
         .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
@@ -344,12 +395,26 @@ pub struct VcpuRunner {
     pub control: Arc<VcpuControl>,
     /// vCPU 0 records its first entry into the guest here.
     pub timeline: Option<Arc<crate::startup::Timeline>>,
+    pub halt_watch: Arc<HaltWatch>,
+}
+
+/// Whether a vCPU in this state can never run again by itself: halted with interrupts
+/// off, or never started (waiting for INIT/SIPI from another vCPU).
+pub fn unable_to_wake(mp_state: u32, rflags: u64) -> bool {
+    const IF: u64 = 1 << 9;
+    match mp_state {
+        kvm_bindings::KVM_MP_STATE_HALTED => rflags & IF == 0,
+        kvm_bindings::KVM_MP_STATE_UNINITIALIZED | kvm_bindings::KVM_MP_STATE_INIT_RECEIVED => true,
+        _ => false,
+    }
 }
 
 impl VcpuRunner {
     /// Run until the VM ends; the reason goes to the shared exit handle.
     pub fn run(mut self) {
         KVM_RUN.with(|c| c.set(self.vcpu.get_kvm_run() as *mut _));
+        // Exits to us since the last halt-watch tick, and the tick last looked at.
+        let (mut exits, mut seen_tick) = (0u64, 0u64);
         // Before the guest runs a single instruction on this vCPU.
         if let Err(e) = crate::seccomp::install_for(crate::seccomp::Class::Vcpu) {
             self.exit.request(ExitReason::Crash(e));
@@ -365,64 +430,79 @@ impl VcpuRunner {
                 return;
             }
             match self.vcpu.run() {
-                Ok(exit) => match exit {
-                    VcpuExit::IoIn(port, data) => {
-                        self.pio.read(u64::from(port), data);
-                    }
-                    VcpuExit::IoOut(port, data) => {
-                        self.pio.write(u64::from(port), data);
-                    }
-                    VcpuExit::MmioRead(addr, data) => {
-                        self.mmio.read(addr, data);
-                    }
-                    VcpuExit::MmioWrite(addr, data) => {
-                        self.mmio.write(addr, data);
-                    }
-                    VcpuExit::Hlt => {
-                        // With the in-kernel LAPIC a halt only exits when the vCPU can
-                        // never wake again: interrupts off and halted.
-                        self.exit.request(ExitReason::PowerOff);
-                        return;
-                    }
-                    VcpuExit::Shutdown => {
-                        // Triple fault: Linux's last-resort reboot path.
-                        self.exit.request(ExitReason::Reboot);
-                        return;
-                    }
-                    VcpuExit::SystemEvent(kind, _) => {
-                        let r = match kind {
-                            kvm_bindings::KVM_SYSTEM_EVENT_RESET => ExitReason::Reboot,
-                            kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => ExitReason::PowerOff,
-                            k => ExitReason::Crash(format!("vCPU {}: system event {k}", self.id)),
-                        };
-                        self.exit.request(r);
-                        return;
-                    }
-                    VcpuExit::FailEntry(reason, cpu) => {
-                        self.exit.request(ExitReason::Crash(format!(
+                Ok(exit) => {
+                    exits += 1;
+                    match exit {
+                        VcpuExit::IoIn(port, data) => {
+                            self.pio.read(u64::from(port), data);
+                        }
+                        VcpuExit::IoOut(port, data) => {
+                            self.pio.write(u64::from(port), data);
+                        }
+                        VcpuExit::MmioRead(addr, data) => {
+                            self.mmio.read(addr, data);
+                        }
+                        VcpuExit::MmioWrite(addr, data) => {
+                            self.mmio.write(addr, data);
+                        }
+                        VcpuExit::Hlt => {
+                            // With the in-kernel LAPIC a halt only exits when the vCPU can
+                            // never wake again: interrupts off and halted.
+                            self.exit.request(ExitReason::PowerOff);
+                            return;
+                        }
+                        VcpuExit::Shutdown => {
+                            // Triple fault: Linux's last-resort reboot path.
+                            self.exit.request(ExitReason::Reboot);
+                            return;
+                        }
+                        VcpuExit::SystemEvent(kind, _) => {
+                            let r = match kind {
+                                kvm_bindings::KVM_SYSTEM_EVENT_RESET => ExitReason::Reboot,
+                                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => ExitReason::PowerOff,
+                                k => {
+                                    ExitReason::Crash(format!("vCPU {}: system event {k}", self.id))
+                                }
+                            };
+                            self.exit.request(r);
+                            return;
+                        }
+                        VcpuExit::FailEntry(reason, cpu) => {
+                            self.exit.request(ExitReason::Crash(format!(
                             "vCPU {}: KVM could not enter the guest (hardware reason {reason:#x}, cpu {cpu})",
                             self.id
                         )));
-                        return;
-                    }
-                    VcpuExit::InternalError => {
-                        self.exit.request(ExitReason::Crash(format!(
+                            return;
+                        }
+                        VcpuExit::InternalError => {
+                            self.exit.request(ExitReason::Crash(format!(
                             "vCPU {}: KVM internal error (instruction emulation failed: this /dev/kvm cannot run this guest)",
                             self.id
                         )));
-                        return;
+                            return;
+                        }
+                        other => {
+                            self.exit.request(ExitReason::Crash(format!(
+                                "vCPU {}: unexpected KVM exit {other:?}",
+                                self.id
+                            )));
+                            return;
+                        }
                     }
-                    other => {
-                        self.exit.request(ExitReason::Crash(format!(
-                            "vCPU {}: unexpected KVM exit {other:?}",
-                            self.id
-                        )));
-                        return;
-                    }
-                },
+                }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.vcpu.set_kvm_immediate_exit(0);
                     self.control.park_while_paused();
+                    let tick = self.halt_watch.current();
+                    if tick != seen_tick {
+                        seen_tick = tick;
+                        let dead = exits == 0 && self.unable_to_wake();
+                        exits = 0;
+                        if self.halt_watch.report(usize::from(self.id), dead) {
+                            self.exit.request(ExitReason::Halted);
+                            return;
+                        }
+                    }
                 }
                 Err(e) => {
                     self.exit
@@ -434,9 +514,44 @@ impl VcpuRunner {
     }
 }
 
+impl VcpuRunner {
+    fn unable_to_wake(&self) -> bool {
+        match (self.vcpu.get_mp_state(), self.vcpu.get_regs()) {
+            (Ok(mp), Ok(regs)) => unable_to_wake(mp.mp_state, regs.rflags),
+            _ => false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_every_vcpu_unable_to_wake_for_long_enough_ends_the_vm() {
+        use kvm_bindings::{
+            KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_RUNNABLE,
+        };
+        assert!(unable_to_wake(KVM_MP_STATE_HALTED, 0x2));
+        assert!(
+            !unable_to_wake(KVM_MP_STATE_HALTED, 0x202),
+            "idle with interrupts on"
+        );
+        assert!(!unable_to_wake(KVM_MP_STATE_RUNNABLE, 0x2));
+        assert!(unable_to_wake(KVM_MP_STATE_INIT_RECEIVED, 0x2));
+        let w = HaltWatch::new(2);
+        for _ in 0..DEAD_TICKS + 2 {
+            assert!(!w.report(0, true), "vCPU 1 still runs");
+            assert!(!w.report(1, false));
+        }
+        for i in 1..=DEAD_TICKS {
+            let over = w.report(1, true);
+            assert_eq!(over, i == DEAD_TICKS, "after {i} ticks");
+        }
+        // One look that finds a vCPU alive starts its count again.
+        assert!(!w.report(0, false));
+        assert!(!w.report(0, true));
+    }
 
     #[test]
     fn gdt_entries_decode_to_flat_segments() {

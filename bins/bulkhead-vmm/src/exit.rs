@@ -12,19 +12,24 @@ pub enum ExitReason {
     Reboot,
     /// Stopped through the control socket.
     Stopped,
+    /// Every vCPU halted with interrupts off (or never started): the guest can never
+    /// run again (`cli; hlt`, Linux's `halt`).
+    Halted,
     /// The guest or KVM failed in a way the VM cannot continue from.
     Crash(String),
 }
 
 impl ExitReason {
     /// Exit status of `bulkhead-vmm`: 0 power-off, 1 VMM error before or during boot,
-    /// 2 bad configuration, 3 guest reboot, 4 guest crash, 5 stopped by request.
+    /// 2 bad configuration, 3 guest reboot, 4 guest crash, 5 stopped by request, 6 every
+    /// vCPU halted for good.
     pub fn status(&self) -> i32 {
         match self {
             ExitReason::PowerOff => 0,
             ExitReason::Reboot => 3,
             ExitReason::Crash(_) => 4,
             ExitReason::Stopped => 5,
+            ExitReason::Halted => 6,
         }
     }
 }
@@ -74,11 +79,12 @@ mod tests {
             ExitReason::Reboot,
             ExitReason::Crash(String::new()),
             ExitReason::Stopped,
+            ExitReason::Halted,
         ]
         .iter()
         .map(ExitReason::status)
         .collect();
-        assert_eq!(s, vec![0, 3, 4, 5]);
+        assert_eq!(s, vec![0, 3, 4, 5, 6]);
     }
 }
 

@@ -22,8 +22,12 @@ fn main() {
     };
     match bulkhead_vmm::vmm::run(&cfg) {
         Ok(reason) => {
-            if let ExitReason::Crash(msg) = &reason {
-                eprintln!("bulkhead-vmm: guest crashed: {msg}");
+            match &reason {
+                ExitReason::Crash(msg) => eprintln!("bulkhead-vmm: guest crashed: {msg}"),
+                ExitReason::Halted => eprintln!(
+                    "bulkhead-vmm: the guest halted every vCPU with interrupts off; it can never run again"
+                ),
+                _ => {}
             }
             std::process::exit(reason.status());
         }

@@ -15,13 +15,14 @@ use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use vm_superio::Serial;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::acpi::{self, MmioDesc};
 use crate::boot::{self, BootEntry};
 use crate::bus::Bus;
 use crate::config::{BootMode, SerialOut, VmConfig};
 use crate::control::{ControlApi, VmHandle};
-use crate::cpu::{self, RunState, VcpuControl, VcpuRunner};
+use crate::cpu::{self, HaltWatch, RunState, VcpuControl, VcpuRunner};
 use crate::exit::{ExitHandle, ExitReason};
 use crate::layout::*;
 use crate::legacy::{AcpiPm, Capped, IrqTrigger, SerialDevice, SharedOut, I8042, OUTPUT_CAP};
@@ -82,6 +83,10 @@ const TOK_API: u32 = 1;
 const TOK_DEVICES: u32 = 2;
 /// The run state changed (pause, resume).
 const TOK_RUNSTATE: u32 = 3;
+/// Time for the vCPUs to look whether they can still wake ([`HaltWatch`]).
+const TOK_HALT_WATCH: u32 = 4;
+/// How often the halt watch looks.
+const HALT_WATCH_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The port I/O and MMIO buses the vCPUs dispatch exits to.
 #[derive(Default)]
@@ -105,10 +110,18 @@ struct Core {
     timeline: Arc<Timeline>,
 }
 
-/// The running vCPUs and the switch that pauses them.
+/// The running vCPUs, the switch that pauses them, and the watch that finds them all
+/// halted for good.
 struct Vcpus {
     control: Arc<VcpuControl>,
     threads: Vec<JoinHandle<()>>,
+    halt_watch: Arc<HaltWatch>,
+}
+
+impl Vcpus {
+    fn pthreads(&self) -> Vec<libc::pthread_t> {
+        self.threads.iter().map(|t| t.as_pthread_t()).collect()
+    }
 }
 
 pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
@@ -149,7 +162,7 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
         Some(p) => {
             let handle = Arc::new(VmHandle {
                 control: vcpus.control.clone(),
-                vcpus: vcpus.threads.iter().map(|t| t.as_pthread_t()).collect(),
+                vcpus: vcpus.pthreads(),
                 // Every vCPU and the event loop (its devices) stop for a pause.
                 stop_for_pause: vcpus.threads.len() + 1,
                 exit: core.exit.clone(),
@@ -168,7 +181,7 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
     };
     // Set-up is done; from here the main thread serves what the guest controls.
     crate::seccomp::install_for(crate::seccomp::Class::Main).map_err(VmmError::Device)?;
-    let reason = event_loop(api, &core, &slots, &vcpus.control)?;
+    let reason = event_loop(api, &core, &slots, &vcpus)?;
     let _ = SharedOut::flush(&mut serial_out.clone());
     // Let vCPUs that are mid-exit see the reason; they are not joined (a vCPU can sit in
     // KVM_RUN indefinitely) and end with the process.
@@ -437,6 +450,7 @@ fn start_vcpus(
     cpu::install_kick_handler().map_err(io("vCPU kick signal handler"))?;
     let base_cpuid = cpu::supported_cpuid(kvm)?;
     let control = Arc::new(VcpuControl::default());
+    let halt_watch = Arc::new(HaltWatch::new(usize::from(cfg.cpus)));
     let mut runners = Vec::new();
     for id in 0..cfg.cpus {
         let vcpu = vm
@@ -458,6 +472,7 @@ fn start_vcpus(
             exit: core.exit.clone(),
             control: control.clone(),
             timeline: (id == 0).then(|| core.timeline.clone()),
+            halt_watch: halt_watch.clone(),
         });
     }
     let mut threads = Vec::new();
@@ -469,7 +484,11 @@ fn start_vcpus(
                 .map_err(io("spawn vCPU thread"))?,
         );
     }
-    Ok(Vcpus { control, threads })
+    Ok(Vcpus {
+        control,
+        threads,
+        halt_watch,
+    })
 }
 
 /// The devices' epoll, watched from the event loop's while the VM runs and left out of
@@ -524,13 +543,20 @@ fn event_loop(
     mut api: Option<ControlApi>,
     core: &Core,
     slots: &[DeviceSlot],
-    control: &VcpuControl,
+    vcpus: &Vcpus,
 ) -> Result<ExitReason, VmmError> {
-    let (epoll, exit) = (&core.epoll, &core.exit);
+    let (epoll, exit, control) = (&core.epoll, &core.exit, &*vcpus.control);
     let runstate = control.watch().map_err(io("eventfd"))?;
+    let timer_err = |e: vmm_sys_util::errno::Error| io("timerfd")(e.into());
+    let mut halt_timer = TimerFd::new().map_err(timer_err)?;
+    halt_timer
+        .reset(HALT_WATCH_PERIOD, Some(HALT_WATCH_PERIOD))
+        .map_err(timer_err)?;
+    let pthreads = vcpus.pthreads();
     for (fd, token) in [
         (exit.eventfd().as_raw_fd(), TOK_EXIT),
         (runstate.as_raw_fd(), TOK_RUNSTATE),
+        (halt_timer.as_raw_fd(), TOK_HALT_WATCH),
     ] {
         epoll
             .ctl(
@@ -564,6 +590,14 @@ fn event_loop(
                 TOK_RUNSTATE => {
                     let _ = runstate.read();
                     devices.follow(epoll, control);
+                }
+                TOK_HALT_WATCH => {
+                    let _ = halt_timer.wait();
+                    // A paused vCPU is stopped by us, not halted by its guest.
+                    if control.state() == RunState::Running {
+                        vcpus.halt_watch.tick();
+                        cpu::kick(&pthreads);
+                    }
                 }
                 TOK_DEVICES if devices.watched => {
                     let m = match devices.epoll.wait(0, &mut device_events) {

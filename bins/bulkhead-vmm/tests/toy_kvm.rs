@@ -289,6 +289,54 @@ fn control_interface_state_pause_resume_shutdown() {
     assert_eq!(st.code(), Some(5));
 }
 
+#[test]
+fn a_guest_that_halts_with_interrupts_off_ends_the_vmm_with_its_own_status() {
+    if !kvm_available() {
+        return;
+    }
+    // cli; hlt on the boot vCPU; the second vCPU is never started.
+    let t = Instant::now();
+    let r = run_guest("clihlt", &[0xfa, 0xf4], "raw16", &["--cpus", "2"]);
+    let stderr = String::from_utf8_lossy(&r.out.stderr);
+    assert_eq!(r.out.status.code(), Some(6), "stderr: {stderr}");
+    assert!(stderr.contains("halted every vCPU"), "{stderr}");
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+}
+
+#[test]
+fn an_idle_guest_with_interrupts_on_is_left_running() {
+    if !kvm_available() {
+        return;
+    }
+    let d = tmpdir("stihlt");
+    let img = d.join("idle.bin");
+    std::fs::write(&img, [0xfb, 0xf4, 0xeb, 0xfd]).unwrap(); // sti; hlt; jmp back
+    let sock = d.join("api.sock");
+    let mut child = KillOnDrop(
+        Command::new(VMM)
+            .args(["--boot", "raw16", "--kernel", img.to_str().unwrap()])
+            .args(["--memory", "32", "--api-socket", sock.to_str().unwrap()])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // Longer than the halt watch needs to give a dead guest up.
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(
+        child.0.try_wait().unwrap().is_none(),
+        "an idle guest was ended"
+    );
+    block_on(async {
+        let p = connect_api(&sock).await;
+        // A long pause is not a halt either.
+        p.pause().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert_eq!(p.state().await.unwrap(), "paused");
+        p.shutdown().await.unwrap();
+    });
+    assert_eq!(child.wait().unwrap().code(), Some(5));
+}
+
 /// busctl, a client nobody wrote for us, reads the interface peer to peer.
 #[test]
 fn busctl_reads_the_control_interface() {
