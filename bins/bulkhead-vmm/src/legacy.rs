@@ -81,6 +81,128 @@ impl<W: Write> Write for Capped<W> {
     }
 }
 
+/// Guest output to a descriptor whose writes can block: stdout into a pipe nobody
+/// drains. The vCPU that writes the serial port puts bytes in a bounded buffer, and a
+/// thread of its own writes them out. A full buffer drops output (counted, and said
+/// once it moves again); a vCPU never waits in write(2) while it holds the serial
+/// device's lock, which the way out of the VMM needs too.
+#[derive(Clone)]
+pub struct Background {
+    shared: Arc<(Mutex<Pending>, std::sync::Condvar)>,
+}
+
+#[derive(Default)]
+struct Pending {
+    data: std::collections::VecDeque<u8>,
+    /// Bytes dropped since the writer last caught up.
+    dropped: u64,
+    /// The writer is writing a chunk it took out.
+    busy: bool,
+    /// The output failed for good (a closed pipe): everything is dropped from now on.
+    broken: bool,
+}
+
+/// How much guest output [`Background`] holds for a slow reader.
+pub const BACKGROUND_BUFFER: usize = 64 << 10;
+
+impl Background {
+    /// Start the writer thread (`name`) on `out`; `setup` runs first on that thread (its
+    /// seccomp filter).
+    pub fn start<W, S>(mut out: W, name: &str, setup: S) -> std::io::Result<Self>
+    where
+        W: Write + Send + 'static,
+        S: FnOnce() -> Result<(), String> + Send + 'static,
+    {
+        let shared: Arc<(Mutex<Pending>, std::sync::Condvar)> = Arc::default();
+        let s = shared.clone();
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                if let Err(e) = setup() {
+                    tracing::error!("guest output writer: {e}");
+                    s.0.lock().unwrap_or_else(|p| p.into_inner()).broken = true;
+                    return;
+                }
+                let (lock, cv) = &*s;
+                loop {
+                    let (chunk, dropped) = {
+                        let mut g = lock.lock().unwrap_or_else(|p| p.into_inner());
+                        g.busy = false;
+                        cv.notify_all();
+                        while g.data.is_empty() {
+                            g = cv.wait(g).unwrap_or_else(|p| p.into_inner());
+                        }
+                        g.busy = true;
+                        let n = g.data.len().min(4096);
+                        let chunk: Vec<u8> = g.data.drain(..n).collect();
+                        (chunk, std::mem::take(&mut g.dropped))
+                    };
+                    let said = if dropped > 0 {
+                        writeln!(
+                            out,
+                            "\n[bulkhead-vmm: {dropped} bytes of guest output dropped: nobody read them]"
+                        )
+                    } else {
+                        Ok(())
+                    };
+                    let wrote = said
+                        .and_then(|()| out.write_all(&chunk))
+                        .and_then(|()| out.flush());
+                    if wrote.is_err() {
+                        let mut g = lock.lock().unwrap_or_else(|p| p.into_inner());
+                        g.broken = true;
+                        g.busy = false;
+                        g.data.clear();
+                        cv.notify_all();
+                        return;
+                    }
+                }
+            })?;
+        Ok(Background { shared })
+    }
+}
+
+impl Write for Background {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let (lock, cv) = &*self.shared;
+        let mut g = lock.lock().unwrap_or_else(|p| p.into_inner());
+        if g.broken {
+            return Ok(buf.len());
+        }
+        let room = BACKGROUND_BUFFER.saturating_sub(g.data.len());
+        let n = buf.len().min(room);
+        g.data.extend(&buf[..n]);
+        g.dropped += (buf.len() - n) as u64;
+        cv.notify_all();
+        Ok(buf.len())
+    }
+
+    /// The writer thread flushes what it writes; nothing to wait for here (the serial
+    /// device flushes after every byte).
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Background {
+    /// Give the writer up to `limit` to write out what it holds (when the VM ends).
+    pub fn settle(&self, limit: std::time::Duration) {
+        let (lock, cv) = &*self.shared;
+        let deadline = std::time::Instant::now() + limit;
+        let mut g = lock.lock().unwrap_or_else(|p| p.into_inner());
+        while !g.broken && (g.busy || !g.data.is_empty()) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            g = cv
+                .wait_timeout(g, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
 impl Write for SharedOut {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).write(buf)
@@ -168,6 +290,64 @@ mod tests {
         let mut small = Capped::new(Vec::new(), 100);
         small.write_all(b"fits").unwrap();
         assert_eq!(small.inner, b"fits");
+    }
+
+    #[test]
+    fn output_nobody_reads_is_dropped_never_waited_for() {
+        // A pipe whose reader never reads: its buffer fills, then write(2) would block.
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills the two descriptors we then own.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: both descriptors are ours, each owned once.
+        let (reader, writer) = unsafe {
+            use std::os::fd::FromRawFd;
+            (
+                std::fs::File::from_raw_fd(fds[0]),
+                std::fs::File::from_raw_fd(fds[1]),
+            )
+        };
+        let mut out = Background::start(writer, "test-out", || Ok(())).unwrap();
+        let t = std::time::Instant::now();
+        // 4 MiB, far past the pipe's and the buffer's room together.
+        let block = [b'x'; 4096];
+        for _ in 0..1024 {
+            assert_eq!(out.write(&block).unwrap(), block.len());
+        }
+        out.settle(std::time::Duration::from_millis(200));
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(2),
+            "the writer waited for the reader: {:?}",
+            t.elapsed()
+        );
+        // What was kept arrives once the reader reads, with the drop said.
+        use std::io::Read;
+        let mut r = reader;
+        // SAFETY: F_SETFL on a descriptor we own.
+        unsafe {
+            libc::fcntl(
+                std::os::fd::AsRawFd::as_raw_fd(&r),
+                libc::F_SETFL,
+                libc::O_NONBLOCK,
+            )
+        };
+        out.write_all(b"\nend\n").unwrap();
+        let mut got = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut buf = [0u8; 65536];
+        while !String::from_utf8_lossy(&got).contains("end") {
+            assert!(std::time::Instant::now() < deadline, "{} bytes", got.len());
+            match r.read(&mut buf) {
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+            }
+        }
+        let text = String::from_utf8_lossy(&got);
+        assert!(
+            text.contains("bytes of guest output dropped"),
+            "{}",
+            &text[text.len() - 200..]
+        );
+        assert!(got.len() < 1 << 20, "{} bytes kept", got.len());
     }
 
     #[test]

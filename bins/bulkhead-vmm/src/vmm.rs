@@ -25,7 +25,9 @@ use crate::control::{ControlApi, VmHandle};
 use crate::cpu::{self, HaltWatch, RunState, VcpuControl, VcpuRunner};
 use crate::exit::{ExitHandle, ExitReason};
 use crate::layout::*;
-use crate::legacy::{AcpiPm, Capped, IrqTrigger, SerialDevice, SharedOut, I8042, OUTPUT_CAP};
+use crate::legacy::{
+    AcpiPm, Background, Capped, IrqTrigger, SerialDevice, SharedOut, I8042, OUTPUT_CAP,
+};
 use crate::memory::{self, GuestRam};
 use crate::startup::{BootTimer, Timeline};
 use crate::virtio::balloon::{Balloon, BalloonControl};
@@ -182,7 +184,10 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
     // Set-up is done; from here the main thread serves what the guest controls.
     crate::seccomp::install_for(crate::seccomp::Class::Main).map_err(VmmError::Device)?;
     let reason = event_loop(api, &core, &slots, &vcpus)?;
-    let _ = SharedOut::flush(&mut serial_out.clone());
+    let _ = SharedOut::flush(&mut serial_out.shared.clone());
+    if let Some(b) = &serial_out.background {
+        b.settle(std::time::Duration::from_millis(200));
+    }
     // Let vCPUs that are mid-exit see the reason; they are not joined (a vCPU can sit in
     // KVM_RUN indefinitely) and end with the process.
     vcpus.control.set(RunState::Running);
@@ -247,17 +252,32 @@ fn map_memory(vm: &VmFd, cfg: &VmConfig) -> Result<GuestRam, VmmError> {
     Ok(ram)
 }
 
-/// COM1, the i8042 reset line, the ACPI sleep port and the boot timer. Returns the serial output so it
-/// can be flushed when the VM ends.
+/// The serial port's output, kept to be flushed when the VM ends.
+struct SerialOutput {
+    shared: SharedOut,
+    /// The writer thread of stdout, given a moment to catch up at the end.
+    background: Option<Background>,
+}
+
+/// COM1, the i8042 reset line, the ACPI sleep port and the boot timer.
 fn add_legacy_devices(
     vm: &VmFd,
     pio: &mut Bus,
     core: &Core,
     cfg: &VmConfig,
-) -> Result<SharedOut, VmmError> {
+) -> Result<SerialOutput, VmmError> {
     let exit = &core.exit;
+    let mut background = None;
     let out: Box<dyn Write + Send> = match &cfg.serial {
-        SerialOut::Stdout => Box::new(Capped::new(std::io::stdout(), OUTPUT_CAP)),
+        // stdout may be a pipe nobody drains: written from a thread of its own.
+        SerialOut::Stdout => {
+            let b = Background::start(std::io::stdout(), "serial-out", || {
+                crate::seccomp::install_for(crate::seccomp::Class::Worker)
+            })
+            .map_err(io("serial output thread"))?;
+            background = Some(b.clone());
+            Box::new(Capped::new(b, OUTPUT_CAP))
+        }
         SerialOut::File(p) => Box::new(Capped::new(
             std::fs::File::create(p).map_err(io(format!("serial output {}", p.display())))?,
             OUTPUT_CAP,
@@ -282,7 +302,10 @@ fn add_legacy_devices(
     };
     pio.insert(u64::from(BOOT_TIMER_PORT), 1, Arc::new(Mutex::new(timer)))
         .map_err(dev_err)?;
-    Ok(serial_out)
+    Ok(SerialOutput {
+        shared: serial_out,
+        background,
+    })
 }
 
 /// The configured virtio devices, in a fixed order so a config always yields the same

@@ -304,6 +304,44 @@ fn a_guest_that_halts_with_interrupts_off_ends_the_vmm_with_its_own_status() {
 }
 
 #[test]
+fn serial_output_into_a_pipe_nobody_reads_does_not_stop_the_vm() {
+    if !kvm_available() {
+        return;
+    }
+    let d = tmpdir("stdoutpipe");
+    let img = d.join("chatty.bin");
+    // mov dx,0x3f8; mov al,'x'; mov bx,4; outer: mov cx,0xffff; inner: out dx,al;
+    // loop inner; dec bx; jnz outer: 256 KiB to COM1 (a pipe holds 64), then ACPI
+    // power-off.
+    let mut code = vec![0xba, 0xf8, 0x03, 0xb0, b'x', 0xbb, 4, 0];
+    code.extend([0xb9, 0xff, 0xff, 0xee, 0xe2, 0xfd, 0x4b, 0x75, 0xf7]);
+    code.extend(power_off(false));
+    std::fs::write(&img, &code).unwrap();
+    // stdout is a pipe this test holds open and never reads.
+    let mut child = KillOnDrop(
+        Command::new(VMM)
+            .args(["--boot", "raw16", "--kernel", img.to_str().unwrap()])
+            .args(["--memory", "32", "--serial", "stdout"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = child.0.try_wait().unwrap() {
+            break Some(st);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let status = status.expect("the VMM hung writing to a full pipe");
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
 fn an_idle_guest_with_interrupts_on_is_left_running() {
     if !kvm_available() {
         return;
