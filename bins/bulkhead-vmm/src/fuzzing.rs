@@ -125,6 +125,7 @@ pub fn queues(data: &[u8]) -> u16 {
     }
     for _ in 0..3 {
         dev.queue_notify(qi);
+        dev.settle();
     }
     dev.reset();
     let used = vq.used().idx().load();

@@ -535,12 +535,20 @@ impl DeviceEvents {
         })
     }
 
-    /// Follow the run state: stop watching on pause (and count the loop as parked),
-    /// watch again on resume.
-    fn follow(&mut self, core: &Epoll, control: &VcpuControl) {
+    /// Follow the run state: on pause stop watching, stop the devices that have
+    /// threads of their own, and count the loop as parked; on resume the reverse.
+    fn follow(&mut self, core: &Epoll, control: &VcpuControl, slots: &[DeviceSlot]) {
         let want = control.state() == RunState::Running;
         if want == self.watched {
             return;
+        }
+        for d in slots {
+            let mut t = d.transport.lock().unwrap_or_else(|p| p.into_inner());
+            if want {
+                t.device_mut().resume();
+            } else {
+                t.device_mut().pause();
+            }
         }
         let (op, ev) = if want {
             (
@@ -612,7 +620,7 @@ fn event_loop(
                 }
                 TOK_RUNSTATE => {
                     let _ = runstate.read();
-                    devices.follow(epoll, control);
+                    devices.follow(epoll, control, slots);
                 }
                 TOK_HALT_WATCH => {
                     let _ = halt_timer.wait();
@@ -681,18 +689,18 @@ mod tests {
         assert_eq!(core.wait(0, &mut evs).unwrap(), 1, "a kick while running");
 
         control.set(RunState::Paused);
-        dev.follow(&core, &control);
+        dev.follow(&core, &control, &[]);
         assert_eq!(core.wait(0, &mut evs).unwrap(), 0, "served while paused");
         assert!(
             control.wait_parked(1, Duration::ZERO),
             "the loop did not count itself stopped"
         );
         // Following twice changes nothing.
-        dev.follow(&core, &control);
+        dev.follow(&core, &control, &[]);
         assert!(!control.wait_parked(2, Duration::ZERO));
 
         control.set(RunState::Running);
-        dev.follow(&core, &control);
+        dev.follow(&core, &control, &[]);
         assert_eq!(
             core.wait(0, &mut evs).unwrap(),
             1,

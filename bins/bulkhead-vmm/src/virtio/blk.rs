@@ -1,10 +1,17 @@
 //! virtio-blk on a raw image file: read, write (unless read-only), flush, get-id.
+//!
+//! The file I/O runs on the device's own `blk-io` thread, started with the device
+//! (before any seccomp filter, under the `worker` class from its first step), never on
+//! the event loop that serves every other device: a guest that keeps its disk busy, or a
+//! slow fsync, holds up only its own disk. The event loop hands kicks over; the thread
+//! serves up to [`super::QUEUE_BUDGET`] requests per kick and requeues the rest.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
 
 use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::GuestMemoryMmap;
@@ -40,14 +47,98 @@ pub enum BlkError {
 }
 
 pub struct Blk {
+    readonly: bool,
+    config: [u8; 16],
+    io: Arc<IoShared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// The image and what serving it needs; owned by the `blk-io` thread.
+struct Disk {
     file: File,
     readonly: bool,
     sectors: u64,
     id: [u8; 20],
-    config: [u8; 16],
-    active: Option<(GuestMemoryMmap, Queue, Arc<Interrupt>)>,
-    requeue: Requeue,
     buf: Vec<u8>,
+}
+
+/// What the device's handlers (vCPU threads, the event loop) share with `blk-io`.
+#[derive(Default)]
+struct IoShared {
+    state: Mutex<IoState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct IoState {
+    /// The queue while the device is active; `blk-io` takes it out for a batch.
+    active: Option<ActiveQueue>,
+    /// A kick arrived that no batch has served yet.
+    kicked: bool,
+    /// `blk-io` is serving a batch.
+    busy: bool,
+    /// The VM is paused: no batch starts.
+    held: bool,
+    /// The device was stopped.
+    stop: bool,
+    /// Bumped by every activation and reset: a batch begun before one is not put back.
+    generation: u64,
+}
+
+struct ActiveQueue {
+    mem: GuestMemoryMmap,
+    queue: Queue,
+    irq: Arc<Interrupt>,
+    requeue: Requeue,
+}
+
+impl IoShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, IoState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wait while `blk-io` serves a batch.
+    fn wait_idle(&self) {
+        let mut g = self.lock();
+        while g.busy {
+            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// `blk-io`'s loop: one batch per kick, while active and not held.
+    fn serve(&self, mut disk: Disk) {
+        loop {
+            let (mut a, generation) = {
+                let mut g = self.lock();
+                g.busy = false;
+                self.cv.notify_all();
+                loop {
+                    if g.stop {
+                        return;
+                    }
+                    if g.kicked && !g.held && g.active.is_some() {
+                        break;
+                    }
+                    g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+                }
+                g.kicked = false;
+                g.busy = true;
+                let Some(a) = g.active.take() else { continue };
+                (a, g.generation)
+            };
+            let mem = a.mem.clone();
+            let end = drain_queue(&mem, &mut a.queue, &a.irq, |chain| {
+                disk.request(&mem, chain)
+            });
+            if end == Drained::BudgetSpent {
+                a.requeue.later(0);
+            }
+            let mut g = self.lock();
+            if g.generation == generation {
+                g.active = Some(a);
+            }
+        }
+    }
 }
 
 impl Blk {
@@ -83,18 +174,45 @@ impl Blk {
             .unwrap_or_default();
         let n = name.len().min(20);
         id[..n].copy_from_slice(&name.as_bytes()[..n]);
-        Ok(Blk {
+        let disk = Disk {
             file,
             readonly,
             sectors,
             id,
-            config,
-            active: None,
-            requeue: Requeue::default(),
             buf: vec![0u8; CHUNK],
+        };
+        let io = Arc::new(IoShared::default());
+        let shared = io.clone();
+        let thread = std::thread::Builder::new()
+            .name("blk-io".into())
+            .spawn(move || {
+                if let Err(e) = crate::seccomp::install_for(crate::seccomp::Class::Worker) {
+                    tracing::error!("blk-io: {e}");
+                    return;
+                }
+                shared.serve(disk);
+            })
+            .map_err(|source| BlkError::Open { path: p, source })?;
+        Ok(Blk {
+            readonly,
+            config,
+            io,
+            thread: Some(thread),
         })
     }
+}
 
+impl Drop for Blk {
+    fn drop(&mut self) {
+        self.io.lock().stop = true;
+        self.io.cv.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Disk {
     /// Serve one request; returns bytes written into the chain (data + status byte).
     fn request(&mut self, mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> u32 {
         let (Ok(mut r), Ok(mut w)) = (chain.clone().reader(mem), chain.writer(mem)) else {
@@ -208,23 +326,44 @@ impl VirtioDevice for Blk {
             .queues
             .pop()
             .ok_or_else(|| ActivateError::Failed("no queue".into()))?;
-        self.active = Some((act.mem, q, act.interrupt));
-        self.requeue = Requeue::new(act.kicks);
+        let mut g = self.io.lock();
+        g.active = Some(ActiveQueue {
+            mem: act.mem,
+            queue: q,
+            irq: act.interrupt,
+            requeue: Requeue::new(act.kicks),
+        });
+        g.generation += 1;
+        g.kicked = false;
         Ok(())
     }
+    /// Returns once no batch is running: after a reset nothing touches the old queue.
     fn reset(&mut self) {
-        self.active = None;
-    }
-    fn queue_notify(&mut self, queue: usize) {
-        let Some((mem, mut q, irq)) = self.active.take() else {
-            return;
-        };
-        if drain_queue(&mem, &mut q, &irq, |chain| self.request(&mem, chain))
-            == Drained::BudgetSpent
         {
-            self.requeue.later(queue);
+            let mut g = self.io.lock();
+            g.active = None;
+            g.generation += 1;
+            g.kicked = false;
         }
-        self.active = Some((mem, q, irq));
+        self.io.wait_idle();
+    }
+    fn queue_notify(&mut self, _queue: usize) {
+        self.io.lock().kicked = true;
+        self.io.cv.notify_all();
+    }
+    fn pause(&mut self) {
+        self.io.lock().held = true;
+        self.io.wait_idle();
+    }
+    fn resume(&mut self) {
+        self.io.lock().held = false;
+        self.io.cv.notify_all();
+    }
+    fn settle(&self) {
+        let mut g = self.io.lock();
+        while g.busy || (g.kicked && !g.held && g.active.is_some()) {
+            g = self.io.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
     }
 }
 
@@ -261,11 +400,73 @@ mod tests {
         let (act, _irq) = activation(mem, vec![vq.create_queue().unwrap()]);
         blk.activate(act).unwrap();
         blk.queue_notify(0);
+        blk.settle();
         used_lens(mem, &vq)
     }
 
     fn d(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
         RawDescriptor::from(Descriptor::new(addr, len, flags, next))
+    }
+
+    /// `n` get-id requests, each in its own three-descriptor chain.
+    fn get_id_queue(mem: &GuestMemoryMmap, n: u16) -> MockSplitQueue<'_, GuestMemoryMmap> {
+        let vq = MockSplitQueue::new(mem, 1024);
+        let chains: Vec<RawDescriptor> = (0..n)
+            .flat_map(|i| {
+                let at = 0x100000 + u64::from(i) * 0x100;
+                hdr(mem, at, T_GET_ID, 0);
+                let first = i * 3;
+                [
+                    d(at, 16, F_NEXT, first + 1),
+                    d(at + 0x20, 20, F_WRITE | F_NEXT, first + 2),
+                    d(at + 0x40, 1, F_WRITE, 0),
+                ]
+            })
+            .collect();
+        vq.build_multiple_desc_chains(&chains).unwrap();
+        vq
+    }
+
+    #[test]
+    fn io_runs_off_the_caller_a_budget_per_kick_and_stops_while_paused() {
+        let mem = test_mem();
+        let p = image("turns.img", 4096);
+        let mut blk = Blk::open(&p, false).unwrap();
+        let vq = get_id_queue(&mem, 300);
+        let (act, _irq, kicks) = activation_with_kicks(&mem, vec![vq.create_queue().unwrap()]);
+        blk.activate(act).unwrap();
+
+        // Paused: a kick is taken, nothing is served, until resume.
+        blk.pause();
+        blk.queue_notify(0);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(used(&vq).len(), 0, "served while paused");
+        blk.resume();
+        blk.settle();
+        // One kick: one budget, and the queue handed back to the event loop.
+        assert_eq!(used(&vq).len(), crate::virtio::QUEUE_BUDGET);
+        assert_eq!(kicks[0].read().unwrap(), 1, "the rest was not requeued");
+        blk.queue_notify(0);
+        blk.settle();
+        assert_eq!(used(&vq).len(), 300);
+        assert!(used(&vq).iter().all(|&(_, len)| len == 21));
+    }
+
+    #[test]
+    fn nothing_is_served_after_a_reset() {
+        let mem = test_mem();
+        let p = image("reset.img", 4096);
+        let mut blk = Blk::open(&p, false).unwrap();
+        let vq = get_id_queue(&mem, 4);
+        let (act, _irq) = activation(&mem, vec![vq.create_queue().unwrap()]);
+        blk.activate(act).unwrap();
+        blk.pause();
+        blk.queue_notify(0);
+        blk.reset();
+        blk.resume();
+        blk.queue_notify(0);
+        blk.settle();
+        assert_eq!(used(&vq).len(), 0);
     }
 
     #[test]

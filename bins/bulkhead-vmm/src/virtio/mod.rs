@@ -131,6 +131,14 @@ pub trait VirtioDevice: Send {
     fn queue_notify(&mut self, _queue: usize) {}
     /// An event on a descriptor registered through [`EventSink`].
     fn handle_event(&mut self, _token: u32, _events: EventSet) {}
+    /// The VM is being paused: a device with a thread of its own stops it touching guest
+    /// memory before this returns. (The event loop stops serving the others itself.)
+    fn pause(&mut self) {}
+    /// The VM runs again.
+    fn resume(&mut self) {}
+    /// Wait until the device's own thread has served every kick handed to it (tests and
+    /// fuzzing, which look at the rings right after a notify).
+    fn settle(&self) {}
     /// Interrupts come straight from another process (vhost-user), so the ISR must read
     /// as "used buffer" whenever the driver looks.
     fn external_interrupts(&self) -> bool {
