@@ -248,6 +248,19 @@ pub mod testutil {
         (act, irq)
     }
 
+    /// `mem`'s regions as a vhost-user back end is told about them.
+    pub fn ram_regions(mem: &GuestMemoryMmap) -> Vec<crate::memory::RamRegion> {
+        use vm_memory::GuestMemoryRegion;
+        mem.iter()
+            .map(|r| crate::memory::RamRegion {
+                guest_addr: r.start_addr().0,
+                size: r.len(),
+                file_offset: 0,
+                host_addr: r.as_ptr() as u64,
+            })
+            .collect()
+    }
+
     /// Also returns the queues' notify eventfds, as the event loop would see them.
     pub fn activation_with_kicks(
         mem: &GuestMemoryMmap,

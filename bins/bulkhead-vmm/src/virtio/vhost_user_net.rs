@@ -6,6 +6,10 @@
 //! back end took but never completed is offered again rather than lost. Frames move
 //! between the guest and the back end through shared memory and eventfds; this process
 //! holds only the transport, the config space (MAC, link status, MTU) and the socket.
+//! Every message to a back end after the first handshake (rings at activation, a new
+//! back end's handshake and rings, stopping the rings on reset) goes through the
+//! device's link thread ([`vhost_user::Link`]): neither the vCPU that activates the
+//! device nor the event loop that accepts a new back end waits on another process.
 
 use std::io::ErrorKind;
 use std::os::fd::{AsRawFd, RawFd};
@@ -14,15 +18,12 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::Frontend;
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::EventFd;
 
-use super::vhost_user::{self, Rings, INDIRECT_DESC};
+use super::vhost_user::{self, Command, Link, OwnedRings, INDIRECT_DESC};
 use super::{
-    ActivateError, Activation, EventSink, GuestMemoryMmap, Interrupt, VirtioDevice,
-    DEVICE_TOKEN_BASE, TYPE_NET, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
+    ActivateError, Activation, EventSink, VirtioDevice, DEVICE_TOKEN_BASE, TYPE_NET,
+    VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
 };
 use crate::memory::RamRegion;
 
@@ -77,27 +78,16 @@ pub enum NetError {
     },
 }
 
-/// What activation handed over, kept to hand it again to a back end that reconnects.
-struct Active {
-    mem: GuestMemoryMmap,
-    queues: Vec<Queue>,
-    interrupt: std::sync::Arc<Interrupt>,
-    kicks: Vec<EventFd>,
-    features: u64,
-    events: EventSink,
-}
-
 pub struct VhostUserNet {
     path: String,
     listener: UnixListener,
-    /// The connected back end and its socket (watched for hang-up).
-    fe: Option<(Frontend, UnixStream)>,
     backend_features: u64,
     config: [u8; 12],
     queue_sizes: [u16; 2],
-    regions: Vec<RamRegion>,
-    mem_fd: RawFd,
-    active: Option<Active>,
+    /// Every message to the back end goes through here ([`Link`]).
+    link: Link,
+    /// Set at activation: where the listener and the back end's socket are watched.
+    events: Option<EventSink>,
 }
 
 impl VhostUserNet {
@@ -134,159 +124,108 @@ impl VhostUserNet {
                 Err(e) => return Err(sock_err(e)),
             }
         };
+        let (fe, features) = first_handshake(&path, stream)?;
+        let link = Link::start("vhost-user-net", &path, fe, features, regions, mem_fd)
+            .map_err(sock_err)?;
         let mut config = [0u8; 12];
         config[..6].copy_from_slice(&mac);
         config[6..8].copy_from_slice(&STATUS_LINK_UP.to_le_bytes());
         config[8..10].copy_from_slice(&1u16.to_le_bytes());
         config[10..12].copy_from_slice(&mtu.unwrap_or(0).to_le_bytes());
-        let mut dev = VhostUserNet {
+        Ok(VhostUserNet {
             path,
             listener,
-            fe: None,
-            backend_features: 0,
+            backend_features: features | if mtu.is_some() { F_MTU } else { 0 },
             config,
             queue_sizes: [QUEUE_SIZE, QUEUE_SIZE],
-            regions,
-            mem_fd,
-            active: None,
-        };
-        dev.take_backend(stream)?;
-        if mtu.is_some() {
-            dev.backend_features |= F_MTU;
-        }
-        Ok(dev)
-    }
-
-    /// Handshake with a newly connected back end and make it the current one. The
-    /// handshake runs on a thread of its own and is given [`BACKEND_REPLY_TIMEOUT`]: a
-    /// back end that connects and never answers cannot stall the event loop this runs
-    /// on (its socket is shut down and the thread ends).
-    fn take_backend(&mut self, stream: UnixStream) -> Result<(), NetError> {
-        let sock_err = |source| NetError::Socket {
-            path: self.path.clone(),
-            source,
-        };
-        stream.set_nonblocking(false).map_err(sock_err)?;
-        let watch = stream.try_clone().map_err(sock_err)?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        let worker = std::thread::Builder::new()
-            .name("vhost-user-net".into())
-            .spawn(move || {
-                if let Err(e) = crate::seccomp::install_for(crate::seccomp::Class::Worker) {
-                    tracing::error!("{e}");
-                    return;
-                }
-                let mut fe = Frontend::from_stream(stream, 2);
-                let r = vhost_user::handshake(&mut fe);
-                let _ = tx.send((fe, r));
-            })
-            .map_err(sock_err)?;
-        let setup_err = |what: &'static str, msg: String| NetError::Setup {
-            path: self.path.clone(),
-            what,
-            msg,
-        };
-        let (fe, features) = match rx.recv_timeout(BACKEND_REPLY_TIMEOUT) {
-            Ok((fe, Ok(features))) => (fe, features),
-            Ok((_, Err((what, e)))) => return Err(setup_err(what, e.to_string())),
-            Err(_) => {
-                let _ = watch.shutdown(std::net::Shutdown::Both);
-                let _ = worker.join();
-                return Err(setup_err(
-                    "handshake",
-                    format!("no answer within {BACKEND_REPLY_TIMEOUT:?}"),
-                ));
-            }
-        };
-        let _ = worker.join();
-        self.backend_features = features | (self.backend_features & F_MTU);
-        self.fe = Some((fe, watch));
-        Ok(())
-    }
-
-    /// Hand the current back end memory and the rings, each starting at `bases`.
-    fn setup(&mut self, bases: &[u16]) -> Result<(), NetError> {
-        let (Some(a), Some((fe, _))) = (self.active.as_ref(), self.fe.as_mut()) else {
-            return Ok(());
-        };
-        let rings = Rings {
-            mem: &a.mem,
-            queues: &a.queues,
-            bases,
-            call: &a.interrupt.evt,
-            kicks: &a.kicks,
-        };
-        vhost_user::setup(
-            fe,
-            self.backend_features & !F_MTU,
-            a.features & (PASSED | VIRTIO_F_VERSION_1),
-            &self.regions,
-            self.mem_fd,
-            &rings,
-        )
-        .map_err(|e| NetError::Setup {
-            path: self.path.clone(),
-            what: "ring setup",
-            msg: e.to_string(),
+            link,
+            events: None,
         })
     }
 
-    /// Each ring's used index, read from guest memory: where a new back end starts.
-    fn used_indices(a: &Active) -> Vec<u16> {
-        a.queues
-            .iter()
-            .map(|q| {
-                a.mem
-                    .read_obj::<u16>(GuestAddress(q.used_ring().wrapping_add(2)))
-                    .map(u16::from_le)
-                    .unwrap_or(0)
-            })
-            .collect()
-    }
-
     fn watch_backend(&self) {
-        if let (Some(a), Some((_, s))) = (self.active.as_ref(), self.fe.as_ref()) {
-            let _ = a
-                .events
-                .add(s.as_raw_fd(), TOK_CONN, EventSet::IN | EventSet::HANG_UP);
+        if let (Some(ev), Some(s)) = (self.events.as_ref(), self.link.watch()) {
+            let _ = ev.add(s.as_raw_fd(), TOK_CONN, EventSet::IN | EventSet::HANG_UP);
         }
     }
 
     fn backend_gone(&mut self) {
-        if let Some((_, s)) = self.fe.take() {
-            if let Some(a) = self.active.as_ref() {
-                a.events.remove(s.as_raw_fd());
+        if let Some(s) = self.link.backend_gone() {
+            if let Some(ev) = self.events.as_ref() {
+                ev.remove(s.as_raw_fd());
             }
             tracing::warn!(socket = %self.path, "vhost-user-net back end gone; waiting for it");
         }
     }
 
-    /// A connection on the socket: a back end (re)starting.
+    /// A connection on the socket: a back end (re)starting. Its handshake and the rings
+    /// go to the link thread; the event loop waits for none of it.
     fn accept(&mut self) {
         while let Ok((stream, _)) = self.listener.accept() {
-            if self.fe.as_ref().is_some_and(|(_, s)| alive(s)) {
+            if self.link.watch().is_some_and(alive) {
                 tracing::warn!(socket = %self.path, "a second back end connected; refused");
                 continue;
             }
             self.backend_gone();
-            let bases = self
-                .active
-                .as_ref()
-                .map(Self::used_indices)
-                .unwrap_or_default();
-            let r = self.take_backend(stream).and_then(|()| self.setup(&bases));
-            match r {
-                Ok(()) => {
-                    self.watch_backend();
-                    tracing::warn!(socket = %self.path, ?bases, "vhost-user-net back end taken back");
-                }
+            let watch = match stream
+                .set_nonblocking(false)
+                .and_then(|()| stream.try_clone())
+            {
+                Ok(w) => w,
                 Err(e) => {
-                    tracing::warn!("{e}");
-                    self.fe = None;
+                    tracing::warn!(socket = %self.path, "new back end: {e}");
+                    continue;
                 }
+            };
+            match self.link.replace_backend(stream, watch) {
+                Ok(()) => self.watch_backend(),
+                Err(e) => tracing::warn!("{e}"),
             }
         }
     }
+}
+
+/// The first back end's handshake, at VMM start. It runs on a thread of its own and is
+/// given [`BACKEND_REPLY_TIMEOUT`]: a back end that connects and never answers is an
+/// error, not a VMM that never starts (its socket is shut down and the thread ends).
+fn first_handshake(path: &str, stream: UnixStream) -> Result<(Frontend, u64), NetError> {
+    let sock_err = |source| NetError::Socket {
+        path: path.to_string(),
+        source,
+    };
+    stream.set_nonblocking(false).map_err(sock_err)?;
+    let watch = stream.try_clone().map_err(sock_err)?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let worker = std::thread::Builder::new()
+        .name("vhost-user-net".into())
+        .spawn(move || {
+            if let Err(e) = crate::seccomp::install_for(crate::seccomp::Class::Worker) {
+                tracing::error!("{e}");
+                return;
+            }
+            let mut fe = Frontend::from_stream(stream, 2);
+            let r = vhost_user::handshake(&mut fe);
+            let _ = tx.send((fe, r));
+        })
+        .map_err(sock_err)?;
+    let setup_err = |what: &'static str, msg: String| NetError::Setup {
+        path: path.to_string(),
+        what,
+        msg,
+    };
+    let r = match rx.recv_timeout(BACKEND_REPLY_TIMEOUT) {
+        Ok((fe, Ok(features))) => Ok((fe, features)),
+        Ok((_, Err((what, e)))) => Err(setup_err(what, e.to_string())),
+        Err(_) => {
+            let _ = watch.shutdown(std::net::Shutdown::Both);
+            Err(setup_err(
+                "handshake",
+                format!("no answer within {BACKEND_REPLY_TIMEOUT:?}"),
+            ))
+        }
+    };
+    let _ = worker.join();
+    r
 }
 
 /// Is the peer of `s` still there? (A back end never writes unasked on this socket, so
@@ -318,33 +257,39 @@ impl VirtioDevice for VhostUserNet {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         super::read_config_bytes(&self.config, offset, data)
     }
+    /// Hands the rings to the link thread and returns; a back end that is gone gets
+    /// them when the next one connects.
     fn activate(&mut self, act: Activation) -> Result<(), ActivateError> {
         let _ = act
             .events
             .add(self.listener.as_raw_fd(), TOK_LISTEN, EventSet::IN);
-        self.active = Some(Active {
-            features: act.acked_features,
-            mem: act.mem,
-            queues: act.queues,
-            interrupt: act.interrupt,
-            kicks: act.kicks,
-            events: act.events,
-        });
-        if !self.fe.as_ref().is_some_and(|(_, s)| alive(s)) {
+        self.events = Some(act.events);
+        if !self.link.watch().is_some_and(alive) {
             // It died before the guest got here; the next one to connect gets the rings.
             self.backend_gone();
-            return Ok(());
         }
-        self.setup(&[])
-            .map_err(|e| ActivateError::Failed(e.to_string()))?;
+        self.link
+            .send(Command::Start(Box::new(OwnedRings {
+                mem: act.mem,
+                queues: act.queues,
+                interrupt: act.interrupt,
+                kicks: act.kicks,
+                features: act.acked_features & (PASSED | VIRTIO_F_VERSION_1),
+            })))
+            .map_err(ActivateError::Failed)?;
         self.watch_backend();
-        tracing::info!(socket = %self.path, "vhost-user-net active");
         Ok(())
+    }
+    fn reset(&mut self) {
+        self.link.stop_rings();
+    }
+    fn settle(&self) {
+        self.link.wait_done(Duration::from_secs(30));
     }
     fn handle_event(&mut self, token: u32, _events: EventSet) {
         match token {
             TOK_LISTEN => self.accept(),
-            TOK_CONN if !self.fe.as_ref().is_some_and(|(_, s)| alive(s)) => self.backend_gone(),
+            TOK_CONN if !self.link.watch().is_some_and(alive) => self.backend_gone(),
             _ => {}
         }
     }
@@ -427,7 +372,7 @@ mod tests {
         assert_eq!(&cfg[..6], &[2, 0, 0, 0, 0, 7]);
         assert_eq!(u16::from_le_bytes([cfg[6], cfg[7]]), STATUS_LINK_UP);
         assert_eq!(u16::from_le_bytes([cfg[10], cfg[11]]), 1400);
-        assert!(dev.fe.as_ref().is_some_and(|(_, s)| alive(s)));
+        assert!(dev.link.watch().is_some_and(alive));
         drop(dev);
         t.join().unwrap();
         std::fs::remove_dir_all(dir).unwrap();
@@ -465,6 +410,93 @@ mod tests {
         );
         assert!(e.to_string().contains("no answer within"), "{e}");
         mute.join().unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_back_end_that_comes_back_gets_the_rings_at_the_used_index_without_the_loop_waiting() {
+        use crate::virtio::testutil::*;
+        use crate::virtio::vhost_user::stand_in::{self, count, SET_VRING_KICK};
+        use virtio_queue::mock::MockSplitQueue;
+        const SET_VRING_BASE: u32 = 10;
+        let dir = std::env::temp_dir().join(format!("bh-vun-back-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("net.sock");
+        let s1 = sock.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let first = stand_in::serve_when_connected(
+            move || {
+                let s = connect_when_listening(&s1);
+                tx.send(s.try_clone().unwrap()).unwrap();
+                s
+            },
+            false,
+        );
+        let memfd = std::fs::File::open("/dev/null").unwrap();
+        let mem = test_mem();
+        let mut dev = VhostUserNet::listen(
+            &sock,
+            [2, 0, 0, 0, 0, 7],
+            None,
+            ram_regions(&mem),
+            memfd.as_raw_fd(),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        let q0 = MockSplitQueue::create(&mem, vm_memory::GuestAddress(0), 64);
+        let q1 = MockSplitQueue::create(&mem, vm_memory::GuestAddress(0x10000), 64);
+        // The guest has had 5 rx buffers used already.
+        q0.used().idx().store(u16::to_le(5));
+        let (act, _, _) = activation_with_kicks(
+            &mem,
+            vec![q0.create_queue().unwrap(), q1.create_queue().unwrap()],
+        );
+        dev.activate(act).unwrap();
+        dev.settle();
+        assert_eq!(count(&first, SET_VRING_KICK, 2), 2);
+
+        // The back end dies; the event loop hears its socket hang up.
+        rx.recv()
+            .unwrap()
+            .shutdown(std::net::Shutdown::Both)
+            .unwrap();
+        let t = Instant::now();
+        while dev.link.watch().is_some_and(alive) {
+            assert!(t.elapsed() < Duration::from_secs(5));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        dev.handle_event(TOK_CONN, EventSet::HANG_UP);
+        // A new one connects and answers nothing yet: taking it costs the loop no wait.
+        let s2 = sock.clone();
+        let second =
+            stand_in::serve_when_connected(move || UnixStream::connect(&s2).unwrap(), false);
+        let t = Instant::now();
+        while dev.link.watch().is_none() {
+            dev.handle_event(TOK_LISTEN, EventSet::IN);
+            assert!(t.elapsed() < Duration::from_secs(5), "never accepted");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        dev.settle();
+        assert_eq!(
+            count(&second, SET_VRING_KICK, 2),
+            2,
+            "rings not handed to the new back end"
+        );
+        assert_eq!(count(&second, SET_VRING_BASE, 2), 2);
+        // vhost_vring_state: index, then the avail index to start at.
+        let bases: Vec<(u32, u32)> = second
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(r, _)| *r == SET_VRING_BASE)
+            .map(|(_, b)| {
+                let word = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap());
+                (word(0), word(4))
+            })
+            .collect();
+        assert_eq!(bases, vec![(0, 5), (1, 0)], "not started at the used index");
+        drop(dev);
         std::fs::remove_dir_all(dir).unwrap();
     }
 
