@@ -156,6 +156,26 @@ impl AgentClient<UnixStream> {
 /// At most this much of an unexpected answer goes into an error message.
 const SHOWN: usize = 200;
 
+/// At most this much text from the guest (an error's message, a refusal's reason) is
+/// kept in a [`ClientError`]: room for a container runtime's error, and no more of a
+/// 1 MiB one that a hostile guest sends to fill the host's logs and D-Bus replies.
+pub const GUEST_TEXT_MAX: usize = 4096;
+
+/// `s` cut to [`GUEST_TEXT_MAX`] bytes (on a character boundary), saying how much went.
+pub fn bounded_text(mut s: String) -> String {
+    if s.len() <= GUEST_TEXT_MAX {
+        return s;
+    }
+    let mut cut = GUEST_TEXT_MAX;
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let more = s.len() - cut;
+    s.truncate(cut);
+    s.push_str(&format!(" [{more} more bytes from the guest not shown]"));
+    s
+}
+
 /// An error naming an answer the caller did not expect, shown in at most [`SHOWN`]
 /// characters: the answer is the guest's, and a 1 MiB one must not become megabytes of
 /// text in a log.
@@ -210,7 +230,7 @@ impl<S: Read + Write> AgentClient<S> {
                     agent_version,
                 })
             }
-            HelloReply::Refused { reason } => Err(ClientError::Refused(reason)),
+            HelloReply::Refused { reason } => Err(ClientError::Refused(bounded_text(reason))),
         }
     }
 
@@ -219,7 +239,7 @@ impl<S: Read + Write> AgentClient<S> {
     pub fn call(&mut self, req: &Request) -> Result<Response, ClientError> {
         write_frame(&mut self.stream, &encode(req)?)?;
         match decode(&read_frame(&mut self.stream)?)? {
-            Response::Error(e) => Err(e.into()),
+            Response::Error(e) => Err(ClientError::Agent(e.map_text(bounded_text))),
             r => Ok(r),
         }
     }

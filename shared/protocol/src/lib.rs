@@ -19,6 +19,8 @@
 
 pub mod client;
 pub mod frame;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod net;
 
 use serde::{Deserialize, Serialize};
@@ -338,6 +340,23 @@ pub enum AgentError {
     /// The container runtime refused or failed (bad spec, missing rootfs, ...).
     #[error("container runtime: {0}")]
     Runtime(String),
+}
+
+impl AgentError {
+    /// The same error with `f` applied to its message.
+    pub fn map_text(self, f: impl FnOnce(String) -> String) -> Self {
+        use AgentError::*;
+        match self {
+            Malformed(s) => Malformed(f(s)),
+            InvalidArgument(s) => InvalidArgument(f(s)),
+            NotFound(s) => NotFound(f(s)),
+            Io(s) => Io(f(s)),
+            Unsupported(s) => Unsupported(f(s)),
+            AlreadyExists(s) => AlreadyExists(f(s)),
+            FailedPrecondition(s) => FailedPrecondition(f(s)),
+            Runtime(s) => Runtime(f(s)),
+        }
+    }
 }
 
 /// Encode a message into a payload (no length prefix).
