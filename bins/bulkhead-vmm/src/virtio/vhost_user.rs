@@ -143,6 +143,10 @@ pub enum Command {
     Start(Box<OwnedRings>),
     /// The driver reset the device: the back end stops every ring.
     Stop,
+    /// The VM is paused: the back end stops every ring, keeping where each was.
+    Pause,
+    /// The VM runs again: the rings start where they stopped.
+    Resume,
 }
 
 /// Longest a reset waits for the back end to stop its rings; one that has not by then
@@ -158,6 +162,9 @@ struct LinkState {
     regions: Vec<RamRegion>,
     mem_fd: RawFd,
     running: Option<OwnedRings>,
+    /// While the VM is paused: where each running ring stopped (the back end has them
+    /// stopped).
+    paused_at: Option<Vec<u16>>,
 }
 
 impl LinkState {
@@ -167,6 +174,8 @@ impl LinkState {
                 Command::Backend(s) => self.backend(s),
                 Command::Start(r) => self.start(*r),
                 Command::Stop => self.stop(),
+                Command::Pause => self.pause(),
+                Command::Resume => self.resume(),
             }
             *done.0.lock().unwrap_or_else(|p| p.into_inner()) += 1;
             done.1.notify_all();
@@ -195,6 +204,12 @@ impl LinkState {
             return;
         };
         let bases = r.used_indices();
+        if self.paused_at.is_some() {
+            // Its rings start on resume.
+            self.paused_at = Some(bases);
+            self.running = Some(r);
+            return;
+        }
         if self.setup(&r, &bases) {
             tracing::warn!(socket = %self.path, ?bases, "vhost-user back end taken back");
         }
@@ -238,21 +253,64 @@ impl LinkState {
         }
     }
 
-    /// GET_VRING_BASE stops a ring in the back end; it then touches it no more.
+    /// The driver reset the device: the rings stop (unless a pause stopped them).
     fn stop(&mut self) {
-        let (Some(r), Some(fe)) = (self.running.take(), self.fe.as_mut()) else {
-            return;
-        };
-        for (i, q) in r.queues.iter().enumerate() {
-            if q.ready() {
-                if let Err(e) = fe.get_vring_base(i) {
-                    crate::warn_limited!(
-                        "vhost-user back end at {}: stop ring {i}: {e}",
-                        self.path
-                    );
-                }
+        let r = self.running.take();
+        if self.paused_at.take().is_none() {
+            if let Some(r) = r {
+                self.stop_rings(&r);
             }
         }
+    }
+
+    fn pause(&mut self) {
+        if self.paused_at.is_some() {
+            return;
+        }
+        let bases = match self.running.take() {
+            Some(r) => {
+                let b = self.stop_rings(&r);
+                self.running = Some(r);
+                b
+            }
+            None => Vec::new(),
+        };
+        self.paused_at = Some(bases);
+    }
+
+    fn resume(&mut self) {
+        let (Some(bases), Some(r)) = (self.paused_at.take(), self.running.take()) else {
+            return;
+        };
+        self.setup(&r, &bases);
+        self.running = Some(r);
+    }
+
+    /// GET_VRING_BASE stops a ring in the back end, which then touches it no more, and
+    /// says where it stopped (0 for a ring that was not running).
+    fn stop_rings(&mut self, r: &OwnedRings) -> Vec<u16> {
+        let Some(fe) = self.fe.as_mut() else {
+            return r.used_indices();
+        };
+        r.queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| {
+                if !q.ready() {
+                    return 0;
+                }
+                match fe.get_vring_base(i) {
+                    Ok(b) => b as u16,
+                    Err(e) => {
+                        crate::warn_limited!(
+                            "vhost-user back end at {}: stop ring {i}: {e}",
+                            self.path
+                        );
+                        0
+                    }
+                }
+            })
+            .collect()
     }
 }
 
@@ -303,6 +361,7 @@ impl Link {
             regions,
             mem_fd,
             running: None,
+            paused_at: None,
         };
         let (tx, rx) = channel();
         let done: Arc<(Mutex<u64>, Condvar)> = Arc::default();
@@ -363,6 +422,24 @@ impl Link {
                 self.path
             );
             self.cut();
+        }
+    }
+
+    /// The VM is being paused: the back end stops the rings (waiting at most
+    /// [`RESET_WAIT`]; a back end that does not answer by then is left running).
+    pub fn pause(&mut self) {
+        if self.send(Command::Pause).is_ok() && !self.wait_done(RESET_WAIT) {
+            crate::warn_limited!(
+                "vhost-user {}: the back end did not stop its rings for the pause within {RESET_WAIT:?}",
+                self.path
+            );
+        }
+    }
+
+    /// The VM runs again: the rings start where they stopped.
+    pub fn resume(&mut self) {
+        if let Err(e) = self.send(Command::Resume) {
+            tracing::warn!("{e}");
         }
     }
 
@@ -444,7 +521,8 @@ pub mod stand_in {
                 let reply: Option<Vec<u8>> = match req {
                     GET_FEATURES => Some(((1u64 << 30) | (1 << 32)).to_le_bytes().to_vec()),
                     GET_PROTOCOL_FEATURES => Some((1u64 << 3).to_le_bytes().to_vec()),
-                    GET_VRING_BASE => Some([&body[..4], &0u32.to_le_bytes()].concat()),
+                    // Every ring stopped at avail index 7.
+                    GET_VRING_BASE => Some([&body[..4], &7u32.to_le_bytes()].concat()),
                     _ if flags & NEED_REPLY != 0 => Some(0u64.to_le_bytes().to_vec()),
                     _ => None,
                 };

@@ -283,6 +283,12 @@ impl VirtioDevice for VhostUserNet {
     fn reset(&mut self) {
         self.link.stop_rings();
     }
+    fn pause(&mut self) {
+        self.link.pause();
+    }
+    fn resume(&mut self) {
+        self.link.resume();
+    }
     fn settle(&self) {
         self.link.wait_done(Duration::from_secs(30));
     }
