@@ -172,23 +172,7 @@ pub fn mmio(data: &[u8]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A fixed xorshift stream: the same inputs every run.
-    fn inputs(seed: u64, n: usize, max_len: usize) -> Vec<Vec<u8>> {
-        let mut x = seed;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
-        (0..n)
-            .map(|_| {
-                let len = (next() as usize) % max_len;
-                (0..len).map(|_| next() as u8).collect()
-            })
-            .collect()
-    }
+    use bulkhead_protocol::fuzzing::seeded_inputs as inputs;
 
     #[test]
     fn hostile_queues_on_every_device_seeded() {

@@ -96,27 +96,28 @@ pub fn agent_replies(data: &[u8]) -> usize {
     answered
 }
 
+/// `n` inputs of up to `max_len` bytes from a fixed xorshift stream: the same every run,
+/// for running a fuzz body over in `cargo test`.
+pub fn seeded_inputs(seed: u64, n: usize, max_len: usize) -> Vec<Vec<u8>> {
+    let mut x = seed;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    (0..n)
+        .map(|_| {
+            let len = (next() as usize) % max_len;
+            (0..len).map(|_| next() as u8).collect()
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::{AgentError, Response};
-
-    /// A fixed xorshift stream: the same inputs every run.
-    fn inputs(seed: u64, n: usize, max_len: usize) -> Vec<Vec<u8>> {
-        let mut x = seed;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
-        (0..n)
-            .map(|_| {
-                let len = (next() as usize) % max_len;
-                (0..len).map(|_| next() as u8).collect()
-            })
-            .collect()
-    }
 
     fn frame(r: &Response) -> Vec<u8> {
         let p = encode(r).unwrap();
@@ -127,7 +128,7 @@ mod tests {
 
     #[test]
     fn hostile_answers_seeded() {
-        for d in inputs(0xa9e7_0001, 3000, 300) {
+        for d in seeded_inputs(0xa9e7_0001, 3000, 300) {
             agent_replies(&d);
         }
     }

@@ -17,7 +17,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{GuestMemoryMmap, Interrupt};
+use super::{ActivateError, Activation, GuestMemoryMmap, Interrupt};
 use crate::memory::RamRegion;
 
 pub const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
@@ -393,6 +393,24 @@ impl Link {
             .ok_or_else(|| format!("vhost-user {}: its link thread is gone", self.path))?;
         self.sent += 1;
         Ok(())
+    }
+
+    /// The driver set DRIVER_OK: the back end gets the rings (`features`: what it is to
+    /// know of the driver's). Returns at once; kicks wait in their eventfds meanwhile.
+    pub fn start_rings(&mut self, act: Activation, features: u64) -> Result<(), ActivateError> {
+        self.send(Command::Start(Box::new(OwnedRings {
+            mem: act.mem,
+            queues: act.queues,
+            interrupt: act.interrupt,
+            kicks: act.kicks,
+            features,
+        })))
+        .map_err(ActivateError::Failed)
+    }
+
+    /// Wait until the link thread has carried out every command (tests and fuzzing).
+    pub fn settle(&self) {
+        self.wait_done(Duration::from_secs(30));
     }
 
     /// Wait up to `limit` for the link thread to carry out every command sent so far.

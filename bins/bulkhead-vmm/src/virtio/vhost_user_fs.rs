@@ -9,11 +9,10 @@
 
 use std::os::fd::RawFd;
 use std::path::Path;
-use std::time::Duration;
 
 use vhost::vhost_user::Frontend;
 
-use super::vhost_user::{self, Command, Link, OwnedRings, INDIRECT_DESC};
+use super::vhost_user::{self, Link, INDIRECT_DESC};
 use super::{
     ActivateError, Activation, VirtioDevice, TYPE_FS, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
 };
@@ -99,15 +98,7 @@ impl VirtioDevice for VhostUserFs {
     /// eventfds until the back end has them.
     fn activate(&mut self, act: Activation) -> Result<(), ActivateError> {
         let features = act.acked_features & self.features();
-        self.link
-            .send(Command::Start(Box::new(OwnedRings {
-                mem: act.mem,
-                queues: act.queues,
-                interrupt: act.interrupt,
-                kicks: act.kicks,
-                features,
-            })))
-            .map_err(ActivateError::Failed)
+        self.link.start_rings(act, features)
     }
     fn reset(&mut self) {
         self.link.stop_rings();
@@ -119,7 +110,7 @@ impl VirtioDevice for VhostUserFs {
         self.link.resume();
     }
     fn settle(&self) {
-        self.link.wait_done(Duration::from_secs(30));
+        self.link.settle();
     }
     fn external_interrupts(&self) -> bool {
         true
@@ -133,7 +124,7 @@ mod tests {
     use crate::virtio::vhost_user::stand_in::{self, count, Seen, GET_VRING_BASE, SET_VRING_KICK};
     use std::os::fd::AsRawFd;
     use std::os::unix::net::UnixListener;
-    use std::time::Instant;
+    use std::time::{Duration, Instant};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::GuestMemoryMmap;
 

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use vhost::vhost_user::Frontend;
 use vmm_sys_util::epoll::EventSet;
 
-use super::vhost_user::{self, Command, Link, OwnedRings, INDIRECT_DESC};
+use super::vhost_user::{self, Link, INDIRECT_DESC};
 use super::{
     ActivateError, Activation, EventSink, VirtioDevice, DEVICE_TOKEN_BASE, TYPE_NET,
     VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
@@ -263,20 +263,13 @@ impl VirtioDevice for VhostUserNet {
         let _ = act
             .events
             .add(self.listener.as_raw_fd(), TOK_LISTEN, EventSet::IN);
-        self.events = Some(act.events);
+        self.events = Some(act.events.clone());
+        let act_features = act.acked_features & (PASSED | VIRTIO_F_VERSION_1);
         if !self.link.watch().is_some_and(alive) {
             // It died before the guest got here; the next one to connect gets the rings.
             self.backend_gone();
         }
-        self.link
-            .send(Command::Start(Box::new(OwnedRings {
-                mem: act.mem,
-                queues: act.queues,
-                interrupt: act.interrupt,
-                kicks: act.kicks,
-                features: act.acked_features & (PASSED | VIRTIO_F_VERSION_1),
-            })))
-            .map_err(ActivateError::Failed)?;
+        self.link.start_rings(act, act_features)?;
         self.watch_backend();
         Ok(())
     }
@@ -290,7 +283,7 @@ impl VirtioDevice for VhostUserNet {
         self.link.resume();
     }
     fn settle(&self) {
-        self.link.wait_done(Duration::from_secs(30));
+        self.link.settle();
     }
     fn handle_event(&mut self, token: u32, _events: EventSet) {
         match token {
