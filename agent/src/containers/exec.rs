@@ -102,8 +102,28 @@ impl Runtime {
     where
         C: std::io::Read + std::io::Write + Send + 'static,
     {
-        let io = self.with_proc(id, exec_id, |p| p.io.clone())?;
+        let io = match self.with_proc(id, exec_id, |p| p.io.clone()) {
+            Ok(io) => io,
+            // A quick exec whose exit was collected before its output was asked for.
+            Err(e) => exec_id.and_then(|x| self.collected_io(id, x)).ok_or(e)?,
+        };
         io.attach(stream, conn, ready)
+    }
+
+    /// The stdio of `exec_id` if its exit was collected lately (the newest such).
+    fn collected_io(
+        &self,
+        id: &str,
+        exec_id: &str,
+    ) -> Option<std::sync::Arc<crate::stdio::ProcIo>> {
+        let t = self.tables();
+        t.containers
+            .get(id)?
+            .collected_io
+            .iter()
+            .rev()
+            .find(|(x, _)| x == exec_id)
+            .map(|(_, io)| io.clone())
     }
 
     pub fn resize(

@@ -85,6 +85,7 @@ impl Runtime {
                     Ctr {
                         init,
                         execs: HashMap::new(),
+                        collected_io: Default::default(),
                         block_mount,
                         oom_kills: 0,
                     },
@@ -151,7 +152,12 @@ impl Runtime {
             let mut t = self.tables();
             if let Some(c) = t.containers.get_mut(id) {
                 if c.execs.get(e).is_some_and(|p| Arc::ptr_eq(&p.exit, &cell)) {
-                    c.execs.remove(e);
+                    if let Some(p) = c.execs.remove(e) {
+                        c.collected_io.push_back((e.to_string(), p.io));
+                        if c.collected_io.len() > super::KEPT_COLLECTED_IO {
+                            c.collected_io.pop_front();
+                        }
+                    }
                 }
             }
         }

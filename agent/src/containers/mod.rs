@@ -46,9 +46,16 @@ struct Proc {
     io: Arc<ProcIo>,
 }
 
+/// How many collected execs' stdio a container keeps reachable (see [`Ctr::collected_io`]).
+const KEPT_COLLECTED_IO: usize = 16;
+
 struct Ctr {
     init: Proc,
     execs: HashMap<String, Proc>,
+    /// The stdio of the latest execs whose exit was collected (and which were therefore
+    /// forgotten): a host that opens its wait stream before the output streams (the CLI
+    /// does) can collect a quick exec's exit first and still attach its output after.
+    collected_io: std::collections::VecDeque<(String, Arc<ProcIo>)>,
     block_mount: Option<PathBuf>,
     oom_kills: u64,
 }

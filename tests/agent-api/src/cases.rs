@@ -378,6 +378,24 @@ fn exec_and_exec_into_stopped(env: &Env) -> Result<Outcome> {
     };
     c.exec(quick("e1"))?;
     ensure!(env.client()?.wait(id, Some("e1"))?.code == 0, "e1 reused");
+    // A client that collects a quick exec's exit before it asks for the output (the
+    // CLI opens its wait stream first) still gets every byte.
+    c.exec(ExecProcess {
+        id: id.into(),
+        exec_id: "e-late".into(),
+        process_json: json!({"args": ["echo", "late"], "env": ["PATH=/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0}}).to_string(),
+        stdin: false,
+    })?;
+    ensure!(env.client()?.wait(id, Some("e-late"))?.code == 0, "e-late");
+    let late = collect(
+        env.endpoint
+            .attach(id, Some("e-late"), StdioStream::Stdout, TIMEOUT)?,
+    );
+    let text = String::from_utf8(late.join().unwrap_or_default())?;
+    ensure!(
+        text == "late\n",
+        "output attached after the exit was collected: {text:?}"
+    );
     // The cap counts live execs only: more execs than the cap, one after another,
     // all run (a kubelet exec probe every 10 s must work forever). Host mode only:
     // 1000 execs take 3 s there and several minutes in a nested guest.
