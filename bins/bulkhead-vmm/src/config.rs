@@ -196,7 +196,10 @@ pub const USAGE: &str = "usage: bulkhead-vmm (--config FILE.json | --kernel PATH
   --allow-pvm              try to boot even on a PVM /dev/kvm
   --seccomp kill|log|off   per-thread allow lists (seccomp/x86_64.json): a call outside
                            them kills the VMM (default), is logged by the kernel, or no
-                           filter is installed";
+                           filter is installed
+exit status: 0 the guest powered off, 1 VMM error, 2 bad configuration, 3 the guest
+  rebooted, 4 the guest crashed, 5 stopped through the control socket, 6 every vCPU
+  halted with interrupts off (the guest can never run again)";
 
 fn kv_pairs(s: &str) -> Vec<(&str, Option<&str>)> {
     s.split(',')
