@@ -2,6 +2,8 @@
 //! env-filter syntax, e.g. `debug` or `bulkhead_vmm=debug`), else a default level.
 
 /// Install the stderr subscriber; `default` is the filter without `BULKHEAD_LOG`.
+/// Warnings and errors that crates log through `log` (virtio-queue's, on rings a guest
+/// broke, among them) come through too, at most [`LOG_BURST`] lines per window.
 pub fn init_stderr(default: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -10,6 +12,67 @@ pub fn init_stderr(default: &str) {
         )
         .with_writer(std::io::stderr)
         .init();
+    if log::set_logger(&LOG_BRIDGE).is_ok() {
+        log::set_max_level(log::LevelFilter::Warn);
+    }
+}
+
+/// Lines from `log` passed on per [`LOG_WINDOW_SECS`]: what those crates log, a guest
+/// can often cause, and the host's log is not its to fill.
+pub const LOG_BURST: u32 = 20;
+pub const LOG_WINDOW_SECS: u64 = 10;
+
+/// Passes `log` records on to tracing, rate-limited. (tracing-log does the passing in
+/// general; it is not among the crates this build can use, and adds no limit.)
+struct LogBridge {
+    /// (window start in seconds since the epoch, lines passed in it, lines left out)
+    state: std::sync::Mutex<(u64, u32, u64)>,
+}
+
+static LOG_BRIDGE: LogBridge = LogBridge {
+    state: std::sync::Mutex::new((0, 0, 0)),
+};
+
+impl LogBridge {
+    /// Whether a line may pass at `now_s`, and how many were left out before it.
+    fn admit(&self, now_s: u64) -> Option<u64> {
+        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if now_s >= g.0 + LOG_WINDOW_SECS {
+            *g = (now_s, 0, g.2);
+        }
+        if g.1 >= LOG_BURST {
+            g.2 += 1;
+            return None;
+        }
+        g.1 += 1;
+        Some(std::mem::take(&mut g.2))
+    }
+}
+
+impl log::Log for LogBridge {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.level() <= log::Level::Warn
+    }
+
+    fn log(&self, r: &log::Record<'_>) {
+        if !self.enabled(r.metadata()) {
+            return;
+        }
+        let now_s = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let Some(left_out) = self.admit(now_s) else {
+            return;
+        };
+        let target = r.target();
+        if r.level() == log::Level::Error {
+            tracing::error!(target: "log", from = target, left_out, "{}", r.args());
+        } else {
+            tracing::warn!(target: "log", from = target, left_out, "{}", r.args());
+        }
+    }
+
+    fn flush(&self) {}
 }
 
 /// A component's `main`: logging set up, the arguments parsed by `parse` (a usage
@@ -36,5 +99,76 @@ pub fn component_main<A, E: std::fmt::Display>(
             tracing::error!("{e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_crates_log_reaches_our_log() {
+        use log::Log;
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let w = buf.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_writer(move || w.clone())
+            .with_ansi(false)
+            .finish();
+        let bridge = LogBridge {
+            state: std::sync::Mutex::new((0, 0, 0)),
+        };
+        tracing::subscriber::with_default(sub, || {
+            bridge.log(
+                &log::Record::builder()
+                    .args(format_args!(
+                        "attempt to use virtio queue that is not marked ready"
+                    ))
+                    .level(log::Level::Error)
+                    .target("virtio_queue::queue")
+                    .build(),
+            );
+            bridge.log(
+                &log::Record::builder()
+                    .args(format_args!("chatter"))
+                    .level(log::Level::Info)
+                    .target("virtio_queue::queue")
+                    .build(),
+            );
+        });
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert!(
+            text.contains("ERROR") && text.contains("not marked ready"),
+            "{text}"
+        );
+        assert!(text.contains("virtio_queue::queue"), "{text}");
+        assert!(!text.contains("chatter"), "info lines pass: {text}");
+    }
+
+    #[test]
+    fn log_lines_pass_a_burst_per_window_and_count_the_rest() {
+        let b = LogBridge {
+            state: std::sync::Mutex::new((0, 0, 0)),
+        };
+        let passed = (0..1000).filter(|_| b.admit(100).is_some()).count();
+        assert_eq!(passed, LOG_BURST as usize);
+        // The next window's first line says how many were left out.
+        assert_eq!(
+            b.admit(100 + LOG_WINDOW_SECS),
+            Some(1000 - u64::from(LOG_BURST))
+        );
+        assert_eq!(b.admit(100 + LOG_WINDOW_SECS), Some(0));
     }
 }
