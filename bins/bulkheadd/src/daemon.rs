@@ -58,6 +58,10 @@ pub struct SandboxOptions {
 /// [`NET_RESTART_WINDOW`]; one more tears the sandbox down.
 const NET_RESTART_LIMIT: usize = 5;
 const NET_RESTART_WINDOW: Duration = Duration::from_secs(30);
+/// A network back end that dies this soon after its restart is crash-looping: its next
+/// restart waits (longer each time). One that ran longer (killed, upgraded) comes back
+/// at once, however many times that happens within the window.
+const NET_CRASH_LOOP: Duration = Duration::from_secs(1);
 
 /// What `CreateContainer` asks for.
 pub struct NewContainer {
@@ -688,7 +692,7 @@ impl Daemon {
         sb: &Arc<Sandbox>,
         old: &Component,
     ) -> Result<Component, String> {
-        let tries = {
+        let (tries, crash_loop) = {
             let mut r = sb.net_restarts.lock().expect("restarts lock");
             r.retain(|t| t.elapsed() < NET_RESTART_WINDOW);
             if r.len() >= NET_RESTART_LIMIT {
@@ -696,12 +700,13 @@ impl Daemon {
                     "{NET_RESTART_LIMIT} restarts in {NET_RESTART_WINDOW:?} already"
                 ));
             }
+            let crash_loop = r.last().is_some_and(|t| t.elapsed() < NET_CRASH_LOOP);
             r.push(Instant::now());
-            r.len()
+            (r.len(), crash_loop)
         };
-        // The first restart is immediate (traffic is stopped meanwhile); a back end that
-        // keeps dying is given more time each round.
-        if tries > 1 {
+        // A restart is immediate (traffic is stopped meanwhile); a back end that dies
+        // again within moments of its start is given more time each round.
+        if crash_loop {
             tokio::time::sleep(Duration::from_millis(100 << tries.min(5))).await;
         }
         let i: usize = old

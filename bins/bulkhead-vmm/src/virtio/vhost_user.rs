@@ -211,6 +211,7 @@ impl LinkState {
             return;
         }
         if self.setup(&r, &bases) {
+            kick_all(&r);
             tracing::warn!(socket = %self.path, ?bases, "vhost-user back end taken back");
         }
         self.running = Some(r);
@@ -282,7 +283,9 @@ impl LinkState {
         let (Some(bases), Some(r)) = (self.paused_at.take(), self.running.take()) else {
             return;
         };
-        self.setup(&r, &bases);
+        if self.setup(&r, &bases) {
+            kick_all(&r);
+        }
         self.running = Some(r);
     }
 
@@ -311,6 +314,18 @@ impl LinkState {
                 }
             })
             .collect()
+    }
+}
+
+/// Kick every ring of a back end that takes rings over (a new one, or after a pause):
+/// what the guest queued meanwhile must not wait for its next kick, which, with event
+/// suppression, may come only when its TCP retransmission timer fires (seconds, and
+/// longer after each outage).
+fn kick_all(r: &OwnedRings) {
+    for (k, q) in r.kicks.iter().zip(&r.queues) {
+        if q.ready() {
+            let _ = k.write(1);
+        }
     }
 }
 

@@ -447,13 +447,14 @@ mod tests {
         let q1 = MockSplitQueue::create(&mem, vm_memory::GuestAddress(0x10000), 64);
         // The guest has had 5 rx buffers used already.
         q0.used().idx().store(u16::to_le(5));
-        let (act, _, _) = activation_with_kicks(
+        let (act, _, kicks) = activation_with_kicks(
             &mem,
             vec![q0.create_queue().unwrap(), q1.create_queue().unwrap()],
         );
         dev.activate(act).unwrap();
         dev.settle();
         assert_eq!(count(&first, SET_VRING_KICK, 2), 2);
+        assert!(kicks[1].read().is_err(), "kicked with nothing to say");
 
         // The back end dies; the event loop hears its socket hang up.
         rx.recv()
@@ -495,6 +496,15 @@ mod tests {
             })
             .collect();
         assert_eq!(bases, vec![(0, 5), (1, 0)], "not started at the used index");
+        // Both rings kicked: what the guest queued meanwhile does not wait for its next
+        // kick (with event suppression, its TCP retransmission timer).
+        for (i, k) in kicks.iter().enumerate() {
+            assert_eq!(
+                k.read().unwrap(),
+                1,
+                "ring {i} not kicked for the new back end"
+            );
+        }
         drop(dev);
         std::fs::remove_dir_all(dir).unwrap();
     }
