@@ -102,6 +102,39 @@ pub fn component_main<A, E: std::fmt::Display>(
     }
 }
 
+/// The lines tracing writes while `f` runs on this thread (tests of what a component
+/// logs).
+#[cfg(any(test, feature = "testing"))]
+pub fn log_lines(f: impl FnOnce()) -> Vec<String> {
+    use std::sync::{Arc, Mutex};
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf::default();
+    let w = buf.clone();
+    let sub = tracing_subscriber::fmt()
+        .with_writer(move || w.clone())
+        .with_ansi(false)
+        .finish();
+    tracing::subscriber::with_default(sub, f);
+    let bytes = buf.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    String::from_utf8_lossy(&bytes)
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,28 +142,10 @@ mod tests {
     #[test]
     fn what_crates_log_reaches_our_log() {
         use log::Log;
-        use std::sync::{Arc, Mutex};
-        #[derive(Clone, Default)]
-        struct Buf(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Buf {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let buf = Buf::default();
-        let w = buf.clone();
-        let sub = tracing_subscriber::fmt()
-            .with_writer(move || w.clone())
-            .with_ansi(false)
-            .finish();
         let bridge = LogBridge {
             state: std::sync::Mutex::new((0, 0, 0)),
         };
-        tracing::subscriber::with_default(sub, || {
+        let text = log_lines(|| {
             bridge.log(
                 &log::Record::builder()
                     .args(format_args!(
@@ -147,8 +162,8 @@ mod tests {
                     .target("virtio_queue::queue")
                     .build(),
             );
-        });
-        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        })
+        .join("\n");
         assert!(
             text.contains("ERROR") && text.contains("not marked ready"),
             "{text}"

@@ -315,33 +315,9 @@ pub mod testutil {
 mod log_tests {
     use super::testutil::*;
     use super::*;
-    use std::sync::Mutex;
+    use bulkhead_host::logging::log_lines;
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::QueueT;
-
-    /// Log lines written while `f` runs.
-    fn log_lines(f: impl FnOnce()) -> Vec<String> {
-        #[derive(Clone, Default)]
-        struct Buf(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Buf {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let buf = Buf::default();
-        let w = buf.clone();
-        let sub = tracing_subscriber::fmt()
-            .with_writer(move || w.clone())
-            .with_ansi(false)
-            .finish();
-        tracing::subscriber::with_default(sub, f);
-        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
-        text.lines().map(String::from).collect()
-    }
 
     #[test]
     fn a_guest_that_breaks_its_used_ring_cannot_flood_the_host_log() {
