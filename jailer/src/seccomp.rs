@@ -8,7 +8,10 @@
 
 use std::collections::BTreeMap;
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
 
 use crate::JailError;
 
@@ -66,23 +69,44 @@ pub const DENIED: &[(&str, i64)] = &[
     ("personality", libc::SYS_personality),
 ];
 
+/// `clone` flags that make a namespace: killed like `unshare`. A new user namespace
+/// above all hands its maker every capability inside it, and with them kernel code
+/// (netfilter, mounts of its own) that an escaped guest should never reach.
+pub const NAMESPACE_CLONE_FLAGS: &[(&str, i32)] = &[
+    ("CLONE_NEWUSER", libc::CLONE_NEWUSER),
+    ("CLONE_NEWNS", libc::CLONE_NEWNS),
+    ("CLONE_NEWPID", libc::CLONE_NEWPID),
+    ("CLONE_NEWNET", libc::CLONE_NEWNET),
+    ("CLONE_NEWIPC", libc::CLONE_NEWIPC),
+    ("CLONE_NEWUTS", libc::CLONE_NEWUTS),
+    ("CLONE_NEWCGROUP", libc::CLONE_NEWCGROUP),
+];
+
 /// Refused with ENOSYS instead: programs probe for them at start (QEMU asks for
 /// io_uring) and carry on without. io_uring would run system calls the filter never
-/// sees; userfaultfd makes kernel races easy to win.
+/// sees; userfaultfd makes kernel races easy to win. `clone3` passes its flags in
+/// memory, where a filter cannot look: refused, C libraries fall back to `clone`, whose
+/// flags the baseline checks.
 pub const UNAVAILABLE: &[(&str, i64)] = &[
     ("io_uring_setup", libc::SYS_io_uring_setup),
     ("io_uring_enter", libc::SYS_io_uring_enter),
     ("io_uring_register", libc::SYS_io_uring_register),
     ("userfaultfd", libc::SYS_userfaultfd),
+    ("clone3", libc::SYS_clone3),
 ];
 
-fn program(list: &[(&str, i64)], action: SeccompAction) -> Result<BpfProgram, JailError> {
+fn program(
+    list: &[(&str, i64)],
+    action: SeccompAction,
+    also: Option<(i64, Vec<SeccompRule>)>,
+) -> Result<BpfProgram, JailError> {
     let err = |e: String| JailError::Invalid(format!("seccomp: {e}"));
     let arch: TargetArch = std::env::consts::ARCH
         .try_into()
         .map_err(|e: seccompiler::BackendError| err(e.to_string()))?;
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         list.iter().map(|(_, nr)| (*nr, vec![])).collect();
+    rules.extend(also);
     let filter = SeccompFilter::new(rules, SeccompAction::Allow, action, arch)
         .map_err(|e| err(e.to_string()))?;
     filter
@@ -94,9 +118,25 @@ fn program(list: &[(&str, i64)], action: SeccompAction) -> Result<BpfProgram, Ja
 /// the refusing one.
 pub fn baseline() -> Result<[BpfProgram; 2], JailError> {
     Ok([
-        program(DENIED, SeccompAction::KillProcess)?,
-        program(UNAVAILABLE, SeccompAction::Errno(libc::ENOSYS as u32))?,
+        program(DENIED, SeccompAction::KillProcess, Some(clone_rules()?))?,
+        program(UNAVAILABLE, SeccompAction::Errno(libc::ENOSYS as u32), None)?,
     ])
+}
+
+/// `clone` with any of [`NAMESPACE_CLONE_FLAGS`] in its flags (argument 0): one rule
+/// per flag, any of which matching kills.
+fn clone_rules() -> Result<(i64, Vec<SeccompRule>), JailError> {
+    let err = |e: seccompiler::BackendError| JailError::Invalid(format!("seccomp: {e}"));
+    let rules = NAMESPACE_CLONE_FLAGS
+        .iter()
+        .map(|(_, flag)| {
+            let f = u64::from(*flag as u32);
+            let c = SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(f), f)
+                .map_err(err)?;
+            SeccompRule::new(vec![c]).map_err(err)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((libc::SYS_clone, rules))
 }
 
 /// Install the baseline on this thread (the jailer is single-threaded; the component's

@@ -349,6 +349,20 @@ fn probe() {
             "keyctl" => libc::syscall(libc::SYS_keyctl, 0, 0, 0, 0, 0),
             "bpf" => libc::syscall(libc::SYS_bpf, 0, 0, 0),
             "io_uring_setup" => libc::syscall(libc::SYS_io_uring_setup, 1, 0),
+            // A child in a new user namespace (it would exit at once, like the parent).
+            "clone_newuser" => libc::syscall(
+                libc::SYS_clone,
+                (libc::CLONE_NEWUSER | libc::SIGCHLD) as libc::c_ulong,
+                0,
+                0,
+                0,
+                0,
+            ),
+            // Flags in memory a filter cannot read: refused outright (EINVAL if let
+            // through, for these arguments).
+            "clone3" => libc::syscall(libc::SYS_clone3, std::ptr::null::<u8>(), 0usize),
+            // Threads still start: the C library falls back from clone3 to clone.
+            "thread" => std::thread::spawn(|| 7).join().map_or(-1, |v| v - 7),
             other => panic!("unknown probe {other}"),
         }
     };
@@ -377,7 +391,15 @@ fn seccomp_kills_what_the_baseline_forbids() {
         Some(0),
         "the probe itself must run"
     );
-    for what in ["ptrace", "mount", "unshare", "keyctl", "bpf"] {
+    assert_eq!(status("thread").code(), Some(0), "threads must start");
+    for what in [
+        "ptrace",
+        "mount",
+        "unshare",
+        "keyctl",
+        "bpf",
+        "clone_newuser",
+    ] {
         assert_eq!(
             status(what).code(),
             Some(128 + libc::SIGSYS),
@@ -386,6 +408,7 @@ fn seccomp_kills_what_the_baseline_forbids() {
     }
     // Probed for by programs at start: refused, not fatal.
     assert_eq!(status("io_uring_setup").code(), Some(libc::ENOSYS));
+    assert_eq!(status("clone3").code(), Some(libc::ENOSYS));
 }
 
 #[test]
