@@ -335,9 +335,9 @@ impl HaltWatch {
         }
     }
 
-    /// A new look is due; returns its number.
-    pub fn tick(&self) -> u64 {
-        self.tick.fetch_add(1, Ordering::AcqRel) + 1
+    /// A new look is due.
+    pub fn tick(&self) {
+        self.tick.fetch_add(1, Ordering::AcqRel);
     }
 
     fn current(&self) -> u64 {

@@ -108,14 +108,14 @@ pub fn setup(
 
 /// What activation hands a vhost-user back end, owned by the device's link thread while
 /// the rings run.
-pub struct OwnedRings {
-    pub mem: GuestMemoryMmap,
-    pub queues: Vec<Queue>,
-    pub interrupt: Arc<Interrupt>,
+struct OwnedRings {
+    mem: GuestMemoryMmap,
+    queues: Vec<Queue>,
+    interrupt: Arc<Interrupt>,
     /// The queue notify eventfds; they stay registered with KVM, and alive here.
-    pub kicks: Vec<EventFd>,
+    kicks: Vec<EventFd>,
     /// The features the driver acked that the back end is to know.
-    pub features: u64,
+    features: u64,
 }
 
 impl OwnedRings {
@@ -135,7 +135,7 @@ impl OwnedRings {
 }
 
 /// What a device asks of its link thread.
-pub enum Command {
+enum Command {
     /// A (re)started back end connected: handshake with it, and hand it the rings if
     /// they run.
     Backend(UnixStream),
@@ -347,7 +347,7 @@ pub struct Link {
 }
 
 /// A second handle on `fe`'s socket.
-pub fn socket_of(fe: &Frontend) -> std::io::Result<UnixStream> {
+fn socket_of(fe: &Frontend) -> std::io::Result<UnixStream> {
     // SAFETY: dup of the front end's live socket; the copy is owned by the stream.
     let dup = unsafe { libc::fcntl(fe.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
     if dup < 0 {
@@ -401,7 +401,7 @@ impl Link {
     }
 
     /// Hand `c` to the link thread.
-    pub fn send(&mut self, c: Command) -> Result<(), String> {
+    fn send(&mut self, c: Command) -> Result<(), String> {
         self.tx
             .as_ref()
             .and_then(|tx| tx.send(c).ok())
@@ -429,7 +429,7 @@ impl Link {
     }
 
     /// Wait up to `limit` for the link thread to carry out every command sent so far.
-    pub fn wait_done(&self, limit: Duration) -> bool {
+    fn wait_done(&self, limit: Duration) -> bool {
         let deadline = std::time::Instant::now() + limit;
         let (lock, cv) = &*self.done;
         let mut g = lock.lock().unwrap_or_else(|p| p.into_inner());
