@@ -2,14 +2,18 @@
 //! (`bins/bulkhead-vmm/fuzz`, libFuzzer on nightly) and of seeded runs on stable Rust in
 //! `cargo test`.
 //!
-//! - [`queues`]: the bytes choose a device (rng, balloon, vsock, blk) and one of its
-//!   queues, and become that queue's descriptor table (addresses in and out of guest
+//! - [`queues`]: the bytes choose a device (rng, balloon, vsock, blk, console) and one of
+//!   its queues, and become that queue's descriptor table (addresses in and out of guest
 //!   memory, any lengths, flags and links, loops included) and the guest bytes the
 //!   chains point at; then the device is kicked. Nothing may panic, and no chain goes
-//!   back to the guest more often than it was offered.
+//!   back to the guest more often than it was offered. [`queue`] does the same on one
+//!   device, for a fuzz target of its own.
 //! - [`mmio`]: the bytes become a driver's register accesses to a virtio-mmio transport
 //!   (status, feature words, queue addresses and sizes, notifications, config space, any
 //!   offset and width), which activates and resets its device as a driver would.
+//! - [`loader`]: the bytes become a kernel (ELF or bzImage, headers and all) and an
+//!   initramfs, loaded into guest memory with the boot parameters written as for a
+//!   real start. A bad image must be an error, never a panic or a write outside RAM.
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
@@ -25,6 +29,7 @@ use crate::bus::BusDevice;
 use crate::memory::RamRegion;
 use crate::virtio::balloon::Balloon;
 use crate::virtio::blk::Blk;
+use crate::virtio::console::Console;
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::rng::Rng;
 use crate::virtio::vsock::Vsock;
@@ -54,10 +59,34 @@ fn scratch() -> &'static PathBuf {
     })
 }
 
-fn device(kind: u8, mem: &GuestMemoryMmap) -> Option<Box<dyn VirtioDevice>> {
-    Some(match kind % 4 {
-        0 => Box::new(Rng::default()),
-        1 => {
+/// The in-process devices a guest drives through queues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Rng,
+    Balloon,
+    Vsock,
+    Blk,
+    Console,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 5] = [
+        Kind::Rng,
+        Kind::Balloon,
+        Kind::Vsock,
+        Kind::Blk,
+        Kind::Console,
+    ];
+
+    fn from_byte(b: u8) -> Kind {
+        Kind::ALL[usize::from(b) % Kind::ALL.len()]
+    }
+}
+
+fn device(kind: Kind, mem: &GuestMemoryMmap) -> Option<Box<dyn VirtioDevice>> {
+    Some(match kind {
+        Kind::Rng => Box::new(Rng::default()),
+        Kind::Balloon => {
             let regions = mem
                 .iter()
                 .map(|r| RamRegion {
@@ -69,22 +98,33 @@ fn device(kind: u8, mem: &GuestMemoryMmap) -> Option<Box<dyn VirtioDevice>> {
                 .collect();
             Box::new(Balloon::new(regions, None, false).ok()?.0)
         }
-        2 => Box::new(Vsock::new(3, &scratch().join("v.sock")).ok()?),
-        _ => Box::new(Blk::open(&scratch().join("disk"), false).ok()?),
+        Kind::Vsock => Box::new(Vsock::new(3, &scratch().join("v.sock")).ok()?),
+        Kind::Blk => Box::new(Blk::open(&scratch().join("disk"), false).ok()?),
+        Kind::Console => Box::new(Console::new(std::fs::File::create("/dev/null").ok()?)),
     })
 }
 
-/// One hostile queue; returns how many chains the device gave back.
+/// One hostile queue on the device the first byte chooses; returns how many chains the
+/// device gave back.
 pub fn queues(data: &[u8]) -> u16 {
+    match data.split_first() {
+        Some((&b, _)) => queue(Kind::from_byte(b), data),
+        None => 0,
+    }
+}
+
+/// One hostile queue of `kind` (the first byte also chooses which of its queues);
+/// returns how many chains the device gave back.
+pub fn queue(kind: Kind, data: &[u8]) -> u16 {
     let Some((&mode, rest)) = data.split_first() else {
         return 0;
     };
     let mem = mock_memory();
-    let Some(mut dev) = device(mode, &mem) else {
+    let Some(mut dev) = device(kind, &mem) else {
         return 0;
     };
     let nq = dev.queue_max_sizes().len();
-    let qi = usize::from(mode >> 2) % nq;
+    let qi = usize::from(mode >> 3) % nq;
     let vq = MockSplitQueue::new(&mem, QUEUE);
     let (table, payload) = rest.split_at(rest.len().min(8 * usize::from(QUEUE)));
     let descs: Vec<RawDescriptor> = table
@@ -142,7 +182,7 @@ pub fn mmio(data: &[u8]) -> usize {
         return 0;
     };
     let mem = mock_memory();
-    let Some(dev) = device(kind, &mem) else {
+    let Some(dev) = device(Kind::from_byte(kind), &mem) else {
         return 0;
     };
     let irq = Interrupt::new(EventFd::new(0).expect("eventfd"));
@@ -169,6 +209,35 @@ pub fn mmio(data: &[u8]) -> usize {
     writes
 }
 
+/// A kernel and an initramfs from `data`, loaded as a start loads them; `true` if both
+/// loaded. The first byte chooses ELF or bzImage (its magic is set, so inputs reach the
+/// header parsers) and where the initramfs starts in `data`.
+pub fn loader(data: &[u8]) -> bool {
+    let Some((&mode, rest)) = data.split_first() else {
+        return false;
+    };
+    let split = rest.len() * usize::from(mode >> 1) / 128;
+    let (kernel, initrd) = rest.split_at(split.min(rest.len()));
+    let mut kernel = kernel.to_vec();
+    if mode & 1 == 0 {
+        // 64-bit little-endian, as the loader requires before reading further.
+        if kernel.len() >= 6 {
+            kernel[..6].copy_from_slice(b"\x7fELF\x02\x01");
+        }
+    } else {
+        if kernel.len() < 0x210 {
+            kernel.resize(0x210, 0);
+        }
+        kernel[0x202..0x206].copy_from_slice(b"HdrS");
+    }
+    let (kpath, ipath) = (scratch().join("kernel"), scratch().join("initrd"));
+    if std::fs::write(&kpath, &kernel).is_err() || std::fs::write(&ipath, initrd).is_err() {
+        return false;
+    }
+    let mem = mock_memory();
+    crate::boot::load(&mem, MEM, &kpath, Some(&ipath), "console=hvc0", 0xe_0000).is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,11 +245,11 @@ mod tests {
 
     #[test]
     fn hostile_queues_on_every_device_seeded() {
-        let mut returned = [0u32; 4];
+        let mut returned = [0u32; Kind::ALL.len()];
         for d in inputs(0x5eed_1234, 3000, 400) {
             let n = queues(&d);
             if let Some(&m) = d.first() {
-                returned[usize::from(m % 4)] += u32::from(n);
+                returned[usize::from(m) % Kind::ALL.len()] += u32::from(n);
             }
         }
         // The run reached each device's queue handling, not only the early exits.
@@ -188,6 +257,56 @@ mod tests {
             returned.iter().all(|&n| n > 0),
             "chains returned per device: {returned:?}"
         );
+    }
+
+    #[test]
+    fn hostile_kernels_and_initramfs_seeded() {
+        let loaded = inputs(0x10ad_0001, 3000, 1200)
+            .iter()
+            .filter(|d| loader(d))
+            .count();
+        // Random headers almost never make a loadable kernel; what matters is that none
+        // panicked. One that does load must be a deliberate one:
+        assert_eq!(loaded, 0);
+        let mut elf = vec![0u8; 1];
+        elf.extend(minimal_elf());
+        elf.extend(b"initramfs");
+        elf[0] = ((minimal_elf().len() * 128 / (elf.len() - 1)) as u8 + 1) << 1;
+        assert!(loader(&elf), "a well-formed ELF with a PVH note loads");
+    }
+
+    /// An x86-64 ELF with one PT_LOAD at 1 MiB and a PVH entry note.
+    fn minimal_elf() -> Vec<u8> {
+        let mut e = vec![0u8; 0x100];
+        e[..4].copy_from_slice(b"\x7fELF");
+        e[4] = 2; // 64-bit
+        e[5] = 1; // little endian
+        e[6] = 1;
+        e[0x10..0x12].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        e[0x12..0x14].copy_from_slice(&62u16.to_le_bytes()); // x86-64
+        e[0x14..0x18].copy_from_slice(&1u32.to_le_bytes());
+        e[0x18..0x20].copy_from_slice(&0x10_0000u64.to_le_bytes()); // entry
+        e[0x20..0x28].copy_from_slice(&0x40u64.to_le_bytes()); // phoff
+        e[0x34..0x36].copy_from_slice(&64u16.to_le_bytes()); // ehsize
+        e[0x36..0x38].copy_from_slice(&56u16.to_le_bytes()); // phentsize
+        e[0x38..0x3a].copy_from_slice(&2u16.to_le_bytes()); // phnum
+        let ph = |e: &mut Vec<u8>, at: usize, kind: u32, off: u64, addr: u64, size: u64| {
+            e[at..at + 4].copy_from_slice(&kind.to_le_bytes());
+            e[at + 8..at + 16].copy_from_slice(&off.to_le_bytes());
+            e[at + 16..at + 24].copy_from_slice(&addr.to_le_bytes());
+            e[at + 24..at + 32].copy_from_slice(&addr.to_le_bytes());
+            e[at + 32..at + 40].copy_from_slice(&size.to_le_bytes());
+            e[at + 40..at + 48].copy_from_slice(&size.to_le_bytes());
+        };
+        ph(&mut e, 0x40, 1, 0xf0, 0x10_0000, 0x10); // PT_LOAD
+        ph(&mut e, 0x78, 4, 0xc0, 0, 0x18); // PT_NOTE
+                                            // Note "Xen", type XEN_ELFNOTE_PHYS32_ENTRY (18), a 4-byte entry point.
+        e[0xc0..0xc4].copy_from_slice(&4u32.to_le_bytes());
+        e[0xc4..0xc8].copy_from_slice(&4u32.to_le_bytes());
+        e[0xc8..0xcc].copy_from_slice(&18u32.to_le_bytes());
+        e[0xcc..0xd0].copy_from_slice(b"Xen\0");
+        e[0xd0..0xd4].copy_from_slice(&0x10_0000u32.to_le_bytes());
+        e
     }
 
     #[test]
