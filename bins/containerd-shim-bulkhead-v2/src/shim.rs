@@ -2,6 +2,12 @@
 //! container of a CRI pod is served by the shim its sandbox started), serving the task
 //! API until `shutdown`, and `delete`, which containerd runs when a shim died, to clean
 //! up what it left.
+//!
+//! The serving process runs under its own seccomp allow list (`seccomp/x86_64.json`,
+//! class `shim`) from the moment its task service exists, on every thread: it may talk
+//! to containerd, the bus and its fifos, and mount a container's rootfs, but never exec,
+//! trace, load a module or make a namespace. So it starts nothing itself: `start`, which
+//! runs before it, makes sure the bus and bulkheadd are up.
 
 use std::sync::Arc;
 
@@ -16,6 +22,21 @@ use serde_json::Value;
 use crate::pod::Role;
 use crate::process::{now, LOST_STATUS};
 use crate::task::Service;
+
+/// The shim's seccomp policy, compiled by build.rs: one list, `shim`.
+pub static SECCOMP: bulkhead_seccomp::Programs =
+    bulkhead_seccomp::Programs(include!(concat!(env!("OUT_DIR"), "/seccomp_programs.rs")));
+
+/// `kill` (the default), `log` (let calls outside the list through and have the kernel
+/// log them) or `off`, from the environment containerd gives the shim.
+pub const SECCOMP_ENV: &str = "BULKHEAD_SHIM_SECCOMP";
+
+fn seccomp_mode() -> Result<bulkhead_seccomp::Mode, String> {
+    match std::env::var(SECCOMP_ENV) {
+        Ok(v) if !v.is_empty() => v.parse(),
+        _ => Ok(bulkhead_seccomp::Mode::default()),
+    }
+}
 
 pub struct BulkheadShim {
     id: String,
@@ -48,6 +69,13 @@ impl containerd_shim::Shim for BulkheadShim {
             Some(Ok(Role::Container { sandbox })) => sandbox,
             _ => opts.id.clone(),
         };
+        if grouping == opts.id {
+            // A new shim: the serving process may start nothing (its seccomp filter
+            // forbids exec), so bring up the bus and bulkheadd from here if they are not.
+            if let Err(e) = Client::connect().await {
+                log::warn!("bulkheadd is not reachable yet: {e:#}");
+            }
+        }
         let address = spawn(opts, &grouping, Vec::new()).await?;
         std::fs::write("address", &address)
             .map_err(|e| Error::Other(format!("writing the address file: {e}")))?;
@@ -87,6 +115,34 @@ impl containerd_shim::Shim for BulkheadShim {
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> Service {
-        Service::new(self.namespace.clone(), publisher, self.exit.clone())
+        let service = Service::new(self.namespace.clone(), publisher, self.exit.clone());
+        // Every thread, before the first task call is read. A shim that cannot have its
+        // filter does not serve.
+        if let Err(e) = seccomp_mode().and_then(|m| SECCOMP.install("shim", m, true)) {
+            log::error!("{e}");
+            std::process::exit(1);
+        }
+        service
+    }
+}
+
+#[cfg(test)]
+mod seccomp_policy {
+    use super::SECCOMP;
+    use bulkhead_seccomp::testing::{killed_by, Call};
+
+    #[test]
+    fn the_policy_kills_exec_and_ptrace() {
+        for call in [Call::Execve, Call::Ptrace] {
+            assert_eq!(
+                killed_by(&SECCOMP, "shim", call),
+                Some(libc::SIGSYS),
+                "{call:?}"
+            );
+        }
+        // A shim opens files and talks over sockets, so these stay allowed.
+        for call in [Call::Getpid, Call::OpenHostPath, Call::Socket] {
+            assert_eq!(killed_by(&SECCOMP, "shim", call), None, "{call:?}");
+        }
     }
 }

@@ -117,7 +117,7 @@ impl Service {
 
     async fn client(&self) -> TResult<&Client> {
         self.client
-            .get_or_try_init(Client::connect)
+            .get_or_try_init(Client::connect_started)
             .await
             .map_err(|e| status(Code::UNAVAILABLE, format!("cannot reach bulkheadd: {e:#}")))
     }

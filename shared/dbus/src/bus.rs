@@ -265,7 +265,19 @@ pub async fn connect_manager(
         ensure_embedded(state_dir, bulkheadd)?;
     }
     let conn = connect(&choice.address).await?;
-    ensure_manager(&conn, &choice, state_dir, bulkheadd).await?;
+    ensure_manager(&conn, &choice, state_dir, Some(bulkheadd)).await?;
+    Ok((conn, choice))
+}
+
+/// Like [`connect_manager`], for a process that may start nothing itself (the shim
+/// under its seccomp filter): the bus must be up, and bulkheadd running or started by
+/// the bus's activation.
+pub async fn connect_manager_started(
+    state_dir: &Path,
+) -> Result<(zbus::Connection, BusChoice), BusError> {
+    let choice = choose(state_dir);
+    let conn = connect(&choice.address).await?;
+    ensure_manager(&conn, &choice, state_dir, None).await?;
     Ok((conn, choice))
 }
 
@@ -286,7 +298,7 @@ async fn ensure_manager(
     conn: &zbus::Connection,
     choice: &BusChoice,
     state_dir: &Path,
-    bulkheadd: &Path,
+    bulkheadd: Option<&Path>,
 ) -> Result<(), BusError> {
     let dbus = zbus::fdo::DBusProxy::new(conn)
         .await
@@ -296,10 +308,18 @@ async fn ensure_manager(
         return Ok(());
     }
     let wk = zbus::names::WellKnownName::try_from(MANAGER_NAME).expect("valid name");
-    match dbus.start_service_by_name(wk, 0).await {
-        Ok(_) => return Ok(()),
-        Err(e) => tracing::debug!("activation of {MANAGER_NAME} failed: {e}; starting it"),
-    }
+    let bulkheadd = match (dbus.start_service_by_name(wk, 0).await, bulkheadd) {
+        (Ok(_), _) => return Ok(()),
+        (Err(e), Some(b)) => {
+            tracing::debug!("activation of {MANAGER_NAME} failed: {e}; starting it");
+            b
+        }
+        (Err(e), None) => {
+            return Err(BusError::Manager(format!(
+                "{MANAGER_NAME} is not running and the bus did not start it: {e}"
+            )))
+        }
+    };
     // No activation on this bus: start bulkheadd ourselves, detached.
     let log = std::fs::OpenOptions::new()
         .create(true)

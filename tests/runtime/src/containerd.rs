@@ -110,6 +110,18 @@ fn ctr_task(e: &mut Env) -> Result<()> {
         let sb = find(&ls_json(e)?, "t1").cloned().context("no sandbox t1")?;
         ensure!(sb["memory_mib"] == 256 + 64, "VM memory: {sb}");
 
+        // The shim serves under its own seccomp allow list, on every thread.
+        let shim = pid_of("containerd-shim-bulkhead-v2 -namespace default -id t1")
+            .context("no shim for t1")?;
+        for t in std::fs::read_dir(format!("/proc/{shim}/task"))?.flatten() {
+            let st = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            ensure!(
+                st.is_empty() || st.lines().any(|l| l == "Seccomp:\t2"),
+                "shim thread {:?} has no seccomp filter",
+                t.file_name()
+            );
+        }
+
         let o = exec(c, "t1", "e1", &["sh", "-c", "echo $((6*7)); exit 5"])?;
         ensure!(o.code == 5 && o.stdout == "42\n", "exec: {o:?}");
         // The same exec id again: the first was collected, so it may be reused.
