@@ -515,7 +515,7 @@ impl Daemon {
                     .insert("vmm_exec".into(), t0.elapsed().as_micros() as u64);
             }
             let mut cmd = jail::command(&self.cfg, &rec, &spec).map_err(|e| Error::Backend(e.0))?;
-            let comp = supervisor::spawn(&spec.name, &mut cmd, &log)
+            let comp = supervisor::spawn(&spec.name, &mut cmd, &spec.fds, &log)
                 .map_err(|e| Error::Backend(format!("cannot start {}: {e}", spec.name)))?;
             drop(spec.fds);
             tracing::debug!(sandbox = %sb.id, "started {} pid {}", comp.name, comp.pid);
@@ -720,7 +720,7 @@ impl Daemon {
             let spec = backend::bulkhead_net(&cfg, &rec, i).map_err(|e| e.0)?;
             let log = rec.run_dir.join(format!("{}.log", spec.name));
             let mut cmd = jail::command(&cfg, &rec, &spec).map_err(|e| e.0)?;
-            supervisor::spawn(&spec.name, &mut cmd, &log).map_err(|e| e.to_string())
+            supervisor::spawn(&spec.name, &mut cmd, &spec.fds, &log).map_err(|e| e.to_string())
         })
         .await
         .map_err(|e| e.to_string())??;

@@ -5,8 +5,6 @@
 //! `vm/` directory (read-write: its sockets and the serial log) and what the component
 //! declared in its [`Needs`]; nothing else of the host is in its mount namespace.
 
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -77,9 +75,10 @@ pub fn jail_for(rec: &SandboxRec, spec: &ComponentSpec) -> Option<Jail> {
     Some(j)
 }
 
-/// The command that starts `spec`: the jailer, or the program itself.
+/// The command that starts `spec`: the jailer, or the program itself (its descriptors
+/// are handed on by [`crate::supervisor::spawn`]).
 pub fn command(cfg: &Config, rec: &SandboxRec, spec: &ComponentSpec) -> Result<Command, PlanError> {
-    let mut c = match jail_for(rec, spec) {
+    let c = match jail_for(rec, spec) {
         Some(j) => {
             let jailer = cfg.binary(Binary::BulkheadJailer).ok_or_else(|| {
                 PlanError("bulkhead-jailer not found (see `bulkhead check`)".into())
@@ -97,26 +96,6 @@ pub fn command(cfg: &Config, rec: &SandboxRec, spec: &ComponentSpec) -> Result<C
             c
         }
     };
-    let moves: Vec<(i32, i32)> = spec.fds.iter().map(|(f, n)| (f.as_raw_fd(), *n)).collect();
-    if !moves.is_empty() {
-        // SAFETY: dup2 and fcntl are async-signal-safe; each source descriptor stays
-        // open in bulkheadd until the child has started (the spec holds it).
-        unsafe {
-            c.pre_exec(move || {
-                for &(from, to) in &moves {
-                    let r = if from == to {
-                        libc::fcntl(to, libc::F_SETFD, 0)
-                    } else {
-                        libc::dup2(from, to)
-                    };
-                    if r < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
-    }
     Ok(c)
 }
 

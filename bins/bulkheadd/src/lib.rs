@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod jail;
 pub mod mounts;
 pub mod net;
+pub mod spawner;
 pub mod store;
 pub mod supervisor;
 
@@ -18,6 +19,36 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use bulkhead_dbus::{MANAGER_NAME, MANAGER_PATH};
+
+/// bulkheadd's seccomp policy (seccomp/x86_64.json), compiled by build.rs: one list,
+/// `bulkheadd`, on every thread.
+pub static SECCOMP: bulkhead_seccomp::Programs =
+    bulkhead_seccomp::Programs(include!(concat!(env!("OUT_DIR"), "/seccomp_programs.rs")));
+
+/// Fork the spawner (the one process that starts components, see `spawner.rs`), then
+/// put bulkheadd's own allow list on every thread. Call it while bulkheadd has one
+/// thread, before the runtime: both the fork and the filter must come first.
+pub fn confine(mode: bulkhead_seccomp::Mode) -> Result<()> {
+    use bulkhead_host::config::{Binary, Config};
+    let cfg = Config::load()?;
+    let allowed = [
+        Binary::BulkheadJailer,
+        Binary::BulkheadVmm,
+        Binary::Qemu,
+        Binary::Virtiofsd,
+        Binary::VhostDeviceVsock,
+        Binary::BulkheadNet,
+    ]
+    .into_iter()
+    .filter_map(|b| cfg.binary(b))
+    .collect();
+    let pid = spawner::start(allowed).context("cannot start the spawner")?;
+    SECCOMP
+        .install("bulkheadd", mode, true)
+        .map_err(anyhow::Error::msg)?;
+    tracing::info!(spawner = pid, seccomp = mode.as_str(), "confined");
+    Ok(())
+}
 
 pub struct Options {
     pub state_dir: PathBuf,
@@ -64,4 +95,25 @@ pub async fn serve(opts: Options) -> Result<()> {
     tracing::info!("stopping; sandboxes keep running and are adopted by the next bulkheadd");
     drop(lock);
     Ok(())
+}
+
+#[cfg(test)]
+mod seccomp_policy {
+    use super::SECCOMP;
+    use bulkhead_seccomp::testing::{killed_by, Call};
+
+    #[test]
+    fn the_policy_kills_exec_and_ptrace() {
+        for call in [Call::Execve, Call::Ptrace] {
+            assert_eq!(
+                killed_by(&SECCOMP, "bulkheadd", call),
+                Some(libc::SIGSYS),
+                "{call:?}"
+            );
+        }
+        // A manager opens files and talks over sockets, so these stay allowed.
+        for call in [Call::Getpid, Call::OpenHostPath, Call::Socket] {
+            assert_eq!(killed_by(&SECCOMP, "bulkheadd", call), None, "{call:?}");
+        }
+    }
 }

@@ -11,21 +11,35 @@ const USAGE: &str = "usage: bulkheadd [--state-dir DIR] [--bus-address ADDRESS] 
                          the one `bulkhead` would pick)
   --log-file FILE        append logs here instead of stderr (an activated bulkheadd
                          has no useful stderr)
+  --seccomp MODE         kill (default), log (calls outside bulkheadd's allow list go
+                         through and the kernel logs them) or off; default from
+                         $BULKHEADD_SECCOMP
 BULKHEAD_LOG sets the log filter (default info).";
 
-fn parse() -> Result<(bulkheadd::Options, Option<PathBuf>)> {
+fn parse() -> Result<(bulkheadd::Options, Option<PathBuf>, bulkhead_seccomp::Mode)> {
     let mut state_dir = std::env::var_os("BULKHEAD_ROOT")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
         .unwrap_or_else(|| bulkhead_host::config::DEFAULT_STATE_DIR.into());
     let mut bus = None;
     let mut log_file = None;
+    let mut seccomp = match std::env::var("BULKHEADD_SECCOMP") {
+        Ok(v) if !v.is_empty() => v.parse().map_err(anyhow::Error::msg)?,
+        _ => bulkhead_seccomp::Mode::default(),
+    };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--state-dir" => state_dir = it.next().context("--state-dir needs a value")?.into(),
             "--bus-address" => bus = Some(it.next().context("--bus-address needs a value")?),
             "--log-file" => log_file = Some(it.next().context("--log-file needs a value")?.into()),
+            "--seccomp" => {
+                seccomp = it
+                    .next()
+                    .context("--seccomp needs a value")?
+                    .parse()
+                    .map_err(anyhow::Error::msg)?
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -42,6 +56,7 @@ fn parse() -> Result<(bulkheadd::Options, Option<PathBuf>)> {
             bus_address,
         },
         log_file,
+        seccomp,
     ))
 }
 
@@ -66,8 +81,9 @@ fn init_logging(log_file: Option<&PathBuf>) -> Result<()> {
 }
 
 fn main() {
-    let r = parse().and_then(|(opts, log_file)| {
+    let r = parse().and_then(|(opts, log_file, seccomp)| {
         init_logging(log_file.as_ref())?;
+        bulkheadd::confine(seccomp)?;
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -3,7 +3,7 @@
 //! same way), and signals them without ever hitting a reused pid.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -31,27 +31,20 @@ fn is_zombie(pid: u32) -> bool {
         .unwrap_or(true)
 }
 
-/// Start a component in its own session, stdio to `log`. It must outlive bulkheadd.
-pub fn spawn(name: &str, cmd: &mut Command, log: &Path) -> io::Result<Component> {
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)?;
-    cmd.stdin(Stdio::null())
-        .stdout(out.try_clone()?)
-        .stderr(out);
-    // SAFETY: setsid is async-signal-safe. A new session keeps the component out of the
-    // manager's process group, so a signal to bulkheadd's group does not reach it.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        })
+/// Start a component in its own session, stdio to `log`, each of `fds` at its number.
+/// It must outlive bulkheadd. Through the spawner when bulkheadd has one (it always
+/// does as a daemon; see `spawner.rs`), else from this process.
+pub fn spawn(
+    name: &str,
+    cmd: &mut Command,
+    fds: &[(OwnedFd, i32)],
+    log: &Path,
+) -> io::Result<Component> {
+    let moves: Vec<(RawFd, i32)> = fds.iter().map(|(f, n)| (f.as_raw_fd(), *n)).collect();
+    let pid = match crate::spawner::get() {
+        Some(s) => s.launch(cmd, &moves, log)?,
+        None => spawn_here(cmd, moves, log)?,
     };
-    let child = cmd.spawn()?;
-    let pid = child.id();
-    // The child is reaped by `watch` (or by init after a manager restart).
-    drop(child);
     let start_time = start_time(pid).ok_or_else(|| {
         io::Error::other(format!("{name} (pid {pid}) exited as soon as it started"))
     })?;
@@ -60,6 +53,48 @@ pub fn spawn(name: &str, cmd: &mut Command, log: &Path) -> io::Result<Component>
         pid,
         start_time,
     })
+}
+
+fn spawn_here(cmd: &mut Command, moves: Vec<(RawFd, i32)>, log: &Path) -> io::Result<u32> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    cmd.stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out);
+    // SAFETY: setsid, dup2 and fcntl are async-signal-safe. A new session keeps the
+    // component out of the manager's process group, so a signal to bulkheadd's group
+    // does not reach it. Each source descriptor stays open in the caller until the
+    // child has started.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::setsid();
+            move_fds(&moves)
+        })
+    };
+    let child = cmd.spawn()?;
+    // The child is reaped by `watch` (or by init after a manager restart).
+    Ok(child.id())
+}
+
+/// In a child between fork and exec: put each descriptor at its number (clearing
+/// close-on-exec where it is already there).
+pub fn move_fds(moves: &[(RawFd, i32)]) -> io::Result<()> {
+    for &(from, to) in moves {
+        // SAFETY: dup2 and fcntl on descriptors the caller holds open.
+        let r = unsafe {
+            if from == to {
+                libc::fcntl(to, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(from, to)
+            }
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// A pidfd for exactly this component, or `None` if it is gone.
@@ -95,7 +130,7 @@ pub fn signal(c: &Component, sig: i32) {
 /// is our child. Returns its exit status when we could read it.
 pub async fn watch(c: Component) -> Option<i32> {
     let Some(fd) = pidfd(&c) else {
-        return reap(c.pid);
+        return reap_blocking(c.pid).await;
     };
     // SAFETY: `fd` is an OwnedFd moved into the AsyncFd: it stays open and names the
     // same pidfd for the AsyncFd's whole life.
@@ -113,10 +148,23 @@ pub async fn watch(c: Component) -> Option<i32> {
             }
         }
     }
-    reap(c.pid)
+    reap_blocking(c.pid).await
 }
 
-fn reap(pid: u32) -> Option<i32> {
+async fn reap_blocking(pid: u32) -> Option<i32> {
+    tokio::task::spawn_blocking(move || reap(pid, Duration::from_millis(500)))
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Reap `pid` if it is ours and has exited; its status if known. With the spawner as
+/// the parent, wait up to `wait` for it to report (it may be a moment behind the
+/// pidfd); an adopted component (from before a manager restart) has none to report.
+fn reap(pid: u32, wait: Duration) -> Option<i32> {
+    if let Some(s) = crate::spawner::get() {
+        return s.exit_status(pid, wait);
+    }
     let mut status = 0;
     // SAFETY: waitpid on one pid, non-blocking; ECHILD when it is not our child.
     let r = unsafe { libc::waitpid(pid as i32, &mut status, libc::WNOHANG) };
@@ -145,7 +193,7 @@ pub async fn stop_all(components: &[Component], grace: Duration) {
     }
     for _ in 0..250 {
         for c in components {
-            reap(c.pid);
+            reap(c.pid, Duration::ZERO);
         }
         if !components.iter().any(alive) {
             return;
@@ -164,7 +212,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("bh-sup-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let log = dir.join("log");
-        let c = spawn("sleeper", Command::new("sleep").arg("30"), &log).unwrap();
+        let c = spawn("sleeper", Command::new("sleep").arg("30"), &[], &log).unwrap();
         assert!(alive(&c));
         let stale = Component {
             start_time: c.start_time + 1,
@@ -186,6 +234,7 @@ mod tests {
         let quick = spawn(
             "quick",
             Command::new("sh").args(["-c", "sleep 0.2; exit 7"]),
+            &[],
             &log,
         )
         .unwrap();

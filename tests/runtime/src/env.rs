@@ -189,7 +189,18 @@ impl Env {
         let want = self.state().display().to_string();
         procs()
             .into_iter()
-            .find(|(_, cmd)| cmd.contains("bulkheadd") && cmd.contains(&want))
+            .find(|(p, cmd)| {
+                cmd.contains("bulkheadd") && cmd.contains(&want) && comm(*p) != SPAWNER_COMM
+            })
+            .map(|(p, _)| p)
+    }
+
+    /// The spawner bulkheadd forked: same command line, its own name.
+    pub fn spawner_pid(&self) -> Option<u32> {
+        let want = self.state().display().to_string();
+        procs()
+            .into_iter()
+            .find(|(p, cmd)| cmd.contains(&want) && comm(*p) == SPAWNER_COMM)
             .map(|(p, _)| p)
     }
 
@@ -360,6 +371,16 @@ fn build_image(rootfs: &Path, layout: &Path, archive: &Path, dir: &Path) -> Resu
 }
 
 /// (pid, command line) of every process.
+/// bulkheadd's spawner's process name (bulkheadd's `spawner::SPAWNER_NAME`).
+pub const SPAWNER_COMM: &str = "bulkhead-spawn";
+
+/// A process's name (`comm`), empty if it is gone.
+pub fn comm(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim_end().to_string())
+        .unwrap_or_default()
+}
+
 pub fn procs() -> Vec<(u32, String)> {
     std::fs::read_dir("/proc")
         .map(|rd| {

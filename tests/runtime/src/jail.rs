@@ -218,6 +218,31 @@ fn every_component_jailed(e: &mut Env) -> Result<()> {
                 );
             }
         }
+        // bulkheadd itself: its allow list on every thread. The components were started
+        // by its spawner (the jailer's parent), which holds no filter, since every
+        // component would inherit one.
+        let bhd = e.bulkheadd_pid().context("no bulkheadd")?;
+        for t in std::fs::read_dir(format!("/proc/{bhd}/task"))?.flatten() {
+            let st = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            ensure!(
+                st.is_empty() || st.lines().any(|l| l == "Seccomp:\t2"),
+                "bulkheadd thread {:?} has no seccomp filter",
+                t.file_name()
+            );
+        }
+        let spawner = e.spawner_pid().context("no spawner")?;
+        ensure!(
+            status_field(spawner.into(), "PPid") == bhd.to_string()
+                && status_field(spawner.into(), "Seccomp") == "0",
+            "spawner {spawner}: PPid {} Seccomp {}",
+            status_field(spawner.into(), "PPid"),
+            status_field(spawner.into(), "Seccomp")
+        );
+        let jailer = component_pid(e, "jl", "vmm")?;
+        ensure!(
+            status_field(jailer, "PPid") == spawner.to_string(),
+            "the VMM's jailer is not the spawner's child"
+        );
         // The pod still works with all of that in place.
         let o = exec(e, "jl", "echo jailed-ok")?;
         ensure!(o.stdout.trim() == "jailed-ok", "{o:?}");
