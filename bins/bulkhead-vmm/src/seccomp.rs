@@ -88,6 +88,45 @@ mod tests {
                 );
             }
         }
+        // ioctl by request: a vCPU thread only runs its vCPU and reads its state; the
+        // others only make sockets non-blocking. Nothing after set-up may create,
+        // map or reconfigure anything through KVM.
+        const KVM_RUN: u32 = 0xae80;
+        const KVM_GET_REGS: u32 = 0x8090_ae81;
+        const KVM_SET_REGS: u32 = 0x4090_ae82;
+        const KVM_CREATE_VCPU: u32 = 0xae41;
+        const KVM_SET_USER_MEMORY_REGION: u32 = 0x4020_ae46;
+        const FIONBIO: u32 = 0x5421;
+        const TIOCSTI: u32 = 0x5412;
+        for req in [KVM_RUN, KVM_GET_REGS] {
+            assert_eq!(
+                killed_by(&PROGRAMS, "vcpu", Call::Ioctl(req)),
+                None,
+                "{req:#x}"
+            );
+        }
+        for req in [
+            KVM_SET_REGS,
+            KVM_CREATE_VCPU,
+            KVM_SET_USER_MEMORY_REGION,
+            FIONBIO,
+        ] {
+            assert_eq!(
+                killed_by(&PROGRAMS, "vcpu", Call::Ioctl(req)),
+                Some(libc::SIGSYS),
+                "vcpu let ioctl {req:#x} through"
+            );
+        }
+        for class in ["main", "worker", "api"] {
+            assert_eq!(killed_by(&PROGRAMS, class, Call::Ioctl(FIONBIO)), None);
+            for req in [KVM_RUN, KVM_SET_USER_MEMORY_REGION, TIOCSTI] {
+                assert_eq!(
+                    killed_by(&PROGRAMS, class, Call::Ioctl(req)),
+                    Some(libc::SIGSYS),
+                    "{class} let ioctl {req:#x} through"
+                );
+            }
+        }
         // No thread but the main one opens sockets (vsock's host side connects).
         for class in ["vcpu", "worker", "api"] {
             assert_eq!(

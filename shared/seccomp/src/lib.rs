@@ -104,6 +104,9 @@ pub mod testing {
         Socket,
         /// PTRACE_TRACEME.
         Ptrace,
+        /// ioctl with this request on a descriptor that is not open (the filter looks
+        /// at the request, the kernel then answers EBADF).
+        Ioctl(u32),
     }
 
     /// Make `call` in a forked child under `class`'s kill program: `None` if the child
@@ -152,6 +155,9 @@ pub mod testing {
                     }
                     Call::Ptrace => {
                         libc::syscall(libc::SYS_ptrace, libc::PTRACE_TRACEME, 0, 0, 0);
+                    }
+                    Call::Ioctl(request) => {
+                        libc::syscall(libc::SYS_ioctl, -1, libc::c_ulong::from(request), 0);
                     }
                 }
                 libc::syscall(libc::SYS_exit_group, 0);
