@@ -109,6 +109,21 @@ pub mod testing {
         Ioctl(u32),
     }
 
+    /// The shape of a service's list (bulkheadd, the shim, the exporter): it opens files
+    /// and makes sockets, and never execs or traces.
+    pub fn assert_files_and_sockets_but_no_exec(programs: &Programs, class: &str) {
+        for call in [Call::Execve, Call::Ptrace] {
+            assert_eq!(
+                killed_by(programs, class, call),
+                Some(libc::SIGSYS),
+                "{class} let {call:?} through"
+            );
+        }
+        for call in [Call::Getpid, Call::OpenHostPath, Call::Socket] {
+            assert_eq!(killed_by(programs, class, call), None, "{class}: {call:?}");
+        }
+    }
+
     /// Make `call` in a forked child under `class`'s kill program: `None` if the child
     /// came back from it, else the signal that ended it.
     pub fn killed_by(programs: &Programs, class: &str, call: Call) -> Option<i32> {

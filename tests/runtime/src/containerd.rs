@@ -10,7 +10,7 @@ use serde_json::Value;
 use crate::cases::{component_pid, find, leftovers, ls_json, run_dir, wait_for};
 use crate::Case;
 use bulkhead_runtime_tests::ctrd::{start, Containerd, IMAGE, RUNTIME};
-use bulkhead_runtime_tests::env::{procs, run_cmd, Env, Out};
+use bulkhead_runtime_tests::env::{every_thread_filtered, procs, run_cmd, Env, Out};
 
 pub fn list() -> Vec<Case> {
     vec![
@@ -113,14 +113,7 @@ fn ctr_task(e: &mut Env) -> Result<()> {
         // The shim serves under its own seccomp allow list, on every thread.
         let shim = pid_of("containerd-shim-bulkhead-v2 -namespace default -id t1")
             .context("no shim for t1")?;
-        for t in std::fs::read_dir(format!("/proc/{shim}/task"))?.flatten() {
-            let st = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
-            ensure!(
-                st.is_empty() || st.lines().any(|l| l == "Seccomp:\t2"),
-                "shim thread {:?} has no seccomp filter",
-                t.file_name()
-            );
-        }
+        every_thread_filtered(shim, "shim")?;
 
         let o = exec(c, "t1", "e1", &["sh", "-c", "echo $((6*7)); exit 5"])?;
         ensure!(o.code == 5 && o.stdout == "42\n", "exec: {o:?}");

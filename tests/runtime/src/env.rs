@@ -371,6 +371,21 @@ fn build_image(rootfs: &Path, layout: &Path, archive: &Path, dir: &Path) -> Resu
 }
 
 /// (pid, command line) of every process.
+/// Every live thread of `pid` runs under a seccomp filter (`Seccomp: 2`); `what`
+/// names the process in the error.
+pub fn every_thread_filtered(pid: u32, what: &str) -> anyhow::Result<()> {
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))?.flatten() {
+        let st = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        // An empty read: the thread ended meanwhile.
+        anyhow::ensure!(
+            st.is_empty() || st.lines().any(|l| l == "Seccomp:\t2"),
+            "{what} thread {:?} has no seccomp filter",
+            t.file_name()
+        );
+    }
+    Ok(())
+}
+
 /// bulkheadd's spawner's process name (bulkheadd's `spawner::SPAWNER_NAME`).
 pub const SPAWNER_COMM: &str = "bulkhead-spawn";
 

@@ -11,7 +11,7 @@ use serde_json::Value;
 use crate::cases::{component_pid, wait_for};
 use crate::net::{exec, pod, server_and_pod};
 use crate::Case;
-use bulkhead_runtime_tests::env::Env;
+use bulkhead_runtime_tests::env::{every_thread_filtered, Env};
 
 pub fn list() -> Vec<Case> {
     vec![
@@ -222,14 +222,7 @@ fn every_component_jailed(e: &mut Env) -> Result<()> {
         // by its spawner (the jailer's parent), which holds no filter, since every
         // component would inherit one.
         let bhd = e.bulkheadd_pid().context("no bulkheadd")?;
-        for t in std::fs::read_dir(format!("/proc/{bhd}/task"))?.flatten() {
-            let st = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
-            ensure!(
-                st.is_empty() || st.lines().any(|l| l == "Seccomp:\t2"),
-                "bulkheadd thread {:?} has no seccomp filter",
-                t.file_name()
-            );
-        }
+        every_thread_filtered(bhd, "bulkheadd")?;
         let spawner = e.spawner_pid().context("no spawner")?;
         ensure!(
             status_field(spawner.into(), "PPid") == bhd.to_string()
