@@ -78,7 +78,7 @@ pub fn jail_for(rec: &SandboxRec, spec: &ComponentSpec) -> Option<Jail> {
 /// The command that starts `spec`: the jailer, or the program itself (its descriptors
 /// are handed on by [`crate::supervisor::spawn`]).
 pub fn command(cfg: &Config, rec: &SandboxRec, spec: &ComponentSpec) -> Result<Command, PlanError> {
-    let c = match jail_for(rec, spec) {
+    Ok(match jail_for(rec, spec) {
         Some(j) => {
             let jailer = cfg.binary(Binary::BulkheadJailer).ok_or_else(|| {
                 PlanError("bulkhead-jailer not found (see `bulkhead check`)".into())
@@ -95,8 +95,7 @@ pub fn command(cfg: &Config, rec: &SandboxRec, spec: &ComponentSpec) -> Result<C
             c.args(spec.command.get_args());
             c
         }
-    };
-    Ok(c)
+    })
 }
 
 /// Make the sandbox's `vm/` directory, owned by its jail uid (0700), so jailed

@@ -23,10 +23,8 @@ fn parse() -> Result<(bulkheadd::Options, Option<PathBuf>, bulkhead_seccomp::Mod
         .unwrap_or_else(|| bulkhead_host::config::DEFAULT_STATE_DIR.into());
     let mut bus = None;
     let mut log_file = None;
-    let mut seccomp = match std::env::var("BULKHEADD_SECCOMP") {
-        Ok(v) if !v.is_empty() => v.parse().map_err(anyhow::Error::msg)?,
-        _ => bulkhead_seccomp::Mode::default(),
-    };
+    let mut seccomp =
+        bulkhead_seccomp::Mode::from_env("BULKHEADD_SECCOMP").map_err(anyhow::Error::msg)?;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {

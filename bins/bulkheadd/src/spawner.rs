@@ -10,16 +10,15 @@
 //! numbers it asks for, in a new session, output to a log file. It reaps what it
 //! started and tells bulkheadd each exit status, since it, not bulkheadd, is the parent.
 //!
-//! The two talk over a seqpacket socket pair, one JSON message per packet. When bulkheadd goes away the spawner sees the end of the socket
-//! and exits; the components it started carry on, as they do when bulkheadd restarts.
+//! The two talk over a seqpacket socket pair, one JSON message per packet. When bulkheadd
+//! goes away the spawner sees the end of the socket and exits; the components it started carry on, as they do when bulkheadd restarts.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{mpsc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -36,6 +35,8 @@ pub const SPAWNER_NAME: &std::ffi::CStr = c"bulkhead-spawn";
 const MAX_MESSAGE: usize = 64 << 10;
 /// The most descriptors one start hands on.
 const MAX_FDS: usize = 16;
+/// Exit statuses kept for a watcher that has not asked yet.
+const MAX_UNCLAIMED_EXITS: usize = 1024;
 /// How long bulkheadd waits for the spawner to answer a start.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -68,7 +69,6 @@ pub struct Spawner {
     replies: Mutex<mpsc::Receiver<Result<u32, String>>>,
     exits: Mutex<HashMap<u32, i32>>,
     exited: Condvar,
-    pid: u32,
 }
 
 static SPAWNER: OnceLock<Spawner> = OnceLock::new();
@@ -114,7 +114,6 @@ pub fn start(allowed: Vec<PathBuf>) -> std::io::Result<u32> {
         replies: Mutex::new(rx),
         exits: Mutex::default(),
         exited: Condvar::new(),
-        pid: pid as u32,
     };
     if SPAWNER.set(sp).is_err() {
         return Err(std::io::Error::other("the spawner is already running"));
@@ -146,7 +145,14 @@ fn listen(sock: OwnedFd, replies: mpsc::Sender<Result<u32, String>>) {
                 let _ = replies.send(Err(error));
             }
             Ok(Said::Exited { pid, status }) => {
-                sp.exits.lock().expect("exits lock").insert(pid, status);
+                let mut exits = sp.exits.lock().expect("exits lock");
+                // A status nobody asks for (a component that died before it was
+                // watched) is dropped once the table is full.
+                if exits.len() >= MAX_UNCLAIMED_EXITS {
+                    exits.clear();
+                }
+                exits.insert(pid, status);
+                drop(exits);
                 sp.exited.notify_all();
             }
             Err(e) => tracing::warn!("the spawner said something unreadable: {e}"),
@@ -155,11 +161,6 @@ fn listen(sock: OwnedFd, replies: mpsc::Sender<Result<u32, String>>) {
 }
 
 impl Spawner {
-    /// The spawner's pid.
-    pub fn pid(&self) -> u32 {
-        self.pid
-    }
-
     /// Start `cmd` (program, arguments, environment changes and directory are taken
     /// from it) with `fds` at the given numbers; returns its pid.
     pub fn launch(&self, cmd: &Command, fds: &[(RawFd, i32)], log: &Path) -> std::io::Result<u32> {
@@ -345,16 +346,8 @@ fn run(launch: Launch, passed: Vec<OwnedFd>, allowed: &[PathBuf]) -> Result<u32,
             launch.program.display()
         ));
     }
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&launch.log)
-        .map_err(|e| format!("{}: {e}", launch.log.display()))?;
     let mut cmd = Command::new(&launch.program);
-    cmd.args(&launch.args)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().map_err(|e| e.to_string())?)
-        .stderr(log);
+    cmd.args(&launch.args);
     for (k, v) in &launch.env {
         match v {
             Some(v) => cmd.env(k, v),
@@ -369,13 +362,8 @@ fn run(launch: Launch, passed: Vec<OwnedFd>, allowed: &[PathBuf]) -> Result<u32,
         .map(AsRawFd::as_raw_fd)
         .zip(launch.fd_numbers.iter().copied())
         .collect();
-    // SAFETY: only async-signal-safe calls between fork and exec: setsid, dup2, fcntl.
-    unsafe {
-        cmd.pre_exec(move || {
-            libc::setsid();
-            crate::supervisor::move_fds(&moves)
-        })
-    };
+    crate::supervisor::prepare(&mut cmd, moves, &launch.log)
+        .map_err(|e| format!("{}: {e}", launch.log.display()))?;
     let child = cmd.spawn().map_err(|e| e.to_string())?;
     // Reaped by `reap` when SIGCHLD comes.
     Ok(child.id())

@@ -56,6 +56,15 @@ pub fn spawn(
 }
 
 fn spawn_here(cmd: &mut Command, moves: Vec<(RawFd, i32)>, log: &Path) -> io::Result<u32> {
+    prepare(cmd, moves, log)?;
+    let child = cmd.spawn()?;
+    // The child is reaped by `watch` (or by init after a manager restart).
+    Ok(child.id())
+}
+
+/// Set `cmd` up as a component starts (here or in the spawner): stdin /dev/null,
+/// output appended to `log`, its own session, each descriptor moved to its number.
+pub fn prepare(cmd: &mut Command, moves: Vec<(RawFd, i32)>, log: &Path) -> io::Result<()> {
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -73,14 +82,12 @@ fn spawn_here(cmd: &mut Command, moves: Vec<(RawFd, i32)>, log: &Path) -> io::Re
             move_fds(&moves)
         })
     };
-    let child = cmd.spawn()?;
-    // The child is reaped by `watch` (or by init after a manager restart).
-    Ok(child.id())
+    Ok(())
 }
 
 /// In a child between fork and exec: put each descriptor at its number (clearing
 /// close-on-exec where it is already there).
-pub fn move_fds(moves: &[(RawFd, i32)]) -> io::Result<()> {
+fn move_fds(moves: &[(RawFd, i32)]) -> io::Result<()> {
     for &(from, to) in moves {
         // SAFETY: dup2 and fcntl on descriptors the caller holds open.
         let r = unsafe {

@@ -31,13 +31,6 @@ pub static SECCOMP: bulkhead_seccomp::Programs =
 /// log them) or `off`, from the environment containerd gives the shim.
 pub const SECCOMP_ENV: &str = "BULKHEAD_SHIM_SECCOMP";
 
-fn seccomp_mode() -> Result<bulkhead_seccomp::Mode, String> {
-    match std::env::var(SECCOMP_ENV) {
-        Ok(v) if !v.is_empty() => v.parse(),
-        _ => Ok(bulkhead_seccomp::Mode::default()),
-    }
-}
-
 pub struct BulkheadShim {
     id: String,
     namespace: String,
@@ -118,7 +111,9 @@ impl containerd_shim::Shim for BulkheadShim {
         let service = Service::new(self.namespace.clone(), publisher, self.exit.clone());
         // Every thread, before the first task call is read. A shim that cannot have its
         // filter does not serve.
-        if let Err(e) = seccomp_mode().and_then(|m| SECCOMP.install("shim", m, true)) {
+        if let Err(e) = bulkhead_seccomp::Mode::from_env(SECCOMP_ENV)
+            .and_then(|m| SECCOMP.install("shim", m, true))
+        {
             log::error!("{e}");
             std::process::exit(1);
         }

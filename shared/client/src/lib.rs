@@ -37,8 +37,7 @@ impl Client {
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create the state directory {}", dir.display()))?;
         let (conn, _) = bulkhead_dbus::bus::connect_manager(&dir, &bulkheadd_path()).await?;
-        let manager = Manager1Proxy::new(&conn).await?;
-        Ok(Client { conn, manager })
+        Client::over(conn).await
     }
 
     /// Connect to a manager that is running (or that the bus activates), starting
@@ -46,6 +45,10 @@ impl Client {
     /// forbids exec (the shim).
     pub async fn connect_started() -> Result<Client> {
         let (conn, _) = bulkhead_dbus::bus::connect_manager_started(&state_dir()).await?;
+        Client::over(conn).await
+    }
+
+    async fn over(conn: zbus::Connection) -> Result<Client> {
         let manager = Manager1Proxy::new(&conn).await?;
         Ok(Client { conn, manager })
     }

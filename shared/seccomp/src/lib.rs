@@ -33,6 +33,17 @@ impl Mode {
     }
 }
 
+impl Mode {
+    /// The mode named by environment variable `var`; the default when it is unset or
+    /// empty.
+    pub fn from_env(var: &str) -> Result<Mode, String> {
+        match std::env::var(var) {
+            Ok(v) if !v.is_empty() => v.parse(),
+            _ => Ok(Mode::default()),
+        }
+    }
+}
+
 impl FromStr for Mode {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
