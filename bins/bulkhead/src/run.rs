@@ -54,6 +54,10 @@ pub struct RunArgs {
     /// the VM gets. Without it, the container has loopback only.
     #[arg(long, value_name = "PATH")]
     pub netns: Option<PathBuf>,
+    /// What carries the pod network's frames: bulkhead-net (default; restartable on its
+    /// own) or vhost-net (the host kernel's; qemu backend only).
+    #[arg(long, value_name = "NAME")]
+    pub net_backend: Option<String>,
     /// Environment variable for the process (KEY=VALUE).
     #[arg(short, long = "env", value_name = "KEY=VALUE")]
     pub env: Vec<String>,
@@ -220,6 +224,9 @@ pub async fn run(a: RunArgs) -> Result<i32> {
             };
             if let Some(n) = &netns {
                 opts.insert("netns", V::from(n.as_str()));
+            }
+            if let Some(n) = &a.net_backend {
+                opts.insert("net_backend", V::from(n.as_str()));
             }
             client
                 .manager

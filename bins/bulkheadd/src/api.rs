@@ -52,7 +52,14 @@ impl ManagerIface {
         require_admin(conn, &hdr).await?;
         known_options(
             &options,
-            &["backend", "cpus", "memory_mib", "hostname", "netns"],
+            &[
+                "backend",
+                "cpus",
+                "memory_mib",
+                "hostname",
+                "netns",
+                "net_backend",
+            ],
         )?;
         let opts = SandboxOptions {
             backend: option::<String>(&options, "backend")?,
@@ -60,6 +67,7 @@ impl ManagerIface {
             memory_mib: option::<u32>(&options, "memory_mib")?,
             hostname: option::<String>(&options, "hostname")?,
             netns: option::<String>(&options, "netns")?,
+            net_backend: option::<String>(&options, "net_backend")?,
         };
         self.d.create_sandbox(id, opts).await
     }
@@ -413,6 +421,12 @@ impl SandboxIface {
     #[zbus(property)]
     async fn backend(&self) -> String {
         self.sb.snapshot().backend
+    }
+
+    /// What carries the pod network's frames: `bulkhead-net` or `vhost-net`.
+    #[zbus(property)]
+    async fn net_backend(&self) -> String {
+        self.sb.snapshot().net_backend.as_str().into()
     }
 
     #[zbus(property)]

@@ -14,7 +14,7 @@ use std::process::Command;
 
 use bulkhead_protocol::net::format_mac;
 
-use bulkhead_host::config::{Backend, Binary, Config};
+use bulkhead_host::config::{Backend, Binary, Config, NetBackend};
 
 use crate::store::SandboxRec;
 
@@ -109,6 +109,30 @@ pub fn bulkhead_net(cfg: &Config, rec: &SandboxRec, i: usize) -> Result<Componen
     let mut spec = ComponentSpec::new(&net_component_name(i), c, None, Needs::default());
     spec.fds.push((tap, 3));
     Ok(spec)
+}
+
+/// For `net_backend = vhost-net`: interface `i`'s tap at descriptor [`vhost_net_fd`]`(i).0`
+/// and a vhost-net descriptor at `.1`, opened here (the VMM's jail has neither).
+fn vhost_net_fds(rec: &SandboxRec) -> Result<Vec<(OwnedFd, i32)>, PlanError> {
+    let Some(net) = &rec.network else {
+        return Ok(vec![]);
+    };
+    let mut fds = vec![];
+    for (i, l) in net.links.iter().enumerate() {
+        let tap = crate::net::open_tap(&net.netns, &l.tap)
+            .map_err(|e| PlanError(format!("cannot open the pod's tap: {e}")))?;
+        let vhost = crate::net::open_vhost_net().map_err(|e| PlanError(e.to_string()))?;
+        let (t, v) = vhost_net_fd(i);
+        fds.push((tap, t));
+        fds.push((vhost, v));
+    }
+    Ok(fds)
+}
+
+/// The descriptor numbers QEMU gets interface `i`'s tap and vhost-net device at.
+fn vhost_net_fd(i: usize) -> (i32, i32) {
+    let base = 3 + 2 * i as i32;
+    (base, base + 1)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -296,12 +320,18 @@ pub fn plan(cfg: &Config, rec: &SandboxRec, tcg: bool) -> Result<Vec<ComponentSp
                 Some(vu.clone()),
                 Needs::default(),
             ));
-            for i in 0..nics {
-                out.push(bulkhead_net(cfg, rec, i)?);
+            let mut fds = vec![];
+            match rec.net_backend {
+                NetBackend::BulkheadNet => {
+                    for i in 0..nics {
+                        out.push(bulkhead_net(cfg, rec, i)?);
+                    }
+                }
+                NetBackend::VhostNet => fds = vhost_net_fds(rec)?,
             }
             let mut read_only = image;
             read_only.push(QEMU_FIRMWARE.into());
-            out.push(ComponentSpec::new(
+            let mut spec = ComponentSpec::new(
                 "vmm",
                 qemu_command(cfg, rec, &kernel, &initrd, &serial, &vu, tcg)?,
                 None,
@@ -310,7 +340,9 @@ pub fn plan(cfg: &Config, rec: &SandboxRec, tcg: bool) -> Result<Vec<ComponentSp
                     kvm: !tcg,
                     ..Needs::default()
                 },
-            ));
+            );
+            spec.fds = fds;
+            out.push(spec);
         }
     }
     Ok(out)
@@ -379,19 +411,29 @@ fn qemu_command(
     // One virtio-net device per pod interface, its back end a `bulkhead-net` that
     // connects to QEMU's socket (QEMU serves it, so a restarted back end reconnects at
     // once; QEMU waits for the first connection before the guest starts).
+    //
+    // With `vhost-net`, the tap and a vhost-net descriptor are QEMU's from the start
+    // and the kernel moves the frames.
     for (i, l) in rec.network.iter().flat_map(|n| n.links.iter()).enumerate() {
-        c.arg("-chardev")
-            .arg(format!(
-                "socket,id=net{i},path={},server=on,wait=off",
-                net_socket(rec, i).display()
-            ))
-            .arg("-netdev")
-            .arg(format!("vhost-user,id=nd{i},chardev=net{i}"))
-            .arg("-device")
-            .arg(format!(
-                "virtio-net-device,netdev=nd{i},mac={}",
-                format_mac(&l.guest.mac)
-            ));
+        match rec.net_backend {
+            NetBackend::BulkheadNet => c
+                .arg("-chardev")
+                .arg(format!(
+                    "socket,id=net{i},path={},server=on,wait=off",
+                    net_socket(rec, i).display()
+                ))
+                .arg("-netdev")
+                .arg(format!("vhost-user,id=nd{i},chardev=net{i}")),
+            NetBackend::VhostNet => {
+                let (tap, vhost) = vhost_net_fd(i);
+                c.arg("-netdev")
+                    .arg(format!("tap,id=nd{i},fd={tap},vhost=on,vhostfd={vhost}"))
+            }
+        };
+        c.arg("-device").arg(format!(
+            "virtio-net-device,netdev=nd{i},mac={}",
+            format_mac(&l.guest.mac)
+        ));
     }
     c
         // For operators: `info registers`, `info lapic` on a guest that seems stuck.
@@ -406,6 +448,75 @@ fn qemu_command(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bulkhead_protocol::net::NetInterface;
+
+    fn qemu_args(net_backend: NetBackend) -> Option<Vec<String>> {
+        let mut rec: SandboxRec =
+            serde_json::from_str(r#"{"id":"n1","backend":"qemu","cpus":1,"memory_mib":128,"created_at_us":1,"state":"creating","run_dir":"/run/bh/x","components":[],"containers":[],"timings":{}}"#)
+                .unwrap();
+        rec.net_backend = net_backend;
+        let link = |i: u8| crate::net::PlumbedLink {
+            link: format!("eth{i}"),
+            tap: format!("bhtap{i}"),
+            guest: NetInterface {
+                name: format!("eth{i}"),
+                mac: [2, 0, 0, 0, 0, i],
+                mtu: 1500,
+                addresses: vec![],
+            },
+        };
+        rec.network = Some(crate::net::NetRec {
+            netns: "/run/netns/p".into(),
+            links: vec![link(0), link(1)],
+            routes: vec![],
+        });
+        let cfg = Config::default();
+        cfg.binary(Binary::Qemu)?;
+        let p = Path::new("/x");
+        let c = qemu_command(&cfg, &rec, p, p, p, p, false).unwrap();
+        Some(
+            c.get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn each_interface_reaches_qemu_through_its_net_backend() {
+        let Some(user) = qemu_args(NetBackend::BulkheadNet) else {
+            eprintln!("skipped: no qemu-system-x86_64 here");
+            return;
+        };
+        let netdevs = |args: &[String]| -> Vec<String> {
+            args.windows(2)
+                .filter(|w| w[0] == "-netdev")
+                .map(|w| w[1].clone())
+                .collect()
+        };
+        assert_eq!(
+            netdevs(&user),
+            [
+                "vhost-user,id=nd0,chardev=net0",
+                "vhost-user,id=nd1,chardev=net1"
+            ]
+        );
+        assert!(user
+            .iter()
+            .any(|a| a.ends_with("/vm/net1.sock,server=on,wait=off")));
+        let kernel = qemu_args(NetBackend::VhostNet).unwrap();
+        // Tap and vhost-net descriptors in pairs, above stdio, as vhost_net_fds hands them.
+        assert_eq!(
+            netdevs(&kernel),
+            [
+                "tap,id=nd0,fd=3,vhost=on,vhostfd=4",
+                "tap,id=nd1,fd=5,vhost=on,vhostfd=6"
+            ]
+        );
+        assert!(!kernel.iter().any(|a| a.contains("net0.sock")));
+        assert!(kernel
+            .iter()
+            .any(|a| a == "virtio-net-device,netdev=nd1,mac=02:00:00:00:00:01"));
+    }
 
     #[test]
     fn tcg_cmdline_carries_tsc() {

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bulkhead_dbus::{random_id, sandbox_path, valid_id, Error};
-use bulkhead_host::config::{Backend, Config};
+use bulkhead_host::config::{Backend, Config, NetBackend};
 use bulkhead_protocol::{CreateContainer, ExecProcess, Request, Rootfs, SandboxConfig};
 use zbus::zvariant::{OwnedObjectPath, OwnedValue, Value};
 
@@ -52,6 +52,8 @@ pub struct SandboxOptions {
     /// The pod's network namespace (a path, as CNI makes them): its interfaces are
     /// mirrored into the VM. `None`: the pod has loopback only.
     pub netns: Option<String>,
+    /// `bulkhead-net` (default) or `vhost-net` (the QEMU backend only).
+    pub net_backend: Option<String>,
 }
 
 /// At most this many restarts of one sandbox's network back ends within
@@ -340,6 +342,7 @@ impl Daemon {
             memory_mib,
             hostname,
             netns,
+            net_backend,
         } = opts;
         if let Some(ns) = &netns {
             if !ns.starts_with('/') || ns.len() > 4096 || !Path::new(ns).exists() {
@@ -381,6 +384,28 @@ impl Daemon {
                 b
             }
         };
+        let net_backend = match net_backend.as_deref() {
+            None => NetBackend::default(),
+            Some(name) => NetBackend::parse(name).ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "net_backend {name:?}: want bulkhead-net or vhost-net"
+                ))
+            })?,
+        };
+        if net_backend == NetBackend::VhostNet {
+            if backend != Backend::Qemu {
+                return Err(Error::InvalidArgument(format!(
+                    "net_backend vhost-net: only the qemu backend can use the kernel's vhost-net, not {}",
+                    backend.as_str()
+                )));
+            }
+            if !Path::new(crate::net::VHOST_NET).exists() {
+                return Err(Error::FailedPrecondition(format!(
+                    "net_backend vhost-net: {} is missing (modprobe vhost_net)",
+                    crate::net::VHOST_NET
+                )));
+            }
+        }
         let cpus = cpus.unwrap_or(self.cfg.cpus);
         let memory_mib = memory_mib.unwrap_or(self.cfg.memory_mib);
         if !(1..=64).contains(&cpus) {
@@ -406,6 +431,7 @@ impl Daemon {
             hostname,
             network: None,
             jail_uid: None,
+            net_backend,
         };
         let sb = Arc::new(Sandbox {
             id: id.clone(),
@@ -882,6 +908,17 @@ impl Daemon {
         let sb = self.running(sid)?;
         let rec = sb.snapshot();
         let mut out = HashMap::new();
+        if rec.net_backend == NetBackend::VhostNet {
+            // No back end of ours to ask: the kernel counts each tap.
+            let Some(net) = rec.network.clone() else {
+                return Ok(out);
+            };
+            let taps = tokio::task::spawn_blocking(move || crate::net::tap_counters(&net))
+                .await
+                .map_err(|e| Error::Backend(format!("tap counters: {e}")))?
+                .map_err(|e| Error::Backend(format!("sandbox {sid}: tap counters: {e}")))?;
+            return Ok(taps);
+        }
         for (i, l) in rec.network.iter().flat_map(|n| n.links.iter()).enumerate() {
             let sock = backend::net_dbus_socket(&rec, i);
             let read = async {

@@ -6,6 +6,7 @@
 //! Teardown removes every tap and filter this made; it runs again after a crash, from the
 //! sandbox record.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -270,6 +271,46 @@ pub fn open_tap(netns: &Path, name: &str) -> Result<OwnedFd, NetError> {
             other => return other,
         }
     }
+}
+
+/// Each pod interface's counters read from its tap, for a sandbox whose frames the
+/// kernel's vhost-net moves, named as `bulkhead-net` names its own: seen from the guest,
+/// so what the tap sent is what the guest received.
+/// Keyed by the guest's interface name.
+pub fn tap_counters(net: &NetRec) -> Result<HashMap<String, HashMap<String, u64>>, NetError> {
+    let links = in_netns(&net.netns, || Ok(Netlink::open()?.links()?))?;
+    Ok(net
+        .links
+        .iter()
+        .filter_map(|l| {
+            let c = links.iter().find(|k| k.name == l.tap)?.counters?;
+            let named = [
+                ("rx_frames", c.tx_packets),
+                ("rx_bytes", c.tx_bytes),
+                ("rx_dropped", c.tx_dropped),
+                ("tx_frames", c.rx_packets),
+                ("tx_bytes", c.rx_bytes),
+                ("tx_errors", c.rx_errors + c.rx_dropped),
+            ];
+            Some((
+                l.guest.name.clone(),
+                named.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            ))
+        })
+        .collect())
+}
+
+/// The kernel's vhost-net device, for sandboxes whose `net_backend` is `vhost-net`.
+pub const VHOST_NET: &str = "/dev/vhost-net";
+
+/// A descriptor of [`VHOST_NET`] for the VMM (which gets no access to /dev in its jail).
+pub fn open_vhost_net() -> std::io::Result<OwnedFd> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(VHOST_NET)
+        .map(OwnedFd::from)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{VHOST_NET}: {e}")))
 }
 
 #[cfg(test)]

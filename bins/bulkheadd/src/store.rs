@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use bulkhead_host::config::NetBackend;
 use serde::{Deserialize, Serialize};
 
 /// A host process that belongs to a sandbox.
@@ -51,6 +52,9 @@ pub struct SandboxRec {
     /// The uid (and gid) its jailed components run as; `None` when not jailed.
     #[serde(default)]
     pub jail_uid: Option<u32>,
+    /// What carries the pod interfaces' frames.
+    #[serde(default)]
+    pub net_backend: NetBackend,
 }
 
 impl SandboxRec {
@@ -143,6 +147,7 @@ mod tests {
             state: "running".into(),
             run_dir: "/run/x".into(),
             jail_uid: None,
+            net_backend: NetBackend::default(),
             components: vec![Component {
                 name: "vmm".into(),
                 pid: 42,
@@ -153,6 +158,18 @@ mod tests {
             hostname: None,
             network: None,
         }
+    }
+
+    #[test]
+    fn a_record_from_before_net_backend_loads_with_bulkhead_net() {
+        let mut v = serde_json::to_value(rec("old")).unwrap();
+        v.as_object_mut().unwrap().remove("net_backend");
+        let r: SandboxRec = serde_json::from_value(v).unwrap();
+        assert_eq!(r.net_backend, NetBackend::BulkheadNet);
+        let mut v = serde_json::to_value(rec("new")).unwrap();
+        v["net_backend"] = "vhost-net".into();
+        let r: SandboxRec = serde_json::from_value(v).unwrap();
+        assert_eq!(r.net_backend, NetBackend::VhostNet);
     }
 
     #[test]

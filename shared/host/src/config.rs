@@ -295,6 +295,37 @@ impl Backend {
     }
 }
 
+/// What carries a pod interface's frames between its tap and the guest.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NetBackend {
+    /// `bulkhead-net`, a vhost-user-net back end in its own jailed process: restarted on
+    /// its own, without the pod noticing more than a pause (the default).
+    #[default]
+    BulkheadNet,
+    /// The host kernel's vhost-net, on the QEMU backend only: no process of ours in the
+    /// data path and no restart of its own (it lives and dies with the VMM). For
+    /// operators who want the kernel's data path, and the benchmark's reference.
+    VhostNet,
+}
+
+impl NetBackend {
+    pub fn parse(s: &str) -> Option<NetBackend> {
+        match s {
+            "bulkhead-net" => Some(NetBackend::BulkheadNet),
+            "vhost-net" => Some(NetBackend::VhostNet),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetBackend::BulkheadNet => "bulkhead-net",
+            NetBackend::VhostNet => "vhost-net",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,6 +349,10 @@ mod tests {
             assert_eq!(Backend::parse(b.as_str()), Some(b));
         }
         assert_eq!(Backend::parse("firecracker"), None);
+        for n in [NetBackend::BulkheadNet, NetBackend::VhostNet] {
+            assert_eq!(NetBackend::parse(n.as_str()), Some(n));
+        }
+        assert_eq!(NetBackend::parse("vhost-user"), None);
     }
 
     #[test]

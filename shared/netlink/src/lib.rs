@@ -62,6 +62,21 @@ pub struct Link {
     pub up: bool,
     /// `veth`, `tun`, `bridge`...; `None` for loopback and physical devices.
     pub kind: Option<String>,
+    /// The kernel's counters for the interface, seen from the host side.
+    pub counters: Option<LinkCounters>,
+}
+
+/// Frames and bytes through an interface, as the kernel counts them (`IFLA_STATS64`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkCounters {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub rx_dropped: u64,
+    pub rx_errors: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub tx_dropped: u64,
+    pub tx_errors: u64,
 }
 
 /// An address with its prefix length, on interface `index`.
@@ -430,6 +445,7 @@ fn link_from(l: LinkMessage) -> Link {
         mtu: 0,
         up: l.header.flags.contains(LinkFlags::Up),
         kind: None,
+        counters: None,
     };
     for a in l.attributes {
         match a {
@@ -440,6 +456,18 @@ fn link_from(l: LinkMessage) -> Link {
                 link.mac = Some(m);
             }
             LinkAttribute::Mtu(m) => link.mtu = m,
+            LinkAttribute::Stats64(c) => {
+                link.counters = Some(LinkCounters {
+                    rx_packets: c.rx_packets,
+                    rx_bytes: c.rx_bytes,
+                    rx_dropped: c.rx_dropped,
+                    rx_errors: c.rx_errors,
+                    tx_packets: c.tx_packets,
+                    tx_bytes: c.tx_bytes,
+                    tx_dropped: c.tx_dropped,
+                    tx_errors: c.tx_errors,
+                })
+            }
             LinkAttribute::LinkInfo(infos) => {
                 for i in infos {
                     if let LinkInfo::Kind(k) = i {
@@ -496,6 +524,21 @@ mod tests {
             let ta2 = nl.link_by_name("bhtest0").unwrap().unwrap();
             assert!(ta2.up);
             assert_eq!(ta2.mtu, 1400);
+            // A frame written to the tap is one the host received on it, counted.
+            let before = ta2.counters.expect("counters").rx_packets;
+            let mut frame = vec![0u8; tap::VNET_HDR_LEN];
+            frame.extend_from_slice(&[0xff; 6]);
+            frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 1, 0x88, 0xb5]);
+            frame.resize(tap::VNET_HDR_LEN + 60, 0);
+            std::io::Write::write_all(&mut &a, &frame).unwrap();
+            let c = nl
+                .link_by_name("bhtest0")
+                .unwrap()
+                .unwrap()
+                .counters
+                .unwrap();
+            assert_eq!(c.rx_packets, before + 1, "{c:?}");
+            assert_eq!(c.rx_bytes, 60, "{c:?}");
 
             let ip: IpAddr = "10.99.0.2".parse().unwrap();
             nl.add_address(ta.index, ip, 24).unwrap();

@@ -5,7 +5,7 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -34,7 +34,7 @@ pub fn list() -> Vec<Case> {
             podman_bridge,
         ),
         (
-            "net: bad netns options are refused, nothing left",
+            "net: bad netns and net-backend options are refused, nothing left",
             bad_netns,
         ),
     ]
@@ -48,7 +48,10 @@ pub(crate) struct Netns {
 impl Netns {
     fn new(tag: &str) -> Result<Netns> {
         let name = format!("bh{tag}{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
         ip(&["netns", "add", &name])?;
         let ns = Netns { name };
         ns.ip("link set lo up")?;
@@ -531,25 +534,47 @@ fn bad_netns(e: &mut Env) -> Result<()> {
     let rootfs = e.rootfs.display().to_string();
     let file = e.dir.join("not-a-netns");
     std::fs::write(&file, "x")?;
-    let cases: Vec<(String, &str)> = vec![
-        ("/run/netns/bh-no-such-namespace".into(), "netns"),
-        (file.display().to_string(), "network namespace"),
+    let pod = Netns::new("nb")?;
+    let good = pod.path();
+    let mut cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["--netns".into(), "/run/netns/bh-no-such-namespace".into()],
+            "netns",
+        ),
+        (
+            vec!["--netns".into(), file.display().to_string()],
+            "network namespace",
+        ),
+        (
+            vec![
+                "--netns".into(),
+                good.clone(),
+                "--net-backend".into(),
+                "vhost-user".into(),
+            ],
+            "want bulkhead-net or vhost-net",
+        ),
     ];
-    for (ns, want) in cases {
-        let o = e.bh(&[
-            "run",
-            "--rm",
-            "--backend",
-            "qemu",
-            "--netns",
-            &ns,
-            "--rootfs",
-            &rootfs,
-            "true",
-        ])?;
+    // Where the kernel has no vhost-net, asking for it is refused by name.
+    if !Path::new("/dev/vhost-net").exists() {
+        cases.push((
+            vec![
+                "--netns".into(),
+                good.clone(),
+                "--net-backend".into(),
+                "vhost-net".into(),
+            ],
+            "/dev/vhost-net is missing",
+        ));
+    }
+    for (opts, want) in cases {
+        let mut args = vec!["run", "--rm", "--backend", "qemu"];
+        args.extend(opts.iter().map(String::as_str));
+        args.extend(["--rootfs", &rootfs, "true"]);
+        let o = e.bh(&args)?;
         ensure!(
             o.code != 0 && o.stderr.contains(want),
-            "--netns {ns}: want an error naming {want:?}, got {o:?}"
+            "{opts:?}: want an error naming {want:?}, got {o:?}"
         );
     }
     let left: Vec<PathBuf> = std::fs::read_dir(e.state().join("run"))
