@@ -12,7 +12,7 @@ $SUDO apt-get install -y -qq --no-install-recommends \
     runc crun e2fsprogs util-linux iproute2 \
     dbus dbus-bin systemd bsdutils libssl-dev \
     podman conmon umoci skopeo docker-registry docker.io containerd \
-    containernetworking-plugins protobuf-compiler >/dev/null
+    containernetworking-plugins protobuf-compiler iperf3 >/dev/null
 # virtiofsd, the vhost-user-fs back end (the crate's binary), pinned.
 VIRTIOFSD_VERSION=1.14.0
 if ! /opt/virtiofsd/bin/virtiofsd --version 2>/dev/null | grep -q "$VIRTIOFSD_VERSION"; then

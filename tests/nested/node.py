@@ -13,6 +13,10 @@ lines this harness parses.
   node.py bench  N rounds of alternating boots of bulkhead-vmm and QEMU -M microvm on L1's
                  KVM, same kernel and initramfs, at several memory sizes, with and without
                  virtio-fs; prints a table of medians (start phases, faults, CPU, RSS) and ratios
+  node.py netbench  iperf3 and ping from a container in a VM to a server in L1, through
+                 bulkhead-vmm + bulkhead-net, QEMU + bulkhead-net and QEMU + the kernel's
+                 vhost-net, all three pods up at once and measured in turn; a table of
+                 medians and the ratios against vhost-net
 """
 import argparse, glob, gzip, hashlib, os, re, shutil, statistics, subprocess, sys, tempfile, threading, time
 
@@ -73,10 +77,17 @@ def copy_with_libs(root, binary, dest):
             shutil.copy(lib, d)
 
 
+def find_vsock_backend():
+    for p in (shutil.which("vhost-device-vsock") or "", "/opt/vhost-device-vsock/bin/vhost-device-vsock"):
+        if p and os.path.exists(p):
+            return p
+    sys.exit("nested: vhost-device-vsock missing (bash scripts/install-deps.sh)")
+
+
 def find_tool(name):
     p = shutil.which(name)
     if not p:
-        sys.exit(f"nested: {name} missing (apt-get install containerd)")
+        sys.exit(f"nested: {name} missing (bash scripts/install-deps.sh)")
     return p
 
 
@@ -116,7 +127,7 @@ def busybox_rootfs(dest):
     open(os.path.join(dest, "etc", "group"), "w").write("root:x:0:\nnogroup:x:65534:\n")
 
 
-def l1_initramfs(guest_dir, bins, with_qemu, workdir, with_podman=False):
+def l1_initramfs(guest_dir, bins, with_qemu, workdir, with_podman=False, with_netbench=False):
     """Build L1's initramfs; cached under .cache/nested by the hash of its inputs."""
     deb = build.fetch_deb(os.path.join(ROOT, ".cache"))
     inputs = [build.sha256_file(__file__), build.sha256_file(deb), guest_dir]
@@ -124,6 +135,10 @@ def l1_initramfs(guest_dir, bins, with_qemu, workdir, with_podman=False):
     inputs += [build.sha256_file(find_virtiofsd()), str(with_qemu)]
     if with_podman:
         inputs += ["podman"] + [build.sha256_file(find_tool(t)) for t in PODMAN_TOOLS]
+    if with_netbench:
+        inputs += ["netbench", build.sha256_file(find_tool("iperf3"))]
+    if with_netbench:
+        inputs += [build.sha256_file(find_vsock_backend()), build.sha256_file(find_tool("qemu-system-x86_64"))]
     inputs += [build.sha256_file(find_tool(t)) for t in ("containerd", "ctr")]
     key = hashlib.sha256("|".join(inputs).encode()).hexdigest()[:16]
     cache = os.path.join(ROOT, ".cache", "nested", key)
@@ -171,6 +186,8 @@ def l1_initramfs(guest_dir, bins, with_qemu, workdir, with_podman=False):
         # veth, tun, ingress qdisc, u32 and mirred: a pod's network, plumbed as on a node.
         wanted = ["kvm-amd", "overlay", "veth", "tun", "sch_ingress", "cls_u32", "act_mirred"]
         wanted += ["vhost_vsock"] if with_qemu else []
+        # The kernel's vhost-net: the reference the network benchmark measures against.
+        wanted += ["vhost_net"] if with_netbench else []
         saved = build.WANTED
         build.WANTED = wanted
         try:
@@ -190,6 +207,25 @@ def l1_initramfs(guest_dir, bins, with_qemu, workdir, with_podman=False):
         shutil.copy("/etc/containers/policy.json", os.path.join(root, "etc", "containers", "policy.json"))
         open(os.path.join(root, "etc", "resolv.conf"), "w").write("")
         open(os.path.join(root, "etc", "hosts"), "w").write("127.0.0.1 localhost\n")
+    if with_netbench:
+        # The QEMU backend as bulkheadd runs it: QEMU where it looks for its firmware,
+        # and vhost-device-vsock beside bulkheadd.
+        copy_with_libs(root, find_vsock_backend(), "/opt/bulkhead/vhost-device-vsock")
+        copy_with_libs(root, shutil.which("qemu-system-x86_64"), "/usr/bin/qemu-system-x86_64")
+        os.makedirs(os.path.join(root, "usr", "share", "qemu"), exist_ok=True)
+        # QEMU's own names first: Debian's bios-microvm.bin there is qboot, SeaBIOS's
+        # file of that name is another firmware.
+        for rom in ("bios-microvm.bin", "qboot.rom", "pvh.bin", "linuxboot_dma.bin", "kvmvapic.bin"):
+            src = next(iter(glob.glob(f"/usr/share/qemu/{rom}") + glob.glob(f"/usr/share/seabios/{rom}")), None)
+            if src:
+                shutil.copy(src, os.path.join(root, "usr", "share", "qemu", rom))
+    if with_netbench:
+        # iperf3 on L1 (the server) and in the container's rootfs (the client).
+        iperf3 = find_tool("iperf3")
+        copy_with_libs(root, iperf3, "/opt/bulkhead/iperf3")
+        netroot = os.path.join(root, "opt", "share", "netroot")
+        busybox_rootfs(netroot)
+        copy_with_libs(netroot, iperf3, "/bin/iperf3")
     if with_qemu:
         qemu = shutil.which("qemu-system-x86_64")
         if not qemu:
@@ -597,6 +633,87 @@ for i in $(seq 1 $N); do
 done
 """
 
+NETBENCH_SCRIPT = r"""
+# Issue #10's network benchmark: three pods up at once, each with its own veth to the
+# server namespace, measured in turn (the order rotated each round): iperf3 both ways
+# and ping, from the container to a server in L1.
+export BULKHEAD_ROOT=/tmp/bhroot BULKHEAD_GUEST_DIR=/opt/guest BULKHEAD_DATA=/tmp/bhdata TMPDIR=/tmp
+export PATH=$PATH:/usr/bin
+mkdir -p /run
+IP=/opt/bulkhead/ip2
+$IP link set lo up
+bulkhead check | sed 's/^/NETBENCH-CHECK /'
+$IP netns add srv; $IP -n srv link set lo up
+for k in 1 2 3; do
+  $IP netns add p$k
+  $IP -n srv link add s$k type veth peer name eth0 netns p$k
+  $IP -n srv addr add 10.9.$k.1/24 dev s$k; $IP -n srv link set s$k up
+  $IP -n p$k addr add 10.9.$k.2/24 dev eth0; $IP -n p$k link set eth0 up; $IP -n p$k route add default via 10.9.$k.1
+done
+$IP netns exec srv iperf3 -s -D --logfile /tmp/iperf-srv.log
+rc=0
+start() {  # name k backend net-backend
+  timeout 400 bulkhead run -d --name $1 --netns /run/netns/p$2 --backend $3 --net-backend $4 \
+    --rootfs /opt/share/netroot sleep 100000 >/dev/null 2>/tmp/$1.err \
+    || { rc=1; echo "NETBENCH-ERR start $1: $(tail -3 /tmp/$1.err | tr '\n' ' ')"; tail -20 /tmp/bhroot/bulkheadd.log; }
+}
+start nb-vmm 1 bulkhead-vmm bulkhead-net
+start nb-qemu 2 qemu bulkhead-net
+start nb-vhost 3 qemu vhost-net
+# bulkhead-vmm refuses the kernel's vhost-net by name.
+bulkhead run --rm --netns /run/netns/p1 --backend bulkhead-vmm --net-backend vhost-net --rootfs /opt/share/netroot true 2>&1 \
+  | grep -q "only the qemu backend" && echo "NETBENCH-REFUSED vmm+vhost-net ok" || { rc=1; echo "NETBENCH-REFUSED vmm+vhost-net NOT refused"; }
+n() { ps -o args | awk -v p="$1" '$1 ~ p' | wc -l; }
+echo "NETBENCH-PROCS bulkhead-net=$(n 'bulkhead-net$') qemu=$(n 'qemu-system-x86_64$') bulkhead-vmm=$(n 'bulkhead-vmm$')"
+one() {  # label sandbox k
+  for dir in up down; do
+    flag=; [ $dir = down ] && flag=-R
+    out=$(timeout 120 bulkhead exec $2 iperf3 $flag -c 10.9.$3.1 -t SECS -f m 2>&1)
+    line=$(echo "$out" | grep receiver | tail -1)
+    [ -n "$line" ] && echo "NETBENCH $1 $dir $line" || { rc=1; echo "NETBENCH-ERR $1 $dir: $(echo "$out" | tail -3 | tr '\n' ' ')"; }
+  done
+  # The round trip from the server's side (the container has no CAP_NET_RAW): the same
+  # path both ways.
+  out=$(timeout 60 $IP netns exec srv ping -c 20 -i 0.2 10.9.$3.2 2>&1)
+  line=$(echo "$out" | grep round-trip)
+  [ -n "$line" ] && echo "NETBENCH $1 ping $line" || { rc=1; echo "NETBENCH-ERR $1 ping: $(echo "$out" | tail -3 | tr '\n' ' ')"; }
+}
+set -- "bulkhead-vmm+bulkhead-net nb-vmm 1" "qemu+bulkhead-net nb-qemu 2" "qemu+vhost-net nb-vhost 3"
+for i in $(seq 1 NRUNS); do
+  echo "NETBENCH-ROUND $i"
+  for c in "$@"; do one $c; done
+  set -- "$2" "$3" "$1"
+done
+# kill -9 bulkhead-net under a running iperf3 (#10's fault case), on each backend that
+# has one: it is started again, the front end reconnects, and the same TCP stream ends
+# well. Each 1 s interval is printed; the slowest one holds the gap.
+for c in "nb-vmm 1" "nb-qemu 2"; do
+  set -- $c
+  dir=$(sed -n 's/.*"run_dir": *"\([^"]*\)".*/\1/p' /tmp/bhroot/sandboxes/$1.json)
+  netpid() { ps -o pid,args | awk -v d="$dir/vm/net0.sock" '$2 ~ /bulkhead-net$/ && index($0, d) {print $1}'; }
+  before=$(netpid)
+  timeout 120 bulkhead exec $1 iperf3 -c 10.9.$2.1 -t 8 -i 1 -f m >/tmp/kill-$1.txt 2>&1 &
+  ip3=$!
+  sleep 3; kill -9 $before
+  wait $ip3; krc=$?
+  after=$(netpid)
+  slowest=$(grep -E '^\[ *5\] +[0-9.]+-[0-9.]+ +sec' /tmp/kill-$1.txt | grep -v -e sender -e receiver | awk '{print $7}' | sort -n | head -1)
+  got=$(grep receiver /tmp/kill-$1.txt | awk '{print $7}')
+  ok=0; [ $krc = 0 ] && [ -n "$got" ] && [ -n "$after" ] && [ "$after" != "$before" ] || { ok=1; rc=1; tail -5 /tmp/kill-$1.txt; }
+  echo "NETBENCH-KILL $1 rc=$ok iperf3_rc=$krc receiver_mbits=$got slowest_interval_mbits=$slowest backend_pid=$before->$after"
+done
+# The counters as Prometheus sees them (the vhost-net pod's from its tap).
+bulkhead-metrics --listen 127.0.0.1:9469 --min-interval-ms 0 >/dev/null 2>/tmp/metrics.err &
+mp=$!
+for i in $(seq 1 20); do busybox wget -q -O /tmp/metrics.txt http://127.0.0.1:9469/metrics 2>/dev/null && break; sleep 0.3; done
+kill $mp 2>/dev/null
+grep -E '^bulkhead_network_(receive|transmit)_frames' /tmp/metrics.txt | sed 's/^/NETBENCH-METRICS /'
+for n in nb-vmm nb-qemu nb-vhost; do bulkhead rm -f $n >/dev/null 2>&1; done
+left=$(for k in 1 2 3; do $IP -n p$k -o link show; done | grep -c bhtap)
+echo "NETBENCH-TEARDOWN taps-left=$left"
+[ "$left" = 0 ] || rc=1
+exit $rc
+"""
 
 def parse_probe(out):
     return re.findall(r"^PROBE (.*)$", out, re.M)
@@ -779,18 +896,60 @@ def cmd_runbench(args):
     return 0
 
 
+def cmd_netbench(args):
+    """iperf3 and ping through each network back end, side by side in one L1 (#10)."""
+    bins = release_bins()
+    guest = guest_image(bins)
+    with tempfile.TemporaryDirectory() as w:
+        l1, vmlinux = l1_initramfs(guest, bins, False, w, with_netbench=True)
+        log(f"netbench: {args.runs} rounds of iperf3 ({args.secs} s each way) and ping through three pods in one L1")
+        script = NETBENCH_SCRIPT.replace("NRUNS", str(args.runs)).replace("SECS", str(args.secs))
+        out, secs = run_l1(l1, vmlinux, script, args.timeout, mem_mib=2560)
+    for line in re.findall(r"^(NETBENCH-(?:CHECK|ERR|REFUSED|PROCS|KILL|METRICS|TEARDOWN).*)$", out, re.M):
+        print(line)
+    rows = {}
+    for m in re.finditer(r"^NETBENCH (\S+) (up|down) .*?([\d.]+) Mbits/sec.*receiver", out, re.M):
+        rows.setdefault(m.group(1), {}).setdefault(m.group(2), []).append(float(m.group(3)))
+    for m in re.finditer(r"^NETBENCH (\S+) ping .*= [\d.]+/([\d.]+)/[\d.]+ ms", out, re.M):
+        rows.setdefault(m.group(1), {}).setdefault("ping", []).append(float(m.group(2)))
+    ref = rows.get("qemu+vhost-net", {})
+    if not rows or not ref or "NESTED-EXIT 0" not in out:
+        print(out[-6000:])
+        print("netbench FAILED")
+        return 1
+    med = lambda xs: statistics.median(xs) if xs else None
+    fmt = lambda v, f=".1f": "-" if v is None else format(v, f)
+    print(f"\nNested node (L1: QEMU TCG -cpu max -smp 1, kvm-amd; L2: 1 vCPU, 256 MiB). Container to a "
+          f"server in L1 over a veth: iperf3 TCP {args.secs} s each way (Mbit/s at the receiver), ping -i 0.2 x20 from the "
+          f"server (average ms); medians of {args.runs} rounds, the three pods measured in turn.")
+    head = f"{'path':<28}{'n':>3}{'up Mbit/s':>11}{'down Mbit/s':>13}{'ping ms':>9}{'up/ref':>8}{'down/ref':>10}{'ping/ref':>10}"
+    print(head)
+    print("-" * len(head))
+    for name in ("bulkhead-vmm+bulkhead-net", "qemu+bulkhead-net", "qemu+vhost-net"):
+        r = rows.get(name, {})
+        up, down, ping = med(r.get("up", [])), med(r.get("down", [])), med(r.get("ping", []))
+        ratio = lambda v, k: None if v is None or not med(ref.get(k, [])) else v / med(ref[k])
+        print(f"{name:<28}{len(r.get('up', [])):>3}{fmt(up):>11}{fmt(down):>13}{fmt(ping, '.2f'):>9}"
+              f"{fmt(ratio(up, 'up'), '.2f'):>8}{fmt(ratio(down, 'down'), '.2f'):>10}{fmt(ratio(ping, 'ping'), '.2f'):>10}")
+    print(f"ref: qemu+vhost-net, the kernel's back end (whole run {secs:.0f} s)")
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["test", "demo", "bench", "runbench"])
+    ap.add_argument("mode", choices=["test", "demo", "bench", "runbench", "netbench"])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--sizes", default="128,1024,2048", help="bench: guest MiB, comma-separated")
     ap.add_argument("--timeout", type=int, default=900)
+    ap.add_argument("--secs", type=int, default=5, help="netbench: seconds of each iperf3 run")
     ap.add_argument("--verbose", action="store_true", help="guest kernel log and VMM info log")
     a = ap.parse_args()
     if a.mode == "bench":
         sys.exit(cmd_bench(a))
     if a.mode == "runbench":
         sys.exit(cmd_runbench(a))
+    if a.mode == "netbench":
+        sys.exit(cmd_netbench(a))
     sys.exit(cmd_test(a, demo=a.mode == "demo"))
 
 
