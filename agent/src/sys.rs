@@ -201,21 +201,30 @@ fn copy_tree(from: &std::path::Path, to: &std::path::Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Load every module listed (one path per line) in order; a missing list loads nothing.
+/// Load the modules `list` names (one path per line), in order; a missing list loads
+/// nothing. A module the kernel took is deleted from the initramfs: its file would
+/// otherwise hold guest memory for the VM's whole life (the kernel keeps its own copy).
+/// One that failed stays, for a look from a debug shell.
 pub fn load_modules(list: &str) -> ModuleReport {
+    load_modules_with(list, finit_module)
+}
+
+fn load_modules_with(list: &str, load: impl Fn(&str) -> io::Result<()>) -> ModuleReport {
     let mut rep = ModuleReport::default();
     let Ok(text) = std::fs::read_to_string(list) else {
         return rep;
     };
     for path in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        match finit_module(path) {
+        match load(path) {
             Ok(()) => rep.loaded += 1,
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => rep.loaded += 1,
             Err(e) => {
                 rep.failed += 1;
                 crate::log(&format!("module {path}: {e}"));
+                continue;
             }
         }
+        let _ = std::fs::remove_file(path);
     }
     rep
 }
@@ -444,5 +453,37 @@ pub fn signal_boot_timer() {
         }
         // SAFETY: as above; gives the port back.
         unsafe { libc::ioperm(port, 1, 0) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loaded_modules_leave_the_initramfs_failed_ones_stay() {
+        let dir = std::env::temp_dir().join(format!("bh-mods-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let [a, b, c] = ["a.ko", "b.ko", "c.ko"].map(|n| dir.join(n));
+        for f in [&a, &b, &c] {
+            std::fs::write(f, b"\x7fELF").unwrap();
+        }
+        let list = dir.join("modules");
+        let names = [&a, &b, &c].map(|p| p.display().to_string());
+        std::fs::write(&list, names.join("\n") + "\n").unwrap();
+        // a loads, b is already there (built in or loaded), c fails.
+        let rep = load_modules_with(list.to_str().unwrap(), |p| {
+            if p.ends_with("a.ko") {
+                Ok(())
+            } else if p.ends_with("b.ko") {
+                Err(io::Error::from_raw_os_error(libc::EEXIST))
+            } else {
+                Err(io::Error::from_raw_os_error(libc::ENOEXEC))
+            }
+        });
+        assert_eq!((rep.loaded, rep.failed), (2, 1));
+        assert!(!a.exists() && !b.exists());
+        assert!(c.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
