@@ -541,9 +541,20 @@ impl Daemon {
                     .insert("vmm_exec".into(), t0.elapsed().as_micros() as u64);
             }
             let mut cmd = jail::command(&self.cfg, &rec, &spec).map_err(|e| Error::Backend(e.0))?;
-            let comp = supervisor::spawn(&spec.name, &mut cmd, &spec.fds, &log)
-                .map_err(|e| Error::Backend(format!("cannot start {}: {e}", spec.name)))?;
-            drop(spec.fds);
+            // Off the manager's one runtime thread: a start waits for the spawner's
+            // answer, and a wedged spawner must not stall every other call. The passed
+            // descriptors close here once the component holds its copies.
+            let (name, fds, out) = (
+                spec.name.clone(),
+                std::mem::take(&mut spec.fds),
+                log.clone(),
+            );
+            let comp =
+                tokio::task::spawn_blocking(move || supervisor::spawn(&name, &mut cmd, &fds, &out))
+                    .await
+                    .map_err(std::io::Error::other)
+                    .and_then(|r| r)
+                    .map_err(|e| Error::Backend(format!("cannot start {}: {e}", spec.name)))?;
             tracing::debug!(sandbox = %sb.id, "started {} pid {}", comp.name, comp.pid);
             // Saved at once, so a manager restarted mid-start knows what to stop; the
             // bus hears of them all together below.
