@@ -139,5 +139,7 @@ mod tests {
     fn the_policy_kills_what_an_exporter_never_does() {
         // It reads /proc and reconnects to the bus; it never execs or traces.
         bulkhead_seccomp::testing::assert_files_and_sockets_but_no_exec(&SECCOMP, "metrics");
+        use bulkhead_seccomp::testing::{assert_ioctls, FIONBIO};
+        assert_ioctls(&SECCOMP, "metrics", &[FIONBIO]);
     }
 }

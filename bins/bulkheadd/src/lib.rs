@@ -106,4 +106,11 @@ mod seccomp_policy {
             "bulkheadd",
         );
     }
+
+    #[test]
+    fn ioctl_only_for_nonblocking_sockets_and_making_taps() {
+        use bulkhead_seccomp::testing::*;
+        let taps = [FIONBIO, TUNSETIFF, TUNSETPERSIST, TUNSETVNETHDRSZ];
+        assert_ioctls(&super::SECCOMP, "bulkheadd", &taps);
+    }
 }

@@ -126,5 +126,7 @@ mod seccomp_policy {
     #[test]
     fn the_policy_kills_exec_and_ptrace() {
         bulkhead_seccomp::testing::assert_files_and_sockets_but_no_exec(&super::SECCOMP, "shim");
+        use bulkhead_seccomp::testing::{assert_ioctls, FIONBIO};
+        assert_ioctls(&super::SECCOMP, "shim", &[FIONBIO]);
     }
 }

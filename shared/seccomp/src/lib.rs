@@ -120,6 +120,42 @@ pub mod testing {
         Ioctl(u32),
     }
 
+    /// ioctl requests the host processes' lists name.
+    pub const FIONBIO: u32 = 0x5421;
+    pub const TUNSETIFF: u32 = 0x4004_54ca;
+    pub const TUNSETPERSIST: u32 = 0x4004_54cb;
+    pub const TUNSETOFFLOAD: u32 = 0x4004_54d0;
+    pub const TUNSETVNETHDRSZ: u32 = 0x4004_54d8;
+    /// Requests no host process of ours makes: pushing input into a terminal, running
+    /// a vCPU, and the tap requests (each checked unless `allowed` names it).
+    const NEVER: [u32; 6] = [
+        0x5412, // TIOCSTI
+        0xae80, // KVM_RUN
+        TUNSETIFF,
+        TUNSETPERSIST,
+        TUNSETOFFLOAD,
+        TUNSETVNETHDRSZ,
+    ];
+
+    /// `class` may make exactly the ioctl requests in `allowed` among those checked:
+    /// each of them goes through, every other one in `NEVER` kills.
+    pub fn assert_ioctls(programs: &Programs, class: &str, allowed: &[u32]) {
+        for &req in allowed {
+            assert_eq!(
+                killed_by(programs, class, Call::Ioctl(req)),
+                None,
+                "{class} refused ioctl {req:#x}"
+            );
+        }
+        for req in NEVER.into_iter().filter(|r| !allowed.contains(r)) {
+            assert_eq!(
+                killed_by(programs, class, Call::Ioctl(req)),
+                Some(libc::SIGSYS),
+                "{class} let ioctl {req:#x} through"
+            );
+        }
+    }
+
     /// The shape of a service's list (bulkheadd, the shim, the exporter): it opens files
     /// and makes sockets, and never execs or traces.
     pub fn assert_files_and_sockets_but_no_exec(programs: &Programs, class: &str) {

@@ -163,6 +163,9 @@ mod tests {
                 "{call:?} got through"
             );
         }
+        // It serves a tap it was handed: offloads only, never a new tap.
+        use bulkhead_seccomp::testing::{assert_ioctls, FIONBIO, TUNSETOFFLOAD};
+        assert_ioctls(&SECCOMP, "net", &[FIONBIO, TUNSETOFFLOAD]);
     }
 
     fn args(v: &[&str]) -> Result<Args, String> {
