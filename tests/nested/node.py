@@ -127,7 +127,8 @@ def busybox_rootfs(dest):
     open(os.path.join(dest, "etc", "group"), "w").write("root:x:0:\nnogroup:x:65534:\n")
 
 
-def l1_initramfs(guest_dir, bins, with_qemu, workdir, with_podman=False, with_netbench=False):
+def l1_initramfs(guest_dir, bins, with_qemu, workdir, with_podman=False, with_netbench=False,
+                 with_runc_shim=False):
     """Build L1's initramfs; cached under .cache/nested by the hash of its inputs."""
     deb = build.fetch_deb(os.path.join(ROOT, ".cache"))
     inputs = [build.sha256_file(__file__), build.sha256_file(deb), guest_dir]
@@ -135,9 +136,11 @@ def l1_initramfs(guest_dir, bins, with_qemu, workdir, with_podman=False, with_ne
     inputs += [build.sha256_file(find_virtiofsd()), str(with_qemu)]
     if with_podman:
         inputs += ["podman"] + [build.sha256_file(find_tool(t)) for t in PODMAN_TOOLS]
+    if with_runc_shim:
+        inputs += ["runc-shim"] + [build.sha256_file(find_tool(t)) for t in RUNC_SHIM_TOOLS]
     if with_netbench:
         inputs += ["netbench", build.sha256_file(find_tool("iperf3"))]
-    if with_netbench:
+    if with_netbench or with_runc_shim:
         inputs += [build.sha256_file(find_vsock_backend()), build.sha256_file(find_tool("qemu-system-x86_64"))]
     inputs += [build.sha256_file(find_tool(t)) for t in ("containerd", "ctr")]
     key = hashlib.sha256("|".join(inputs).encode()).hexdigest()[:16]
@@ -207,7 +210,11 @@ def l1_initramfs(guest_dir, bins, with_qemu, workdir, with_podman=False, with_ne
         shutil.copy("/etc/containers/policy.json", os.path.join(root, "etc", "containers", "policy.json"))
         open(os.path.join(root, "etc", "resolv.conf"), "w").write("")
         open(os.path.join(root, "etc", "hosts"), "w").write("127.0.0.1 localhost\n")
-    if with_netbench:
+    if with_runc_shim:
+        # containerd's runc shim and runc: the peer of our shim in the pod benchmark.
+        for t in RUNC_SHIM_TOOLS:
+            copy_with_libs(root, find_tool(t), f"/opt/bulkhead/{t}")
+    if with_netbench or with_runc_shim:
         # The QEMU backend as bulkheadd runs it: QEMU where it looks for its firmware,
         # and vhost-device-vsock beside bulkheadd.
         copy_with_libs(root, find_vsock_backend(), "/opt/bulkhead/vhost-device-vsock")
@@ -266,6 +273,7 @@ poweroff -f
 
 
 PODMAN_TOOLS = ("podman", "conmon", "runc")
+RUNC_SHIM_TOOLS = ("containerd-shim-runc-v2", "runc")
 
 # `bulkhead run --rm` on bulkhead-vmm beside `podman run --rm --runtime runc`, the same
 # busybox image, interleaved, in one L1. Times from L1's /proc/uptime (10 ms steps).
@@ -715,6 +723,79 @@ echo "NETBENCH-TEARDOWN taps-left=$left"
 exit $rc
 """
 
+PODBENCH_SCRIPT = r"""
+# Issue #9's two measures through containerd, in one L1: `ctr run --rm` of a busybox echo
+# through our shim (bulkhead-vmm) beside containerd's runc shim, interleaved; then the
+# host-side footprint of 10 busybox pods running at once, on bulkhead-vmm, then on QEMU.
+export BULKHEAD_ROOT=/tmp/bhroot BULKHEAD_GUEST_DIR=/opt/guest BULKHEAD_DATA=/tmp/bhdata TMPDIR=/tmp
+export PATH=$PATH:/usr/bin
+mkdir -p /run /tmp/ctd /etc/bulkhead /sys/fs/cgroup
+mount -t cgroup2 none /sys/fs/cgroup 2>/dev/null
+cat > /tmp/ctd/config.toml <<CTDCONF
+version = 2
+root = "/tmp/ctd/root"
+state = "/tmp/ctd/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "/tmp/ctd/containerd.sock"
+CTDCONF
+containerd --config /tmp/ctd/config.toml >/tmp/ctd/log 2>&1 &
+C="ctr --address /tmp/ctd/containerd.sock"
+for i in $(seq 1 600); do $C version >/dev/null 2>&1 && break; sleep 0.2; done
+$C images import --base-name docker.io/test/busybox --digests /opt/data/busybox-oci.tar >/tmp/ctd/import.log 2>&1
+IMG=docker.io/test/busybox:latest
+rc=0
+now() { busybox adjtimex | awk '/tv_sec/ {s=$2} /tv_usec/ {u=$2} END {printf "%d%06d", s, u}'; }
+# runc cannot pivot_root out of L1's initramfs: it moves the root instead.
+one() {  # runtime id
+  extra=; [ $1 = runc ] && extra=--no-pivot
+  t0=$(now); out=$(timeout 300 $C run --rm $extra --runtime io.containerd.$1.v2 $IMG $2 echo hello 2>/tmp/ctd/err); r=$?; t1=$(now)
+  echo "PODBENCH-RUN $1 id=$2 rc=$r out=$out t0_us=$t0 t1_us=$t1"
+  [ $r = 0 ] || { rc=1; tail -3 /tmp/ctd/err; }
+}
+one bulkhead warm-b; one runc warm-r
+for i in $(seq 1 NRUNS); do one bulkhead b$i; one runc r$i; done
+grep -h "timings" /tmp/ctd/log | sed 's/^/PODBENCH-LOG /'
+# Footprint: every process's PSS (and, for a VMM, the PSS of its guest-RAM mapping:
+# the one mapping of 64 MiB or more), with its parent and command line.
+fp() {  # backend
+  for k in $(seq 1 NPODS); do
+    timeout 300 $C run -d --runtime io.containerd.bulkhead.v2 $IMG fp$k sleep 100000 >/dev/null 2>/tmp/ctd/err || { rc=1; echo "PODBENCH-ERR $1 fp$k: $(tail -2 /tmp/ctd/err | tr '\n' ' ')"; }
+  done
+  sleep 10
+  echo "PODBENCH-LS $1 $(bulkhead ls --json | tr -d '\n')"
+  for p in /proc/[0-9]*; do
+    pid=${p#/proc/}
+    pss=$(awk '/^Pss:/ {print $2}' $p/smaps_rollup 2>/dev/null); [ -n "$pss" ] || continue
+    big=$(awk '/^Size:/ {b = ($2 >= 65536)} /^Pss:/ && b {s += $2} END {print s+0}' $p/smaps 2>/dev/null)
+    ppid=$(awk '{print $4}' $p/stat 2>/dev/null)
+    echo "PODBENCH-PROC $1 pid=$pid ppid=$ppid pss=$pss big=${big:-0} args=$(tr '\0' ' ' < $p/cmdline | cut -c1-160)"
+  done
+  free -m | sed "s/^/PODBENCH-FREE $1 /"
+  # What the guest itself says it uses (one pod's view; every pod runs the same).
+  $C task exec --exec-id mi fp1 cat /proc/meminfo 2>&1 | grep -E '^(MemTotal|MemFree|Cached|Shmem|AnonPages|Slab|SReclaimable|SUnreclaim|KernelStack|PageTables|Percpu|VmallocUsed):' | tr -s ' ' | sed "s/^/PODBENCH-GUEST $1 /"
+  for k in $(seq 1 NPODS); do $C task kill -s SIGKILL fp$k >/dev/null 2>&1; done
+  for k in $(seq 1 NPODS); do
+    for i in $(seq 1 50); do $C task delete fp$k >/dev/null 2>&1 && break; sleep 0.2; done
+    $C container delete fp$k >/dev/null 2>&1
+  done
+}
+fp bulkhead-vmm
+# The same again with guest RAM on 4 KiB pages (a host whose shmem_enabled is never):
+# what huge pages cost in touched memory.
+echo never > /sys/kernel/mm/transparent_hugepage/shmem_enabled
+fp bulkhead-vmm-4k
+echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled
+# The same pods on the QEMU backend: bulkheadd started again with it as the default.
+kill $(ps -o pid,args | awk '$2 ~ /bulkheadd$/ {print $1}') 2>/dev/null; sleep 2
+echo '{"default_backend": "qemu"}' > /etc/bulkhead/config.json
+fp qemu
+left=$(ls /tmp/bhroot/run /tmp/bhroot/sandboxes 2>/dev/null | grep -v : | grep -c .)
+echo "PODBENCH-LEFT $left"
+exit $rc
+"""
+
+
 def parse_probe(out):
     return re.findall(r"^PROBE (.*)$", out, re.M)
 
@@ -935,13 +1016,135 @@ def cmd_netbench(args):
     return 0
 
 
+GUEST_RAM = "guest RAM the guest touched (VMM and back ends)"
+
+
+def podbench_footprint(out, backend, npods):
+    """Average per-pod PSS (MiB) by kind, from one backend's PODBENCH-LS/PROC lines."""
+    import json
+    m = re.search(rf"^PODBENCH-LS {backend} (.*)$", out, re.M)
+    if not m:
+        return None
+    try:
+        pods = json.loads(m.group(1))
+    except ValueError:
+        return None
+    procs = {}
+    for m in re.finditer(rf"^PODBENCH-PROC {backend} pid=(\d+) ppid=(\d+) pss=(\d+) big=(\d+) args=(.*)$", out, re.M):
+        procs[int(m.group(1))] = (int(m.group(2)), int(m.group(3)), int(m.group(4)), m.group(5))
+
+    def tree(pid):  # a component and what it started (a jailer's child, say)
+        seen, todo = [], [pid]
+        while todo:
+            p = todo.pop()
+            if p in procs and p not in seen:
+                seen.append(p)
+                todo += [c for c, v in procs.items() if v[0] == p]
+        return seen
+    sums, counted = {}, 0
+    for sb in pods:
+        if not str(sb.get("id", "")).startswith("fp"):
+            continue
+        counted += 1
+        for comp in sb.get("components", []):
+            for p in tree(comp.get("pid", 0)):
+                # Guest RAM is shared memory: its pages' PSS is split between the VMM
+                # and every back end that mapped them. One row for all of it.
+                _, pss, big, _ = procs[p]
+                sums[GUEST_RAM] = sums.get(GUEST_RAM, 0) + big
+                name = comp.get("name", "?") + " (outside guest RAM)"
+                sums[name] = sums.get(name, 0) + pss - min(big, pss)
+        shim = [p for p, v in procs.items() if "containerd-shim-bulkhead-v2" in v[3] and f"-id {sb['id']} " in v[3]]
+        sums["shim"] = sums.get("shim", 0) + sum(procs[p][1] for p in shim)
+    if counted == 0:
+        return None
+    shared = {"bulkheadd + its spawner (share)": lambda a: a.split(" ")[0].endswith("bulkheadd"),
+              "embedded bus (share)": lambda a: "dbus-daemon" in a.split(" ")[0]}
+    for name, is_it in shared.items():
+        sums[name] = sum(v[1] for v in procs.values() if is_it(v[3]))
+    return counted, {k: v / 1024 / counted for k, v in sums.items()}
+
+
+def cmd_podbench(args):
+    """#9 in the nested node: ctr run --rm against runc, and the footprint of 10 pods."""
+    bins = release_bins()
+    guest = guest_image(bins)
+    with tempfile.TemporaryDirectory() as w:
+        l1, vmlinux = l1_initramfs(guest, bins, False, w, with_runc_shim=True)
+        log(f"podbench: {args.runs} interleaved ctr runs (bulkhead, runc), then {args.pods} pods at once per backend")
+        script = PODBENCH_SCRIPT.replace("NRUNS", str(args.runs)).replace("NPODS", str(args.pods))
+        out, secs = run_l1(l1, vmlinux, script, args.timeout, mem_mib=4096)
+    for line in re.findall(r"^(PODBENCH-(?:ERR|LEFT).*)$", out, re.M):
+        print(line)
+    guest = {}
+    for who, k, v in re.findall(r"^PODBENCH-GUEST (\S+) (\w+): (\d+) kB$", out, re.M):
+        guest.setdefault(who, []).append(f"{k} {int(v) / 1024:.1f}")
+    for who, kv in guest.items():
+        print(f"guest's /proc/meminfo in one {who} pod (MiB): {', '.join(kv)}")
+    runs = {"bulkhead": [], "runc": []}
+    logs = re.findall(r"^PODBENCH-LOG (.*)$", out, re.M)
+    for m in re.finditer(r"^PODBENCH-RUN (\w+) id=(\S+) rc=(\d+) out=(\S*) t0_us=(\d+) t1_us=(\d+)$", out, re.M):
+        who, rid, rc, said, t0, t1 = m.groups()
+        if rid.startswith("warm") or rc != "0" or said != "hello":
+            continue
+        t0, t1 = float(t0), float(t1)
+        r = {"total": (t1 - t0) / 1e3}
+        if who == "bulkhead":
+            sb = next((l for l in logs if f"timings sandbox={rid} " in l), None)
+            ex = next((l for l in logs if f"timings exited id={rid} " in l), None)
+            f = lambda l, k: float(x.group(1)) if l and (x := re.search(rf"\b{k}=([\d.]+)", l)) else None
+            received, called = f(sb, "create_received_unix_us"), f(sb, "create_sandbox_unix_us")
+            vexec, ready, exited = f(sb, "vmm_exec_us"), f(sb, "agent_ready_us"), f(ex, "unix_us")
+            if None not in (received, called, vexec, ready, exited):
+                vmm, rdy = called + vexec, called + ready
+                r.update(to_shim=(received - t0) / 1e3, pre=(vmm - t0) / 1e3, ours=(vmm - received) / 1e3,
+                         boot=(rdy - vmm) / 1e3,
+                         run=(exited - rdy) / 1e3, teardown=(t1 - exited) / 1e3)
+        runs[who].append(r)
+    if not runs["bulkhead"] or not runs["runc"]:
+        print(out[-6000:])
+        print("podbench FAILED: missing ctr runs")
+        return 1
+    med = lambda xs, k: statistics.median([x[k] for x in xs if k in x]) if any(k in x for x in xs) else None
+    fmt = lambda v: "-" if v is None else f"{v:.0f}"
+    b = runs["bulkhead"]
+    print(f"\nNested node (L1: QEMU TCG -cpu max -smp 1, kvm-amd). `ctr run --rm` of a busybox echo, "
+          f"{len(b)} and {len(runs['runc'])} interleaved runs, medians, ms; bulkhead's phases from the shim's timings.")
+    for name, k in (("before the VMM is exec'd (ctr, containerd, shim, bus, manager)", "pre"),
+                    ("  of which ctr + containerd + shim start, to the shim's Create", "to_shim"),
+                    ("  of which the shim's Create -> VMM exec (shim, bus, manager)", "ours"),
+                    ("VMM exec -> agent ready", "boot"), ("agent ready -> container exit", "run"),
+                    ("teardown (exit -> ctr returns)", "teardown"), ("whole ctr run --rm, bulkhead", "total")):
+        print(f"{name:<66}{fmt(med(b, k)):>8}")
+    print(f"{'whole ctr run --rm, runc':<66}{fmt(med(runs['runc'], 'total')):>8}")
+    print(f"ratio bulkhead / runc: {med(b, 'total') / med(runs['runc'], 'total'):.1f}x")
+    for backend in ("bulkhead-vmm", "bulkhead-vmm-4k", "qemu"):
+        fp = podbench_footprint(out, backend, args.pods)
+        if fp is None:
+            print(f"\n{backend}: no footprint (see PODBENCH-ERR above)")
+            continue
+        n, rows = fp
+        what = "bulkhead-vmm, guest RAM on 4 KiB pages (shmem_enabled=never)" if backend.endswith("-4k") else backend
+        print(f"\nHost-side PSS of one running busybox pod on {what}, average of {n} pods at once (MiB)")
+        total = host = 0.0
+        for k in sorted(rows):
+            print(f"{k:<50}{rows[k]:>8.1f}")
+            total += rows[k]
+            host += 0 if k == GUEST_RAM else rows[k]
+        print(f"{'total per pod':<50}{total:>8.1f}")
+        print(f"{'total per pod outside guest RAM':<50}{host:>8.1f}")
+    print(f"(whole run {secs:.0f} s)")
+    return 0 if "NESTED-EXIT 0" in out else 1
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["test", "demo", "bench", "runbench", "netbench"])
+    ap.add_argument("mode", choices=["test", "demo", "bench", "runbench", "netbench", "podbench"])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--sizes", default="128,1024,2048", help="bench: guest MiB, comma-separated")
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--secs", type=int, default=5, help="netbench: seconds of each iperf3 run")
+    ap.add_argument("--pods", type=int, default=10, help="podbench: pods running at once for the footprint")
     ap.add_argument("--verbose", action="store_true", help="guest kernel log and VMM info log")
     a = ap.parse_args()
     if a.mode == "bench":
@@ -950,6 +1153,8 @@ def main():
         sys.exit(cmd_runbench(a))
     if a.mode == "netbench":
         sys.exit(cmd_netbench(a))
+    if a.mode == "podbench":
+        sys.exit(cmd_podbench(a))
     sys.exit(cmd_test(a, demo=a.mode == "demo"))
 
 
