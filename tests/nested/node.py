@@ -373,6 +373,24 @@ def vmm_cmd(extra="", verbose=False):
             f"--serial file:/tmp/l2-serial.log {extra}")
 
 
+# containerd on a private socket with the busybox image imported, as L1's scripts use it:
+# $C is its ctr, $ctd its pid.
+CONTAINERD_UP = r"""mkdir -p /run /tmp/ctd
+cat > /tmp/ctd/config.toml <<CTDCONF
+version = 2
+root = "/tmp/ctd/root"
+state = "/tmp/ctd/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "/tmp/ctd/containerd.sock"
+CTDCONF
+containerd --config /tmp/ctd/config.toml >/tmp/ctd/log 2>&1 &
+ctd=$!
+C="ctr --address /tmp/ctd/containerd.sock"
+for i in $(seq 1 600); do $C version >/dev/null 2>&1 && break; sleep 0.2; done
+$C images import --base-name docker.io/test/busybox --digests /opt/data/busybox-oci.tar >/tmp/ctd/import.log 2>&1
+"""
+
 TEST_SCRIPT = r"""
 virtiofsd --socket-path=/tmp/fs.sock --shared-dir=/opt/share --sandbox=none --cache=never >/tmp/virtiofsd.log 2>&1 &
 fs1=$!
@@ -553,20 +571,7 @@ echo "NESTED-CASE balloon rc=$br rss_mib_before=$before peak=$peak after=$after 
 [ $br = 0 ] || { rc=1; tail -20 /tmp/bhroot/run/*/vmm.log; }
 bulkhead rm -f bal >/dev/null 2>&1
 # containerd with our shim, as a node runs it: ctr run on bulkhead-vmm through bulkheadd.
-mkdir -p /run /tmp/ctd
-cat > /tmp/ctd/config.toml <<CTDCONF
-version = 2
-root = "/tmp/ctd/root"
-state = "/tmp/ctd/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "/tmp/ctd/containerd.sock"
-CTDCONF
-containerd --config /tmp/ctd/config.toml >/tmp/ctd/log 2>&1 &
-ctd=$!
-C="ctr --address /tmp/ctd/containerd.sock"
-for i in $(seq 1 600); do $C version >/dev/null 2>&1 && break; sleep 0.2; done
-$C images import --base-name docker.io/test/busybox --digests /opt/data/busybox-oci.tar >/tmp/ctd/import.log 2>&1
+CONTAINERD_UP
 t0=$(date +%s)
 out=$(timeout 300 $C run --rm --runtime io.containerd.bulkhead.v2 docker.io/test/busybox:latest n1 sh -c 'uname -r; exit 7' 2>/tmp/ctd/run.err)
 rc5=$?
@@ -584,7 +589,7 @@ kill $ctd 2>/dev/null
 # Calls a seccomp filter stopped or logged (audit type 1326), by thread name and number.
 dmesg | grep 'type=1326' | sed -E 's/.*comm="([^"]*)".*syscall=([0-9]+).*/\1 \2/' | sort | uniq -c | sed 's/^/NESTED-SECCOMP /'
 exit $rc
-"""
+""".replace("CONTAINERD_UP\n", CONTAINERD_UP)
 
 BENCH_SCRIPT = r"""
 N=NRUNS
@@ -729,20 +734,9 @@ PODBENCH_SCRIPT = r"""
 # host-side footprint of 10 busybox pods running at once, on bulkhead-vmm, then on QEMU.
 export BULKHEAD_ROOT=/tmp/bhroot BULKHEAD_GUEST_DIR=/opt/guest BULKHEAD_DATA=/tmp/bhdata TMPDIR=/tmp
 export PATH=$PATH:/usr/bin
-mkdir -p /run /tmp/ctd /etc/bulkhead /sys/fs/cgroup
+mkdir -p /etc/bulkhead /sys/fs/cgroup
 mount -t cgroup2 none /sys/fs/cgroup 2>/dev/null
-cat > /tmp/ctd/config.toml <<CTDCONF
-version = 2
-root = "/tmp/ctd/root"
-state = "/tmp/ctd/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "/tmp/ctd/containerd.sock"
-CTDCONF
-containerd --config /tmp/ctd/config.toml >/tmp/ctd/log 2>&1 &
-C="ctr --address /tmp/ctd/containerd.sock"
-for i in $(seq 1 600); do $C version >/dev/null 2>&1 && break; sleep 0.2; done
-$C images import --base-name docker.io/test/busybox --digests /opt/data/busybox-oci.tar >/tmp/ctd/import.log 2>&1
+CONTAINERD_UP
 IMG=docker.io/test/busybox:latest
 rc=0
 now() { busybox adjtimex | awk '/tv_sec/ {s=$2} /tv_usec/ {u=$2} END {printf "%d%06d", s, u}'; }
@@ -793,7 +787,7 @@ fp qemu
 left=$(ls /tmp/bhroot/run /tmp/bhroot/sandboxes 2>/dev/null | grep -v : | grep -c .)
 echo "PODBENCH-LEFT $left"
 exit $rc
-"""
+""".replace("CONTAINERD_UP\n", CONTAINERD_UP)
 
 
 def parse_probe(out):
@@ -937,14 +931,21 @@ def cmd_bench(args):
     return 0
 
 
-def cmd_runbench(args):
-    """`bulkhead run --rm` on bulkhead-vmm beside podman + runc in the nested node."""
+def bench_in_l1(message, script, timeout, mem_mib=1536, **tools):
+    """Build L1 with `tools` (l1_initramfs's with_* flags), run `script` in it; (out, secs)."""
     bins = release_bins()
     guest = guest_image(bins)
     with tempfile.TemporaryDirectory() as w:
-        l1, vmlinux = l1_initramfs(guest, bins, False, w, with_podman=True)
-        log(f"runbench: {args.runs} interleaved runs of bulkhead run --rm and podman run --runtime runc in one L1")
-        out, secs = run_l1(l1, vmlinux, RUNBENCH_SCRIPT.replace("NRUNS", str(args.runs)), args.timeout)
+        l1, vmlinux = l1_initramfs(guest, bins, False, w, **tools)
+        log(message)
+        return run_l1(l1, vmlinux, script, timeout, mem_mib=mem_mib)
+
+
+def cmd_runbench(args):
+    """`bulkhead run --rm` on bulkhead-vmm beside podman + runc in the nested node."""
+    out, secs = bench_in_l1(
+        f"runbench: {args.runs} interleaved runs of bulkhead run --rm and podman run --runtime runc in one L1",
+        RUNBENCH_SCRIPT.replace("NRUNS", str(args.runs)), args.timeout, with_podman=True)
     rows = {"bulkhead": [], "podman-runc": []}
     for m in re.finditer(r"^RUNBENCH (\S+) rc=(\d+) out=(\S*) total_ms=(\d+)(.*)$", out, re.M):
         who, rc, said, total, rest = m.groups()
@@ -979,13 +980,10 @@ def cmd_runbench(args):
 
 def cmd_netbench(args):
     """iperf3 and ping through each network back end, side by side in one L1 (#10)."""
-    bins = release_bins()
-    guest = guest_image(bins)
-    with tempfile.TemporaryDirectory() as w:
-        l1, vmlinux = l1_initramfs(guest, bins, False, w, with_netbench=True)
-        log(f"netbench: {args.runs} rounds of iperf3 ({args.secs} s each way) and ping through three pods in one L1")
-        script = NETBENCH_SCRIPT.replace("NRUNS", str(args.runs)).replace("SECS", str(args.secs))
-        out, secs = run_l1(l1, vmlinux, script, args.timeout, mem_mib=2560)
+    out, secs = bench_in_l1(
+        f"netbench: {args.runs} rounds of iperf3 ({args.secs} s each way) and ping through three pods in one L1",
+        NETBENCH_SCRIPT.replace("NRUNS", str(args.runs)).replace("SECS", str(args.secs)),
+        args.timeout, mem_mib=2560, with_netbench=True)
     for line in re.findall(r"^(NETBENCH-(?:CHECK|ERR|REFUSED|PROCS|KILL|METRICS|TEARDOWN).*)$", out, re.M):
         print(line)
     rows = {}
@@ -1067,13 +1065,10 @@ def podbench_footprint(out, backend, npods):
 
 def cmd_podbench(args):
     """#9 in the nested node: ctr run --rm against runc, and the footprint of 10 pods."""
-    bins = release_bins()
-    guest = guest_image(bins)
-    with tempfile.TemporaryDirectory() as w:
-        l1, vmlinux = l1_initramfs(guest, bins, False, w, with_runc_shim=True)
-        log(f"podbench: {args.runs} interleaved ctr runs (bulkhead, runc), then {args.pods} pods at once per backend")
-        script = PODBENCH_SCRIPT.replace("NRUNS", str(args.runs)).replace("NPODS", str(args.pods))
-        out, secs = run_l1(l1, vmlinux, script, args.timeout, mem_mib=4096)
+    out, secs = bench_in_l1(
+        f"podbench: {args.runs} interleaved ctr runs (bulkhead, runc), then {args.pods} pods at once per backend",
+        PODBENCH_SCRIPT.replace("NRUNS", str(args.runs)).replace("NPODS", str(args.pods)),
+        args.timeout, mem_mib=4096, with_runc_shim=True)
     for line in re.findall(r"^(PODBENCH-(?:ERR|LEFT).*)$", out, re.M):
         print(line)
     guest = {}
