@@ -89,7 +89,7 @@ mod tests {
         // The second finding: the used ring's index in guest memory read 14 while the
         // back end had returned nothing (it refused every frame), so the check now reads
         // the back end's own counts; guest memory is the guest's to scribble on.
-        let input = include_bytes!("../fuzz/regressions/rx-avail-ring-rewritten-within-a-frame");
+        let input = include_bytes!("../fuzz/regressions/rx-used-index-written-by-the-guest");
         super::frames(input);
     }
 
