@@ -18,6 +18,8 @@ usage: bulkhead-jailer --sandbox ID --name NAME --root DIR --uid N --gid N [opti
   --start-gate N    with the jail set up, wait for one byte on descriptor N before the
                     exec (EOF: give up); N is not handed on
   --cap NAME        keep capability NAME, e.g. CAP_NET_ADMIN (repeatable)
+  --userns N        run as root of a new user namespace whose ids 0..N map to the host's
+                    --uid.. and --gid.. (the capabilities kept hold only inside it)
   --max-files N     RLIMIT_NOFILE (default 4096)
   --landlock on|off apply the landlock ruleset (default on)
   --env K=V         the component's environment, nothing else (repeatable)
@@ -61,6 +63,9 @@ impl Jail {
         }
         for c in &self.keep_caps {
             push("--cap", c.as_ref());
+        }
+        if let Some(n) = self.userns {
+            push("--userns", n.to_string().as_ref());
         }
         push("--max-files", self.max_files.to_string().as_ref());
         if !self.landlock {
@@ -148,6 +153,13 @@ impl Jail {
                     j.start_gate = Some(n as i32)
                 }
                 "--cap" => j.keep_caps.push(text()?),
+                "--userns" => {
+                    let n = num("--userns")?;
+                    if !(1..=1 << 24).contains(&n) {
+                        return Err(bad(format!("--userns {n}: want 1 to 2^24 ids")));
+                    }
+                    j.userns = Some(n as u32)
+                }
                 "--max-files" => j.max_files = num("--max-files")?,
                 "--landlock" => {
                     j.landlock = match text()?.as_str() {
@@ -173,6 +185,18 @@ impl Jail {
         }
         if j.uid == u32::MAX || j.gid == u32::MAX {
             return Err(bad("--uid and --gid are required".into()));
+        }
+        if let Some(n) = j.userns {
+            if j.uid == 0
+                || j.gid == 0
+                || j.uid.checked_add(n).is_none()
+                || j.gid.checked_add(n).is_none()
+            {
+                return Err(bad(format!(
+                    "--userns {n}: the host ids from --uid {} and --gid {} must be above 0 and fit",
+                    j.uid, j.gid
+                )));
+            }
         }
         if j.start_gate.is_some_and(|g| j.keep_fds.contains(&g)) {
             return Err(bad(
@@ -223,6 +247,7 @@ mod tests {
         j.keep_fds = vec![3];
         j.start_gate = Some(4);
         j.keep_caps = vec!["CAP_CHOWN".into()];
+        j.userns = Some(65536);
         j.env = vec![("BULKHEAD_LOG".into(), "info=x".into())];
         j.report = Some("/run/sb/vmm.jail.json".into());
         j.landlock = false;
@@ -262,6 +287,8 @@ mod tests {
             &["--keep-fd", "3", "--start-gate", "3", "--", "/bin/true"],
             &["--dev", "sda", "--", "/bin/true"],
             &["--uid"],
+            &["--userns", "0", "--", "/bin/true"],
+            &["--userns", "4294967295", "--", "/bin/true"],
             &["--what", "x", "--", "/bin/true"],
             &[],
         ] {
@@ -270,5 +297,9 @@ mod tests {
         let mut no_uid = base(&["--", "/bin/true"]);
         no_uid.drain(6..10);
         assert!(Jail::parse(&no_uid).is_err());
+        // A namespace's root must not be the host's root.
+        let mut host_root = base(&["--userns", "10", "--", "/bin/true"]);
+        host_root[7] = "0".into();
+        assert!(Jail::parse(&host_root).is_err());
     }
 }

@@ -1,11 +1,16 @@
-//! Step 7: resource limits, then the component's own uid and gid with every capability
-//! dropped from every set (unless it has a stated need), then no_new_privs.
+//! Step 7: resource limits, then the component's own uid and gid (or its own user
+//! namespace's root) with every capability dropped from every set (unless it has a
+//! stated need), then no_new_privs.
 
 use std::collections::HashSet;
 
 use caps::{CapSet, Capability};
+use std::io::{Read, Write};
+
+use nix::sched::{unshare, CloneFlags};
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
-use nix::unistd::{setgroups, setresgid, setresuid, Gid, Uid};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::{setgroups, setresgid, setresuid, ForkResult, Gid, Uid};
 
 use crate::JailError;
 
@@ -26,6 +31,55 @@ pub fn set_rlimits(max_files: u64) -> Result<(), JailError> {
     }
     // No core dumps: a VMM's core holds guest memory.
     setrlimit(Resource::RLIMIT_CORE, 0, 0).map_err(|e| JailError::sys("RLIMIT_CORE", e))
+}
+
+/// Enter a new user namespace whose ids `0..n` are the host's `uid..uid+n` and
+/// `gid..gid+n`. Its maps must be written by a process that holds CAP_SETUID and
+/// CAP_SETGID where the namespace's parent is, which this one no longer does once it has
+/// moved in: a helper forked first, still the host's root, writes them and exits.
+pub fn enter_user_namespace(uid: u32, gid: u32, n: u32) -> Result<(), JailError> {
+    let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| JailError::sys("user namespace pipe", e))?;
+    // SAFETY: the jailer is single-threaded, so the helper may run any code.
+    match unsafe { nix::unistd::fork() }.map_err(|e| JailError::sys("fork", e))? {
+        ForkResult::Child => {
+            drop(wr);
+            let ok = write_maps(std::fs::File::from(rd), uid, gid, n);
+            // SAFETY: _exit ends the helper without running the jailer's destructors.
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) }
+        }
+        ForkResult::Parent { child } => {
+            drop(rd);
+            let entered = unshare(CloneFlags::CLONE_NEWUSER);
+            let mut wr = std::fs::File::from(wr);
+            if entered.is_ok() {
+                let _ = wr.write_all(&[1]);
+            }
+            drop(wr); // without the byte, the helper writes nothing
+            let status = waitpid(child, None);
+            entered.map_err(|e| JailError::sys("new user namespace", e))?;
+            match status {
+                Ok(WaitStatus::Exited(_, 0)) => Ok(()),
+                other => Err(JailError::Invalid(format!(
+                    "user namespace: the id maps 0:{uid}:{n} and 0:{gid}:{n} were not \
+                     written ({other:?})"
+                ))),
+            }
+        }
+    }
+}
+
+/// The helper's half: once the parent has moved (one byte), write its maps.
+fn write_maps(mut moved: std::fs::File, uid: u32, gid: u32, n: u32) -> bool {
+    let mut b = [0u8];
+    if moved.read_exact(&mut b).is_err() {
+        return false;
+    }
+    // SAFETY: getppid cannot fail.
+    let parent = unsafe { libc::getppid() };
+    let proc = format!("/proc/{parent}");
+    std::fs::write(format!("{proc}/uid_map"), format!("0 {uid} {n}\n")).is_ok()
+        && std::fs::write(format!("{proc}/gid_map"), format!("0 {gid} {n}\n")).is_ok()
 }
 
 fn parse_caps(names: &[String]) -> Result<HashSet<Capability>, JailError> {

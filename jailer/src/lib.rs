@@ -10,6 +10,7 @@ mod args;
 pub use args::USAGE;
 mod cgroup;
 mod fds;
+pub mod idmap;
 mod ids;
 mod landlock_rules;
 mod namespaces;
@@ -153,6 +154,11 @@ pub struct Jail {
     pub start_gate: Option<i32>,
     /// Capabilities kept (names as in `CAP_NET_ADMIN`); none by default.
     pub keep_caps: Vec<String>,
+    /// Run as root of a user namespace of its own, whose ids `0..n` are the host's
+    /// `uid..uid+n` (and `gid..gid+n`): a component that must act as many owners
+    /// (virtiofsd) does so with host ids of its sandbox's range, and its kept
+    /// capabilities hold only over what that namespace owns.
+    pub userns: Option<u32>,
     /// RLIMIT_NOFILE.
     pub max_files: u64,
     /// Apply the landlock ruleset and the baseline seccomp filter. Off only for a
@@ -184,6 +190,7 @@ impl Jail {
             keep_fds: vec![],
             start_gate: None,
             keep_caps: vec![],
+            userns: None,
             max_files: 4096,
             landlock: true,
             env: vec![],
@@ -219,9 +226,16 @@ impl Jail {
         namespaces::unshare_mount()?;
         root::build(&self)?;
         let root_change = root::pivot(&self.root)?;
-        // 7. Limits, then ids and capabilities, then no_new_privs and landlock.
+        // 7. Limits, then ids (in a user namespace of its own, if it has one) and
+        //    capabilities, then no_new_privs and landlock.
         ids::set_rlimits(self.max_files)?;
-        let caps = ids::drop_privileges(self.uid, self.gid, &self.keep_caps)?;
+        let caps = match self.userns {
+            Some(n) => {
+                ids::enter_user_namespace(self.uid, self.gid, n)?;
+                ids::drop_privileges(0, 0, &self.keep_caps)?
+            }
+            None => ids::drop_privileges(self.uid, self.gid, &self.keep_caps)?,
+        };
         // A change of credentials clears the parent-death signal: set it again.
         supervise::die_with_parent(&report_pipe)?;
         ids::set_no_new_privs()?;
@@ -247,6 +261,9 @@ impl Jail {
             uid: self.uid,
             gid: self.gid,
             capabilities: caps,
+            userns: self
+                .userns
+                .map(|n| format!("0:{}:{n} uids, 0:{}:{n} gids", self.uid, self.gid)),
             landlock,
             seccomp: if self.landlock {
                 format!(

@@ -21,8 +21,12 @@ pub struct Report {
     pub component: String,
     pub uid: u32,
     pub gid: u32,
-    /// Capabilities held after exec (empty for most components).
+    /// Capabilities held after exec (empty for most components); inside its own user
+    /// namespace when `userns` is set.
     pub capabilities: Vec<String>,
+    /// The component's own user namespace, as `inside:host:count` for uids and gids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub userns: Option<String>,
     pub landlock: LandlockReport,
     /// The filter installed before exec.
     pub seccomp: String,

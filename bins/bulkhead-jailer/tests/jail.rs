@@ -150,6 +150,69 @@ fn a_jailed_program_sees_only_its_root_with_no_privilege() {
     assert!(r.seccomp.starts_with("baseline"), "{r:?}");
 }
 
+/// In a user namespace of its own the component is that namespace's root, acts as any
+/// of its 65536 ids (host ids from UID up), and its capabilities stop at what the
+/// namespace owns: a host root's file is out of reach.
+#[test]
+fn a_user_namespace_root_acts_only_within_its_range() {
+    need_root();
+    let s = Scratch::new("userns");
+    let rw = s.dir.join("rw");
+    std::fs::write(rw.join("hosts"), "host root's\n").unwrap();
+    std::os::unix::fs::chown(rw.join("hosts"), Some(0), Some(0)).unwrap();
+    let script = format!(
+        "cat /proc/self/uid_map /proc/self/gid_map; id -u; \
+         touch {rw}/a && chown 1000:1001 {rw}/a && echo chown-ok; \
+         chown 5 {rw}/hosts 2>&1; {{ echo x >> {rw}/hosts; }} 2>&1; \
+         chown 70000 {rw}/a 2>&1; echo end",
+        rw = rw.display()
+    );
+    let mut j = s.jail("sh", Path::new("/bin/sh"), &["-c", &script]);
+    j.userns = Some(65536);
+    j.keep_caps = vec![
+        "CAP_CHOWN".into(),
+        "CAP_DAC_OVERRIDE".into(),
+        "CAP_FOWNER".into(),
+    ];
+    let o = run(&j);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{o:?}");
+    let maps: Vec<Vec<&str>> = out
+        .lines()
+        .take(2)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let want = vec!["0".to_string(), UID.to_string(), "65536".into()];
+    assert_eq!(maps, vec![want.clone(), want], "{out}");
+    assert_eq!(out.lines().nth(2), Some("0"), "{out}");
+    assert!(out.contains("chown-ok"), "{out}");
+    let meta = std::fs::metadata(rw.join("a")).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((meta.uid(), meta.gid()), (UID + 1000, UID + 1001));
+    // The host root's file: CAP_CHOWN and CAP_DAC_OVERRIDE do not reach it.
+    assert!(
+        out.contains("hosts") && out.contains("Operation not permitted"),
+        "{out}"
+    );
+    assert!(out.contains("Permission denied"), "{out}");
+    assert_eq!(
+        std::fs::read_to_string(rw.join("hosts")).unwrap(),
+        "host root's\n"
+    );
+    // An id outside the range does not exist there.
+    assert!(
+        out.contains("'/tmp") && out.contains("/rw/a': Invalid argument"),
+        "{out}"
+    );
+    assert_eq!(std::fs::metadata(rw.join("a")).unwrap().uid(), UID + 1000);
+    let r = s.report();
+    assert_eq!(
+        r.userns.as_deref(),
+        Some(format!("0:{UID}:65536 uids, 0:{UID}:65536 gids").as_str())
+    );
+    assert_eq!(r.capabilities.len(), 3, "{r:?}");
+}
+
 #[test]
 fn only_the_descriptors_handed_on_stay_open() {
     need_root();

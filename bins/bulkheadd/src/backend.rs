@@ -55,6 +55,9 @@ pub struct Needs {
     /// It builds a sandbox of its own with mount(2) and pivot_root(2), which a landlock
     /// ruleset would forbid: no landlock.
     pub sandboxes_itself: bool,
+    /// With `root_caps`: be root of a user namespace of the sandbox's ids instead of the
+    /// host's root, the capabilities holding only inside it.
+    pub own_userns: bool,
 }
 
 impl ComponentSpec {
@@ -218,6 +221,7 @@ fn virtiofsd(cfg: &Config, rec: &SandboxRec) -> Result<ComponentSpec, PlanError>
             // One descriptor per inode the guest holds open.
             max_files: Some(1_000_000),
             sandboxes_itself: true,
+            own_userns: rec.fs_userns,
             ..Needs::default()
         },
     ))

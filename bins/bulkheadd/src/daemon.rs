@@ -142,6 +142,7 @@ fn share_bind_mounts(
     spec: &mut serde_json::Value,
     cdir: &Path,
     guest_cdir: &str,
+    userns: Option<std::os::fd::BorrowedFd>,
 ) -> Result<(), Error> {
     let Some(list) = spec.get_mut("mounts").and_then(|m| m.as_array_mut()) else {
         return Ok(());
@@ -184,7 +185,7 @@ fn share_bind_mounts(
             std::fs::File::create(&target).map(|_| ())
         }
         .map_err(io_err("cannot create a mount point"))?;
-        mounts::bind(src_path, &target)
+        mounts::share(src_path, &target, userns)
             .map_err(|e| Error::Failed(format!("cannot share bind mount source {src}: {e}")))?;
         m["source"] = serde_json::Value::String(format!("{guest_cdir}/mounts/{n}"));
     }
@@ -431,6 +432,7 @@ impl Daemon {
             hostname,
             network: None,
             jail_uid: None,
+            fs_userns: false,
             net_backend,
         };
         let sb = Arc::new(Sandbox {
@@ -454,7 +456,10 @@ impl Daemon {
                         self.cfg.jail.uid_count
                     ))
                 })?;
-                sb.rec.lock().expect("rec lock").jail_uid = Some(uid);
+                let fs_userns = jail::fs_userns(&self.cfg).map_err(Error::FailedPrecondition)?;
+                let mut r = sb.rec.lock().expect("rec lock");
+                r.jail_uid = Some(uid);
+                r.fs_userns = fs_userns;
             }
             map.insert(id.clone(), sb.clone());
         }
@@ -466,6 +471,7 @@ impl Daemon {
                     Some(_) => mounts::make_shared(&rec.shared_dir()),
                     None => Ok(()),
                 })
+                .and_then(|()| jail::own_shared_dir(&rec, &rec.shared_dir()))
                 .map_err(io_err("cannot create the sandbox's directories"))?;
             self.save(&sb);
             if let Some(conn) = self.conn() {
@@ -1125,23 +1131,29 @@ impl Daemon {
         };
         self.save(&sb);
         let result = async {
+            let rec = sb.snapshot();
+            let userns = jail::fs_userns_fd(&rec)
+                .map_err(io_err("cannot reach virtiofsd's user namespace"))?;
+            let ns = userns.as_ref().map(std::os::fd::AsFd::as_fd);
+            let cdir = mount.parent().unwrap_or(&mount);
             std::fs::create_dir_all(&mount)
+                .and_then(|()| jail::own_shared_dir(&rec, cdir))
                 .map_err(io_err("cannot create the rootfs mount point"))?;
             if overlay {
-                // Upper and work live outside the shared directory: the guest sees only
-                // the merged view.
-                let layer = sb.snapshot().run_dir.join("layers").join(&cid);
-                let (upper, work) = (layer.join("upper"), layer.join("work"));
-                std::fs::create_dir_all(&upper)
-                    .and_then(|_| std::fs::create_dir_all(&work))
-                    .map_err(io_err("cannot create the container's layer"))?;
-                mounts::overlay(&src, &upper, &work, &mount)
+                // The writable layer lives outside the shared directory: the guest sees
+                // only the merged view.
+                let layer = rec.run_dir.join("layers").join(&cid);
+                let owner = rec.jail_uid.unwrap_or(0);
+                mounts::overlay(&src, &layer, &mount, ns.map(|n| (n, owner)))
                     .map_err(io_err("cannot mount the rootfs overlay"))?;
             } else {
-                mounts::bind(&src, &mount).map_err(io_err("cannot bind-mount the rootfs"))?;
+                mounts::share(&src, &mount, ns).map_err(io_err("cannot bind-mount the rootfs"))?;
             }
-            let cdir = mount.parent().unwrap_or(&mount);
-            share_bind_mounts(&mut spec, cdir, &format!("{GUEST_SHARED}/{cid}"))?;
+            share_bind_mounts(&mut spec, cdir, &format!("{GUEST_SHARED}/{cid}"), ns)?;
+            let binds = cdir.join("mounts");
+            if binds.exists() {
+                jail::own_shared_dir(&rec, &binds).map_err(io_err("cannot create mounts"))?;
+            }
             let req = CreateContainer {
                 id: cid.clone(),
                 spec_json: spec.to_string(),
@@ -1172,7 +1184,8 @@ impl Daemon {
                 if let Some(dir) = mount.parent() {
                     let _ = mounts::unmount_and_remove(dir);
                 }
-                let _ = std::fs::remove_dir_all(sb.snapshot().run_dir.join("layers").join(&cid));
+                let _ =
+                    mounts::unmount_and_remove(&sb.snapshot().run_dir.join("layers").join(&cid));
                 sb.rec
                     .lock()
                     .expect("rec lock")
@@ -1356,7 +1369,7 @@ impl Daemon {
         if let Some(m) = mount.as_ref().and_then(|m| m.parent()) {
             mounts::unmount_and_remove(m).map_err(io_err("cannot unmount the rootfs"))?;
         }
-        let _ = std::fs::remove_dir_all(sb.snapshot().run_dir.join("layers").join(&cid));
+        let _ = mounts::unmount_and_remove(&sb.snapshot().run_dir.join("layers").join(&cid));
         self.update(
             &sb,
             Changed {

@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use bulkhead_host::config::{Binary, Config};
+use bulkhead_host::config::{Binary, Config, Toggle, IDS_PER_SANDBOX};
 use bulkhead_jail::{Device, Jail, Net};
 
 use crate::backend::{ComponentSpec, PlanError};
@@ -40,6 +40,13 @@ pub fn jail_for(rec: &SandboxRec, spec: &ComponentSpec) -> Option<Jail> {
     if spec.needs.root_caps.is_empty() {
         j.uid = uid;
         j.gid = uid;
+    } else if spec.needs.own_userns {
+        // Root of a namespace whose ids are the sandbox's: its capabilities hold over
+        // what those ids own, which the idmapped mounts make the container files.
+        j.uid = uid;
+        j.gid = uid;
+        j.userns = Some(IDS_PER_SANDBOX);
+        j.keep_caps = spec.needs.root_caps.iter().map(|c| c.to_string()).collect();
     } else {
         j.uid = 0;
         j.gid = 0;
@@ -111,12 +118,75 @@ pub fn make_vm_dir(rec: &SandboxRec) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The lowest free uid of the configured range, given those in use.
+/// Give a directory bulkheadd makes in the shared directory to the sandbox's first id
+/// when virtiofsd runs in the sandbox's user namespace, where that id is root: the guest
+/// sees it owned by root, as without the namespace.
+pub fn own_shared_dir(rec: &SandboxRec, dir: &std::path::Path) -> std::io::Result<()> {
+    match rec.jail_uid.filter(|_| rec.fs_userns) {
+        Some(uid) => std::os::unix::fs::chown(dir, Some(uid), Some(uid)),
+        None => Ok(()),
+    }
+}
+
+/// virtiofsd's user namespace, to idmap what is mounted into the shared directory
+/// with: opened from the live process and checked to map exactly the sandbox's ids.
+/// `None` when the sandbox's virtiofsd has none.
+pub fn fs_userns_fd(rec: &SandboxRec) -> std::io::Result<Option<std::os::fd::OwnedFd>> {
+    let Some(uid) = rec.jail_uid.filter(|_| rec.fs_userns) else {
+        return Ok(None);
+    };
+    let pid = rec
+        .components
+        .iter()
+        .find(|c| c.name == "virtiofsd")
+        .and_then(|c| bulkhead_jail::posture::jailed_child(c.pid))
+        .ok_or_else(|| std::io::Error::other("the sandbox's virtiofsd is not running"))?;
+    bulkhead_jail::idmap::userns_of(pid, uid, IDS_PER_SANDBOX).map(Some)
+}
+
+/// The first id of the lowest free sandbox range in the configured ids, given the
+/// sandboxes' uids in use (a range is taken by any uid in it).
 pub fn allocate_uid(cfg: &Config, used: &[u32]) -> Option<u32> {
     let base = cfg.jail.uid_base;
-    (0..cfg.jail.uid_count)
-        .map(|k| base + k)
-        .find(|u| !used.contains(u))
+    (0..cfg.jail.sandboxes())
+        .map(|k| base + k * IDS_PER_SANDBOX)
+        .find(|u| !used.iter().any(|x| (*u..*u + IDS_PER_SANDBOX).contains(x)))
+}
+
+/// What this host can do for `jail.virtiofsd_userns = auto`, found once by bulkheadd
+/// at its start ([`probe_userns`]).
+static USERNS_PROBE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+
+/// Try what a virtiofsd in its own user namespace needs (see
+/// `bulkhead_jail::idmap::probe`) under `run_dir`. Forks: call it while bulkheadd
+/// still has one thread and no filter.
+pub fn probe_userns(cfg: &Config, run_dir: &std::path::Path) {
+    if cfg.jail.enabled() && cfg.jail.virtiofsd_userns != Toggle::Off {
+        let r = bulkhead_jail::idmap::probe(run_dir, cfg.jail.uid_base);
+        match &r {
+            Ok(()) => tracing::info!("virtiofsd: own user namespace, idmapped mounts"),
+            Err(e) => tracing::info!("virtiofsd: as root (no idmapped layers here: {e})"),
+        }
+        let _ = USERNS_PROBE.set(r);
+    }
+}
+
+/// Whether a new sandbox's virtiofsd gets its own user namespace; an error when the
+/// configuration demands one this host cannot give.
+pub fn fs_userns(cfg: &Config) -> Result<bool, String> {
+    let probed = || {
+        USERNS_PROBE
+            .get()
+            .cloned()
+            .unwrap_or_else(|| Err("not tried".into()))
+    };
+    match cfg.jail.virtiofsd_userns {
+        Toggle::Off => Ok(false),
+        Toggle::Auto => Ok(probed().is_ok()),
+        Toggle::On => probed()
+            .map(|()| true)
+            .map_err(|e| format!("jail.virtiofsd_userns = on, but this host cannot: {e}")),
+    }
 }
 
 /// Forget a sandbox's cgroups (its processes are gone).
@@ -134,9 +204,12 @@ mod tests {
     fn uids_come_from_the_range_lowest_first() {
         let mut cfg = Config::default();
         cfg.jail.uid_base = 5000;
-        cfg.jail.uid_count = 3;
-        assert_eq!(allocate_uid(&cfg, &[]), Some(5000));
-        assert_eq!(allocate_uid(&cfg, &[5000, 5002]), Some(5001));
-        assert_eq!(allocate_uid(&cfg, &[5000, 5001, 5002]), None);
+        cfg.jail.uid_count = 3 * IDS_PER_SANDBOX + 7;
+        let r = |k: u32| 5000 + k * IDS_PER_SANDBOX;
+        assert_eq!(allocate_uid(&cfg, &[]), Some(r(0)));
+        assert_eq!(allocate_uid(&cfg, &[r(0), r(2)]), Some(r(1)));
+        // A uid inside a range (a record from an older layout) takes that range.
+        assert_eq!(allocate_uid(&cfg, &[r(0), r(1) + 5]), Some(r(2)));
+        assert_eq!(allocate_uid(&cfg, &[r(0), r(1), r(2)]), None);
     }
 }

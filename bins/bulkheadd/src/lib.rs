@@ -25,12 +25,16 @@ use bulkhead_dbus::{MANAGER_NAME, MANAGER_PATH};
 pub static SECCOMP: bulkhead_seccomp::Programs =
     bulkhead_seccomp::Programs(include!(concat!(env!("OUT_DIR"), "/seccomp_programs.rs")));
 
-/// Fork the spawner (the one process that starts components, see `spawner.rs`), then
-/// put bulkheadd's own allow list on every thread. Call it while bulkheadd has one
-/// thread, before the runtime: both the fork and the filter must come first.
-pub fn confine(mode: bulkhead_seccomp::Mode) -> Result<()> {
+/// Find what the host can give virtiofsd (a fork), fork the spawner (the one process
+/// that starts components, see `spawner.rs`), then put bulkheadd's own allow list on
+/// every thread. Call it while bulkheadd has one thread, before the runtime: the forks
+/// and the filter must come first.
+pub fn confine(mode: bulkhead_seccomp::Mode, state_dir: &std::path::Path) -> Result<()> {
     use bulkhead_host::config::{Binary, Config};
     let cfg = Config::load()?;
+    let run = state_dir.join("run");
+    std::fs::create_dir_all(&run).with_context(|| format!("cannot create {}", run.display()))?;
+    jail::probe_userns(&cfg, &run);
     let allowed = [
         Binary::BulkheadJailer,
         Binary::BulkheadVmm,

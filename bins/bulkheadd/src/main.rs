@@ -81,7 +81,7 @@ fn init_logging(log_file: Option<&PathBuf>) -> Result<()> {
 fn main() {
     let r = parse().and_then(|(opts, log_file, seccomp)| {
         init_logging(log_file.as_ref())?;
-        bulkheadd::confine(seccomp)?;
+        bulkheadd::confine(seccomp, &opts.state_dir)?;
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -1,9 +1,11 @@
-//! Bind mounts of container root file systems into a sandbox's shared directory, and
+//! Bind and overlay mounts of container root file systems into a sandbox's shared
+//! directory, and
 //! finding every mount under a directory before it is removed, so that removing a
 //! sandbox can never delete through a mount into a user's files.
 
 use std::ffi::CString;
 use std::io;
+use std::os::fd::BorrowedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -65,39 +67,36 @@ pub fn make_shared(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// An overlay at `target`: `lower` read-only below a private `upper` (with `work`), so
-/// a container writes to its own layer and never into a shared image.
-pub fn overlay(lower: &Path, upper: &Path, work: &Path, target: &Path) -> io::Result<()> {
-    for p in [lower, upper, work] {
-        let s = p.as_os_str().as_bytes();
-        if s.iter().any(|b| matches!(b, b',' | b':' | b'\\')) {
-            return Err(io::Error::other(format!(
-                "{}: overlay paths may not contain ',', ':' or '\\'",
-                p.display()
-            )));
+/// `src` at `dst` for the guest: a private recursive bind ([`bind`]), seen through
+/// virtiofsd's user namespace when it has one (`bulkhead_jail::idmap`).
+pub fn share(src: &Path, dst: &Path, userns: Option<BorrowedFd>) -> io::Result<()> {
+    match userns {
+        Some(ns) => bulkhead_jail::idmap::bind_idmapped(src, dst, ns),
+        None => bind(src, dst),
+    }
+}
+
+/// A container's own writable layer in `layer` over the image `lower`, merged at
+/// `target`, so it writes to its own layer and never into a shared image; over an
+/// idmapped image when virtiofsd has a user namespace (whose root is host id `owner`). Undo with
+/// [`unmount_and_remove`] of `target`'s directory and of `layer`.
+pub fn overlay(
+    lower: &Path,
+    layer: &Path,
+    target: &Path,
+    userns: Option<(BorrowedFd, u32)>,
+) -> io::Result<()> {
+    match userns {
+        Some((ns, owner)) => {
+            bulkhead_jail::idmap::overlay_idmapped(lower, layer, target, ns, owner)
+        }
+        None => {
+            let (upper, work) = (layer.join("upper"), layer.join("work"));
+            std::fs::create_dir_all(&upper)?;
+            std::fs::create_dir_all(&work)?;
+            bulkhead_jail::idmap::overlay(lower, &upper, &work, target)
         }
     }
-    let data = cstr(Path::new(&format!(
-        "lowerdir={},upperdir={},workdir={}",
-        lower.display(),
-        upper.display(),
-        work.display()
-    )))?;
-    let (fs, d) = (cstr(Path::new("overlay"))?, cstr(target)?);
-    // SAFETY: every pointer is a NUL-terminated string living across the call.
-    let rc = unsafe {
-        libc::mount(
-            fs.as_ptr(),
-            d.as_ptr(),
-            fs.as_ptr(),
-            0,
-            data.as_ptr().cast(),
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// Lazy unmount (`umount -l`); not mounted is not an error.

@@ -49,9 +49,14 @@ pub struct SandboxRec {
     /// The pod's network namespace as plumbed for the guest; `None` without a network.
     #[serde(default)]
     pub network: Option<crate::net::NetRec>,
-    /// The uid (and gid) its jailed components run as; `None` when not jailed.
+    /// The uid (and gid) its jailed components run as, the first of the sandbox's
+    /// range of host ids; `None` when not jailed.
     #[serde(default)]
     pub jail_uid: Option<u32>,
+    /// virtiofsd runs as root of a user namespace of the sandbox's ids, and what the
+    /// shared directory serves is mounted idmapped (`jail.virtiofsd_userns`).
+    #[serde(default)]
+    pub fs_userns: bool,
     /// What carries the pod interfaces' frames.
     #[serde(default)]
     pub net_backend: NetBackend,
@@ -147,6 +152,7 @@ mod tests {
             state: "running".into(),
             run_dir: "/run/x".into(),
             jail_uid: None,
+            fs_userns: false,
             net_backend: NetBackend::default(),
             components: vec![Component {
                 name: "vmm".into(),

@@ -38,9 +38,14 @@ pub struct Config {
     pub jail: JailConfig,
 }
 
+/// Host ids each sandbox owns: its components run as the first, and virtiofsd's user
+/// namespace maps the guest's 0..65535 onto all of them.
+pub const IDS_PER_SANDBOX: u32 = 65536;
+
 /// Every host component (VMM, vhost-user back ends) starts under `bulkhead-jailer` with
-/// a uid of its sandbox's own, from `uid_base .. uid_base + uid_count` (the gid is the
-/// same number). The range must be used by nothing else on the host.
+/// host ids of its sandbox's own: sandbox k owns the [`IDS_PER_SANDBOX`] uids (and the
+/// same gids) from `uid_base + k * IDS_PER_SANDBOX`, within `uid_base .. uid_base +
+/// uid_count`. The range must be used by nothing else on the host.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct JailConfig {
@@ -48,6 +53,21 @@ pub struct JailConfig {
     pub enabled: Option<bool>,
     pub uid_base: u32,
     pub uid_count: u32,
+    /// virtiofsd as root of a user namespace of its sandbox's ids, serving the shared
+    /// directory through idmapped mounts (on), or as the host's root with a stated list
+    /// of capabilities (off). `auto` (the default): on where the host can idmap an
+    /// overlay's layers (`bulkhead check` says).
+    pub virtiofsd_userns: Toggle,
+}
+
+/// on, off, or auto (decided by what the host can do).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Toggle {
+    #[default]
+    Auto,
+    On,
+    Off,
 }
 
 impl Default for JailConfig {
@@ -55,8 +75,17 @@ impl Default for JailConfig {
         JailConfig {
             enabled: None,
             uid_base: 1_000_000_000,
-            uid_count: 65536,
+            // 16384 sandboxes.
+            uid_count: 1 << 30,
+            virtiofsd_userns: Toggle::Auto,
         }
+    }
+}
+
+impl JailConfig {
+    /// How many sandboxes the id range holds.
+    pub fn sandboxes(&self) -> u32 {
+        self.uid_count / IDS_PER_SANDBOX
     }
 }
 
@@ -162,9 +191,13 @@ impl Config {
             )));
         }
         let j = &self.jail;
-        if j.uid_base == 0 || j.uid_count == 0 || j.uid_base.checked_add(j.uid_count).is_none() {
+        if j.uid_base == 0
+            || j.uid_count < IDS_PER_SANDBOX
+            || j.uid_base.checked_add(j.uid_count).is_none()
+        {
             return Err(ConfigError::Invalid(format!(
-                "jail uid range {} + {}: want a non-empty range above 0 within 32 bits",
+                "jail uid range {} + {}: want at least {IDS_PER_SANDBOX} ids (one sandbox's), \
+                 above 0, within 32 bits",
                 j.uid_base, j.uid_count
             )));
         }

@@ -3,6 +3,7 @@
 //! test reads from `/proc` itself.
 
 use std::collections::BTreeSet;
+use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
@@ -80,6 +81,48 @@ fn cap_bit(name: &str) -> u64 {
     1 << n
 }
 
+/// virtiofsd acts for every owner in the guest. Where the host can idmap (as bulkheadd
+/// found at its start, which this checks by the same probe), it is root only of a user
+/// namespace mapping 0..65535 to its sandbox's ids, and its uid is the sandbox's; else
+/// it is the host's root with a stated list of capabilities.
+fn virtiofsd_ids(e: &Env, pid: u64, uid: &str, report: &Value) -> Result<()> {
+    let scratch = e.state().join("probe");
+    std::fs::create_dir_all(&scratch)?;
+    let host_can = bulkhead_jail::idmap::probe(&scratch, 1_999_200_000);
+    let _ = std::fs::remove_dir_all(&scratch);
+    let ids: Vec<&str> = uid.split_whitespace().collect();
+    match (&host_can, report["userns"].as_str()) {
+        (Ok(()), Some(ns)) => {
+            let u: u64 = ids.first().context("no uid")?.parse()?;
+            ensure!(
+                u != 0 && ids.iter().all(|i| *i == ids[0]),
+                "virtiofsd uid {uid}"
+            );
+            ensure!(report["uid"].as_u64() == Some(u), "virtiofsd: {report}");
+            ensure!(ns == format!("0:{u}:65536 uids, 0:{u}:65536 gids"), "{ns}");
+            let map = std::fs::read_to_string(format!("/proc/{pid}/uid_map"))?;
+            let map: Vec<&str> = map.split_whitespace().collect();
+            ensure!(
+                map == ["0", &u.to_string(), "65536"],
+                "virtiofsd's uid_map {map:?}"
+            );
+            ensure!(
+                std::fs::read_link(format!("/proc/{pid}/ns/user")).ok()
+                    != std::fs::read_link("/proc/self/ns/user").ok(),
+                "virtiofsd is in the host's user namespace"
+            );
+        }
+        (Err(why), None) => {
+            println!("note: virtiofsd runs as root here ({why})");
+            ensure!(ids.iter().all(|u| *u == "0"), "virtiofsd uid {uid}");
+        }
+        (can, ns) => {
+            anyhow::bail!("the host can idmap: {can:?}, but virtiofsd's user namespace is {ns:?}")
+        }
+    }
+    Ok(())
+}
+
 fn every_component_jailed(e: &mut Env) -> Result<()> {
     let (_srv, podns) = server_and_pod("j", 203)?;
     pod(e, "jl", &podns, &["sleep", "600"])?;
@@ -153,10 +196,7 @@ fn every_component_jailed(e: &mut Env) -> Result<()> {
                 .collect();
             ensure!(!threads.is_empty());
             if name == "virtiofsd" {
-                ensure!(
-                    uid.split_whitespace().all(|u| u == "0"),
-                    "virtiofsd uid {uid}"
-                );
+                virtiofsd_ids(e, pid, &uid, report)?;
                 let prm = caps(&status_field(pid, "CapPrm")) | caps(&status_field(pid, "CapBnd"));
                 ensure!(
                     prm & !allowed_caps == 0,
@@ -236,6 +276,43 @@ fn every_component_jailed(e: &mut Env) -> Result<()> {
             status_field(jailer, "PPid") == spawner.to_string(),
             "the VMM's jailer is not the spawner's child"
         );
+        // virtiofsd's user namespace (or root) and the shared files: an image file
+        // reads as root's, and what the guest's uid 1000 makes is 1000:1001 on the
+        // host's disk.
+        let probe = e.rootfs.join("jail-idmap-probe");
+        let process = e.state().join("as-1000.json");
+        std::fs::write(
+            &process,
+            serde_json::json!({
+                "user": {"uid": 1000, "gid": 1001},
+                "args": ["sh", "-c", "touch /jail-idmap-probe/f && stat -c %u:%g /jail-idmap-probe/f"],
+                "cwd": "/",
+                "env": ["PATH=/bin"],
+            })
+            .to_string(),
+        )?;
+        let made = exec(
+            e,
+            "jl",
+            "stat -c %u:%g /bin/busybox; mkdir /jail-idmap-probe && chmod 777 /jail-idmap-probe",
+        )
+        .and_then(|root| {
+            let user = e.bh(&["exec", "-p", &process.display().to_string(), "jl"])?;
+            Ok((root, user))
+        });
+        let on_disk = std::fs::metadata(probe.join("f")).map(|m| (m.uid(), m.gid()));
+        let _ = std::fs::remove_dir_all(&probe);
+        let (root, user) = made?;
+        ensure!(
+            root.code == 0 && root.stdout == "0:0\n",
+            "as root in the guest: {root:?}"
+        );
+        ensure!(
+            user.code == 0 && user.stdout == "1000:1001\n",
+            "as 1000: {user:?}"
+        );
+        let on_disk = on_disk?;
+        ensure!(on_disk == (1000, 1001), "on the host: {on_disk:?}");
         // The pod still works with all of that in place.
         let o = exec(e, "jl", "echo jailed-ok")?;
         ensure!(o.stdout.trim() == "jailed-ok", "{o:?}");

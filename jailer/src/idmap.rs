@@ -1,0 +1,356 @@
+//! Idmapped mounts: how a component that runs as root of its own user namespace
+//! ([`crate::Jail::userns`], virtiofsd) serves files whose owners on disk are the host's
+//! ids (container images owned by root, 0..65535).
+//!
+//! A mount is idmapped with a user namespace whose map is `0 base count`: an owner `k`
+//! on disk reads as host id `base + k` through that mount, and a file created there by
+//! host id `base + k` is owned by `k` on disk. The component's namespace has the same
+//! map, so inside it the owner is `k` again: the guest sees the image's real owners,
+//! the disk keeps them, and the process serving them holds host ids of its sandbox's
+//! range, never root's.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+fn cstr(p: &Path) -> io::Result<CString> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::other("path has a NUL byte"))
+}
+
+fn check(rc: libc::c_long) -> io::Result<libc::c_long> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// `/proc/<pid>/ns/user`, opened, when that namespace's uid and gid maps are exactly
+/// `0 base count` as this process sees them. The namespace is checked after it is
+/// opened, so a process that moved on meanwhile is refused, not trusted.
+pub fn userns_of(pid: u32, base: u32, count: u32) -> io::Result<OwnedFd> {
+    let dir = format!("/proc/{pid}");
+    let ns = std::fs::File::open(format!("{dir}/ns/user"))?;
+    for map in ["uid_map", "gid_map"] {
+        let text = std::fs::read_to_string(format!("{dir}/{map}"))?;
+        let got: Vec<Vec<&str>> = text
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        let want = vec![vec!["0".to_string(), base.to_string(), count.to_string()]];
+        if got != want {
+            return Err(io::Error::other(format!(
+                "process {pid}'s {map} is {:?}, not 0 {base} {count}",
+                text.trim()
+            )));
+        }
+    }
+    let still = std::fs::metadata(format!("{dir}/ns/user"))?;
+    let opened = ns.metadata()?;
+    if (still.dev(), still.ino()) != (opened.dev(), opened.ino()) {
+        return Err(io::Error::other(format!(
+            "process {pid} changed user namespace"
+        )));
+    }
+    Ok(ns.into())
+}
+
+/// A new user namespace whose uid and gid maps are `0 base count`, as a descriptor. A
+/// short-lived child makes it (a process cannot move itself into a new user namespace
+/// once it has threads); the child does only async-signal-safe calls, so this may be
+/// called from any process.
+pub fn new_userns(base: u32, count: u32) -> io::Result<OwnedFd> {
+    let mut to_child = [0; 2];
+    let mut from_child = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into each array.
+    unsafe {
+        check(libc::pipe2(to_child.as_mut_ptr(), libc::O_CLOEXEC).into())?;
+        if let Err(e) = check(libc::pipe2(from_child.as_mut_ptr(), libc::O_CLOEXEC).into()) {
+            libc::close(to_child[0]);
+            libc::close(to_child[1]);
+            return Err(e);
+        }
+    }
+    // SAFETY: the child runs only unshare, read, write and _exit, which are
+    // async-signal-safe, so a fork from a threaded process is sound.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: as above; the descriptors are this child's copies.
+        unsafe {
+            // Only the parent may hold the write end, or the read below never ends.
+            libc::close(to_child[1]);
+            libc::close(from_child[0]);
+            let ok: u8 = u8::from(libc::unshare(libc::CLONE_NEWUSER) == 0);
+            libc::write(from_child[1], (&ok as *const u8).cast(), 1);
+            let mut b = 0u8;
+            // Held until the parent has opened the namespace (EOF).
+            libc::read(to_child[0], (&mut b as *mut u8).cast(), 1);
+            libc::_exit(0);
+        }
+    }
+    // SAFETY: these four descriptors are ours and open; each is owned exactly once.
+    let (child_in, child_out, w_end, r_end) = unsafe {
+        (
+            OwnedFd::from_raw_fd(to_child[0]),
+            OwnedFd::from_raw_fd(from_child[1]),
+            OwnedFd::from_raw_fd(to_child[1]),
+            OwnedFd::from_raw_fd(from_child[0]),
+        )
+    };
+    drop((child_in, child_out));
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let made = (|| {
+        let mut ok = 0u8;
+        // SAFETY: reading one byte into a local from a descriptor we own.
+        let n = unsafe { libc::read(r_end.as_raw_fd(), (&mut ok as *mut u8).cast(), 1) };
+        if n != 1 || ok != 1 {
+            return Err(io::Error::other("cannot make a user namespace here"));
+        }
+        let dir = format!("/proc/{pid}");
+        std::fs::write(format!("{dir}/uid_map"), format!("0 {base} {count}\n"))?;
+        std::fs::write(format!("{dir}/gid_map"), format!("0 {base} {count}\n"))?;
+        Ok(std::fs::File::open(format!("{dir}/ns/user"))?.into())
+    })();
+    drop(w_end);
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    made
+}
+
+/// Bind `src` (with what is mounted below it) at `dst`, every id seen through `userns`
+/// (see the module's text), with private propagation. The bind is made detached, mapped,
+/// then attached, as the kernel only maps a mount nobody can see yet.
+pub fn bind_idmapped(src: &Path, dst: &Path, userns: BorrowedFd) -> io::Result<()> {
+    let tree = detached_copy(src)?;
+    set_idmap(&tree, userns)?;
+    let to = cstr(dst)?;
+    // SAFETY: a detached mount descriptor and a NUL-terminated target that live across
+    // the call; the empty path with MOVE_MOUNT_F_EMPTY_PATH names the descriptor itself.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    })
+    .map(drop)
+}
+
+/// A detached copy of the mounts at and below `src` (`open_tree` with a clone).
+fn detached_copy(src: &Path) -> io::Result<OwnedFd> {
+    let from = cstr(src)?;
+    // SAFETY: a NUL-terminated path living across the call; on success the result is a
+    // new descriptor we own.
+    let fd = check(unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC | libc::AT_RECURSIVE as libc::c_uint,
+        )
+    })?;
+    // SAFETY: as above.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Map every mount of the detached tree `tree` through `userns`, and make it private.
+fn set_idmap(tree: &OwnedFd, userns: BorrowedFd) -> io::Result<()> {
+    let attr = libc::mount_attr {
+        attr_set: libc::MOUNT_ATTR_IDMAP,
+        attr_clr: 0,
+        propagation: libc::MS_PRIVATE,
+        userns_fd: userns.as_raw_fd() as u64,
+    };
+    // SAFETY: the attribute struct lives across the call and its size is passed; the
+    // empty path with AT_EMPTY_PATH names the descriptor itself.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_RECURSIVE,
+            &attr as *const libc::mount_attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    })
+    .map(drop)
+}
+
+/// An overlay at `target`: `lower` read-only below a private `upper` (with `work`), so
+/// a container writes to its own layer and never into a shared image.
+pub fn overlay(lower: &Path, upper: &Path, work: &Path, target: &Path) -> io::Result<()> {
+    for p in [lower, upper, work] {
+        let s = p.as_os_str().as_bytes();
+        if s.iter().any(|b| matches!(b, b',' | b':' | b'\\')) {
+            return Err(io::Error::other(format!(
+                "{}: overlay paths may not contain ',', ':' or '\\'",
+                p.display()
+            )));
+        }
+    }
+    let data = CString::new(format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.display(),
+        upper.display(),
+        work.display()
+    ))
+    .map_err(|_| io::Error::other("path has a NUL byte"))?;
+    let d = cstr(target)?;
+    // SAFETY: every pointer is a NUL-terminated string living across the call.
+    let rc = unsafe {
+        libc::mount(
+            c"overlay".as_ptr(),
+            d.as_ptr(),
+            c"overlay".as_ptr(),
+            0,
+            data.as_ptr().cast(),
+        )
+    };
+    check(rc.into()).map(drop)
+}
+
+/// [`overlay`] for a component in the user namespace `userns`, whose root is host id
+/// `owner`. overlayfs cannot be idmapped itself, and its writable layer cannot be (it
+/// writes there as its mounter, host root, whom the map leaves out), so only the image
+/// is: `lower` is bound idmapped at `layer/lower`. The writable layer (`layer/upper`,
+/// `layer/work`) holds the sandbox's host ids as they are, its top owned by `owner`: the
+/// container's own files are owned on the host by its sandbox's range. An overlay the
+/// kernel would only mount read-only is an error. Undo with an unmount of `target`,
+/// then of everything under `layer`.
+pub fn overlay_idmapped(
+    lower: &Path,
+    layer: &Path,
+    target: &Path,
+    userns: BorrowedFd,
+    owner: u32,
+) -> io::Result<()> {
+    let (lower_at, upper, work) = (layer.join("lower"), layer.join("upper"), layer.join("work"));
+    for d in [&lower_at, &upper, &work] {
+        std::fs::create_dir_all(d)?;
+    }
+    std::os::unix::fs::chown(&upper, Some(owner), Some(owner))?;
+    bind_idmapped(lower, &lower_at, userns)?;
+    let made = overlay(&lower_at, &upper, &work, target).and_then(|()| writable(target));
+    if made.is_err() {
+        if let Ok(c) = cstr(&lower_at) {
+            // SAFETY: unmounting what this call mounted.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+    made
+}
+
+/// An error, and the mount at `target` undone, when it is read-only.
+fn writable(target: &Path) -> io::Result<()> {
+    let c = cstr(target)?;
+    // SAFETY: statvfs fills the struct behind the pointer, which lives across the call.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    check(unsafe { libc::statvfs(c.as_ptr(), &mut st) }.into())?;
+    if st.f_flag & libc::ST_RDONLY != 0 {
+        // SAFETY: unmounting the overlay the caller just mounted.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        return Err(io::Error::other(format!(
+            "{}: the kernel mounted the overlay read-only (see dmesg)",
+            target.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Whether this host can give a component its own user namespace over the sandbox's
+/// files: a user namespace made, and a writable overlay on an idmapped image under
+/// `scratch` (the run directory, where the layers live) in which a root-owned file
+/// reads as `base`. `Err` says what failed. Leaves nothing mounted.
+pub fn probe(scratch: &Path, base: u32) -> Result<(), String> {
+    let userns = new_userns(base, 65536).map_err(|e| format!("user namespace: {e}"))?;
+    let dir = scratch.join(format!(".idmap-probe-{}", std::process::id()));
+    let (lower, merged) = (dir.join("image"), dir.join("merged"));
+    let result = (|| {
+        for d in [&lower, &merged] {
+            std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+        }
+        std::fs::write(lower.join("f"), "").map_err(|e| e.to_string())?;
+        overlay_idmapped(&lower, &dir.join("layer"), &merged, userns.as_fd(), base).map_err(
+            |e| {
+                format!(
+                    "an overlay on an idmapped image in {}: {e}",
+                    scratch.display()
+                )
+            },
+        )?;
+        let seen = std::fs::metadata(merged.join("f")).map(|m| m.uid());
+        for m in [&merged, &dir.join("layer/lower")] {
+            if let Ok(c) = cstr(m) {
+                // SAFETY: unmounting what this call mounted.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+        match seen {
+            Ok(uid) if uid == base => Ok(()),
+            other => Err(format!("a root-owned file reads as {other:?}, not {base}")),
+        }
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() == 0 }
+    }
+
+    /// Through an idmapped bind, a root-owned file reads as the range's first id, and a
+    /// file made there by a host id of the range is owned by its offset on disk.
+    #[test]
+    fn an_idmapped_bind_shifts_owners_both_ways() {
+        if !root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let base = 1_999_100_000;
+        let dir = std::env::temp_dir().join(format!("bh-idmap-{}", std::process::id()));
+        let (src, dst) = (dir.join("src"), dir.join("dst"));
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::create_dir_all(&dst).unwrap();
+        std::fs::write(src.join("f"), "x").unwrap();
+        std::fs::write(src.join("g"), "y").unwrap();
+        if let Err(e) = probe(&dir, base) {
+            eprintln!("skipped: this host cannot idmap here: {e}");
+            let _ = std::fs::remove_dir_all(&dir);
+            return;
+        }
+        let ns = new_userns(base, 65536).unwrap();
+        bind_idmapped(&src, &dst, ns.as_fd()).unwrap();
+        let seen = std::fs::metadata(dst.join("f")).unwrap();
+        // Host root has no id through the mount: it cannot make a file there.
+        let as_root = std::fs::write(dst.join("h"), "z");
+        std::os::unix::fs::chown(dst.join("g"), Some(base + 1000), Some(base + 7)).unwrap();
+        let g = std::fs::metadata(src.join("g")).unwrap();
+        // An id outside the range has no owner through the mount.
+        let outside = std::os::unix::fs::chown(dst.join("g"), Some(base - 1), None);
+        let c = cstr(&dst).unwrap();
+        // SAFETY: unmounting what this test mounted.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!((seen.uid(), seen.gid()), (base, base));
+        assert_eq!((g.uid(), g.gid()), (1000, 7));
+        assert!(outside.is_err());
+        assert!(as_root.is_err());
+        // The maps a process has are what userns_of checks.
+        assert!(userns_of(std::process::id(), 0, 4294967295).is_ok());
+        assert!(userns_of(std::process::id(), base, 65536).is_err());
+    }
+}
