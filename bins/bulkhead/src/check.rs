@@ -18,7 +18,17 @@ pub fn check(a: CheckArgs) -> Result<i32> {
     let jailer = cfg.binary(bulkhead_host::config::Binary::BulkheadJailer);
     let jail_on = cfg.jail.enabled();
     let jail_ok = !jail_on || jailer.is_some();
+    // What `jail.virtiofsd_userns = auto` would give here (bulkheadd tries the same).
+    let userns = if !jail_on || cfg.jail.virtiofsd_userns == bulkhead_host::config::Toggle::Off {
+        Err("off".to_string())
+    } else {
+        let run = state.join("run");
+        std::fs::create_dir_all(&run)
+            .map_err(|e| e.to_string())
+            .and_then(|()| bulkhead_jail::idmap::probe(&run, cfg.jail.uid_base))
+    };
     let jail = json!({
+        "virtiofsd_userns": userns.as_ref().map(|()| "on".to_string()).unwrap_or_else(|e| format!("root: {e}")),
         "enabled": jail_on,
         "jailer": jailer,
         "landlock_abi": bulkhead_jail::landlock_abi(),
@@ -78,6 +88,15 @@ pub fn check(a: CheckArgs) -> Result<i32> {
                     .to_string()
             }
         );
+        if jail_on {
+            println!(
+                "virtiofsd: {}",
+                match &userns {
+                    Ok(()) => "root of its sandbox's user namespace, over idmapped mounts".into(),
+                    Err(e) => format!("the host's root with a capability list ({e})"),
+                }
+            );
+        }
         println!("guest memory: {}", pages.summary());
         if let Some(h) = pages.shared_hint() {
             println!("note: {h}");

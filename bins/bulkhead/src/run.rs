@@ -228,6 +228,9 @@ pub async fn run(a: RunArgs) -> Result<i32> {
             if let Some(n) = &a.net_backend {
                 opts.insert("net_backend", V::from(n.as_str()));
             }
+            // An image's layer or a plain directory can be idmapped; an overlay mount
+            // (a root file system another tool mounted) cannot.
+            opts.insert("virtiofsd_userns", V::from(!overlay_mounted(&rootfs)));
             client
                 .manager
                 .create_sandbox(&id, opts)
@@ -354,4 +357,16 @@ fn forward_signals(
             let _ = sb.signal(&id, "", sig, false).await;
         }
     })
+}
+
+/// Is `dir` the root of an overlay mount?
+fn overlay_mounted(dir: &std::path::Path) -> bool {
+    const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs fills the struct behind the pointer, which lives across the call.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; `c` is NUL-terminated.
+    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == OVERLAYFS_SUPER_MAGIC }
 }

@@ -59,6 +59,7 @@ impl ManagerIface {
                 "hostname",
                 "netns",
                 "net_backend",
+                "virtiofsd_userns",
             ],
         )?;
         let opts = SandboxOptions {
@@ -68,6 +69,7 @@ impl ManagerIface {
             hostname: option::<String>(&options, "hostname")?,
             netns: option::<String>(&options, "netns")?,
             net_backend: option::<String>(&options, "net_backend")?,
+            virtiofsd_userns: option::<bool>(&options, "virtiofsd_userns")?,
         };
         self.d.create_sandbox(id, opts).await
     }

@@ -54,6 +54,11 @@ pub struct SandboxOptions {
     pub netns: Option<String>,
     /// `bulkhead-net` (default) or `vhost-net` (the QEMU backend only).
     pub net_backend: Option<String>,
+    /// The creator's word that every file system it will share is one the kernel can
+    /// idmap (directories, images; not overlay mounts, which containerd, podman and
+    /// docker hand over): virtiofsd may then run in the sandbox's user namespace
+    /// (`jail.virtiofsd_userns = auto`).
+    pub virtiofsd_userns: Option<bool>,
 }
 
 /// At most this many restarts of one sandbox's network back ends within
@@ -344,6 +349,7 @@ impl Daemon {
             hostname,
             netns,
             net_backend,
+            virtiofsd_userns,
         } = opts;
         if let Some(ns) = &netns {
             if !ns.starts_with('/') || ns.len() > 4096 || !Path::new(ns).exists() {
@@ -456,7 +462,8 @@ impl Daemon {
                         self.cfg.jail.uid_count
                     ))
                 })?;
-                let fs_userns = jail::fs_userns(&self.cfg).map_err(Error::FailedPrecondition)?;
+                let fs_userns = jail::fs_userns(&self.cfg, virtiofsd_userns.unwrap_or(false))
+                    .map_err(Error::FailedPrecondition)?;
                 let mut r = sb.rec.lock().expect("rec lock");
                 r.jail_uid = Some(uid);
                 r.fs_userns = fs_userns;
@@ -1147,7 +1154,14 @@ impl Daemon {
                 mounts::overlay(&src, &layer, &mount, ns.map(|n| (n, owner)))
                     .map_err(io_err("cannot mount the rootfs overlay"))?;
             } else {
-                mounts::share(&src, &mount, ns).map_err(io_err("cannot bind-mount the rootfs"))?;
+                mounts::share(&src, &mount, ns).map_err(|e| match (ns, e.raw_os_error()) {
+                    (Some(_), Some(libc::EINVAL)) => Error::FailedPrecondition(format!(
+                        "cannot bind-mount the rootfs: this sandbox's virtiofsd runs in a \
+                         user namespace, and {rootfs} is on a file system the kernel cannot \
+                         idmap (an overlay mount?): {e}"
+                    )),
+                    _ => io_err("cannot bind-mount the rootfs")(e),
+                })?;
             }
             share_bind_mounts(&mut spec, cdir, &format!("{GUEST_SHARED}/{cid}"), ns)?;
             let binds = cdir.join("mounts");

@@ -171,9 +171,10 @@ pub fn probe_userns(cfg: &Config, run_dir: &std::path::Path) {
     }
 }
 
-/// Whether a new sandbox's virtiofsd gets its own user namespace; an error when the
-/// configuration demands one this host cannot give.
-pub fn fs_userns(cfg: &Config) -> Result<bool, String> {
+/// Whether a new sandbox's virtiofsd gets its own user namespace: with `auto`, when its
+/// creator says it will share only what can be idmapped (`asked`) and the host can; an
+/// error when the configuration demands one this host cannot give.
+pub fn fs_userns(cfg: &Config, asked: bool) -> Result<bool, String> {
     let probed = || {
         USERNS_PROBE
             .get()
@@ -182,7 +183,7 @@ pub fn fs_userns(cfg: &Config) -> Result<bool, String> {
     };
     match cfg.jail.virtiofsd_userns {
         Toggle::Off => Ok(false),
-        Toggle::Auto => Ok(probed().is_ok()),
+        Toggle::Auto => Ok(asked && probed().is_ok()),
         Toggle::On => probed()
             .map(|()| true)
             .map_err(|e| format!("jail.virtiofsd_userns = on, but this host cannot: {e}")),

@@ -54,9 +54,12 @@ pub struct JailConfig {
     pub uid_base: u32,
     pub uid_count: u32,
     /// virtiofsd as root of a user namespace of its sandbox's ids, serving the shared
-    /// directory through idmapped mounts (on), or as the host's root with a stated list
-    /// of capabilities (off). `auto` (the default): on where the host can idmap an
-    /// overlay's layers (`bulkhead check` says).
+    /// directory through idmapped mounts (on: every sandbox, and a file system the kernel
+    /// cannot idmap is refused), or as the host's root with a stated list of
+    /// capabilities (off). `auto` (the default): on for sandboxes whose creator shares
+    /// only what can be idmapped (`bulkhead run`: directories and images), where the host
+    /// can idmap an image under an overlay (`bulkhead check` says); containerd's, podman's
+    /// and docker's root file systems are overlay mounts, which no kernel can idmap yet.
     pub virtiofsd_userns: Toggle,
 }
 
