@@ -92,7 +92,10 @@ pub fn check(a: CheckArgs) -> Result<i32> {
             println!(
                 "virtiofsd: {}",
                 match &userns {
-                    Ok(()) => "root of its sandbox's user namespace, over idmapped mounts".into(),
+                    Ok(()) => "root of its sandbox's user namespace over idmapped mounts, for \
+                               sandboxes that share no overlay mount (bulkhead run); the \
+                               host's root with a capability list for the others"
+                        .into(),
                     Err(e) => format!("the host's root with a capability list ({e})"),
                 }
             );
