@@ -1,7 +1,7 @@
 //! Bind and overlay mounts of container root file systems into a sandbox's shared
-//! directory, and
-//! finding every mount under a directory before it is removed, so that removing a
-//! sandbox can never delete through a mount into a user's files.
+//! directory (idmapped when its virtiofsd has a user namespace), and finding every mount
+//! under a directory before it is removed, so that removing a sandbox can never delete
+//! through a mount into a user's files.
 
 use std::ffi::CString;
 use std::io;
