@@ -28,6 +28,22 @@ fn check(rc: libc::c_long) -> io::Result<libc::c_long> {
     }
 }
 
+/// Write the uid and gid maps of `pid`'s (new) user namespace: ids `0..n` are the
+/// host's `uid..uid+n` and `gid..gid+n`. The writer needs CAP_SETUID and CAP_SETGID in
+/// the namespace's parent.
+pub fn write_maps(pid: i32, uid: u32, gid: u32, n: u32) -> io::Result<()> {
+    std::fs::write(format!("/proc/{pid}/uid_map"), format!("0 {uid} {n}\n"))?;
+    std::fs::write(format!("/proc/{pid}/gid_map"), format!("0 {gid} {n}\n"))
+}
+
+/// Lazy unmount of what this module mounted at `p`; not mounted is not an error.
+fn detach(p: &Path) {
+    if let Ok(c) = cstr(p) {
+        // SAFETY: a NUL-terminated path living across the call.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
 /// `/proc/<pid>/ns/user`, opened, when that namespace's uid and gid maps are exactly
 /// `0 base count` as this process sees them. The namespace is checked after it is
 /// opened, so a process that moved on meanwhile is refused, not trusted.
@@ -111,10 +127,8 @@ pub fn new_userns(base: u32, count: u32) -> io::Result<OwnedFd> {
         if n != 1 || ok != 1 {
             return Err(io::Error::other("cannot make a user namespace here"));
         }
-        let dir = format!("/proc/{pid}");
-        std::fs::write(format!("{dir}/uid_map"), format!("0 {base} {count}\n"))?;
-        std::fs::write(format!("{dir}/gid_map"), format!("0 {base} {count}\n"))?;
-        Ok(std::fs::File::open(format!("{dir}/ns/user"))?.into())
+        write_maps(pid, base, base, count)?;
+        Ok(std::fs::File::open(format!("/proc/{pid}/ns/user"))?.into())
     })();
     drop(w_end);
     let mut status = 0;
@@ -241,10 +255,7 @@ pub fn overlay_idmapped(
     bind_idmapped(lower, &lower_at, userns)?;
     let made = overlay(&lower_at, &upper, &work, target).and_then(|()| writable(target));
     if made.is_err() {
-        if let Ok(c) = cstr(&lower_at) {
-            // SAFETY: unmounting what this call mounted.
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        }
+        detach(&lower_at);
     }
     made
 }
@@ -252,12 +263,12 @@ pub fn overlay_idmapped(
 /// An error, and the mount at `target` undone, when it is read-only.
 fn writable(target: &Path) -> io::Result<()> {
     let c = cstr(target)?;
-    // SAFETY: statvfs fills the struct behind the pointer, which lives across the call.
+    // SAFETY: an all-zero statvfs is a valid value of the plain C struct.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs fills the struct behind the pointer, which lives across the call.
     check(unsafe { libc::statvfs(c.as_ptr(), &mut st) }.into())?;
     if st.f_flag & libc::ST_RDONLY != 0 {
-        // SAFETY: unmounting the overlay the caller just mounted.
-        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        detach(target);
         return Err(io::Error::other(format!(
             "{}: the kernel mounted the overlay read-only (see dmesg)",
             target.display()
@@ -288,12 +299,8 @@ pub fn probe(scratch: &Path, base: u32) -> Result<(), String> {
             },
         )?;
         let seen = std::fs::metadata(merged.join("f")).map(|m| m.uid());
-        for m in [&merged, &dir.join("layer/lower")] {
-            if let Ok(c) = cstr(m) {
-                // SAFETY: unmounting what this call mounted.
-                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-            }
-        }
+        detach(&merged);
+        detach(&dir.join("layer/lower"));
         match seen {
             Ok(uid) if uid == base => Ok(()),
             other => Err(format!("a root-owned file reads as {other:?}, not {base}")),
@@ -341,9 +348,7 @@ mod tests {
         let g = std::fs::metadata(src.join("g")).unwrap();
         // An id outside the range has no owner through the mount.
         let outside = std::os::unix::fs::chown(dst.join("g"), Some(base - 1), None);
-        let c = cstr(&dst).unwrap();
-        // SAFETY: unmounting what this test mounted.
-        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        detach(&dst);
         let _ = std::fs::remove_dir_all(&dir);
         assert_eq!((seen.uid(), seen.gid()), (base, base));
         assert_eq!((g.uid(), g.gid()), (1000, 7));

@@ -76,10 +76,7 @@ fn write_maps(mut moved: std::fs::File, uid: u32, gid: u32, n: u32) -> bool {
         return false;
     }
     // SAFETY: getppid cannot fail.
-    let parent = unsafe { libc::getppid() };
-    let proc = format!("/proc/{parent}");
-    std::fs::write(format!("{proc}/uid_map"), format!("0 {uid} {n}\n")).is_ok()
-        && std::fs::write(format!("{proc}/gid_map"), format!("0 {gid} {n}\n")).is_ok()
+    crate::idmap::write_maps(unsafe { libc::getppid() }, uid, gid, n).is_ok()
 }
 
 fn parse_caps(names: &[String]) -> Result<HashSet<Capability>, JailError> {
