@@ -59,11 +59,10 @@ fn parse() -> Result<(bulkheadd::Options, Option<PathBuf>, bulkhead_seccomp::Mod
 }
 
 fn init_logging(log_file: Option<&PathBuf>) -> Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BULKHEAD_LOG")
-        .unwrap_or_else(|_| "info".into());
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(false);
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = bulkhead_host::logging::filter("info");
+    let fmt = tracing_subscriber::fmt::layer().with_ansi(false);
     match log_file {
         Some(p) => {
             let f = std::fs::OpenOptions::new()
@@ -71,9 +70,13 @@ fn init_logging(log_file: Option<&PathBuf>) -> Result<()> {
                 .append(true)
                 .open(p)
                 .with_context(|| format!("cannot open {}", p.display()))?;
-            b.with_writer(std::sync::Mutex::new(f)).init();
+            let fmt = fmt.with_writer(std::sync::Mutex::new(f));
+            tracing_subscriber::registry().with(fmt).with(filter).init();
         }
-        None => b.with_writer(std::io::stderr).init(),
+        None => {
+            let fmt = fmt.with_writer(std::io::stderr);
+            tracing_subscriber::registry().with(fmt).with(filter).init();
+        }
     }
     Ok(())
 }

@@ -1,16 +1,43 @@
-//! How our host programs log: tracing to stderr, filtered by `BULKHEAD_LOG` (tracing's
-//! env-filter syntax, e.g. `debug` or `bulkhead_vmm=debug`), else a default level.
+//! How our host programs log: tracing to stderr, filtered by `BULKHEAD_LOG` (a level, and
+//! levels per module: `debug`, or `info,bulkhead_vmm=debug`), else a default level.
+//!
+//! The filter is tracing-subscriber's `Targets`, not its `EnvFilter`: the same syntax
+//! for levels and modules without span and field filters, and without the regex engine
+//! EnvFilter links in, which every VMM would otherwise map and run at start.
+
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// The filter `BULKHEAD_LOG` asks for, else `default`; a value that does not parse is
+/// reported on stderr and `default` used.
+pub fn filter(default: &str) -> Targets {
+    let (filter, error) = parse_filter(std::env::var("BULKHEAD_LOG").ok().as_deref(), default);
+    if let Some(e) = error {
+        eprintln!("BULKHEAD_LOG is not a log filter ({e}); using {default:?}");
+    }
+    filter
+}
+
+/// `value` as a filter, else `default`, with why `value` was not used.
+fn parse_filter(value: Option<&str>, default: &str) -> (Targets, Option<String>) {
+    let fallback = || default.parse::<Targets>().unwrap_or_default();
+    match value.map(str::trim) {
+        Some(v) if !v.is_empty() => match v.parse::<Targets>() {
+            Ok(t) => (t, None),
+            Err(e) => (fallback(), Some(format!("{v:?}: {e}"))),
+        },
+        _ => (fallback(), None),
+    }
+}
 
 /// Install the stderr subscriber; `default` is the filter without `BULKHEAD_LOG`.
 /// Warnings and errors that crates log through `log` (virtio-queue's, on rings a guest
 /// broke, among them) come through too, at most [`LOG_BURST`] lines per window.
 pub fn init_stderr(default: &str) {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BULKHEAD_LOG")
-                .unwrap_or_else(|_| default.into()),
-        )
-        .with_writer(std::io::stderr)
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(filter(default))
         .init();
     if log::set_logger(&LOG_BRIDGE).is_ok() {
         log::set_max_level(log::LevelFilter::Warn);
@@ -99,6 +126,40 @@ pub fn component_main<A, E: std::fmt::Display>(
             tracing::error!("{e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod filter_tests {
+    use super::parse_filter;
+    use tracing::Level;
+
+    #[test]
+    fn levels_per_module_and_a_default() {
+        let (t, e) = parse_filter(Some("warn,bulkhead_vmm=debug"), "info");
+        assert!(e.is_none());
+        assert!(t.would_enable("bulkhead_vmm::cpu", &Level::DEBUG));
+        assert!(!t.would_enable("bulkhead_vmm::cpu", &Level::TRACE));
+        assert!(t.would_enable("zbus", &Level::WARN));
+        assert!(!t.would_enable("zbus", &Level::INFO));
+    }
+
+    #[test]
+    fn unset_or_empty_takes_the_default() {
+        for v in [None, Some(""), Some("  ")] {
+            let (t, e) = parse_filter(v, "info");
+            assert!(e.is_none());
+            assert!(t.would_enable("x", &Level::INFO));
+            assert!(!t.would_enable("x", &Level::DEBUG));
+        }
+    }
+
+    #[test]
+    fn a_bad_value_is_reported_and_the_default_used() {
+        let (t, e) = parse_filter(Some("bulkhead_vmm=loud"), "warn");
+        assert!(e.unwrap().contains("bulkhead_vmm=loud"));
+        assert!(t.would_enable("bulkhead_vmm", &Level::WARN));
+        assert!(!t.would_enable("bulkhead_vmm", &Level::INFO));
     }
 }
 
