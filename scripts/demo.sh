@@ -6,10 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 cargo build --release -q
-BULKHEAD_GUEST_DIR=$(python3 packaging/guest/build.py --agent target/release/bulkhead-agent)
+BULKHEAD_GUEST_DIR=$(python3 packaging/guest/build.py --agent target/x86_64-unknown-linux-gnu/release/bulkhead-agent)
 export BULKHEAD_GUEST_DIR
 image=$(bash scripts/busybox-image.sh)
-./target/release/bulkhead check
+./target/x86_64-unknown-linux-gnu/release/bulkhead check
 echo "host kernel:  $(uname -r)"
 printf 'guest kernel: '
-BULKHEAD_TIMINGS=1 ./target/release/bulkhead run --rm "$image" uname -r
+BULKHEAD_TIMINGS=1 ./target/x86_64-unknown-linux-gnu/release/bulkhead run --rm "$image" uname -r

@@ -13,16 +13,17 @@ $SUDO apt-get install -y -qq --no-install-recommends \
     dbus dbus-bin systemd bsdutils libssl-dev \
     podman conmon umoci skopeo docker-registry docker.io containerd \
     containernetworking-plugins protobuf-compiler iperf3 >/dev/null
-# virtiofsd, the vhost-user-fs back end (the crate's binary), pinned.
+# virtiofsd, the vhost-user-fs back end (the crate's binary), pinned. Both are built from
+# /, so that this repository's .cargo/config.toml (static glibc) does not apply to them.
 VIRTIOFSD_VERSION=1.14.0
 if ! /opt/virtiofsd/bin/virtiofsd --version 2>/dev/null | grep -q "$VIRTIOFSD_VERSION"; then
     echo "install-deps: building virtiofsd $VIRTIOFSD_VERSION (about 2 minutes)" >&2
-    $SUDO cargo install virtiofsd --version "$VIRTIOFSD_VERSION" --locked --root /opt/virtiofsd -q
+    (cd / && $SUDO cargo install virtiofsd --version "$VIRTIOFSD_VERSION" --locked --root /opt/virtiofsd -q)
 fi
 # vhost-device-vsock, the vhost-user vsock back end the QEMU backend uses (hybrid vsock
 # over unix sockets, the same protocol bulkhead-vmm's own vsock speaks), pinned.
 VSOCK_VERSION=0.3.0
 if ! /opt/vhost-device-vsock/bin/vhost-device-vsock --version 2>/dev/null | grep -q "$VSOCK_VERSION"; then
     echo "install-deps: building vhost-device-vsock $VSOCK_VERSION (about 2 minutes)" >&2
-    $SUDO cargo install vhost-device-vsock --version "$VSOCK_VERSION" --locked --root /opt/vhost-device-vsock -q
+    (cd / && $SUDO cargo install vhost-device-vsock --version "$VSOCK_VERSION" --locked --root /opt/vhost-device-vsock -q)
 fi

@@ -15,12 +15,12 @@ failed=$(grep -o '[0-9]* failed;' "$log" | awk '{s+=$1} END {print s+0}')
 # A test binary that did not build counts as a failure even with no failed test.
 if [ "$test_rc" != 0 ]; then fail=1; [ "$failed" != 0 ] || failed=1; fi
 echo "== agent API, host mode: the real agent in fresh namespaces, real containers"
-if ./target/release/agent-api-tests --host-mode ./target/release/bulkhead-agent; then
+if ./target/x86_64-unknown-linux-gnu/release/agent-api-tests --host-mode ./target/x86_64-unknown-linux-gnu/release/bulkhead-agent; then
     passed=$((passed + 1)); else failed=$((failed + 1)); fail=1; fi
 echo "== runtime: bulkhead run/exec/ls/rm, the OCI CLI under podman, D-Bus, faults, bad input"
-guest=$(python3 packaging/guest/build.py --agent target/release/bulkhead-agent) || exit 1
+guest=$(python3 packaging/guest/build.py --agent target/x86_64-unknown-linux-gnu/release/bulkhead-agent) || exit 1
 rt=$(mktemp)
-./target/release/runtime-tests --bin-dir target/release --guest "$guest" 2>&1 | tee "$rt"
+./target/x86_64-unknown-linux-gnu/release/runtime-tests --bin-dir target/x86_64-unknown-linux-gnu/release --guest "$guest" 2>&1 | tee "$rt"
 rt_line=$(grep -E '^runtime: [0-9]+ passed, [0-9]+ failed' "$rt" | tail -1)
 if [ -n "$rt_line" ]; then
     passed=$((passed + $(echo "$rt_line" | awk '{print $2}')))

@@ -39,7 +39,7 @@ def tsc_khz():
 
 
 def release_bins():
-    out = os.path.join(ROOT, "target", "release")
+    out = os.path.join(ROOT, "target", "x86_64-unknown-linux-gnu", "release")
     bins = {b: os.path.join(out, b) for b in ("bulkhead-vmm", "bulkhead", "bulkheadd", "bulkhead-agent", "agent-api-tests",
                                               "containerd-shim-bulkhead-v2", "bulkhead-net", "bulkhead-jailer",
                                               "bulkhead-metrics")}

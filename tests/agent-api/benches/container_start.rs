@@ -73,7 +73,8 @@ fn main() -> Result<()> {
     let agent_bin = std::env::var_os("BULKHEAD_AGENT")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/release/bulkhead-agent")
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../target/x86_64-unknown-linux-gnu/release/bulkhead-agent")
         });
     if !agent_bin.exists() {
         bail!(

@@ -38,7 +38,7 @@ pub fn guest_dir(root: &Path) -> Result<PathBuf> {
     let o = Command::new("python3")
         .arg(root.join("packaging/guest/build.py"))
         .arg("--agent")
-        .arg(root.join("target/release/bulkhead-agent"))
+        .arg(root.join("target/x86_64-unknown-linux-gnu/release/bulkhead-agent"))
         .output()?;
     if !o.status.success() {
         bail!("guest image: {}", String::from_utf8_lossy(&o.stderr));
@@ -71,5 +71,8 @@ pub fn setup(default_runs: usize) -> Result<(usize, Env)> {
         Some(g) => g,
         None => guest_dir(&root)?,
     };
-    Ok((runs, Env::new(root.join("target/release"), guest)?))
+    Ok((
+        runs,
+        Env::new(root.join("target/x86_64-unknown-linux-gnu/release"), guest)?,
+    ))
 }

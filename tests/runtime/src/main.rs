@@ -3,7 +3,7 @@
 //! vhost-device-vsock, the guest kernel and agent, podman with conmon, a local
 //! docker-registry, busctl. Prints one line per case and a summary.
 //!
-//!   runtime-tests --bin-dir target/release --guest DIR [--only SUBSTRING]
+//!   runtime-tests --bin-dir target/x86_64-unknown-linux-gnu/release --guest DIR [--only SUBSTRING]
 
 mod bad_input;
 mod cases;
@@ -24,7 +24,7 @@ pub type Case = (
 );
 
 fn main() {
-    let mut bin = PathBuf::from("target/release");
+    let mut bin = PathBuf::from("target/x86_64-unknown-linux-gnu/release");
     let mut guest = None;
     let mut only: Option<String> = None;
     let mut it = std::env::args().skip(1);
