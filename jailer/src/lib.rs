@@ -47,6 +47,112 @@ pub fn system_paths() -> Vec<PathBuf> {
         .collect()
 }
 
+/// What `program` needs from the host to be loaded: [`system_paths`] when it is
+/// dynamically linked (or cannot be read as ELF), nothing when it is static (our own
+/// components are: their roots then hold no host library at all).
+pub fn loader_paths(program: &std::path::Path) -> Vec<PathBuf> {
+    match elf_has_interpreter(program) {
+        Ok(false) => Vec::new(),
+        Ok(true) | Err(_) => system_paths(),
+    }
+}
+
+/// Whether the ELF file at `path` names a program interpreter (`PT_INTERP`): a dynamic
+/// loader, which a static or static-pie executable has not.
+fn elf_has_interpreter(path: &std::path::Path) -> std::io::Result<bool> {
+    use std::io::{Error, ErrorKind, Read, Seek, SeekFrom};
+    const PT_INTERP: u32 = 3;
+    let bad = |what: &str| Error::new(ErrorKind::InvalidData, format!("not a 64-bit ELF: {what}"));
+    let mut f = std::fs::File::open(path)?;
+    let mut eh = [0u8; 64];
+    f.read_exact(&mut eh)?;
+    // Magic, ELFCLASS64, little-endian: the only executables this host runs.
+    if eh[..4] != *b"\x7fELF" || eh[4] != 2 || eh[5] != 1 {
+        return Err(bad("header"));
+    }
+    let phoff = u64::from_le_bytes(eh[32..40].try_into().unwrap_or_default());
+    let phentsize = u16::from_le_bytes([eh[54], eh[55]]);
+    let phnum = u16::from_le_bytes([eh[56], eh[57]]);
+    if phentsize < 4 || phnum > 512 {
+        return Err(bad("program headers"));
+    }
+    let mut table = vec![0u8; usize::from(phentsize) * usize::from(phnum)];
+    f.seek(SeekFrom::Start(phoff))?;
+    f.read_exact(&mut table)?;
+    Ok(table
+        .chunks_exact(usize::from(phentsize))
+        .any(|ph| u32::from_le_bytes([ph[0], ph[1], ph[2], ph[3]]) == PT_INTERP))
+}
+
+#[cfg(test)]
+mod loader_tests {
+    use super::*;
+
+    /// A minimal ELF64 header with `types` as its program headers' p_type.
+    fn elf(types: &[u32]) -> Vec<u8> {
+        let mut b = vec![0u8; 64];
+        b[..6].copy_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1]);
+        b[32..40].copy_from_slice(&64u64.to_le_bytes());
+        b[54..56].copy_from_slice(&56u16.to_le_bytes());
+        b[56..58].copy_from_slice(&(types.len() as u16).to_le_bytes());
+        for t in types {
+            let mut ph = vec![0u8; 56];
+            ph[..4].copy_from_slice(&t.to_le_bytes());
+            b.extend(ph);
+        }
+        b
+    }
+
+    fn write(name: &str, bytes: &[u8]) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("bh-elf-{}-{name}", std::process::id()));
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+
+    #[test]
+    fn a_static_program_needs_no_host_library() {
+        // PT_LOAD, PT_DYNAMIC (a static-pie has one), PT_GNU_STACK: no PT_INTERP.
+        let p = write("static", &elf(&[1, 2, 0x6474e551]));
+        assert!(!elf_has_interpreter(&p).unwrap());
+        assert!(loader_paths(&p).is_empty());
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn a_dynamic_program_gets_the_system_libraries() {
+        let p = write("dynamic", &elf(&[6, 3, 1]));
+        assert!(elf_has_interpreter(&p).unwrap());
+        assert_eq!(loader_paths(&p), system_paths());
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn what_is_not_elf_or_is_cut_short_gets_them_too() {
+        let script = write("script", b"#!/bin/sh\nexit 0\n");
+        let mut cut = elf(&[1, 3]);
+        cut.truncate(64 + 20);
+        let cut = write("cut", &cut);
+        for p in [script, cut] {
+            assert!(elf_has_interpreter(&p).is_err());
+            assert_eq!(loader_paths(&p), system_paths());
+            std::fs::remove_file(p).unwrap();
+        }
+        assert_eq!(
+            loader_paths(std::path::Path::new("/nonexistent/x")),
+            system_paths()
+        );
+    }
+
+    #[test]
+    fn this_test_binary_is_read_as_it_was_linked() {
+        // Built with the workspace's static glibc, or without it: either way the answer
+        // must match what the binary says of itself.
+        let exe = std::env::current_exe().unwrap();
+        let dynamic = cfg!(not(target_feature = "crt-static"));
+        assert_eq!(elf_has_interpreter(&exe).unwrap(), dynamic);
+    }
+}
+
 /// Undo `/proc/*/mountinfo`'s octal escapes (`\040` for a space, `\011`, `\012`,
 /// `\134`).
 pub fn unescape_mountinfo(s: &str) -> String {

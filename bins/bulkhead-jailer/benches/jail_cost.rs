@@ -46,7 +46,7 @@ fn jail(dir: &Path, program: &Path, args: &[&str]) -> Jail {
     let mut j = Jail::new("bench", "vmm", dir.join("root"), program.into());
     j.uid = UID;
     j.gid = UID;
-    j.read_only = jailer::system_paths();
+    j.read_only = jailer::loader_paths(program);
     j.read_only.push(program.into());
     j.read_write = vec![dir.join("vm")];
     if Path::new("/dev/kvm").exists() {

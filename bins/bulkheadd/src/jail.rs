@@ -52,7 +52,7 @@ pub fn jail_for(rec: &SandboxRec, spec: &ComponentSpec) -> Option<Jail> {
         j.gid = 0;
         j.keep_caps = spec.needs.root_caps.iter().map(|c| c.to_string()).collect();
     }
-    j.read_only = bulkhead_jail::system_paths();
+    j.read_only = bulkhead_jail::loader_paths(&program);
     j.read_only.push(program);
     j.read_only.extend(spec.needs.read_only.iter().cloned());
     j.read_write.push(rec.vm_dir());
