@@ -6,10 +6,17 @@
 //! namespaces, a uid, no capabilities, landlock, seccomp), alternating runs, medians
 //! reported. The jailed row's CPU includes the jailer's.
 //!
+//! Then the VMM's non-guest RSS (everything resident but guest RAM, from
+//! /proc/PID/smaps) in a toy guest that spins, before and after one peer reads `State`
+//! on its `org.bulkhead.Vmm1` socket (the D-Bus code maps in with the first peer), plain
+//! and jailed.
+//!
 //! cargo bench -p bulkhead-vmm --bench toy_start [-- RUNS]
 
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 const VMM: &str = env!("CARGO_BIN_EXE_bulkhead-vmm");
 
@@ -77,28 +84,15 @@ fn main() {
         "--memory",
         "128",
     ];
-    // The jailer is built beside the VMM (cargo build --release builds both).
-    let jailer = std::path::Path::new(VMM).with_file_name("bulkhead-jailer");
-    // SAFETY: geteuid has no preconditions.
-    let jail = (jailer.exists() && unsafe { libc::geteuid() } == 0).then(|| {
-        let root = dir.join("jail");
-        std::fs::create_dir_all(&root).unwrap();
-        let mut j = bulkhead_jail::Jail::new("bench", "vmm", root, VMM.into());
-        j.uid = 1_999_000_300;
-        j.gid = 1_999_000_300;
-        j.read_only = bulkhead_jail::system_paths();
-        j.read_only
-            .extend([std::path::PathBuf::from(VMM), bin.clone()]);
-        j.devices.push(bulkhead_jail::Device::Kvm);
-        j.cgroup = Some("bulkhead-bench/toy".into());
-        j.args = vmm_args.iter().map(Into::into).collect();
-        j.to_args()
-    });
+    let jailer = jailer_beside_vmm();
+    let jail = jailer
+        .as_ref()
+        .map(|_| jail_args(&dir.join("jail"), "toy", &bin, &vmm_args, None));
     let (mut ours, mut jailed, mut theirs) = (vec![], vec![], vec![]);
     for _ in 0..runs {
         ours.extend(run(Command::new(VMM).args(vmm_args)));
-        if let Some(a) = &jail {
-            jailed.extend(run(Command::new(&jailer).args(a)));
+        if let (Some(j), Some(a)) = (&jailer, &jail) {
+            jailed.extend(run(Command::new(j).args(a)));
         }
         if let Some(q) = &qemu {
             let mut c = Command::new(q);
@@ -167,8 +161,155 @@ fn main() {
             qc / oc
         );
     }
+    rss_table(&dir, jailer.as_deref(), runs.clamp(1, 5));
     bulkhead_jail::remove_cgroup("bulkhead-bench");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The jailer built beside the VMM (`cargo build --release` builds both), when we are
+/// root and may use it.
+fn jailer_beside_vmm() -> Option<PathBuf> {
+    let jailer = Path::new(VMM).with_file_name("bulkhead-jailer");
+    // SAFETY: geteuid has no preconditions.
+    (jailer.exists() && unsafe { libc::geteuid() } == 0).then_some(jailer)
+}
+
+/// The jailer's arguments for the VMM with `args`, in the jail bulkheadd gives it, rooted
+/// at `root`, with `kernel` bound read-only and `rw` read-write.
+fn jail_args(
+    root: &Path,
+    group: &str,
+    kernel: &Path,
+    args: &[&str],
+    rw: Option<&Path>,
+) -> Vec<OsString> {
+    std::fs::create_dir_all(root).unwrap();
+    let mut j = bulkhead_jail::Jail::new("bench", "vmm", root.into(), VMM.into());
+    j.uid = 1_999_000_300;
+    j.gid = 1_999_000_300;
+    j.read_only = bulkhead_jail::loader_paths(Path::new(VMM));
+    j.read_only.extend([PathBuf::from(VMM), kernel.into()]);
+    j.read_write.extend(rw.map(PathBuf::from));
+    j.devices.push(bulkhead_jail::Device::Kvm);
+    j.cgroup = Some(format!("bulkhead-bench/{group}"));
+    j.args = args.iter().map(Into::into).collect();
+    j.to_args()
+}
+
+/// Resident KiB of `pid` outside guest RAM (its one mapping of `guest_mib` or more).
+fn non_guest_rss_kib(pid: u32, guest_mib: u64) -> Option<u64> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let (mut total, mut size) = (0, 0);
+    for line in smaps.lines() {
+        let mut f = line.split_whitespace();
+        match (f.next(), f.next().and_then(|v| v.parse::<u64>().ok())) {
+            (Some("Size:"), Some(kib)) => size = kib,
+            (Some("Rss:"), Some(kib)) if size < guest_mib * 1024 => total += kib,
+            _ => {}
+        }
+    }
+    Some(total)
+}
+
+/// The VMM's pid: `child` itself, or under a jailer, the jailer's one child.
+fn vmm_pid(child: u32, jailed: bool) -> Option<u32> {
+    if !jailed {
+        return Some(child);
+    }
+    let kids = std::fs::read_to_string(format!("/proc/{child}/task/{child}/children")).ok()?;
+    kids.split_whitespace().next()?.parse().ok()
+}
+
+/// Non-guest RSS (KiB) of one spinning toy VM before and after a peer reads `State`.
+fn rss_once(cmd: &mut Command, sock: &Path, jailed: bool) -> Option<(u64, u64)> {
+    const MIB: u64 = 128;
+    let _ = std::fs::remove_file(sock);
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    let measured = (|| {
+        let t = Instant::now();
+        while !sock.exists() && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Settled: the vCPU spins in the guest, the event loop waits.
+        std::thread::sleep(Duration::from_millis(300));
+        let pid = vmm_pid(child.id(), jailed)?;
+        let before = non_guest_rss_kib(pid, MIB)?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ok()?;
+        let state = rt.block_on(async {
+            let vmm = bulkhead_dbus::vmm::connect(sock, Duration::from_secs(5)).await?;
+            vmm.state().await
+        });
+        if state.ok()? != "running" {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        Some((before, non_guest_rss_kib(pid, MIB)?))
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    measured
+}
+
+fn rss_table(dir: &Path, jailer: Option<&Path>, runs: usize) {
+    let spin = dir.join("spin.bin");
+    std::fs::write(&spin, [0xeb, 0xfe]).unwrap(); // jmp $
+    let rw = dir.join("vm");
+    std::fs::create_dir_all(&rw).unwrap();
+    // The jail's uid must be able to make its socket there.
+    let _ = std::os::unix::fs::chown(&rw, Some(1_999_000_300), Some(1_999_000_300));
+    let sock = rw.join("api.sock");
+    let args = [
+        "--boot",
+        "raw16",
+        "--kernel",
+        spin.to_str().unwrap(),
+        "--memory",
+        "128",
+        "--hugepages",
+        "off",
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ];
+    let jail = jailer.map(|j| {
+        (
+            j,
+            jail_args(&dir.join("jail-rss"), "rss", &spin, &args, Some(&rw)),
+        )
+    });
+    let (mut plain, mut jailed) = (vec![], vec![]);
+    for _ in 0..runs {
+        plain.extend(rss_once(Command::new(VMM).args(args), &sock, false));
+        if let Some((j, a)) = &jail {
+            jailed.extend(rss_once(Command::new(j).args(a), &sock, true));
+        }
+    }
+    println!();
+    println!("non-guest RSS, toy guest spinning, 128 MiB, --hugepages off; {runs} runs, medians");
+    println!(
+        "{:<24}{:>8}{:>18}{:>18}",
+        "VMM", "runs", "before a peer", "with a peer"
+    );
+    for (name, s) in [("bulkhead-vmm", &plain), ("bulkhead-vmm, jailed", &jailed)] {
+        if s.is_empty() {
+            println!("{name:<24}{:>8}", "n/a");
+            continue;
+        }
+        let b = median(s.iter().map(|x| x.0 as f64).collect());
+        let a = median(s.iter().map(|x| x.1 as f64).collect());
+        println!(
+            "{name:<24}{:>8}{:>14.2} MiB{:>14.2} MiB",
+            s.len(),
+            b / 1024.0,
+            a / 1024.0
+        );
+    }
 }
 
 fn which(name: &str) -> Option<String> {
