@@ -115,8 +115,7 @@ impl Background {
     {
         let shared: Arc<(Mutex<Pending>, std::sync::Condvar)> = Arc::default();
         let s = shared.clone();
-        std::thread::Builder::new()
-            .name(name.into())
+        crate::threads::builder(name)
             .spawn(move || {
                 if let Err(e) = setup() {
                     tracing::error!("guest output writer: {e}");

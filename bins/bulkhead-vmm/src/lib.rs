@@ -16,5 +16,6 @@ pub mod memory;
 pub mod ratelimit;
 pub mod seccomp;
 pub mod startup;
+pub mod threads;
 pub mod virtio;
 pub mod vmm;

@@ -501,8 +501,7 @@ fn start_vcpus(
     let mut threads = Vec::new();
     for r in runners {
         threads.push(
-            std::thread::Builder::new()
-                .name(format!("vcpu{}", r.id))
+            crate::threads::builder(format!("vcpu{}", r.id))
                 .spawn(move || r.run())
                 .map_err(io("spawn vCPU thread"))?,
         );

@@ -97,6 +97,9 @@ where
     listener.set_nonblocking(true)?;
     std::thread::Builder::new()
         .name(thread.into())
+        // Under 2 MiB, like the VMM's own threads (bulkhead-vmm's `threads`): a 2 MiB
+        // stack can be backed by a transparent huge page.
+        .stack_size(1 << 20)
         .spawn(move || {
             if let Err(e) = setup() {
                 return tracing::error!("no D-Bus interface: {e}");

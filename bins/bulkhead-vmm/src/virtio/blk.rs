@@ -183,8 +183,7 @@ impl Blk {
         };
         let io = Arc::new(IoShared::default());
         let shared = io.clone();
-        let thread = std::thread::Builder::new()
-            .name("blk-io".into())
+        let thread = crate::threads::builder("blk-io")
             .spawn(move || {
                 if let Err(e) = crate::seccomp::install_for(crate::seccomp::Class::Worker) {
                     tracing::error!("blk-io: {e}");

@@ -381,15 +381,13 @@ impl Link {
         let (tx, rx) = channel();
         let done: Arc<(Mutex<u64>, Condvar)> = Arc::default();
         let d = done.clone();
-        let thread = std::thread::Builder::new()
-            .name(name.into())
-            .spawn(move || {
-                if let Err(e) = crate::seccomp::install_for(crate::seccomp::Class::Worker) {
-                    tracing::error!("vhost-user link: {e}");
-                    return;
-                }
-                state.serve(rx, &d);
-            })?;
+        let thread = crate::threads::builder(name).spawn(move || {
+            if let Err(e) = crate::seccomp::install_for(crate::seccomp::Class::Worker) {
+                tracing::error!("vhost-user link: {e}");
+                return;
+            }
+            state.serve(rx, &d);
+        })?;
         Ok(Link {
             path: path.to_string(),
             tx: Some(tx),

@@ -196,8 +196,7 @@ fn first_handshake(path: &str, stream: UnixStream) -> Result<(Frontend, u64), Ne
     stream.set_nonblocking(false).map_err(sock_err)?;
     let watch = stream.try_clone().map_err(sock_err)?;
     let (tx, rx) = std::sync::mpsc::channel();
-    let worker = std::thread::Builder::new()
-        .name("vhost-user-net".into())
+    let worker = crate::threads::builder("vhost-user-net")
         .spawn(move || {
             if let Err(e) = crate::seccomp::install_for(crate::seccomp::Class::Worker) {
                 tracing::error!("{e}");
