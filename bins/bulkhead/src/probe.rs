@@ -18,6 +18,7 @@ pub const USAGE: &str = "probe options:
   --shutdown             power the guest off at the end and wait for the VMM to exit
   --guest-mib N          report the spawned VMM's RSS outside guest memory (mappings
                          smaller than N MiB) and its CPU time at the first answer
+                         (under bulkhead-jailer: the jailed VMM's, not the jailer's)
   -- CMD ARGS...         spawn this VMM first; time is measured from its exec
 
 A running bulkhead-vmm's control interface: busctl --address=unix:path=SOCKET ...
@@ -174,11 +175,12 @@ pub fn run(args: &[String]) -> Result<()> {
         Err(e) => println!("PROBE details FAILED {e}"),
     }
     if let (Some(g), Some(c)) = (guest_mib, child.as_ref()) {
-        let (non_guest, anon, total) = rss_kib(c.id(), g << 10).unwrap_or((0, 0, 0));
+        let vmm = past_jailer(c.id());
+        let (non_guest, anon, total) = rss_kib(vmm, g << 10).unwrap_or((0, 0, 0));
         println!(
             "PROBE rss non_guest_kib={non_guest} total_kib={total} cpu_ms={} faults={} non_guest_anon_kib={anon}",
-            cpu_ms(c.id()).unwrap_or(0),
-            faults(c.id()).unwrap_or(0)
+            cpu_ms(vmm).unwrap_or(0),
+            faults(vmm).unwrap_or(0)
         );
     }
     let mut failed = false;
@@ -248,7 +250,19 @@ pub fn run(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// (RSS of mappings smaller than the guest, total RSS) in KiB, from /proc/PID/smaps.
+/// `pid`, or when it is bulkhead-jailer, the component it runs (its one child).
+fn past_jailer(pid: u32) -> u32 {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    // comm holds 15 characters of the name.
+    if !"bulkhead-jailer".starts_with(comm.trim_end()) || comm.trim_end().len() < 15 {
+        return pid;
+    }
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .ok()
+        .and_then(|k| k.split_whitespace().next()?.parse().ok())
+        .unwrap_or(pid)
+}
+
 /// RSS outside guest RAM (mappings smaller than the guest), the anonymous part of it
 /// (this VMM's own memory; the rest is code shared through the page cache), and total.
 fn rss_kib(pid: u32, guest_kib: u64) -> Option<(u64, u64, u64)> {
