@@ -10,5 +10,6 @@ mod render;
 mod snapshot;
 
 fn main() -> std::process::ExitCode {
+    bulkhead_host::threads::small_thread_stacks();
     cli::main()
 }

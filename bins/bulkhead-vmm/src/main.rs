@@ -6,6 +6,7 @@ use bulkhead_vmm::exit::ExitReason;
 
 fn main() {
     bulkhead_vmm::startup::mark_exec();
+    bulkhead_host::threads::small_thread_stacks();
     bulkhead_host::logging::init_stderr("warn");
     bulkhead_vmm::exit::abort_on_panic();
     let args: Vec<String> = std::env::args().skip(1).collect();

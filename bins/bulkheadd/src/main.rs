@@ -82,6 +82,7 @@ fn init_logging(log_file: Option<&PathBuf>) -> Result<()> {
 }
 
 fn main() {
+    bulkhead_host::threads::small_thread_stacks();
     let r = parse().and_then(|(opts, log_file, seccomp)| {
         init_logging(log_file.as_ref())?;
         bulkheadd::confine(seccomp, &opts.state_dir)?;

@@ -2,5 +2,6 @@
 //! See `lib.rs`.
 
 fn main() {
+    bulkhead_host::threads::small_thread_stacks();
     containerd_shim_bulkhead_v2::main();
 }

@@ -6,6 +6,7 @@ pub mod config;
 pub mod hugepages;
 pub mod logging;
 pub mod pod;
+pub mod threads;
 
 use std::path::Path;
 
