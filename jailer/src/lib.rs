@@ -73,7 +73,8 @@ fn elf_has_interpreter(path: &std::path::Path) -> std::io::Result<bool> {
     let phoff = u64::from_le_bytes(eh[32..40].try_into().unwrap_or_default());
     let phentsize = u16::from_le_bytes([eh[54], eh[55]]);
     let phnum = u16::from_le_bytes([eh[56], eh[57]]);
-    if phentsize < 4 || phnum > 512 {
+    // An ELF64 program header is 56 bytes; a real executable has a dozen or so.
+    if phentsize != 56 || phnum > 512 {
         return Err(bad("program headers"));
     }
     let mut table = vec![0u8; usize::from(phentsize) * usize::from(phnum)];
