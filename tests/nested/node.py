@@ -611,10 +611,16 @@ vmm() {  # label mib fs=yes|no [jailed]
     mkdir -p /tmp/jroot /tmp/jvm; chown 1000000000:1000000000 /tmp/jvm; sock=/tmp/jvm/v.sock
     pre="/opt/bulkhead/bulkhead-jailer --sandbox bench --name vmm --root /tmp/jroot --uid 1000000000 --gid 1000000000 --ro /lib --ro /lib64 --ro /opt/bulkhead/bulkhead-vmm --ro /opt/guest --ro /sys/kernel/mm/transparent_hugepage --rw /tmp/jvm --dev kvm --dev null --dev urandom --"
   fi
+  grep -E '^(compact_|thp_|pgmajfault |allocstall)' /proc/vmstat > /tmp/vmstat0
   NO_COLOR=1 BULKHEAD_LOG=info bulkhead probe --socket $sock --timeout 240 --guest-mib $2 --shutdown -- \
     $pre /opt/bulkhead/bulkhead-vmm --kernel /opt/guest/vmlinux --initrd /opt/guest/initramfs.cpio.gz \
     --cmdline 'L2CMD' --cpus 1 --memory $2 --vsock cid=3,socket=$sock --serial none $extra 2>/tmp/vmm.err
   grep -h "guest init reached" /tmp/vmm.err | tail -1 | sed 's/^/BENCH-PHASES /'
+  # The node's memory events over this boot: compaction stalls and huge-page fallbacks
+  # are where a huge page costs more than its zeroing.
+  grep -E '^(compact_|thp_|pgmajfault |allocstall)' /proc/vmstat \
+    | awk 'NR==FNR {a[$1]=$2; next} {d=$2-a[$1]; if (d) printf "%s=%d ", $1, d} END {print ""}' /tmp/vmstat0 - \
+    | sed 's/^/BENCH-VMSTAT /'
   grep -h "VM started" /tmp/vmm.err | sed -E 's/.* pages=([^ ]*) .*/BENCH-PAGES \1/'
   grep -h "ERROR\|WARN" /tmp/vmm.err | head -3
   unshare_fs
@@ -834,17 +840,18 @@ def cmd_test(args, demo=False):
 
 def parse_bench(out):
     """BENCH/PROBE/BENCH-PHASES lines → {(vmm, mib, fs): [run dicts]}."""
-    res, cur = {}, None
+    res, cur, order = {}, None, 0
     for line in out.splitlines():
         m = re.match(r"BENCH (\S+) mib=(\d+) fs=(\w+) run", line)
         if m:
             cur = (m.group(1), int(m.group(2)), m.group(3))
+            order += 1
             continue
         if cur is None:
             continue
         m = re.search(r"first_answer_ms=(\d+) .*guest_uptime_ms=(\d+)", line)
         if m:
-            res.setdefault(cur, []).append({"answer": int(m.group(1)),
+            res.setdefault(cur, []).append({"answer": int(m.group(1)), "order": order,
                                             "clock": int(m.group(1)) - int(m.group(2))})
             continue
         run = res.get(cur, [None])[-1]
@@ -859,6 +866,8 @@ def parse_bench(out):
         if line.startswith("BENCH-PHASES"):
             for name, ms, flt, cpu in re.findall(r"(\w+)=([\d.]+)ms/(\d+)flt/([\d.]+)cpu", line):
                 run[name] = (float(ms), int(flt), float(cpu))
+        if line.startswith("BENCH-VMSTAT"):
+            run["vmstat"] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", line)}
         m = re.match(r"BENCH-PAGES (\S+)", line)
         if m:
             run["pages"] = m.group(1).strip('"')
@@ -923,6 +932,20 @@ def cmd_bench(args):
         flat = (f"; bulkhead-vmm clock start spread across sizes {100 * (max(clocks) - min(clocks)) / min(clocks):.0f}%"
                 if len(clocks) > 1 and min(clocks) > 0 else "")
         print(f"virtio-fs {fs}: QEMU / bulkhead-vmm, exec to answer: {', '.join(ratios)}{flat}")
+    # Each bulkhead-vmm boot in the order it ran: where the time before the clock starts
+    # goes (loading the kernel) beside what the node's memory did meanwhile.
+    keys = ("compact_stall", "compact_fail", "thp_fault_alloc", "thp_fault_fallback",
+            "thp_file_alloc", "thp_file_fallback")
+    print(f"\nbulkhead-vmm boots in run order: load = kernel loaded minus memory ready (ms / CPU ms); "
+          f"the node's /proc/vmstat deltas over the boot")
+    print(f"{'#':>3}{'MiB':>6}{'fs':>4}{'clock':>7}{'load':>7}{'cpu':>7}  " + " ".join(keys))
+    for k, x in sorted(((k, x) for k in res for x in res[k] if k[0] == "bulkhead-vmm"),
+                       key=lambda kx: kx[1]["order"]):
+        mr, kl = x.get("memory_ready"), x.get("kernel_loaded")
+        load = (kl[0] - mr[0], kl[2] - mr[2]) if mr and kl else (None, None)
+        vm = x.get("vmstat", {})
+        print(f"{x['order']:>3}{k[1]:>6}{k[2]:>4}{x['clock']:>7}{fmt(load[0]):>7}{fmt(load[1]):>7}  "
+              + " ".join(str(vm.get(n, 0)) for n in keys))
     j, b = res.get(("bulkhead-vmm-jailed", 128, "no")), res.get(("bulkhead-vmm", 128, "no"))
     if j and b:
         print(f"the jail's cost, exec to answer at 128 MiB: "
