@@ -21,7 +21,9 @@ usage: bulkhead-jailer --sandbox ID --name NAME --root DIR --uid N --gid N [opti
   --userns N        run as root of a new user namespace whose ids 0..N map to the host's
                     --uid.. and --gid.. (the capabilities kept hold only inside it)
   --max-files N     RLIMIT_NOFILE (default 4096)
-  --landlock on|off apply the landlock ruleset (default on)
+  --landlock on|off apply the landlock ruleset and the baseline filter (default on)
+  --seccomp NAME    also install the jailer's allow list NAME (vhost-device-vsock), for
+                    a program that brings no filter of its own
   --env K=V         the component's environment, nothing else (repeatable)
   --report FILE     write what was enforced, as JSON";
 
@@ -70,6 +72,9 @@ impl Jail {
         push("--max-files", self.max_files.to_string().as_ref());
         if !self.landlock {
             push("--landlock", "off".as_ref());
+        }
+        if let Some(n) = &self.allow_list {
+            push("--seccomp", n.as_ref());
         }
         for (k, v) in &self.env {
             push("--env", format!("{k}={v}").as_ref());
@@ -168,6 +173,13 @@ impl Jail {
                         v => return Err(bad(format!("--landlock {v:?}: want on or off"))),
                     }
                 }
+                "--seccomp" => {
+                    let n = text()?;
+                    if !crate::seccomp::allow_list_known(&n) {
+                        return Err(bad(format!("--seccomp {n:?}: no such allow list")));
+                    }
+                    j.allow_list = Some(n)
+                }
                 "--env" => {
                     let kv = text()?;
                     let (k, v) = kv
@@ -185,6 +197,12 @@ impl Jail {
         }
         if j.uid == u32::MAX || j.gid == u32::MAX {
             return Err(bad("--uid and --gid are required".into()));
+        }
+        if j.allow_list.is_some() && !j.landlock {
+            return Err(bad(
+                "--seccomp: a program that sandboxes itself (--landlock off) brings its own filter"
+                    .into(),
+            ));
         }
         if let Some(n) = j.userns {
             if j.uid == 0
@@ -253,6 +271,9 @@ mod tests {
         j.landlock = false;
         j.args = vec!["--kernel".into(), "-- x".into()];
         assert_eq!(Jail::parse(&j.to_args()).unwrap(), j);
+        j.landlock = true;
+        j.allow_list = Some("vhost-device-vsock".into());
+        assert_eq!(Jail::parse(&j.to_args()).unwrap(), j);
     }
 
     #[test]
@@ -290,6 +311,15 @@ mod tests {
             &["--userns", "0", "--", "/bin/true"],
             &["--userns", "4294967295", "--", "/bin/true"],
             &["--what", "x", "--", "/bin/true"],
+            &["--seccomp", "no-such-list", "--", "/bin/true"],
+            &[
+                "--seccomp",
+                "vhost-device-vsock",
+                "--landlock",
+                "off",
+                "--",
+                "/bin/true",
+            ],
             &[],
         ] {
             assert!(Jail::parse(&base(bad)).is_err(), "{bad:?} was accepted");

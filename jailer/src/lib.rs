@@ -272,6 +272,9 @@ pub struct Jail {
     /// component that builds a sandbox of its own with mount(2) and pivot_root(2), which
     /// both forbid, and then installs its own filter (virtiofsd).
     pub landlock: bool,
+    /// An allow list of the jailer's to install on top of the baseline
+    /// ([`seccomp::install_allow_list`]), for a program that brings no filter of its own.
+    pub allow_list: Option<String>,
     /// The whole environment the component gets.
     pub env: Vec<(String, String)>,
     /// Where the parent writes what was enforced (a [`posture::Report`] as JSON).
@@ -300,6 +303,7 @@ impl Jail {
             userns: None,
             max_files: 4096,
             landlock: true,
+            allow_list: None,
             env: vec![],
             report: None,
             program,
@@ -354,10 +358,14 @@ impl Jail {
                 status: "off (own sandbox)".into(),
             }
         };
-        // 8. The baseline seccomp filter, then wait at the start gate (if any), say what
-        //    was enforced and become the component.
+        // 8. The baseline seccomp filter and the program's allow list (if the jailer
+        //    has one for it), then wait at the start gate (if any), say what was
+        //    enforced and become the component.
         if self.landlock {
             seccomp::install()?;
+        }
+        if let Some(name) = &self.allow_list {
+            seccomp::install_allow_list(name)?;
         }
         if let Some(fd) = self.start_gate {
             fds::wait_gate(fd)?;
@@ -373,8 +381,13 @@ impl Jail {
                 .map(|n| format!("0:{}:{n} uids, 0:{}:{n} gids", self.uid, self.gid)),
             landlock,
             seccomp: if self.landlock {
+                let allow = self
+                    .allow_list
+                    .as_ref()
+                    .map(|n| format!("; allow list {n}: any other call kills"))
+                    .unwrap_or_default();
                 format!(
-                    "baseline: {} system calls kill, {} are refused",
+                    "baseline: {} system calls kill, {} are refused{allow}",
                     seccomp::DENIED.len(),
                     seccomp::UNAVAILABLE.len()
                 )

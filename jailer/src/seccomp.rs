@@ -5,6 +5,9 @@
 //! seccomp, and is refused rather than fatal, as programs probe for it). Components
 //! then narrow it with allow lists of their own, per thread.
 //! Filters stack, so a component cannot widen it.
+//!
+//! A program that brings no filter of its own gets an allow list from the jailer
+//! instead (`seccomp/x86_64.json`, compiled at build time): [`install_allow_list`].
 
 use std::collections::BTreeMap;
 
@@ -14,6 +17,25 @@ use seccompiler::{
 };
 
 use crate::JailError;
+
+static ALLOW_LISTS: bulkhead_seccomp::Programs =
+    bulkhead_seccomp::Programs(include!(concat!(env!("OUT_DIR"), "/seccomp_programs.rs")));
+
+/// Whether `name` is an allow list this jailer was built with.
+pub fn allow_list_known(name: &str) -> bool {
+    ALLOW_LISTS
+        .program(name, bulkhead_seccomp::Mode::Kill)
+        .is_some()
+}
+
+/// Install the allow list `name` on this thread, on top of the baseline: from here on
+/// (the start gate, the report, the exec, and the program with every thread it starts)
+/// any other call kills the process.
+pub fn install_allow_list(name: &str) -> Result<(), JailError> {
+    ALLOW_LISTS
+        .install(name, bulkhead_seccomp::Mode::Kill, false)
+        .map_err(|e| JailError::Invalid(format!("seccomp: {e}")))
+}
 
 /// The system calls the baseline kills on, with why each is on the list.
 pub const DENIED: &[(&str, i64)] = &[
@@ -147,4 +169,29 @@ pub fn install() -> Result<(), JailError> {
             .map_err(|e| JailError::Invalid(format!("seccomp: {e}")))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bulkhead_seccomp::testing::{assert_ioctls, killed_by, Call, FIONBIO};
+
+    #[test]
+    fn vhost_device_vsock_list_allows_its_work_and_kills_the_rest() {
+        let class = "vhost-device-vsock";
+        assert!(allow_list_known(class));
+        assert!(!allow_list_known("no-such-program"));
+        // Its work: files in its root (landlock bounds where), AF_UNIX sockets.
+        assert_eq!(killed_by(&ALLOW_LISTS, class, Call::Getpid), None);
+        assert_eq!(killed_by(&ALLOW_LISTS, class, Call::OpenHostPath), None);
+        // An IPv4 socket and ptrace: killed.
+        for call in [Call::Socket, Call::Ptrace] {
+            assert_eq!(
+                killed_by(&ALLOW_LISTS, class, call),
+                Some(libc::SIGSYS),
+                "{call:?}"
+            );
+        }
+        assert_ioctls(&ALLOW_LISTS, class, &[FIONBIO, 0x5401]);
+    }
 }

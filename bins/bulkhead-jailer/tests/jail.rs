@@ -412,6 +412,7 @@ fn probe() {
             "keyctl" => libc::syscall(libc::SYS_keyctl, 0, 0, 0, 0, 0),
             "bpf" => libc::syscall(libc::SYS_bpf, 0, 0, 0),
             "io_uring_setup" => libc::syscall(libc::SYS_io_uring_setup, 1, 0),
+            "socket_inet" => libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) as i64,
             // A child in a new user namespace (it would exit at once, like the parent).
             "clone_newuser" => libc::syscall(
                 libc::SYS_clone,
@@ -472,6 +473,85 @@ fn seccomp_kills_what_the_baseline_forbids() {
     // Probed for by programs at start: refused, not fatal.
     assert_eq!(status("io_uring_setup").code(), Some(libc::ENOSYS));
     assert_eq!(status("clone3").code(), Some(libc::ENOSYS));
+}
+
+/// The QEMU backend's vsock back end, where scripts/install-deps.sh puts it.
+const VHOST_DEVICE_VSOCK: &str = "/opt/vhost-device-vsock/bin/vhost-device-vsock";
+
+#[test]
+fn an_allow_list_holds_from_the_exec_on() {
+    need_root();
+    let s = Scratch::new("allow");
+    let me = std::env::current_exe().unwrap();
+    let status = |what: &str| {
+        let mut j = s.jail(
+            "probe",
+            &me,
+            &["--exact", "probe", "--nocapture", "--test-threads=1"],
+        );
+        j.read_only.push(me.clone());
+        j.env = vec![("PROBE".into(), what.into())];
+        j.allow_list = Some("vhost-device-vsock".into());
+        run(&j).status
+    };
+    assert_eq!(
+        status("getpid").code(),
+        Some(0),
+        "the probe itself must run"
+    );
+    assert_eq!(status("thread").code(), Some(0), "threads must start");
+    // Not on the list, though the baseline allows it.
+    assert_eq!(
+        status("socket_inet").code(),
+        Some(128 + libc::SIGSYS),
+        "an IPv4 socket was not killed"
+    );
+    assert!(s.report().seccomp.contains("allow list vhost-device-vsock"));
+}
+
+#[test]
+fn vhost_device_vsock_starts_and_listens_under_its_allow_list() {
+    need_root();
+    let program = Path::new(VHOST_DEVICE_VSOCK);
+    assert!(
+        program.exists(),
+        "{VHOST_DEVICE_VSOCK} is missing: scripts/install-deps.sh installs it"
+    );
+    let s = Scratch::new("vdv");
+    let rw = s.dir.join("rw");
+    let vm = format!(
+        "guest-cid=3,socket={},uds-path={}",
+        rw.join("vu.sock").display(),
+        rw.join("vsock.sock").display()
+    );
+    let mut j = s.jail("vhost-device-vsock", program, &["--vm", &vm]);
+    j.read_only = jailer::loader_paths(program);
+    j.read_only.push(program.into());
+    j.allow_list = Some("vhost-device-vsock".into());
+    let mut child = Command::new(JAILER)
+        .args(j.to_args())
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !rw.join("vu.sock").exists() && Instant::now() < deadline {
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("vhost-device-vsock ended before listening: {st:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(rw.join("vu.sock").exists(), "no vhost-user socket");
+    // A front end that connects and goes away: it takes the connection and listens
+    // again, still alive under the list.
+    drop(std::os::unix::net::UnixStream::connect(rw.join("vu.sock")).unwrap());
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        child.try_wait().unwrap(),
+        None,
+        "it died after a connection"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
 }
 
 #[test]
