@@ -58,6 +58,9 @@ pub struct Needs {
     /// With `root_caps`: be root of a user namespace of the sandbox's ids instead of the
     /// host's root, the capabilities holding only inside it.
     pub own_userns: bool,
+    /// A program that installs no seccomp filter of its own gets the jailer's allow
+    /// list of this name (jailer/seccomp/).
+    pub allow_list: Option<&'static str>,
 }
 
 impl ComponentSpec {
@@ -322,7 +325,10 @@ pub fn plan(cfg: &Config, rec: &SandboxRec, tcg: bool) -> Result<Vec<ComponentSp
                 "vhost-device-vsock",
                 v,
                 Some(vu.clone()),
-                Needs::default(),
+                Needs {
+                    allow_list: Some("vhost-device-vsock"),
+                    ..Needs::default()
+                },
             ));
             let mut fds = vec![];
             match rec.net_backend {

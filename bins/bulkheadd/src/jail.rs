@@ -62,6 +62,7 @@ pub fn jail_for(rec: &SandboxRec, spec: &ComponentSpec) -> Option<Jail> {
     }
     j.net = Net::None;
     j.landlock = !spec.needs.sandboxes_itself;
+    j.allow_list = spec.needs.allow_list.map(str::to_string);
     if let Some(n) = spec.needs.max_files {
         j.max_files = n;
     }

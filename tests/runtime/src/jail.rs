@@ -228,6 +228,14 @@ fn every_component_jailed(e: &mut Env) -> Result<()> {
             let u: u32 = ids[0].parse()?;
             ensure!(u != 0, "{name} runs as root");
             ensure!(report["uid"].as_u64() == Some(u as u64), "{name}: {report}");
+            if name == "vhost-device-vsock" {
+                ensure!(
+                    report["seccomp"]
+                        .as_str()
+                        .is_some_and(|s| s.contains("allow list vhost-device-vsock")),
+                    "vhost-device-vsock has no allow list: {report}"
+                );
+            }
             match jail_uid {
                 None => jail_uid = Some(u),
                 Some(j) => ensure!(j == u, "{name} has uid {u}, another component {j}"),
@@ -236,9 +244,9 @@ fn every_component_jailed(e: &mut Env) -> Result<()> {
                 let v = status_field(pid, set);
                 ensure!(caps(&v) == 0, "{name}: {set} {v}");
             }
-            // The jail's baseline on every thread; bulkhead-net's own allow list and
-            // QEMU's -sandbox on top of it.
-            let want_filters = if name == "vhost-device-vsock" { 1 } else { 2 };
+            // The jail's baseline on every thread; bulkhead-net's own allow list,
+            // QEMU's -sandbox and the jailer's list for vhost-device-vsock on top of it.
+            let want_filters = 2;
             for t in &threads {
                 let Ok(st) = std::fs::read_to_string(format!("/proc/{pid}/task/{t}/status")) else {
                     continue; // the thread ended
