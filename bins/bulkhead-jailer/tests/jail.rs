@@ -435,21 +435,26 @@ fn probe() {
     std::process::exit(if r == -1 { errno } else { 0 });
 }
 
+/// Run the `probe` test jailed, making the call `what`, under the allow list
+/// `allow_list` if one is named; its exit status.
+fn probe_status(s: &Scratch, what: &str, allow_list: Option<&str>) -> std::process::ExitStatus {
+    let me = std::env::current_exe().unwrap();
+    let mut j = s.jail(
+        "probe",
+        &me,
+        &["--exact", "probe", "--nocapture", "--test-threads=1"],
+    );
+    j.read_only.push(me.clone());
+    j.env = vec![("PROBE".into(), what.into())];
+    j.allow_list = allow_list.map(Into::into);
+    run(&j).status
+}
+
 #[test]
 fn seccomp_kills_what_the_baseline_forbids() {
     need_root();
     let s = Scratch::new("seccomp");
-    let me = std::env::current_exe().unwrap();
-    let status = |what: &str| {
-        let mut j = s.jail(
-            "probe",
-            &me,
-            &["--exact", "probe", "--nocapture", "--test-threads=1"],
-        );
-        j.read_only.push(me.clone());
-        j.env = vec![("PROBE".into(), what.into())];
-        run(&j).status
-    };
+    let status = |what: &str| probe_status(&s, what, None);
     assert_eq!(
         status("getpid").code(),
         Some(0),
@@ -482,18 +487,7 @@ const VHOST_DEVICE_VSOCK: &str = "/opt/vhost-device-vsock/bin/vhost-device-vsock
 fn an_allow_list_holds_from_the_exec_on() {
     need_root();
     let s = Scratch::new("allow");
-    let me = std::env::current_exe().unwrap();
-    let status = |what: &str| {
-        let mut j = s.jail(
-            "probe",
-            &me,
-            &["--exact", "probe", "--nocapture", "--test-threads=1"],
-        );
-        j.read_only.push(me.clone());
-        j.env = vec![("PROBE".into(), what.into())];
-        j.allow_list = Some("vhost-device-vsock".into());
-        run(&j).status
-    };
+    let status = |what: &str| probe_status(&s, what, Some("vhost-device-vsock"));
     assert_eq!(
         status("getpid").code(),
         Some(0),
