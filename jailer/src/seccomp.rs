@@ -6,8 +6,9 @@
 //! then narrow it with allow lists of their own, per thread.
 //! Filters stack, so a component cannot widen it.
 //!
-//! A program that brings no filter of its own gets an allow list from the jailer
-//! instead (`seccomp/x86_64.json`, compiled at build time): [`install_allow_list`].
+//! A program that brings no filter of its own gets an allow list from the jailer on
+//! top of the baseline (`seccomp/x86_64.json`, compiled at build time):
+//! [`install_allow_list`].
 
 use std::collections::BTreeMap;
 
