@@ -175,7 +175,7 @@ pub fn install() -> Result<(), JailError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bulkhead_seccomp::testing::{assert_ioctls, killed_by, Call, FIONBIO};
+    use bulkhead_seccomp::testing::{assert_ioctls, killed_by, Call, FIONBIO, TCGETS};
 
     #[test]
     fn vhost_device_vsock_list_allows_its_work_and_kills_the_rest() {
@@ -193,6 +193,6 @@ mod tests {
                 "{call:?}"
             );
         }
-        assert_ioctls(&ALLOW_LISTS, class, &[FIONBIO, 0x5401]);
+        assert_ioctls(&ALLOW_LISTS, class, &[FIONBIO, TCGETS]);
     }
 }

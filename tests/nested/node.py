@@ -601,6 +601,8 @@ share() {  # a virtiofsd on $1 for one boot; it exits when its VMM goes
   for k in $(seq 1 200); do [ -S $1 ] && break; sleep 0.05; done
 }
 unshare_fs() { [ -n "$fsd" ] && { kill $fsd 2>/dev/null; wait $fsd 2>/dev/null; }; fsd=; }
+# The node's memory counters a boot is compared on.
+memstat() { grep -E '^(compact_|thp_|pgmajfault |allocstall)' /proc/vmstat; }
 vmm() {  # label mib fs=yes|no [jailed]
   echo "BENCH $1 mib=$2 fs=$3 run $i"
   extra=; sock=/tmp/v.sock; pre=
@@ -611,14 +613,14 @@ vmm() {  # label mib fs=yes|no [jailed]
     mkdir -p /tmp/jroot /tmp/jvm; chown 1000000000:1000000000 /tmp/jvm; sock=/tmp/jvm/v.sock
     pre="/opt/bulkhead/bulkhead-jailer --sandbox bench --name vmm --root /tmp/jroot --uid 1000000000 --gid 1000000000 --ro /lib --ro /lib64 --ro /opt/bulkhead/bulkhead-vmm --ro /opt/guest --ro /sys/kernel/mm/transparent_hugepage --rw /tmp/jvm --dev kvm --dev null --dev urandom --"
   fi
-  grep -E '^(compact_|thp_|pgmajfault |allocstall)' /proc/vmstat > /tmp/vmstat0
+  memstat > /tmp/vmstat0
   NO_COLOR=1 BULKHEAD_LOG=info bulkhead probe --socket $sock --timeout 240 --guest-mib $2 --shutdown -- \
     $pre /opt/bulkhead/bulkhead-vmm --kernel /opt/guest/vmlinux --initrd /opt/guest/initramfs.cpio.gz \
     --cmdline 'L2CMD' --cpus 1 --memory $2 --vsock cid=3,socket=$sock --serial none $extra 2>/tmp/vmm.err
   grep -h "guest init reached" /tmp/vmm.err | tail -1 | sed 's/^/BENCH-PHASES /'
   # The node's memory events over this boot: compaction stalls and huge-page fallbacks
   # are where a huge page costs more than its zeroing.
-  grep -E '^(compact_|thp_|pgmajfault |allocstall)' /proc/vmstat \
+  memstat \
     | awk 'NR==FNR {a[$1]=$2; next} {d=$2-a[$1]; if (d) printf "%s=%d ", $1, d} END {print ""}' /tmp/vmstat0 - \
     | sed 's/^/BENCH-VMSTAT /'
   grep -h "VM started" /tmp/vmm.err | sed -E 's/.* pages=([^ ]*) .*/BENCH-PAGES \1/'

@@ -122,6 +122,7 @@ pub mod testing {
 
     /// ioctl requests the host processes' lists name.
     pub const FIONBIO: u32 = 0x5421;
+    pub const TCGETS: u32 = 0x5401;
     pub const TUNSETIFF: u32 = 0x4004_54ca;
     pub const TUNSETPERSIST: u32 = 0x4004_54cb;
     pub const TUNSETOFFLOAD: u32 = 0x4004_54d0;
