@@ -36,6 +36,16 @@ pub fn write_maps(pid: i32, uid: u32, gid: u32, n: u32) -> io::Result<()> {
     std::fs::write(format!("/proc/{pid}/gid_map"), format!("0 {gid} {n}\n"))
 }
 
+/// Both maps of `pid`'s (new) user namespace, as extents of (inside, host, count).
+fn write_extents(pid: i32, extents: &[(u32, u32, u32)]) -> io::Result<()> {
+    let text: String = extents
+        .iter()
+        .map(|(inside, host, n)| format!("{inside} {host} {n}\n"))
+        .collect();
+    std::fs::write(format!("/proc/{pid}/uid_map"), &text)?;
+    std::fs::write(format!("/proc/{pid}/gid_map"), &text)
+}
+
 /// Lazy unmount of what this module mounted at `p`; not mounted is not an error.
 fn detach(p: &Path) {
     if let Ok(c) = cstr(p) {
@@ -79,6 +89,21 @@ pub fn userns_of(pid: u32, base: u32, count: u32) -> io::Result<OwnedFd> {
 /// once it has threads); the child does only async-signal-safe calls, so this may be
 /// called from any process.
 pub fn new_userns(base: u32, count: u32) -> io::Result<OwnedFd> {
+    userns_with(&[(0, base, count)])
+}
+
+/// A user namespace for a writable layer's idmapped mount: `0 base count`, as for an
+/// image, and besides the layer's one inside id `count` for host root. overlayfs makes
+/// its work files in the writable layer as its mounter (host root), which must have an
+/// id through the mount; it then gives each file its owner (`base + k`, on disk `k`),
+/// so only the work directory's own entries are ever `count` on disk. No process ever
+/// runs in this namespace; virtiofsd's has no id `count`, so nothing the guest asks for
+/// can be host root's.
+pub fn new_layer_userns(base: u32, count: u32) -> io::Result<OwnedFd> {
+    userns_with(&[(0, base, count), (count, 0, 1)])
+}
+
+fn userns_with(extents: &[(u32, u32, u32)]) -> io::Result<OwnedFd> {
     let mut to_child = [0; 2];
     let mut from_child = [0; 2];
     // SAFETY: pipe2 writes two descriptors into each array.
@@ -102,7 +127,7 @@ pub fn new_userns(base: u32, count: u32) -> io::Result<OwnedFd> {
             let ok: u8 = u8::from(libc::unshare(libc::CLONE_NEWUSER) == 0);
             libc::write(from_child[1], (&ok as *const u8).cast(), 1);
             let mut b = 0u8;
-            // Held until the parent has opened the namespace (EOF).
+            // Held until the parent has opened the namespace (a byte, or EOF).
             libc::read(to_child[0], (&mut b as *mut u8).cast(), 1);
             libc::_exit(0);
         }
@@ -127,9 +152,13 @@ pub fn new_userns(base: u32, count: u32) -> io::Result<OwnedFd> {
         if n != 1 || ok != 1 {
             return Err(io::Error::other("cannot make a user namespace here"));
         }
-        write_maps(pid, base, base, count)?;
+        write_extents(pid, extents)?;
         Ok(std::fs::File::open(format!("/proc/{pid}/ns/user"))?.into())
     })();
+    // A byte, not only EOF, releases the child: a child forked at the same time by
+    // another thread holds a copy of this write end until it exits itself.
+    // SAFETY: writing one byte from a local to a descriptor we own.
+    unsafe { libc::write(w_end.as_raw_fd(), [0u8].as_ptr().cast(), 1) };
     drop(w_end);
     let mut status = 0;
     // SAFETY: waiting for our own child.
@@ -199,10 +228,15 @@ fn set_idmap(tree: &OwnedFd, userns: BorrowedFd) -> io::Result<()> {
     .map(drop)
 }
 
-/// An overlay at `target`: `lower` read-only below a private `upper` (with `work`), so
-/// a container writes to its own layer and never into a shared image.
-pub fn overlay(lower: &Path, upper: &Path, work: &Path, target: &Path) -> io::Result<()> {
-    for p in [lower, upper, work] {
+/// An overlay at `target`: `lowers` (topmost first) read-only below a private `upper`
+/// (with `work`), so a container writes to its own layer and never into a shared image.
+pub fn overlay(lowers: &[&Path], upper: &Path, work: &Path, target: &Path) -> io::Result<()> {
+    if lowers.is_empty() {
+        return Err(io::Error::other(
+            "an overlay needs at least one lower layer",
+        ));
+    }
+    for p in lowers.iter().chain([&upper, &work]) {
         let s = p.as_os_str().as_bytes();
         if s.iter().any(|b| matches!(b, b',' | b':' | b'\\')) {
             return Err(io::Error::other(format!(
@@ -211,9 +245,10 @@ pub fn overlay(lower: &Path, upper: &Path, work: &Path, target: &Path) -> io::Re
             )));
         }
     }
+    let lowerdir: Vec<String> = lowers.iter().map(|p| p.display().to_string()).collect();
     let data = CString::new(format!(
         "lowerdir={},upperdir={},workdir={}",
-        lower.display(),
+        lowerdir.join(":"),
         upper.display(),
         work.display()
     ))
@@ -230,6 +265,58 @@ pub fn overlay(lower: &Path, upper: &Path, work: &Path, target: &Path) -> io::Re
         )
     };
     check(rc.into()).map(drop)
+}
+
+/// A snapshotter's overlay (containerd's: image layers `lowers`, topmost first, and the
+/// container's writable layer `upper` with its `work`) merged at `target` for a
+/// component in the user namespace `userns`, whose root is host id `base` over 65536
+/// ids. Each layer is bound idmapped at `at/<n>`; the directory that holds `upper` and
+/// `work` (siblings, as snapshotters make them) is bound at `at/rw` through
+/// [`new_layer_userns`], so the writable layer keeps the guest's owners on disk as they
+/// are (`k`, not `base + k`) and the snapshot stays the snapshotter's to commit or
+/// reuse. Undo with an unmount of `target`, then of everything under `at`.
+pub fn overlay_layers_idmapped(
+    lowers: &[&Path],
+    upper: &Path,
+    work: &Path,
+    at: &Path,
+    target: &Path,
+    userns: BorrowedFd,
+    base: u32,
+) -> io::Result<()> {
+    let (Some(parent), Some(up), Some(wk)) = (upper.parent(), upper.file_name(), work.file_name())
+    else {
+        return Err(io::Error::other("upperdir and workdir must be directories"));
+    };
+    if work.parent() != Some(parent) {
+        return Err(io::Error::other(format!(
+            "upperdir {} and workdir {} are not in one directory",
+            upper.display(),
+            work.display()
+        )));
+    }
+    let layer_ns = new_layer_userns(base, 65536)?;
+    let mut bound = Vec::new();
+    let made = (|| {
+        for (n, lower) in lowers.iter().enumerate() {
+            let to = at.join(n.to_string());
+            std::fs::create_dir_all(&to)?;
+            bind_idmapped(lower, &to, userns)?;
+            bound.push(to);
+        }
+        let rw = at.join("rw");
+        std::fs::create_dir_all(&rw)?;
+        bind_idmapped(parent, &rw, layer_ns.as_fd())?;
+        bound.push(rw.clone());
+        let lowers: Vec<&Path> = bound[..lowers.len()].iter().map(|p| p.as_path()).collect();
+        overlay(&lowers, &rw.join(up), &rw.join(wk), target).and_then(|()| writable(target))
+    })();
+    if made.is_err() {
+        for b in &bound {
+            detach(b);
+        }
+    }
+    made
 }
 
 /// [`overlay`] for a component in the user namespace `userns`, whose root is host id
@@ -253,7 +340,7 @@ pub fn overlay_idmapped(
     }
     std::os::unix::fs::chown(&upper, Some(owner), Some(owner))?;
     bind_idmapped(lower, &lower_at, userns)?;
-    let made = overlay(&lower_at, &upper, &work, target).and_then(|()| writable(target));
+    let made = overlay(&[&lower_at], &upper, &work, target).and_then(|()| writable(target));
     if made.is_err() {
         detach(&lower_at);
     }
@@ -313,6 +400,8 @@ pub fn probe(scratch: &Path, base: u32) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
 
     fn root() -> bool {
         // SAFETY: geteuid has no preconditions.
@@ -357,5 +446,63 @@ mod tests {
         // The maps a process has are what userns_of checks.
         assert!(userns_of(std::process::id(), 0, 4294967295).is_ok());
         assert!(userns_of(std::process::id(), base, 65536).is_err());
+    }
+
+    /// A snapshotter's layers and writable layer, merged for a user namespace: the
+    /// image's owners read shifted into the range, and what is written through the
+    /// overlay lands in the writable layer with the real owners, not the range's.
+    #[test]
+    fn a_snapshot_overlay_keeps_real_owners_in_its_writable_layer() {
+        if !root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let base = 1_999_200_000;
+        let dir = std::env::temp_dir().join(format!("bh-snap-{}", std::process::id()));
+        if let Err(e) = probe(&dir, base) {
+            eprintln!("skipped: this host cannot idmap here: {e}");
+            let _ = std::fs::remove_dir_all(&dir);
+            return;
+        }
+        let (l1, l2) = (dir.join("snap/1/fs"), dir.join("snap/2/fs"));
+        let (upper, work) = (dir.join("snap/3/fs"), dir.join("snap/3/work"));
+        let (at, merged) = (dir.join("at"), dir.join("merged"));
+        for d in [&l1, &l2, &upper, &work, &merged, &l1.join("tmp")] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        std::fs::set_permissions(l1.join("tmp"), std::fs::Permissions::from_mode(0o1777)).unwrap();
+        std::fs::write(l1.join("f"), "lower").unwrap();
+        std::fs::write(l2.join("f"), "upper image").unwrap();
+        std::os::unix::fs::chown(l2.join("f"), Some(1000), Some(1000)).unwrap();
+        let ns = new_userns(base, 65536).unwrap();
+        overlay_layers_idmapped(&[&l2, &l1], &upper, &work, &at, &merged, ns.as_fd(), base)
+            .unwrap();
+        let f = std::fs::metadata(merged.join("f"));
+        let text = std::fs::read_to_string(merged.join("f"));
+        let tmp = std::fs::metadata(merged.join("tmp"));
+        // As the range's id 1000 would write for the guest (virtiofsd's fsuid).
+        let made = std::process::Command::new("/bin/sh")
+            .args(["-c", "echo x > \"$1\"/tmp/new && chmod 600 \"$1\"/f", "sh"])
+            .arg(&merged)
+            .uid(base + 1000)
+            .gid(base + 1000)
+            .status();
+        let new_on_disk = std::fs::metadata(upper.join("tmp/new"));
+        let f_on_disk = std::fs::metadata(upper.join("f"));
+        let tmp_on_disk = std::fs::metadata(upper.join("tmp"));
+        detach(&merged);
+        for n in ["0", "1", "rw"] {
+            detach(&at.join(n));
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(text.unwrap(), "upper image");
+        assert_eq!(f.unwrap().uid(), base + 1000);
+        assert_eq!(tmp.unwrap().uid(), base);
+        assert!(made.unwrap().success());
+        let new_on_disk = new_on_disk.unwrap();
+        assert_eq!((new_on_disk.uid(), new_on_disk.gid()), (1000, 1000));
+        let f_on_disk = f_on_disk.unwrap();
+        assert_eq!((f_on_disk.uid(), f_on_disk.mode() & 0o777), (1000, 0o600));
+        assert_eq!(tmp_on_disk.unwrap().uid(), 0);
     }
 }

@@ -94,7 +94,7 @@ pub fn overlay(
             let (upper, work) = (layer.join("upper"), layer.join("work"));
             std::fs::create_dir_all(&upper)?;
             std::fs::create_dir_all(&work)?;
-            bulkhead_jail::idmap::overlay(lower, &upper, &work, target)
+            bulkhead_jail::idmap::overlay(&[lower], &upper, &work, target)
         }
     }
 }
