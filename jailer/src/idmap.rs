@@ -58,18 +58,93 @@ fn detach(p: &Path) {
 /// `0 base count` as this process sees them. The namespace is checked after it is
 /// opened, so a process that moved on meanwhile is refused, not trusted.
 pub fn userns_of(pid: u32, base: u32, count: u32) -> io::Result<OwnedFd> {
+    userns_of_extents(pid, &[(0, base, count)])
+}
+
+/// A new user namespace whose uid and gid maps are `0 base count`, as a descriptor. A
+/// short-lived child makes it (a process cannot move itself into a new user namespace
+/// once it has threads); the child does only async-signal-safe calls, so this may be
+/// called from any process.
+pub fn new_userns(base: u32, count: u32) -> io::Result<OwnedFd> {
+    userns_with(&[(0, base, count)])
+}
+
+/// The maps of a user namespace for a writable layer's idmapped mount, as extents of
+/// (inside, host, count): `0 base count`, as for an image, and besides the layer's one inside id `count` for host root. overlayfs makes
+/// its work files in the writable layer as its mounter (host root), which must have an
+/// id through the mount; it then gives each file its owner (`base + k`, on disk `k`),
+/// so only the work directory's own entries are ever `count` on disk. Only an idle
+/// holder ([`hold_userns`]) ever runs in this namespace; virtiofsd's has no id `count`, so nothing the guest asks for
+/// can be host root's.
+pub fn layer_extents(base: u32, count: u32) -> [(u32, u32, u32); 2] {
+    [(0, base, count), (count, 0, 1)]
+}
+
+/// A child that holds a new user namespace with these maps until it is killed (or its
+/// parent dies); its pid. For a process that may not fork or unshare itself (bulkheadd
+/// under its allow list asks its spawner), which opens `/proc/<pid>/ns/user`, checks
+/// the maps with [`userns_of_extents`], then kills the holder.
+pub fn hold_userns(extents: &[(u32, u32, u32)]) -> io::Result<u32> {
+    let mut sync = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the array.
+    check(unsafe { libc::pipe2(sync.as_mut_ptr(), libc::O_CLOEXEC) }.into())?;
+    // SAFETY: the two descriptors are ours and open; each is owned once.
+    let (r_end, w_end) = unsafe { (OwnedFd::from_raw_fd(sync[0]), OwnedFd::from_raw_fd(sync[1])) };
+    // SAFETY: the child runs only prctl, unshare, write, pause and _exit, which are
+    // async-signal-safe.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: as above.
+        unsafe {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+            let ok: u8 = u8::from(libc::unshare(libc::CLONE_NEWUSER) == 0);
+            libc::write(w_end.as_raw_fd(), (&ok as *const u8).cast(), 1);
+            loop {
+                libc::pause();
+            }
+        }
+    }
+    drop(w_end);
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let made = (|| {
+        let mut ok = 0u8;
+        // SAFETY: reading one byte into a local from a descriptor we own.
+        let n = unsafe { libc::read(r_end.as_raw_fd(), (&mut ok as *mut u8).cast(), 1) };
+        if n != 1 || ok != 1 {
+            return Err(io::Error::other("cannot make a user namespace here"));
+        }
+        write_extents(pid, extents)
+    })();
+    if made.is_err() {
+        // SAFETY: killing and reaping our own child.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, std::ptr::null_mut(), 0);
+        }
+    }
+    made.map(|()| pid as u32)
+}
+
+/// `/proc/<pid>/ns/user`, opened, when its uid and gid maps are exactly `extents`, as
+/// [`userns_of`] checks a single extent.
+pub fn userns_of_extents(pid: u32, extents: &[(u32, u32, u32)]) -> io::Result<OwnedFd> {
     let dir = format!("/proc/{pid}");
     let ns = std::fs::File::open(format!("{dir}/ns/user"))?;
+    let want: Vec<Vec<String>> = extents
+        .iter()
+        .map(|(a, b, c)| vec![a.to_string(), b.to_string(), c.to_string()])
+        .collect();
     for map in ["uid_map", "gid_map"] {
         let text = std::fs::read_to_string(format!("{dir}/{map}"))?;
-        let got: Vec<Vec<&str>> = text
+        let got: Vec<Vec<String>> = text
             .lines()
-            .map(|l| l.split_whitespace().collect())
+            .map(|l| l.split_whitespace().map(str::to_owned).collect())
             .collect();
-        let want = vec![vec!["0".to_string(), base.to_string(), count.to_string()]];
         if got != want {
             return Err(io::Error::other(format!(
-                "process {pid}'s {map} is {:?}, not 0 {base} {count}",
+                "process {pid}'s {map} is {:?}, not {extents:?}",
                 text.trim()
             )));
         }
@@ -82,25 +157,6 @@ pub fn userns_of(pid: u32, base: u32, count: u32) -> io::Result<OwnedFd> {
         )));
     }
     Ok(ns.into())
-}
-
-/// A new user namespace whose uid and gid maps are `0 base count`, as a descriptor. A
-/// short-lived child makes it (a process cannot move itself into a new user namespace
-/// once it has threads); the child does only async-signal-safe calls, so this may be
-/// called from any process.
-pub fn new_userns(base: u32, count: u32) -> io::Result<OwnedFd> {
-    userns_with(&[(0, base, count)])
-}
-
-/// A user namespace for a writable layer's idmapped mount: `0 base count`, as for an
-/// image, and besides the layer's one inside id `count` for host root. overlayfs makes
-/// its work files in the writable layer as its mounter (host root), which must have an
-/// id through the mount; it then gives each file its owner (`base + k`, on disk `k`),
-/// so only the work directory's own entries are ever `count` on disk. No process ever
-/// runs in this namespace; virtiofsd's has no id `count`, so nothing the guest asks for
-/// can be host root's.
-pub fn new_layer_userns(base: u32, count: u32) -> io::Result<OwnedFd> {
-    userns_with(&[(0, base, count), (count, 0, 1)])
 }
 
 fn userns_with(extents: &[(u32, u32, u32)]) -> io::Result<OwnedFd> {
@@ -272,7 +328,7 @@ pub fn overlay(lowers: &[&Path], upper: &Path, work: &Path, target: &Path) -> io
 /// component in the user namespace `userns`, whose root is host id `base` over 65536
 /// ids. Each layer is bound idmapped at `at/<n>`; the directory that holds `upper` and
 /// `work` (siblings, as snapshotters make them) is bound at `at/rw` through
-/// [`new_layer_userns`], so the writable layer keeps the guest's owners on disk as they
+/// `layer_ns` (maps as [`layer_extents`] gives them), so the writable layer keeps the guest's owners on disk as they
 /// are (`k`, not `base + k`) and the snapshot stays the snapshotter's to commit or
 /// reuse. Undo with an unmount of `target`, then of everything under `at`.
 pub fn overlay_layers_idmapped(
@@ -282,7 +338,7 @@ pub fn overlay_layers_idmapped(
     at: &Path,
     target: &Path,
     userns: BorrowedFd,
-    base: u32,
+    layer_ns: BorrowedFd,
 ) -> io::Result<()> {
     let (Some(parent), Some(up), Some(wk)) = (upper.parent(), upper.file_name(), work.file_name())
     else {
@@ -295,7 +351,6 @@ pub fn overlay_layers_idmapped(
             work.display()
         )));
     }
-    let layer_ns = new_layer_userns(base, 65536)?;
     let mut bound = Vec::new();
     let made = (|| {
         for (n, lower) in lowers.iter().enumerate() {
@@ -306,7 +361,7 @@ pub fn overlay_layers_idmapped(
         }
         let rw = at.join("rw");
         std::fs::create_dir_all(&rw)?;
-        bind_idmapped(parent, &rw, layer_ns.as_fd())?;
+        bind_idmapped(parent, &rw, layer_ns)?;
         bound.push(rw.clone());
         let lowers: Vec<&Path> = bound[..lowers.len()].iter().map(|p| p.as_path()).collect();
         overlay(&lowers, &rw.join(up), &rw.join(wk), target).and_then(|()| writable(target))
@@ -475,8 +530,26 @@ mod tests {
         std::fs::write(l2.join("f"), "upper image").unwrap();
         std::os::unix::fs::chown(l2.join("f"), Some(1000), Some(1000)).unwrap();
         let ns = new_userns(base, 65536).unwrap();
-        overlay_layers_idmapped(&[&l2, &l1], &upper, &work, &at, &merged, ns.as_fd(), base)
-            .unwrap();
+        // As bulkheadd gets it: from a holder process.
+        let extents = layer_extents(base, 65536);
+        let holder = hold_userns(&extents).unwrap();
+        let layer_ns = userns_of_extents(holder, &extents);
+        // SAFETY: killing and reaping our own child.
+        unsafe {
+            libc::kill(holder as i32, libc::SIGKILL);
+            libc::waitpid(holder as i32, std::ptr::null_mut(), 0);
+        }
+        let layer_ns = layer_ns.unwrap();
+        overlay_layers_idmapped(
+            &[&l2, &l1],
+            &upper,
+            &work,
+            &at,
+            &merged,
+            ns.as_fd(),
+            layer_ns.as_fd(),
+        )
+        .unwrap();
         let f = std::fs::metadata(merged.join("f"));
         let text = std::fs::read_to_string(merged.join("f"));
         let tmp = std::fs::metadata(merged.join("tmp"));

@@ -162,10 +162,17 @@ impl SandboxIface {
         options: HashMap<String, OwnedValue>,
     ) -> Result<u32, Error> {
         require_admin(conn, &hdr).await?;
-        known_options(&options, &["stdin", "terminal", "overlay"])?;
+        known_options(
+            &options,
+            &["stdin", "terminal", "overlay", "rootfs_overlay"],
+        )?;
         let stdin = option::<bool>(&options, "stdin")?.unwrap_or(false);
         let terminal = option::<bool>(&options, "terminal")?;
         let overlay = option::<bool>(&options, "overlay")?.unwrap_or(false);
+        let layers = option::<String>(&options, "rootfs_overlay")?
+            .map(|o| crate::mounts::SnapshotOverlay::parse(&o))
+            .transpose()
+            .map_err(|e| Error::InvalidArgument(format!("rootfs_overlay: {e}")))?;
         let n = NewContainer {
             id,
             spec_json,
@@ -173,6 +180,7 @@ impl SandboxIface {
             stdin,
             terminal,
             overlay,
+            layers,
         };
         self.d.create_container(&self.sb.id, n).await
     }

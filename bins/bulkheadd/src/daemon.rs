@@ -81,6 +81,9 @@ pub struct NewContainer {
     pub terminal: Option<bool>,
     /// Keep `rootfs` read-only under a private overlay layer.
     pub overlay: bool,
+    /// The root as a snapshotter's overlay (containerd's), mounted here, in place of
+    /// `rootfs`, so it can be idmapped layer by layer for virtiofsd's user namespace.
+    pub layers: Option<mounts::SnapshotOverlay>,
 }
 
 /// Which sandbox properties changed, for the change signals.
@@ -1095,6 +1098,7 @@ impl Daemon {
             stdin,
             terminal,
             overlay,
+            layers,
         } = n;
         let sb = self.running(sid)?;
         valid_id(&cid).map_err(Error::InvalidArgument)?;
@@ -1115,10 +1119,19 @@ impl Daemon {
             o.remove("hooks");
         }
         let src = PathBuf::from(&rootfs);
-        if !src.is_absolute() || !src.is_dir() {
-            return Err(Error::InvalidArgument(format!(
-                "rootfs {rootfs:?} is not an existing directory (absolute path)"
-            )));
+        match &layers {
+            Some(_) if !rootfs.is_empty() || overlay => {
+                return Err(Error::InvalidArgument(
+                    "give a rootfs directory or rootfs_overlay layers, not both".into(),
+                ))
+            }
+            Some(l) => l.check_dirs().map_err(Error::InvalidArgument)?,
+            None if !src.is_absolute() || !src.is_dir() => {
+                return Err(Error::InvalidArgument(format!(
+                    "rootfs {rootfs:?} is not an existing directory (absolute path)"
+                )))
+            }
+            None => {}
         }
         let mount = {
             let mut r = sb.rec.lock().expect("rec lock");
@@ -1146,7 +1159,19 @@ impl Daemon {
             std::fs::create_dir_all(&mount)
                 .and_then(|()| jail::own_shared_dir(&rec, cdir))
                 .map_err(io_err("cannot create the rootfs mount point"))?;
-            if overlay {
+            if let Some(l) = &layers {
+                let at = rec.run_dir.join("layers").join(&cid);
+                let layer_ns = match ns {
+                    Some(_) => Some(
+                        jail::layer_userns(&rec)
+                            .map_err(io_err("cannot make the writable layer's user namespace"))?,
+                    ),
+                    None => None,
+                };
+                let both = ns.zip(layer_ns.as_ref().map(std::os::fd::AsFd::as_fd));
+                mounts::snapshot_overlay(l, &at, &mount, both)
+                    .map_err(io_err("cannot mount the rootfs layers"))?;
+            } else if overlay {
                 // The writable layer lives outside the shared directory: the guest sees
                 // only the merged view.
                 let layer = rec.run_dir.join("layers").join(&cid);

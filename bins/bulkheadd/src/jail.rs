@@ -145,6 +145,29 @@ pub fn fs_userns_fd(rec: &SandboxRec) -> std::io::Result<Option<std::os::fd::Own
     bulkhead_jail::idmap::userns_of(pid, uid, IDS_PER_SANDBOX).map(Some)
 }
 
+/// The user namespace a writable layer is idmapped through for a sandbox whose
+/// virtiofsd has one (`bulkhead_jail::idmap::layer_extents`). bulkheadd may not fork or
+/// unshare under its allow list, so its spawner holds the namespace while it is opened.
+pub fn layer_userns(rec: &SandboxRec) -> std::io::Result<std::os::fd::OwnedFd> {
+    let base = rec
+        .jail_uid
+        .ok_or_else(|| std::io::Error::other("the sandbox has no ids of its own"))?;
+    let extents = bulkhead_jail::idmap::layer_extents(base, IDS_PER_SANDBOX);
+    match crate::spawner::get() {
+        Some(s) => s.userns(&extents),
+        None => {
+            let pid = bulkhead_jail::idmap::hold_userns(&extents)?;
+            let ns = bulkhead_jail::idmap::userns_of_extents(pid, &extents);
+            // SAFETY: killing and reaping the child hold_userns made.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGKILL);
+                libc::waitpid(pid as i32, std::ptr::null_mut(), 0);
+            }
+            ns
+        }
+    }
+}
+
 /// The first id of the lowest free sandbox range in the configured ids, given the
 /// sandboxes' uids in use (a range is taken by any uid in it).
 pub fn allocate_uid(cfg: &Config, used: &[u32]) -> Option<u32> {

@@ -99,6 +99,83 @@ pub fn overlay(
     }
 }
 
+/// A snapshotter's overlay, as containerd hands a container's root: image layers
+/// (topmost first) and the container's writable layer with its work directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotOverlay {
+    pub lowers: Vec<PathBuf>,
+    pub upper: PathBuf,
+    pub work: PathBuf,
+}
+
+impl SnapshotOverlay {
+    /// Most layers an overlay takes here; containerd's deepest images stay far below.
+    pub const MAX_LAYERS: usize = 128;
+
+    /// containerd's overlay mount options (`lowerdir=A:B,upperdir=U,workdir=W`, and
+    /// `index=off`, which this mount uses anyway for a writable layer it owns alone).
+    /// Every path must be absolute; any other option is refused, so nothing a client
+    /// asks for is silently dropped.
+    pub fn parse(options: &str) -> Result<Self, String> {
+        let (mut lowers, mut upper, mut work) = (None, None, None);
+        for o in options.split(',') {
+            match o.split_once('=') {
+                Some(("lowerdir", v)) => lowers = Some(v.split(':').map(PathBuf::from).collect()),
+                Some(("upperdir", v)) => upper = Some(PathBuf::from(v)),
+                Some(("workdir", v)) => work = Some(PathBuf::from(v)),
+                Some(("index", "off")) => {}
+                _ => return Err(format!("overlay option {o:?} is not supported")),
+            }
+        }
+        let (Some(lowers), Some(upper), Some(work)) = (lowers, upper, work) else {
+            return Err("an overlay rootfs needs lowerdir, upperdir and workdir".into());
+        };
+        let lowers: Vec<PathBuf> = lowers;
+        if lowers.len() > Self::MAX_LAYERS {
+            return Err(format!("more than {} layers", Self::MAX_LAYERS));
+        }
+        for p in lowers.iter().chain([&upper, &work]) {
+            if !p.is_absolute() || p.components().any(|c| c.as_os_str() == "..") {
+                return Err(format!("{} is not an absolute path", p.display()));
+            }
+        }
+        Ok(Self {
+            lowers,
+            upper,
+            work,
+        })
+    }
+
+    /// Every directory exists.
+    pub fn check_dirs(&self) -> Result<(), String> {
+        for p in self.lowers.iter().chain([&self.upper, &self.work]) {
+            if !p.is_dir() {
+                return Err(format!("{} is not a directory", p.display()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `o` merged at `target` for the guest: over idmapped layers, under `at`, when
+/// virtiofsd has a user namespace (given with the writable layer's, from
+/// `jail::layer_userns`), else as it is. Undo
+/// with [`unmount_and_remove`] of `target`'s directory and of `at`.
+pub fn snapshot_overlay(
+    o: &SnapshotOverlay,
+    at: &Path,
+    target: &Path,
+    userns: Option<(BorrowedFd, BorrowedFd)>,
+) -> io::Result<()> {
+    let lowers: Vec<&Path> = o.lowers.iter().map(PathBuf::as_path).collect();
+    match userns {
+        Some((ns, layer_ns)) => bulkhead_jail::idmap::overlay_layers_idmapped(
+            &lowers, &o.upper, &o.work, at, target, ns, layer_ns,
+        ),
+        None => bulkhead_jail::idmap::overlay(&lowers, &o.upper, &o.work, target),
+    }
+}
+
 /// Lazy unmount (`umount -l`); not mounted is not an error.
 pub fn unmount(p: &Path) -> io::Result<()> {
     let c = cstr(p)?;
@@ -154,6 +231,37 @@ pub fn unmount_and_remove(dir: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn containerd_overlay_options_parse_and_bad_ones_are_refused() {
+        let o = SnapshotOverlay::parse(
+            "index=off,workdir=/s/3/work,upperdir=/s/3/fs,lowerdir=/s/2/fs:/s/1/fs",
+        )
+        .unwrap();
+        assert_eq!(
+            o.lowers,
+            vec![PathBuf::from("/s/2/fs"), PathBuf::from("/s/1/fs")]
+        );
+        assert_eq!(
+            (o.upper.as_path(), o.work.as_path()),
+            (Path::new("/s/3/fs"), Path::new("/s/3/work"))
+        );
+        for bad in [
+            "lowerdir=/a",
+            "lowerdir=/a,upperdir=/u,workdir=/w,metacopy=on",
+            "lowerdir=a,upperdir=/u,workdir=/w",
+            "lowerdir=/a/../b,upperdir=/u,workdir=/w",
+            "lowerdir=/a,upperdir=/u,workdir=/w,userxattr",
+            "",
+        ] {
+            assert!(SnapshotOverlay::parse(bad).is_err(), "{bad}");
+        }
+        let many = vec!["/l"; SnapshotOverlay::MAX_LAYERS + 1].join(":");
+        assert!(
+            SnapshotOverlay::parse(&format!("lowerdir={many},upperdir=/u,workdir=/w")).is_err()
+        );
+        assert!(o.check_dirs().is_err());
+    }
 
     #[test]
     fn bind_then_remove_keeps_the_source() {

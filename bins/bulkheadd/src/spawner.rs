@@ -53,6 +53,10 @@ struct Launch {
     log: PathBuf,
     /// The number each passed descriptor gets in the child, in the order passed.
     fd_numbers: Vec<i32>,
+    /// Instead of a program: an idle child holding a new user namespace with these
+    /// maps (inside, host, count), for bulkheadd, which may not fork or unshare.
+    #[serde(default)]
+    userns: Vec<(u32, u32, u32)>,
 }
 
 /// What the spawner says.
@@ -182,7 +186,34 @@ impl Spawner {
             cwd: cmd.get_current_dir().map(Into::into),
             log: log.into(),
             fd_numbers: fds.iter().map(|&(_, n)| n).collect(),
+            userns: Vec::new(),
         };
+        self.ask(&launch, fds)
+    }
+
+    /// A user namespace with these maps (inside, host, count), opened and checked; the
+    /// idle child the spawner made to hold it is killed once it is open.
+    pub fn userns(&self, extents: &[(u32, u32, u32)]) -> std::io::Result<OwnedFd> {
+        let launch = Launch {
+            program: PathBuf::new(),
+            args: Vec::new(),
+            env: Vec::new(),
+            cwd: None,
+            log: PathBuf::new(),
+            fd_numbers: Vec::new(),
+            userns: extents.to_vec(),
+        };
+        let pid = self.ask(&launch, &[])?;
+        let ns = bulkhead_jail::idmap::userns_of_extents(pid, extents);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = self.exit_status(pid, Duration::from_secs(1));
+        ns
+    }
+
+    fn ask(&self, launch: &Launch, fds: &[(RawFd, i32)]) -> std::io::Result<u32> {
         let body = serde_json::to_vec(&launch).map_err(std::io::Error::other)?;
         if body.len() > MAX_MESSAGE || fds.len() > MAX_FDS {
             return Err(std::io::Error::other("start request too large"));
@@ -340,6 +371,9 @@ fn receive(sock: &OwnedFd, buf: &mut [u8]) -> Result<Option<(Launch, Vec<OwnedFd
 /// Start one component: only a program on the list, in its own session, the passed
 /// descriptors at their numbers, output to its log.
 fn run(launch: Launch, passed: Vec<OwnedFd>, allowed: &[PathBuf]) -> Result<u32, String> {
+    if !launch.userns.is_empty() {
+        return bulkhead_jail::idmap::hold_userns(&launch.userns).map_err(|e| e.to_string());
+    }
     if !allowed.contains(&launch.program) {
         return Err(format!(
             "{} is not one of the programs bulkheadd starts",
@@ -401,6 +435,7 @@ mod tests {
                 cwd: Some(dir.clone()),
                 log: dir.join("log"),
                 fd_numbers: vec![5],
+                userns: vec![],
             };
             let body = serde_json::to_vec(&l).unwrap();
             let fds = [rd.as_raw_fd()];
@@ -450,11 +485,43 @@ mod tests {
             cwd: None,
             log: "/tmp/l".into(),
             fd_numbers: vec![3, 4],
+            userns: vec![],
         };
         let body = serde_json::to_vec(&l).unwrap();
         assert!(body.len() < MAX_MESSAGE);
         let back: Launch = serde_json::from_slice(&body).unwrap();
         assert_eq!(back.args.len(), 200);
         assert_eq!(back.env[1], ("R".into(), None));
+    }
+
+    /// A request for a user namespace gets an idle holder with exactly those maps,
+    /// whatever program it names, and the namespace is gone for nobody once it is open.
+    #[test]
+    fn a_userns_request_gets_a_holder_with_those_maps() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root to write maps");
+            return;
+        }
+        let extents = bulkhead_jail::idmap::layer_extents(1_999_300_000, 65536);
+        let l = Launch {
+            program: "/bin/not-allowed".into(),
+            args: vec![],
+            env: vec![],
+            cwd: None,
+            log: PathBuf::new(),
+            fd_numbers: vec![],
+            userns: extents.to_vec(),
+        };
+        let pid = run(l, Vec::new(), &[]).unwrap();
+        let ns = bulkhead_jail::idmap::userns_of_extents(pid, &extents);
+        let other = bulkhead_jail::idmap::userns_of(pid, 1_999_300_000, 65536);
+        // SAFETY: killing and reaping the holder run() made.
+        unsafe {
+            libc::kill(pid as i32, libc::SIGKILL);
+            libc::waitpid(pid as i32, std::ptr::null_mut(), 0);
+        }
+        assert!(ns.is_ok(), "{ns:?}");
+        assert!(other.is_err(), "the layer's maps are not the plain range");
     }
 }

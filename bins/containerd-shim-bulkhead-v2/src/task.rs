@@ -237,7 +237,13 @@ impl Service {
         let netns = bulkhead_host::pod::network_namespace(&spec);
         bulkhead_host::pod::host_paths_to_guest(&mut spec);
 
-        let (rootfs, mounted) = mount_rootfs(req, &bundle, &spec).await?;
+        // A snapshotter's overlay goes to bulkheadd as layers, so it can serve them to a
+        // virtiofsd in its own user namespace; anything else the shim mounts.
+        let layers = overlay_layers(req);
+        let (rootfs, mounted) = match layers {
+            Some(_) => (PathBuf::new(), None),
+            None => mount_rootfs(req, &bundle, &spec).await?,
+        };
         let undo_mount = |m: &Option<PathBuf>| {
             if let Some(p) = m {
                 let _ = nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH);
@@ -261,6 +267,7 @@ impl Service {
             if let Some(n) = &netns {
                 opts.insert("netns", n.as_str().into());
             }
+            opts.insert("virtiofsd_userns", layers.is_some().into());
             called = unix_us();
             if let Err(e) = client.manager.create_sandbox(&sandbox, opts).await {
                 undo_mount(&mounted);
@@ -277,6 +284,9 @@ impl Service {
             let mut opts: HashMap<&str, V<'_>> = HashMap::new();
             opts.insert("stdin", (!req.stdin.is_empty()).into());
             opts.insert("terminal", req.terminal.into());
+            if let Some(l) = &layers {
+                opts.insert("rootfs_overlay", l.as_str().into());
+            }
             let pid = sb
                 .create_container(
                     &req.id,
@@ -349,6 +359,21 @@ async fn publish(publisher: &RemotePublisher, ns: &str, event: impl Event + 'sta
     {
         log::error!("publishing {topic}: {e}");
     }
+}
+
+/// containerd's rootfs as one overlay mount's options (what its overlayfs snapshotter
+/// gives a writable container) when bulkheadd takes them: layers, a writable layer and
+/// its work directory, and nothing else but `index=off`.
+fn overlay_layers(req: &CreateTaskRequest) -> Option<String> {
+    let [m] = req.rootfs.as_slice() else {
+        return None;
+    };
+    const NEEDED: [&str; 3] = ["lowerdir=", "upperdir=", "workdir="];
+    let known = |o: &String| o == "index=off" || NEEDED.iter().any(|k| o.starts_with(k));
+    let complete = NEEDED
+        .iter()
+        .all(|k| m.options.iter().any(|o| o.starts_with(k)));
+    (m.type_ == "overlay" && complete && m.options.iter().all(known)).then(|| m.options.join(","))
 }
 
 /// The directory the container's root is in: containerd's rootfs mounts (a snapshot,

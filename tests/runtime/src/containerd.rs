@@ -115,6 +115,8 @@ fn ctr_task(e: &mut Env) -> Result<()> {
             .context("no shim for t1")?;
         every_thread_filtered(shim, "shim")?;
 
+        snapshot_owners(e, c)?;
+
         let o = exec(c, "t1", "e1", &["sh", "-c", "echo $((6*7)); exit 5"])?;
         ensure!(o.code == 5 && o.stdout == "42\n", "exec: {o:?}");
         // The same exec id again: the first was collected, so it may be reused.
@@ -211,6 +213,72 @@ fn ctr_task(e: &mut Env) -> Result<()> {
         c.kill_and_remove("t1")?;
         no_leftovers(e, "t1", &run)
     })
+}
+
+/// containerd's overlay reaches the guest layer by layer: where the host can idmap,
+/// virtiofsd serves it as the sandbox's ids, never root's, and what a container's user
+/// writes keeps that user's owner in containerd's own snapshot, ready to commit.
+fn snapshot_owners(e: &Env, c: &Containerd) -> Result<()> {
+    let mkdir = "mkdir -p /home/u && chown 1000:1000 /home/u";
+    let o = exec(c, "t1", "own", &["sh", "-c", mkdir])?;
+    ensure!(o.code == 0, "mkdir and chown as root: {o:?}");
+    let a = [
+        "task",
+        "exec",
+        "--exec-id",
+        "own",
+        "--user",
+        "1000:1000",
+        "t1",
+    ];
+    let mut a = a.to_vec();
+    a.extend(["sh", "-c", "echo x > /home/u/owned && ls -ln /bin/busybox"]);
+    let o = c.run(&a, None)?;
+    ensure!(o.code == 0, "exec as 1000: {o:?}");
+    ensure!(
+        o.stdout.split_whitespace().nth(2) == Some("0"),
+        "the image's root-owned file as the guest sees it: {o:?}"
+    );
+    let o = c.run(&["snapshots", "mounts", "/unused", "t1"], None)?;
+    o.ok()?;
+    let upper = o
+        .stdout
+        .split([',', ' ', '\n'])
+        .find_map(|w| w.strip_prefix("upperdir="))
+        .with_context(|| format!("no upperdir in {o:?}"))?;
+    let made = std::fs::metadata(std::path::Path::new(upper).join("home/u/owned"))?;
+    use std::os::unix::fs::MetadataExt;
+    ensure!(
+        (made.uid(), made.gid()) == (1000, 1000),
+        "the container's file is {}:{} in the snapshot",
+        made.uid(),
+        made.gid()
+    );
+    let scratch = e.state().join("probe");
+    std::fs::create_dir_all(&scratch)?;
+    let host_can = bulkhead_jail::idmap::probe(&scratch, 1_999_200_000);
+    let _ = std::fs::remove_dir_all(&scratch);
+    // bulkheadd supervises the jailer; virtiofsd is its child.
+    let jailer = component_pid(e, "t1", "virtiofsd")?;
+    let kids = std::fs::read_to_string(format!("/proc/{jailer}/task/{jailer}/children"))?;
+    let pid = kids
+        .split_whitespace()
+        .next()
+        .context("the jailer has no child")?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().next())
+        .context("no Uid line")?;
+    match host_can {
+        Ok(()) => ensure!(
+            uid != "0",
+            "virtiofsd runs as root for containerd's overlay"
+        ),
+        Err(why) => println!("note: virtiofsd runs as root here ({why})"),
+    }
+    Ok(())
 }
 
 fn no_leftovers(e: &Env, id: &str, run: &std::path::Path) -> Result<()> {
