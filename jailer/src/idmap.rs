@@ -66,7 +66,20 @@ pub fn userns_of(pid: u32, base: u32, count: u32) -> io::Result<OwnedFd> {
 /// once it has threads); the child does only async-signal-safe calls, so this may be
 /// called from any process.
 pub fn new_userns(base: u32, count: u32) -> io::Result<OwnedFd> {
-    userns_with(&[(0, base, count)])
+    let pid = hold_userns(&[(0, base, count)])?;
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/user")).map(OwnedFd::from);
+    release_holder(pid);
+    ns
+}
+
+/// Kill and reap a child [`hold_userns`] made; its namespace lives on in whatever has
+/// it open.
+pub fn release_holder(pid: u32) {
+    // SAFETY: killing and reaping our own child, by the pid fork gave us.
+    unsafe {
+        libc::kill(pid as i32, libc::SIGKILL);
+        libc::waitpid(pid as i32, std::ptr::null_mut(), 0);
+    }
 }
 
 /// The maps of a user namespace for a writable layer's idmapped mount, as extents of
@@ -118,11 +131,7 @@ pub fn hold_userns(extents: &[(u32, u32, u32)]) -> io::Result<u32> {
         write_extents(pid, extents)
     })();
     if made.is_err() {
-        // SAFETY: killing and reaping our own child.
-        unsafe {
-            libc::kill(pid, libc::SIGKILL);
-            libc::waitpid(pid, std::ptr::null_mut(), 0);
-        }
+        release_holder(pid as u32);
     }
     made.map(|()| pid as u32)
 }
@@ -157,69 +166,6 @@ pub fn userns_of_extents(pid: u32, extents: &[(u32, u32, u32)]) -> io::Result<Ow
         )));
     }
     Ok(ns.into())
-}
-
-fn userns_with(extents: &[(u32, u32, u32)]) -> io::Result<OwnedFd> {
-    let mut to_child = [0; 2];
-    let mut from_child = [0; 2];
-    // SAFETY: pipe2 writes two descriptors into each array.
-    unsafe {
-        check(libc::pipe2(to_child.as_mut_ptr(), libc::O_CLOEXEC).into())?;
-        if let Err(e) = check(libc::pipe2(from_child.as_mut_ptr(), libc::O_CLOEXEC).into()) {
-            libc::close(to_child[0]);
-            libc::close(to_child[1]);
-            return Err(e);
-        }
-    }
-    // SAFETY: the child runs only unshare, read, write and _exit, which are
-    // async-signal-safe, so a fork from a threaded process is sound.
-    let pid = unsafe { libc::fork() };
-    if pid == 0 {
-        // SAFETY: as above; the descriptors are this child's copies.
-        unsafe {
-            // Only the parent may hold the write end, or the read below never ends.
-            libc::close(to_child[1]);
-            libc::close(from_child[0]);
-            let ok: u8 = u8::from(libc::unshare(libc::CLONE_NEWUSER) == 0);
-            libc::write(from_child[1], (&ok as *const u8).cast(), 1);
-            let mut b = 0u8;
-            // Held until the parent has opened the namespace (a byte, or EOF).
-            libc::read(to_child[0], (&mut b as *mut u8).cast(), 1);
-            libc::_exit(0);
-        }
-    }
-    // SAFETY: these four descriptors are ours and open; each is owned exactly once.
-    let (child_in, child_out, w_end, r_end) = unsafe {
-        (
-            OwnedFd::from_raw_fd(to_child[0]),
-            OwnedFd::from_raw_fd(from_child[1]),
-            OwnedFd::from_raw_fd(to_child[1]),
-            OwnedFd::from_raw_fd(from_child[0]),
-        )
-    };
-    drop((child_in, child_out));
-    if pid < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let made = (|| {
-        let mut ok = 0u8;
-        // SAFETY: reading one byte into a local from a descriptor we own.
-        let n = unsafe { libc::read(r_end.as_raw_fd(), (&mut ok as *mut u8).cast(), 1) };
-        if n != 1 || ok != 1 {
-            return Err(io::Error::other("cannot make a user namespace here"));
-        }
-        write_extents(pid, extents)?;
-        Ok(std::fs::File::open(format!("/proc/{pid}/ns/user"))?.into())
-    })();
-    // A byte, not only EOF, releases the child: a child forked at the same time by
-    // another thread holds a copy of this write end until it exits itself.
-    // SAFETY: writing one byte from a local to a descriptor we own.
-    unsafe { libc::write(w_end.as_raw_fd(), [0u8].as_ptr().cast(), 1) };
-    drop(w_end);
-    let mut status = 0;
-    // SAFETY: waiting for our own child.
-    unsafe { libc::waitpid(pid, &mut status, 0) };
-    made
 }
 
 /// Bind `src` (with what is mounted below it) at `dst`, every id seen through `userns`
@@ -534,11 +480,7 @@ mod tests {
         let extents = layer_extents(base, 65536);
         let holder = hold_userns(&extents).unwrap();
         let layer_ns = userns_of_extents(holder, &extents);
-        // SAFETY: killing and reaping our own child.
-        unsafe {
-            libc::kill(holder as i32, libc::SIGKILL);
-            libc::waitpid(holder as i32, std::ptr::null_mut(), 0);
-        }
+        release_holder(holder);
         let layer_ns = layer_ns.unwrap();
         overlay_layers_idmapped(
             &[&l2, &l1],

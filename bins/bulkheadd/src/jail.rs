@@ -158,11 +158,7 @@ pub fn layer_userns(rec: &SandboxRec) -> std::io::Result<std::os::fd::OwnedFd> {
         None => {
             let pid = bulkhead_jail::idmap::hold_userns(&extents)?;
             let ns = bulkhead_jail::idmap::userns_of_extents(pid, &extents);
-            // SAFETY: killing and reaping the child hold_userns made.
-            unsafe {
-                libc::kill(pid as i32, libc::SIGKILL);
-                libc::waitpid(pid as i32, std::ptr::null_mut(), 0);
-            }
+            bulkhead_jail::idmap::release_holder(pid);
             ns
         }
     }

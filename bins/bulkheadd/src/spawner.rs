@@ -516,11 +516,7 @@ mod tests {
         let pid = run(l, Vec::new(), &[]).unwrap();
         let ns = bulkhead_jail::idmap::userns_of_extents(pid, &extents);
         let other = bulkhead_jail::idmap::userns_of(pid, 1_999_300_000, 65536);
-        // SAFETY: killing and reaping the holder run() made.
-        unsafe {
-            libc::kill(pid as i32, libc::SIGKILL);
-            libc::waitpid(pid as i32, std::ptr::null_mut(), 0);
-        }
+        bulkhead_jail::idmap::release_holder(pid);
         assert!(ns.is_ok(), "{ns:?}");
         assert!(other.is_err(), "the layer's maps are not the plain range");
     }
