@@ -99,63 +99,7 @@ pub fn overlay(
     }
 }
 
-/// A snapshotter's overlay, as containerd hands a container's root: image layers
-/// (topmost first) and the container's writable layer with its work directory.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SnapshotOverlay {
-    pub lowers: Vec<PathBuf>,
-    pub upper: PathBuf,
-    pub work: PathBuf,
-}
-
-impl SnapshotOverlay {
-    /// Most layers an overlay takes here; containerd's deepest images stay far below.
-    pub const MAX_LAYERS: usize = 128;
-
-    /// containerd's overlay mount options (`lowerdir=A:B,upperdir=U,workdir=W`, and
-    /// `index=off`, which this mount uses anyway for a writable layer it owns alone).
-    /// Every path must be absolute; any other option is refused, so nothing a client
-    /// asks for is silently dropped.
-    pub fn parse(options: &str) -> Result<Self, String> {
-        let (mut lowers, mut upper, mut work) = (None, None, None);
-        for o in options.split(',') {
-            match o.split_once('=') {
-                Some(("lowerdir", v)) => lowers = Some(v.split(':').map(PathBuf::from).collect()),
-                Some(("upperdir", v)) => upper = Some(PathBuf::from(v)),
-                Some(("workdir", v)) => work = Some(PathBuf::from(v)),
-                Some(("index", "off")) => {}
-                _ => return Err(format!("overlay option {o:?} is not supported")),
-            }
-        }
-        let (Some(lowers), Some(upper), Some(work)) = (lowers, upper, work) else {
-            return Err("an overlay rootfs needs lowerdir, upperdir and workdir".into());
-        };
-        let lowers: Vec<PathBuf> = lowers;
-        if lowers.len() > Self::MAX_LAYERS {
-            return Err(format!("more than {} layers", Self::MAX_LAYERS));
-        }
-        for p in lowers.iter().chain([&upper, &work]) {
-            if !p.is_absolute() || p.components().any(|c| c.as_os_str() == "..") {
-                return Err(format!("{} is not an absolute path", p.display()));
-            }
-        }
-        Ok(Self {
-            lowers,
-            upper,
-            work,
-        })
-    }
-
-    /// Every directory exists.
-    pub fn check_dirs(&self) -> Result<(), String> {
-        for p in self.lowers.iter().chain([&self.upper, &self.work]) {
-            if !p.is_dir() {
-                return Err(format!("{} is not a directory", p.display()));
-            }
-        }
-        Ok(())
-    }
-}
+pub use bulkhead_host::overlay::SnapshotOverlay;
 
 /// `o` merged at `target` for the guest: over idmapped layers, under `at`, when
 /// virtiofsd has a user namespace (given with the writable layer's, from

@@ -368,12 +368,10 @@ fn overlay_layers(req: &CreateTaskRequest) -> Option<String> {
     let [m] = req.rootfs.as_slice() else {
         return None;
     };
-    const NEEDED: [&str; 3] = ["lowerdir=", "upperdir=", "workdir="];
-    let known = |o: &String| o == "index=off" || NEEDED.iter().any(|k| o.starts_with(k));
-    let complete = NEEDED
-        .iter()
-        .all(|k| m.options.iter().any(|o| o.starts_with(k)));
-    (m.type_ == "overlay" && complete && m.options.iter().all(known)).then(|| m.options.join(","))
+    let options = m.options.join(",");
+    let takes =
+        m.type_ == "overlay" && bulkhead_host::overlay::SnapshotOverlay::parse(&options).is_ok();
+    takes.then_some(options)
 }
 
 /// The directory the container's root is in: containerd's rootfs mounts (a snapshot,

@@ -5,6 +5,7 @@ pub mod check;
 pub mod config;
 pub mod hugepages;
 pub mod logging;
+pub mod overlay;
 pub mod pod;
 pub mod threads;
 
