@@ -1,16 +1,22 @@
 #!/usr/bin/env python3
 """Build the bulkhead guest image: vmlinux, bzImage and an initramfs with the agent.
 
-Inputs: Debian's linux-image-<abi>-cloud-amd64 package (pinned below, override with
-BULKHEAD_KERNEL_PKG / BULKHEAD_KERNEL_VERSION) and the bulkhead-agent binary.
+The kernel is bulkhead's own by default: Debian's kernel source package (linux-source-6.1,
+pinned below) configured from `make tinyconfig` plus kernel.config beside this file,
+everything built in, no modules. BULKHEAD_GUEST_KERNEL=debian takes Debian's generic
+linux-image-<abi>-cloud-amd64 instead, with its modules in the initramfs (override the
+packages with BULKHEAD_KERNEL_SOURCE_PKG / BULKHEAD_KERNEL_PKG / BULKHEAD_KERNEL_VERSION).
 Output: <cache>/guest/<key>/{vmlinux,bzImage,initramfs.cpio.gz,modules.txt,kernel-release}
-where <key> hashes every input, so an unchanged rebuild costs nothing. Prints the output
-directory on stdout.
+where <key> hashes every input, so an unchanged rebuild costs nothing; the kernel itself is
+cached the same way under <cache>/kernel/<key>. Prints the output directory on stdout.
 """
 import argparse, glob, gzip, hashlib, io, lzma, os, shutil, struct, subprocess, sys, tempfile
 
 KERNEL_PKG = os.environ.get("BULKHEAD_KERNEL_PKG", "linux-image-6.1.0-56-cloud-amd64")
 KERNEL_VERSION = os.environ.get("BULKHEAD_KERNEL_VERSION", "")  # empty: the archive's candidate
+SOURCE_PKG = os.environ.get("BULKHEAD_KERNEL_SOURCE_PKG", "linux-source-6.1")
+GUEST_KERNEL = os.environ.get("BULKHEAD_GUEST_KERNEL", "bulkhead")
+KERNEL_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel.config")
 # What the guest needs; their dependencies are added in load order automatically.
 WANTED = ["virtio_mmio", "vmw_vsock_virtio_transport", "virtio_console", "virtiofs",
           "overlay", "virtio_blk", "virtio_net", "virtio-rng", "virtio_balloon"]
@@ -28,11 +34,15 @@ def sha256_file(path):
     return h.hexdigest()
 
 
-def fetch_deb(cache):
+def fetch_deb(cache, pkg=None, version=None, arch="amd64"):
+    """Debian's package `pkg` (the cloud kernel by default), downloaded once into
+    <cache>/debs."""
+    pkg = pkg or KERNEL_PKG
+    version = KERNEL_VERSION if version is None else version
     debs = os.path.join(cache, "debs")
     os.makedirs(debs, exist_ok=True)
-    spec = KERNEL_PKG + (f"={KERNEL_VERSION}" if KERNEL_VERSION else "")
-    pattern = os.path.join(debs, f"{KERNEL_PKG}_{KERNEL_VERSION or '*'}_amd64.deb")
+    spec = pkg + (f"={version}" if version else "")
+    pattern = os.path.join(debs, f"{pkg}_{version or '*'}_{arch}.deb")
     found = sorted(glob.glob(pattern))
     if found:
         return found[-1]
@@ -43,6 +53,75 @@ def fetch_deb(cache):
         sys.exit(f"build-guest: cannot download {spec}: {r.stderr.strip()}\n"
                  "  (run apt-get update, or set BULKHEAD_KERNEL_PKG / BULKHEAD_KERNEL_VERSION)")
     return found[-1]
+
+
+def config_lines(path):
+    return [l.strip() for l in open(path) if l.startswith("CONFIG_")]
+
+
+def missing_config(wanted, config_text):
+    """The lines of `wanted` that `make olddefconfig` did not keep (a dependency left
+    out, or a name this kernel version does not have)."""
+    have = set(config_text.splitlines())
+    return [w for w in wanted if w not in have]
+
+
+def build_kernel(cache):
+    """bulkhead's guest kernel: the source package, `make tinyconfig` plus
+    kernel.config. Returns (directory with vmlinux, bzImage and kernel-release, key)."""
+    deb = fetch_deb(cache, SOURCE_PKG, "", "all")
+    cc = subprocess.run(["gcc", "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256()
+    for part in (sha256_file(__file__), sha256_file(deb), sha256_file(KERNEL_CONFIG), cc):
+        key.update(part.encode())
+    key = key.hexdigest()[:16]
+    outdir = os.path.join(cache, "kernel", key)
+    if os.path.exists(os.path.join(outdir, "kernel-release")):
+        return outdir, key
+    jobs = str(os.cpu_count() or 1)
+    log(f"building the guest kernel from {os.path.basename(deb)} with {jobs} jobs "
+        "(about 5 minutes on 2 cores; cached afterwards)")
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        tar = subprocess.run(f"dpkg-deb --fsys-tarfile {deb} | tar -x -C {tmp} --wildcards "
+                             "'*/linux-source-*.tar.xz'", shell=True)
+        found = glob.glob(os.path.join(tmp, "usr", "src", "linux-source-*.tar.xz"))
+        if tar.returncode != 0 or not found:
+            sys.exit(f"build-guest: no kernel source tarball in {deb}")
+        subprocess.run(["tar", "-xJf", found[0], "-C", tmp], check=True)
+        src = glob.glob(os.path.join(tmp, "linux-source-*/"))[0]
+
+        def make(*args, **kw):
+            r = subprocess.run(["make", "-C", src, "-s", *args], capture_output=True, text=True, **kw)
+            if r.returncode != 0:
+                sys.exit(f"build-guest: make {' '.join(args)} failed:\n{r.stdout[-4000:]}{r.stderr[-4000:]}")
+            return r.stdout
+
+        make("tinyconfig")
+        r = subprocess.run([os.path.join(src, "scripts", "kconfig", "merge_config.sh"), "-m",
+                            "-O", src, os.path.join(src, ".config"), KERNEL_CONFIG],
+                           cwd=src, capture_output=True, text=True)
+        if r.returncode != 0:
+            sys.exit(f"build-guest: merge_config.sh failed: {r.stderr[-2000:]}")
+        make("olddefconfig")
+        lost = missing_config(config_lines(KERNEL_CONFIG), open(os.path.join(src, ".config")).read())
+        if lost:
+            sys.exit("build-guest: kernel.config asks for what the kernel's Kconfig did not keep:\n  "
+                     + "\n  ".join(lost))
+        make(f"-j{jobs}", "bzImage")
+        stage = os.path.join(tmp, "out")
+        os.makedirs(stage)
+        shutil.copy(os.path.join(src, "arch", "x86", "boot", "bzImage"), os.path.join(stage, "bzImage"))
+        # Symbols stay (KALLSYMS has its own table); the ELF symbol table is 1/3 of the file.
+        subprocess.run(["strip", "-o", os.path.join(stage, "vmlinux"), os.path.join(src, "vmlinux")],
+                       check=True)
+        shutil.copy(os.path.join(src, ".config"), os.path.join(stage, "config"))
+        release = make("kernelrelease").strip()
+        open(os.path.join(stage, "kernel-release"), "w").write(release + "\n")
+        os.makedirs(os.path.dirname(outdir), exist_ok=True)
+        shutil.rmtree(outdir, ignore_errors=True)
+        os.rename(stage, outdir)
+    log(f"built kernel {release} in {outdir}")
+    return outdir, key
 
 
 def decompress_payload(bz):
@@ -182,15 +261,48 @@ def cpio_newc(root, devices=()):
     return out.getvalue()
 
 
+def debian_kernel(cache):
+    """Debian's cloud kernel: (a function that lays vmlinux, bzImage and kernel-release
+    into a directory and returns the modules the initramfs must load, key)."""
+    deb = fetch_deb(cache)
+
+    def lay(stage, tmp):
+        x = os.path.join(tmp, "deb")
+        subprocess.run(["dpkg-deb", "-x", deb, x], check=True)
+        moddir = glob.glob(os.path.join(x, "lib", "modules", "*"))[0]
+        bz = open(glob.glob(os.path.join(x, "boot", "vmlinuz-*"))[0], "rb").read()
+        open(os.path.join(stage, "bzImage"), "wb").write(bz)
+        open(os.path.join(stage, "vmlinux"), "wb").write(decompress_payload(bz))
+        open(os.path.join(stage, "kernel-release"), "w").write(os.path.basename(moddir) + "\n")
+        return module_order(moddir)
+
+    return lay, sha256_file(deb) + ",".join(WANTED)
+
+
+def own_kernel(cache):
+    """bulkhead's own kernel, everything built in: the same pair as debian_kernel."""
+    kdir, key = build_kernel(cache)
+
+    def lay(stage, _tmp):
+        for f in ("vmlinux", "bzImage", "kernel-release", "config"):
+            shutil.copy(os.path.join(kdir, f), os.path.join(stage, f))
+        return []
+
+    return lay, key
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--agent", required=True, help="bulkhead-agent binary")
     ap.add_argument("--cache", default=os.environ.get("BULKHEAD_CACHE", os.path.join(os.path.dirname(__file__), "..", "..", ".cache")))
     a = ap.parse_args()
     cache = os.path.abspath(a.cache)
-    deb = fetch_deb(cache)
+    kernels = {"bulkhead": own_kernel, "debian": debian_kernel}
+    if GUEST_KERNEL not in kernels:
+        sys.exit(f"build-guest: BULKHEAD_GUEST_KERNEL={GUEST_KERNEL}: not one of {', '.join(kernels)}")
+    lay_kernel, kernel_key = kernels[GUEST_KERNEL](cache)
     key = hashlib.sha256()
-    for part in (sha256_file(__file__), sha256_file(deb), sha256_file(a.agent), ",".join(WANTED)):
+    for part in (sha256_file(__file__), GUEST_KERNEL, kernel_key, sha256_file(a.agent)):
         key.update(part.encode())
     outdir = os.path.join(cache, "guest", key.hexdigest()[:16])
     if os.path.exists(os.path.join(outdir, "initramfs.cpio.gz")):
@@ -198,15 +310,9 @@ def main():
         print(outdir)
         return
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        x = os.path.join(tmp, "deb")
-        subprocess.run(["dpkg-deb", "-x", deb, x], check=True)
-        moddir = glob.glob(os.path.join(x, "lib", "modules", "*"))[0]
-        release = os.path.basename(moddir)
         stage = os.path.join(tmp, "out")
         os.makedirs(stage)
-        bz = open(glob.glob(os.path.join(x, "boot", "vmlinuz-*"))[0], "rb").read()
-        open(os.path.join(stage, "bzImage"), "wb").write(bz)
-        open(os.path.join(stage, "vmlinux"), "wb").write(decompress_payload(bz))
+        modules = lay_kernel(stage, tmp)
         root = os.path.join(tmp, "root")
         for d in ("proc", "sys", "dev", "run", "tmp", "etc/bulkhead", "lib/modules", "mnt"):
             os.makedirs(os.path.join(root, d))
@@ -221,14 +327,14 @@ def main():
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             shutil.copy(lib, dst)
         names = []
-        for name, data in module_order(moddir):
+        for name, data in modules:
             open(os.path.join(root, "lib", "modules", name), "wb").write(data)
             names.append(f"/lib/modules/{name}")
-        open(os.path.join(root, "etc", "bulkhead", "modules"), "w").write("\n".join(names) + "\n")
+        listing = "".join(f"{n}\n" for n in names)
+        open(os.path.join(root, "etc", "bulkhead", "modules"), "w").write(listing)
         with open(os.path.join(stage, "initramfs.cpio.gz"), "wb") as f:
             f.write(gzip.compress(cpio_newc(root, DEV_NODES), compresslevel=6, mtime=0))
-        open(os.path.join(stage, "modules.txt"), "w").write("\n".join(names) + "\n")
-        open(os.path.join(stage, "kernel-release"), "w").write(release + "\n")
+        open(os.path.join(stage, "modules.txt"), "w").write(listing)
         os.makedirs(os.path.dirname(outdir), exist_ok=True)
         shutil.rmtree(outdir, ignore_errors=True)
         os.rename(stage, outdir)

@@ -2,7 +2,7 @@
 """The nested test node: real KVM for bulkhead-vmm on hosts whose own KVM cannot boot a
 stock kernel.
 
-It boots an L1 Linux (the same Debian cloud kernel) under QEMU TCG with `-cpu max -smp 1`,
+It boots an L1 Linux (Debian's cloud kernel) under QEMU TCG with `-cpu max -smp 1`,
 where kvm-amd gives a working /dev/kvm, carries the project's binaries and the guest image
 in L1's initramfs, and runs a script there. Results come back on L1's serial console as
 lines this harness parses.
@@ -184,7 +184,10 @@ def l1_initramfs(guest_dir, bins, with_qemu, workdir, with_podman=False, with_ne
     with tempfile.TemporaryDirectory(dir=workdir) as x:
         subprocess.run(["dpkg-deb", "-x", deb, x], check=True)
         moddir = glob.glob(os.path.join(x, "lib", "modules", "*"))[0]
-        shutil.copy(glob.glob(os.path.join(x, "boot", "vmlinuz-*"))[0], os.path.join(workdir, "bzImage"))
+        # L1 runs Debian's cloud kernel (its modules are the ones below); L2, the guest,
+        # runs the image's own kernel.
+        bz = open(glob.glob(os.path.join(x, "boot", "vmlinuz-*"))[0], "rb").read()
+        open(os.path.join(workdir, "l1-vmlinux"), "wb").write(build.decompress_payload(bz))
         # overlay: containerd's default snapshotter.
         # veth, tun, ingress qdisc, u32 and mirred: a pod's network, plumbed as on a node.
         wanted = ["kvm-amd", "overlay", "veth", "tun", "sch_ingress", "cls_u32", "act_mirred"]
@@ -248,7 +251,7 @@ def l1_initramfs(guest_dir, bins, with_qemu, workdir, with_podman=False, with_ne
     tmp_out = out + ".tmp"
     with open(tmp_out, "wb") as f:
         f.write(gzip.compress(build.cpio_newc(root, build.DEV_NODES), compresslevel=1, mtime=0))
-    shutil.copy(os.path.join(guest_dir, "vmlinux"), os.path.join(cache, "vmlinux"))
+    shutil.copy(os.path.join(workdir, "l1-vmlinux"), os.path.join(cache, "vmlinux"))
     os.rename(tmp_out, out)
     return out, os.path.join(cache, "vmlinux")
 
