@@ -12,7 +12,7 @@ $SUDO apt-get install -y -qq --no-install-recommends \
     runc crun e2fsprogs util-linux iproute2 \
     dbus dbus-bin systemd bsdutils libssl-dev \
     podman conmon umoci skopeo docker-registry docker.io containerd \
-    containernetworking-plugins protobuf-compiler iperf3 \
+    containernetworking-plugins protobuf-compiler iperf3 iptables \
     make bc bison flex libelf-dev >/dev/null
 # virtiofsd, the vhost-user-fs back end (the crate's binary), pinned. Both are built from
 # /, so that this repository's .cargo/config.toml (static glibc) does not apply to them.

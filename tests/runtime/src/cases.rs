@@ -59,6 +59,7 @@ pub fn list() -> Vec<Case> {
     ];
     own.into_iter()
         .chain(crate::net::list())
+        .chain(crate::netfilter::list())
         .chain(crate::jail::list())
         .chain(crate::metrics::list())
         .chain(crate::containerd::list())

@@ -12,6 +12,7 @@ mod cri;
 mod jail;
 mod metrics;
 mod net;
+mod netfilter;
 
 use std::path::PathBuf;
 use std::time::Instant;
