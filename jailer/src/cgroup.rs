@@ -1,7 +1,15 @@
-//! Step 3: the sandbox's cgroup. The jailer joins `<own cgroup>/<path>` in the v2
-//! hierarchy and in every v1 hierarchy the host mounts (a hybrid host has both), so the
-//! component's resources are counted with its sandbox's wherever the host looks.
+//! Step 3: the sandbox's cgroup, `<own cgroup>/<path>` in the v2 hierarchy and in every
+//! v1 hierarchy the host mounts (a hybrid host has both), so the component's resources
+//! are counted with its sandbox's wherever the host looks.
+//!
+//! The jailer joins each v1 hierarchy itself. The v2 group it only opens: the fork in
+//! step 5 starts the component there (`clone3` with `CLONE_INTO_CGROUP`), because moving
+//! a running process takes the kernel's cgroup threadgroup lock for writing, whose
+//! first writer waits out an RCU grace period (5-20 ms). The jailer's own process, the
+//! component's parent, stays where it was in v2; on a kernel without `clone3` it joins
+//! as before.
 
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use crate::JailError;
@@ -66,13 +74,52 @@ fn dir(h: &Hierarchy, rel: &str) -> PathBuf {
     h.mount.join(h.own.trim_start_matches('/')).join(rel)
 }
 
-/// Join `rel` below the jailer's cgroup in every hierarchy; returns each hierarchy's
-/// directory, marked where it could not be joined. A hierarchy that refuses (a
-/// read-only cgroup file system, as in some containers) costs accounting, not
-/// isolation: the component starts, and the report and its log say so.
-pub fn join(rel: Option<&str>) -> Vec<String> {
-    let Some(rel) = rel else { return vec![] };
-    let mut joined = vec![];
+/// Where step 3 left the jailer: the report's list of groups, and the v2 group the
+/// component is still to be started in.
+#[derive(Debug, Default)]
+pub struct Placement {
+    /// Each hierarchy's directory, marked where it could not be joined.
+    pub joined: Vec<String>,
+    /// The v2 group, opened for `CLONE_INTO_CGROUP`, and its directory.
+    v2: Option<(OwnedFd, PathBuf)>,
+}
+
+impl Placement {
+    /// The v2 group the child is to be cloned into, if any.
+    pub fn v2_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.v2.as_ref().map(|(fd, _)| fd.as_fd())
+    }
+
+    /// Done with the v2 group's descriptor.
+    pub fn close(&mut self) {
+        self.v2 = None;
+    }
+
+    /// The kernel cannot clone into a cgroup: join the v2 group the old way.
+    pub fn join_v2_now(&mut self) {
+        if let Some((_, d)) = self.v2.take() {
+            if let Err(e) = write_procs(&d) {
+                eprintln!("bulkhead-jailer: {e}; not joined");
+                if let Some(v2) = self.joined.iter_mut().find(|j| j.starts_with("v2:")) {
+                    v2.push_str(&format!(" (not joined: {e})"));
+                }
+            }
+        }
+    }
+}
+
+fn write_procs(d: &Path) -> Result<(), JailError> {
+    std::fs::write(d.join("cgroup.procs"), b"0")
+        .map_err(|e| JailError::sys(format!("join cgroup {}", d.display()), e))
+}
+
+/// Make `rel` below the jailer's cgroup in every hierarchy; join it in v1, open it in
+/// v2. A hierarchy that refuses (a read-only cgroup file system, as in some containers)
+/// costs accounting, not isolation: the component starts, and the report and its log
+/// say so.
+pub fn join(rel: Option<&str>) -> Placement {
+    let mut placement = Placement::default();
+    let Some(rel) = rel else { return placement };
     for h in hierarchies() {
         let d = dir(&h, rel);
         let tag = if h.v2 { "v2" } else { "v1" };
@@ -86,18 +133,33 @@ pub fn join(rel: Option<&str>) -> Vec<String> {
                 }
             })
             .and_then(|()| {
-                std::fs::write(d.join("cgroup.procs"), b"0")
-                    .map_err(|e| JailError::sys(format!("join cgroup {}", d.display()), e))
+                if h.v2 {
+                    open_dir(&d).map(|fd| placement.v2 = Some((fd, d.clone())))
+                } else {
+                    write_procs(&d)
+                }
             });
         match r {
-            Ok(()) => joined.push(format!("{tag}:{}", d.display())),
+            Ok(()) => placement.joined.push(format!("{tag}:{}", d.display())),
             Err(e) => {
                 eprintln!("bulkhead-jailer: {e}; not joined");
-                joined.push(format!("{tag}:{} (not joined: {e})", d.display()));
+                placement
+                    .joined
+                    .push(format!("{tag}:{} (not joined: {e})", d.display()));
             }
         }
     }
-    joined
+    placement
+}
+
+fn open_dir(d: &Path) -> Result<OwnedFd, JailError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(d)
+        .map(OwnedFd::from)
+        .map_err(|e| JailError::sys(format!("open cgroup {}", d.display()), e))
 }
 
 /// A new v1 cpuset starts with no CPUs and no memory nodes: copy them down.
@@ -136,4 +198,55 @@ fn remove_tree(d: &Path) {
         }
     }
     let _ = std::fs::remove_dir(d);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::signal::{kill, Signal};
+    use nix::sys::wait::waitpid;
+    use nix::unistd::ForkResult;
+
+    fn v2_line(pid: u32) -> String {
+        std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("0::").map(str::to_string))
+            .unwrap_or_default()
+    }
+
+    /// The child is born in the v2 group it was cloned into; the parent stays put.
+    #[test]
+    fn a_child_cloned_into_a_v2_cgroup_starts_there() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let Some(h) = hierarchies().into_iter().find(|h| h.v2) else {
+            eprintln!("skipped: no cgroup2 hierarchy here");
+            return;
+        };
+        let rel = format!("bulkhead-clone-test-{}", std::process::id());
+        let d = dir(&h, &rel);
+        std::fs::create_dir_all(&d).unwrap();
+        let fd = open_dir(&d).unwrap();
+        let before = v2_line(std::process::id());
+        match crate::supervise::clone_into_cgroup(fd.as_fd()).expect("clone3") {
+            ForkResult::Child => loop {
+                // SAFETY: pause only waits; the parent kills this child.
+                unsafe { libc::pause() };
+            },
+            ForkResult::Parent { child } => {
+                let theirs = v2_line(child.as_raw() as u32);
+                let _ = kill(child, Signal::SIGKILL);
+                let _ = waitpid(child, None);
+                drop(fd);
+                remove_tree(&d);
+                assert!(theirs.ends_with(&format!("/{rel}")), "child in {theirs:?}");
+                assert_eq!(v2_line(std::process::id()), before, "the parent moved");
+                assert!(!d.exists(), "{} left behind", d.display());
+            }
+        }
+    }
 }

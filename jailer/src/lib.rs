@@ -323,14 +323,16 @@ impl Jail {
             .collect();
         fds::close_all_but(&kept)?;
         // 2. The environment is rebuilt from `env` at exec; nothing else is passed.
-        // 3. Resource accounting: the sandbox's cgroup, in every hierarchy.
-        let cgroups = cgroup::join(self.cgroup.as_deref());
+        // 3. Resource accounting: the sandbox's cgroup, in every hierarchy (v1 joined
+        //    now, v2 opened for the fork in step 5 to start the component in).
+        let mut cgroups = cgroup::join(self.cgroup.as_deref());
         // 4. The network it must have, opened while host paths are still visible.
         namespaces::enter_net(&self.net)?;
         // 5. New PID, IPC and UTS namespaces; the PID namespace takes effect in the
-        //    child, which becomes its init. The parent stays to supervise.
+        //    child, which becomes its init, born in the v2 cgroup. The parent stays
+        //    to supervise.
         namespaces::unshare_pid_ipc_uts()?;
-        let report_pipe = supervise::fork(&self)?;
+        let report_pipe = supervise::fork(&self, &mut cgroups)?;
         // From here on: the child, PID 1 of its namespace.
         // 6. A mount namespace and a root holding only the bound paths, the devices and
         //    a private /proc.
@@ -399,7 +401,7 @@ impl Jail {
                 Net::Join(p) => p.display().to_string(),
                 Net::Host => "host".into(),
             },
-            cgroups,
+            cgroups: cgroups.joined,
             root: self.root.clone(),
             root_change: root_change.into(),
         };

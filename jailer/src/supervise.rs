@@ -8,14 +8,16 @@
 
 use std::ffi::CString;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 
+use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{ForkResult, Pid};
 
+use crate::cgroup::Placement;
 use crate::posture::Report;
 use crate::{Jail, JailError};
 
@@ -37,16 +39,26 @@ fn blocked() -> SigSet {
     s
 }
 
-/// Fork. The parent never returns from here; the child gets the write end of the
-/// report pipe (closed on exec).
-pub fn fork(j: &Jail) -> Result<OwnedFd, JailError> {
+/// Fork, into the v2 cgroup step 3 opened. The parent never returns from here; the
+/// child gets the write end of the report pipe (closed on exec).
+pub fn fork(j: &Jail, cgroup: &mut Placement) -> Result<OwnedFd, JailError> {
     let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| JailError::sys("report pipe", e))?;
     let mut old = SigSet::empty();
     nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&blocked()), Some(&mut old))
         .map_err(|e| JailError::sys("block signals", e))?;
-    // SAFETY: the jailer is single-threaded, so the child may run any code.
-    match unsafe { nix::unistd::fork() }.map_err(|e| JailError::sys("fork", e))? {
+    let forked = match cgroup.v2_fd().map(clone_into_cgroup) {
+        Some(Err(Errno::ENOSYS | Errno::EINVAL | Errno::E2BIG)) => {
+            // A kernel before 5.7: no clone3, or no CLONE_INTO_CGROUP.
+            cgroup.join_v2_now();
+            plain_fork()
+        }
+        Some(r) => r.map_err(|e| JailError::sys("clone3 into the sandbox's cgroup", e)),
+        None => plain_fork(),
+    };
+    // Neither side needs the cgroup open any longer.
+    cgroup.close();
+    match forked? {
         ForkResult::Parent { child } => {
             drop(wr);
             let code = parent_loop(j, child, rd);
@@ -59,6 +71,43 @@ pub fn fork(j: &Jail) -> Result<OwnedFd, JailError> {
             die_with_parent(&wr)?;
             Ok(wr)
         }
+    }
+}
+
+fn plain_fork() -> Result<ForkResult, JailError> {
+    // SAFETY: the jailer is single-threaded, so the child may run any code.
+    unsafe { nix::unistd::fork() }.map_err(|e| JailError::sys("fork", e))
+}
+
+/// Not in the libc crate yet (linux/sched.h).
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// fork(2) whose child starts in the v2 cgroup `dir` (clone3, Linux 5.7): no migration,
+/// so no wait for the cgroup threadgroup lock's grace period.
+pub(crate) fn clone_into_cgroup(dir: BorrowedFd<'_>) -> Result<ForkResult, Errno> {
+    // SAFETY: clone_args is plain integers; all zero is "no flags, no stack", as fork.
+    let mut args: libc::clone_args = unsafe { std::mem::zeroed() };
+    args.flags = CLONE_INTO_CGROUP;
+    args.exit_signal = libc::SIGCHLD as u64;
+    args.cgroup = dir.as_raw_fd() as u64;
+    // SAFETY: with no stack given and no CLONE_VM, clone3 returns twice like fork, the
+    // child on a copy of this stack. The jailer is single-threaded, so no lock is held
+    // by a thread the child lacks. glibc's cached thread id in the child is the
+    // parent's (glibc did not make this child); the child only calls plain system
+    // calls and execs, and an abort there still ends it (raise fails, abort goes on).
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &mut args as *mut libc::clone_args,
+            std::mem::size_of::<libc::clone_args>(),
+        )
+    };
+    match r {
+        -1 => Err(Errno::last()),
+        0 => Ok(ForkResult::Child),
+        pid => Ok(ForkResult::Parent {
+            child: Pid::from_raw(pid as i32),
+        }),
     }
 }
 

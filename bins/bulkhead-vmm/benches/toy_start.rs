@@ -162,6 +162,9 @@ fn main() {
         );
     }
     rss_table(&dir, jailer.as_deref(), runs.clamp(1, 5));
+    // The last jailed VMM dies of its parent-death signal after the jailer's kill, and
+    // closing its VM waits for an RCU grace period: its group is busy until then.
+    std::thread::sleep(Duration::from_millis(300));
     bulkhead_jail::remove_cgroup("bulkhead-bench");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -158,6 +158,16 @@ fn every_component_jailed(e: &mut Env) -> Result<()> {
             for ns in ["mnt", "pid", "net", "ipc", "uts"] {
                 ensure!(own_ns(ns), "{name} shares the host's {ns} namespace");
             }
+            // Born in the sandbox's cgroup (v2 through clone3, each v1 hierarchy joined),
+            // wherever the host could place it.
+            let placed = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+            let refused = c["report"]["cgroups"].to_string().contains("not joined");
+            for line in placed.lines() {
+                ensure!(
+                    line.ends_with("/bulkhead/jl") || (refused && !line.starts_with("0::")),
+                    "{name} is not in the sandbox's cgroup: {line:?} ({placed:?})"
+                );
+            }
             let root: BTreeSet<String> = std::fs::read_dir(format!("/proc/{pid}/root"))?
                 .flatten()
                 .map(|d| d.file_name().to_string_lossy().into_owned())
