@@ -80,6 +80,7 @@ mod tests {
         use bulkhead_seccomp::testing::{killed_by, Call};
         for class in ["main", "vcpu", "worker", "api"] {
             assert_eq!(killed_by(&PROGRAMS, class, Call::Getpid), None, "{class}");
+            bulkhead_seccomp::testing::assert_no_new_code(&PROGRAMS, class);
             for call in [Call::Execve, Call::OpenHostPath, Call::Ptrace] {
                 assert_eq!(
                     killed_by(&PROGRAMS, class, call),

@@ -118,6 +118,30 @@ pub mod testing {
         /// ioctl with this request on a descriptor that is not open (the filter looks
         /// at the request, the kernel then answers EBADF).
         Ioctl(u32),
+        /// mmap of anonymous memory with this protection (`PROT_*`).
+        Map(i32),
+        /// mprotect of a page the child maps first (read and write) to this protection.
+        Protect(i32),
+    }
+
+    /// `class` maps and protects memory for data, and never makes memory executable: a
+    /// thread taken over cannot map code of its own.
+    pub fn assert_no_new_code(programs: &Programs, class: &str) {
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        for call in [Call::Map(rw), Call::Protect(libc::PROT_READ)] {
+            assert_eq!(killed_by(programs, class, call), None, "{class}: {call:?}");
+        }
+        for call in [
+            Call::Map(libc::PROT_READ | libc::PROT_EXEC),
+            Call::Map(rw | libc::PROT_EXEC),
+            Call::Protect(libc::PROT_READ | libc::PROT_EXEC),
+        ] {
+            assert_eq!(
+                killed_by(programs, class, call),
+                Some(libc::SIGSYS),
+                "{class} let {call:?} through"
+            );
+        }
     }
 
     /// ioctl requests the host processes' lists name.
@@ -188,6 +212,14 @@ pub mod testing {
             let pid = libc::fork();
             assert!(pid >= 0, "fork");
             if pid == 0 {
+                let page = libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
                 libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
                 if libc::syscall(libc::SYS_seccomp, 1, 0, &fprog) != 0 {
                     libc::_exit(99);
@@ -221,6 +253,14 @@ pub mod testing {
                     }
                     Call::Ioctl(request) => {
                         libc::syscall(libc::SYS_ioctl, -1, libc::c_ulong::from(request), 0);
+                    }
+                    Call::Map(prot) => {
+                        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+                        libc::syscall(libc::SYS_mmap, 0, 4096, prot, flags, -1, 0);
+                    }
+                    Call::Protect(prot) => {
+                        // Mapped before the filter goes on, so only mprotect is tested.
+                        libc::syscall(libc::SYS_mprotect, page, 4096, prot);
                     }
                 }
                 libc::syscall(libc::SYS_exit_group, 0);

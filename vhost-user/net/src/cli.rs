@@ -166,6 +166,7 @@ mod tests {
         // It serves a tap it was handed: offloads only, never a new tap.
         use bulkhead_seccomp::testing::{assert_ioctls, FIONBIO, TUNSETOFFLOAD};
         assert_ioctls(&SECCOMP, "net", &[FIONBIO, TUNSETOFFLOAD]);
+        bulkhead_seccomp::testing::assert_no_new_code(&SECCOMP, "net");
     }
 
     fn args(v: &[&str]) -> Result<Args, String> {
