@@ -106,15 +106,13 @@ fn main() {
 
     let boot = Instant::now();
     let pid1 = std::process::id() == 1;
-    if pid1 && !args.iter().any(|a| a == "--switched") {
+    if pid1 {
         sys::signal_boot_timer();
-        if let Err(e) = sys::switch_root_to_tmpfs(&args) {
+        if let Err(e) = sys::remount_root_for_pivot() {
             log(&format!(
-                "cannot move the root to a tmpfs: {e}; containers cannot pivot_root"
+                "cannot remount the root: {e}; containers cannot pivot_root"
             ));
         }
-    }
-    if pid1 {
         sys::early_mounts();
         sys::enable_cgroup_controllers();
         // A panic must at least say where it happened before the kernel panics.

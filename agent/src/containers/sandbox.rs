@@ -19,8 +19,10 @@ impl Runtime {
         if t.sandbox.is_some() {
             return Err(AgentError::AlreadyExists("sandbox".into()));
         }
-        let exe = std::env::current_exe().map_err(io_err("own executable"))?;
-        let mut cmd = std::process::Command::new(exe);
+        // The magic link, not current_exe()'s readlink of it: PID 1's executable lies
+        // under the root it left (sys::remount_root_for_pivot), and the link opens the
+        // running binary wherever it lies.
+        let mut cmd = std::process::Command::new("/proc/self/exe");
         cmd.arg("--ns-holder");
         if cfg.share_pid {
             cmd.arg("--pid");
