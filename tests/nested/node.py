@@ -175,7 +175,7 @@ def l1_initramfs(guest_dir, bins, with_qemu, workdir, with_podman=False, with_ne
     subprocess.run(["mkfs.ext4", "-q", "-F", "-d", rootfs, os.path.join(root, "opt", "data", "rootfs.ext4"), "16M"],
                    check=True)
     copy_with_libs(root, find_virtiofsd(), "/opt/bulkhead/virtiofsd")
-    for f in ("vmlinux", "bzImage", "initramfs.cpio.gz", "kernel-release"):
+    for f in ("vmlinux", "bzImage", "initramfs.cpio", "kernel-release"):
         shutil.copy(os.path.join(guest_dir, f), os.path.join(root, "opt", "guest", f))
     disk = bytearray(1 << 20)
     disk[:16] = b"BULKHEAD-DISK-OK"
@@ -371,7 +371,7 @@ def run_l1(l1_initrd, vmlinux, script, timeout, mem_mib=1536):
 
 def vmm_cmd(extra="", verbose=False):
     env = "BULKHEAD_LOG=info " if verbose else ""
-    return (f"{env}/opt/bulkhead/bulkhead-vmm --kernel /opt/guest/vmlinux --initrd /opt/guest/initramfs.cpio.gz "
+    return (f"{env}/opt/bulkhead/bulkhead-vmm --kernel /opt/guest/vmlinux --initrd /opt/guest/initramfs.cpio "
             f"--cmdline '{L2_CMDLINE.replace(' quiet', '') if verbose else L2_CMDLINE}' --cpus 1 --memory 256 --vsock cid=3,socket=/tmp/v.sock "
             f"--serial file:/tmp/l2-serial.log {extra}")
 
@@ -618,7 +618,7 @@ vmm() {  # label mib fs=yes|no [jailed]
   fi
   memstat > /tmp/vmstat0
   NO_COLOR=1 BULKHEAD_LOG=info bulkhead probe --socket $sock --timeout 240 --guest-mib $2 --shutdown -- \
-    $pre /opt/bulkhead/bulkhead-vmm --kernel /opt/guest/vmlinux --initrd /opt/guest/initramfs.cpio.gz \
+    $pre /opt/bulkhead/bulkhead-vmm --kernel /opt/guest/vmlinux --initrd /opt/guest/initramfs.cpio \
     --cmdline 'L2CMD' --cpus 1 --memory $2 --vsock cid=3,socket=$sock --serial none $extra 2>/tmp/vmm.err
   grep -h "guest init reached" /tmp/vmm.err | tail -1 | sed 's/^/BENCH-PHASES /'
   # The node's memory events over this boot: compaction stalls and huge-page fallbacks
@@ -641,7 +641,7 @@ qemu() {  # mib fs=yes|no
   bulkhead probe --cid 3 --timeout 240 --guest-mib $1 -- \
     /opt/qemu/qemu-system-x86_64 -M $mach -accel kvm -cpu host -m $1 -smp 1 \
     -nodefaults -no-user-config -nographic -no-reboot -serial none -bios /opt/qemu/qboot.rom \
-    -kernel /opt/guest/vmlinux -initrd /opt/guest/initramfs.cpio.gz -append 'L2CMD' \
+    -kernel /opt/guest/vmlinux -initrd /opt/guest/initramfs.cpio -append 'L2CMD' \
     -device vhost-vsock-device,guest-cid=3 $extra
   unshare_fs
   sleep 0.3

@@ -2,7 +2,7 @@
 //! and the defaults for a new sandbox.
 //!
 //! Read from `$BULKHEAD_CONFIG`, else `/etc/bulkhead/config.json`, else built-in defaults.
-//! `BULKHEAD_GUEST_DIR` names a directory holding `vmlinux` and `initramfs.cpio.gz` (the
+//! `BULKHEAD_GUEST_DIR` names a directory holding `vmlinux` and `initramfs.cpio` (the
 //! guest image builder's output). A binary not named in the file is looked for beside the
 //! running executable, then on `PATH`, then where our installers put it.
 
@@ -166,7 +166,7 @@ impl Config {
         if let Some(dir) = std::env::var_os("BULKHEAD_GUEST_DIR").filter(|v| !v.is_empty()) {
             let dir = PathBuf::from(dir);
             cfg.guest_kernel = Some(dir.join("vmlinux"));
-            cfg.guest_initrd = Some(dir.join("initramfs.cpio.gz"));
+            cfg.guest_initrd = Some(dir.join("initramfs.cpio"));
         }
         Ok(cfg)
     }
@@ -223,7 +223,7 @@ impl Config {
     pub fn initrd(&self) -> PathBuf {
         self.guest_initrd
             .clone()
-            .unwrap_or_else(|| Path::new(DEFAULT_GUEST_DIR).join("initramfs.cpio.gz"))
+            .unwrap_or_else(|| Path::new(DEFAULT_GUEST_DIR).join("initramfs.cpio"))
     }
 
     /// Where a component binary is, or `None` if it cannot be found.
