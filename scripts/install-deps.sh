@@ -13,7 +13,7 @@ $SUDO apt-get install -y -qq --no-install-recommends \
     dbus dbus-bin systemd bsdutils libssl-dev \
     podman conmon umoci skopeo docker-registry docker.io containerd \
     containernetworking-plugins protobuf-compiler iperf3 iptables \
-    make bc bison flex libelf-dev >/dev/null
+    make bc bison flex libelf-dev patch >/dev/null
 # virtiofsd, the vhost-user-fs back end (the crate's binary), pinned. Both are built from
 # /, so that this repository's .cargo/config.toml (static glibc) does not apply to them.
 VIRTIOFSD_VERSION=1.14.0

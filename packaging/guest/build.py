@@ -2,8 +2,8 @@
 """Build the bulkhead guest image: vmlinux, bzImage and an initramfs with the agent.
 
 The kernel is bulkhead's own by default: Debian's kernel source package (linux-source-6.1,
-pinned below) configured from `make tinyconfig` plus kernel.config beside this file,
-everything built in, no modules. BULKHEAD_GUEST_KERNEL=debian takes Debian's generic
+pinned below) with the patches in patches/, configured from `make tinyconfig` plus
+kernel.config beside this file, everything built in, no modules. BULKHEAD_GUEST_KERNEL=debian takes Debian's generic
 linux-image-<abi>-cloud-amd64 instead, with its modules in the initramfs (override the
 packages with BULKHEAD_KERNEL_SOURCE_PKG / BULKHEAD_KERNEL_PKG / BULKHEAD_KERNEL_VERSION).
 Output: <cache>/guest/<key>/{vmlinux,bzImage,initramfs.cpio,modules.txt,kernel-release}
@@ -17,6 +17,8 @@ KERNEL_VERSION = os.environ.get("BULKHEAD_KERNEL_VERSION", "")  # empty: the arc
 SOURCE_PKG = os.environ.get("BULKHEAD_KERNEL_SOURCE_PKG", "linux-source-6.1")
 GUEST_KERNEL = os.environ.get("BULKHEAD_GUEST_KERNEL", "bulkhead")
 KERNEL_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel.config")
+# Applied in name order to the kernel source, `patch -p1`; each says why in its header.
+PATCHES = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "patches", "*.patch")))
 # What the guest needs; their dependencies are added in load order automatically.
 WANTED = ["virtio_mmio", "vmw_vsock_virtio_transport", "virtio_console", "virtiofs",
           "overlay", "virtio_blk", "virtio_net", "virtio-rng", "virtio_balloon"]
@@ -74,7 +76,8 @@ def build_kernel(cache):
     deb = fetch_deb(cache, SOURCE_PKG, "", "all")
     cc = subprocess.run(["gcc", "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256()
-    for part in (sha256_file(__file__), sha256_file(deb), sha256_file(KERNEL_CONFIG), cc):
+    for part in (sha256_file(__file__), sha256_file(deb), sha256_file(KERNEL_CONFIG), cc,
+                 *map(sha256_file, PATCHES)):
         key.update(part.encode())
     key = key.hexdigest()[:16]
     outdir = os.path.join(cache, "kernel", key)
@@ -91,6 +94,10 @@ def build_kernel(cache):
             sys.exit(f"build-guest: no kernel source tarball in {deb}")
         subprocess.run(["tar", "-xJf", found[0], "-C", tmp], check=True)
         src = glob.glob(os.path.join(tmp, "linux-source-*/"))[0]
+        for patch in PATCHES:
+            r = subprocess.run(["patch", "-p1", "-s", "-d", src, "-i", patch], capture_output=True, text=True)
+            if r.returncode != 0:
+                sys.exit(f"build-guest: {os.path.basename(patch)} does not apply:\n{r.stdout}{r.stderr}")
 
         def make(*args, **kw):
             r = subprocess.run(["make", "-C", src, "-s", *args], capture_output=True, text=True, **kw)
