@@ -2,12 +2,16 @@
 //! v1 hierarchy the host mounts (a hybrid host has both), so the component's resources
 //! are counted with its sandbox's wherever the host looks.
 //!
-//! The jailer joins each v1 hierarchy itself. The v2 group it only opens: the fork in
-//! step 5 starts the component there (`clone3` with `CLONE_INTO_CGROUP`), because moving
-//! a running process takes the kernel's cgroup threadgroup lock for writing, whose
-//! first writer waits out an RCU grace period (5-20 ms). The jailer's own process, the
-//! component's parent, stays where it was in v2; on a kernel without `clone3` it joins
-//! as before.
+//! Moving a running process with a write to `cgroup.procs` takes the kernel's global
+//! cgroup threadgroup lock for writing, whose first writer waits out an RCU grace
+//! period (5-20 ms measured). Neither join here takes it:
+//! - the v2 group is only opened: the fork in step 5 starts the component there
+//!   (`clone3` with `CLONE_INTO_CGROUP`), and the jailer's own process, the component's
+//!   parent, stays where it was (on a kernel without `clone3` it joins the old way);
+//! - each v1 hierarchy the jailer joins itself by writing `0` to `tasks`: the kernel
+//!   moves one thread, the caller, without the global lock (Linux 6.0 on). The jailer is
+//!   single-threaded, so that thread is the whole process, and the fork inherits the
+//!   groups. Were it ever not, it falls back to `cgroup.procs`.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -109,8 +113,32 @@ impl Placement {
 }
 
 fn write_procs(d: &Path) -> Result<(), JailError> {
-    std::fs::write(d.join("cgroup.procs"), b"0")
-        .map_err(|e| JailError::sys(format!("join cgroup {}", d.display()), e))
+    write_zero(&d.join("cgroup.procs"))
+}
+
+/// Join the v1 group `d`: as the calling thread alone when it is the only one (no
+/// global lock, no grace period), else as the whole process.
+fn join_v1(d: &Path) -> Result<(), JailError> {
+    if own_threads() == 1 {
+        write_zero(&d.join("tasks"))
+    } else {
+        write_procs(d)
+    }
+}
+
+fn write_zero(file: &Path) -> Result<(), JailError> {
+    std::fs::write(file, b"0")
+        .map_err(|e| JailError::sys(format!("join cgroup {}", file.display()), e))
+}
+
+/// This process's thread count (`Threads:` in /proc/self/status); 0 if unreadable.
+fn own_threads() -> usize {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// Make `rel` below the jailer's cgroup in every hierarchy; join it in v1, open it in
@@ -136,7 +164,7 @@ pub fn join(rel: Option<&str>) -> Placement {
                 if h.v2 {
                     open_dir(&d).map(|fd| placement.v2 = Some((fd, d.clone())))
                 } else {
-                    write_procs(&d)
+                    join_v1(&d)
                 }
             });
         match r {
@@ -213,6 +241,64 @@ mod tests {
             .lines()
             .find_map(|l| l.strip_prefix("0::").map(str::to_string))
             .unwrap_or_default()
+    }
+
+    /// A single-threaded process joins every v1 hierarchy (through `tasks`), and the
+    /// process that forked it stays put.
+    #[test]
+    fn a_single_threaded_process_joins_every_v1_hierarchy() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let v1 = hierarchies().iter().filter(|h| !h.v2).count();
+        if v1 == 0 {
+            eprintln!("skipped: no v1 hierarchy here");
+            return;
+        }
+        let rel = format!("bulkhead-v1-test-{}", std::process::id());
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let (rd, wr) = nix::unistd::pipe().unwrap();
+        // SAFETY: the child only reads and writes files, then _exit()s.
+        match unsafe { nix::unistd::fork() }.unwrap() {
+            ForkResult::Child => {
+                let placement = join(Some(&rel));
+                let text = format!(
+                    "{}\n{}",
+                    own_threads(),
+                    std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default()
+                );
+                let not_joined = placement.joined.iter().any(|j| j.contains("not joined"));
+                let _ = nix::unistd::write(&wr, text.as_bytes());
+                // SAFETY: _exit ends the forked child without running the harness's
+                // exit handlers.
+                unsafe { libc::_exit(i32::from(not_joined)) };
+            }
+            ForkResult::Parent { child } => {
+                drop(wr);
+                let mut text = String::new();
+                std::io::Read::read_to_string(&mut std::fs::File::from(rd), &mut text).unwrap();
+                let status = waitpid(child, None).unwrap();
+                remove(&rel);
+                let mut lines = text.lines();
+                assert_eq!(lines.next(), Some("1"), "the child had other threads");
+                let v1_lines: Vec<&str> = lines.filter(|l| !l.starts_with("0::")).collect();
+                assert_eq!(v1_lines.len(), v1, "{text}");
+                for l in v1_lines {
+                    assert!(l.ends_with(&format!("/{rel}")), "not joined: {l}");
+                }
+                assert!(
+                    matches!(status, nix::sys::wait::WaitStatus::Exited(_, 0)),
+                    "a hierarchy refused: {status:?}"
+                );
+                assert_eq!(
+                    std::fs::read_to_string("/proc/self/cgroup").unwrap(),
+                    own,
+                    "the parent moved"
+                );
+            }
+        }
     }
 
     /// The child is born in the v2 group it was cloned into; the parent stays put.
