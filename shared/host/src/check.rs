@@ -57,30 +57,6 @@ pub fn cgroup_layout() -> &'static str {
     }
 }
 
-/// A note when the kernel could, but does not, favour dynamic cgroup changes: then each
-/// jailed component's move into its sandbox's cgroup first waits for an RCU grace period
-/// (5-20 ms measured on the test hosts, most of the manager's part of a start).
-pub fn favordynmods_note(mountinfo: &str, features: &str) -> Option<String> {
-    if !features.lines().any(|l| l.trim() == "favordynmods") {
-        return None;
-    }
-    let on = mountinfo.lines().any(|l| {
-        l.split_once(" - ").is_some_and(|(_, right)| {
-            let mut f = right.split_whitespace();
-            let fstype = f.next().unwrap_or("");
-            let superopts = f.nth(1).unwrap_or("");
-            fstype.starts_with("cgroup") && superopts.split(',').any(|o| o == "favordynmods")
-        })
-    });
-    (!on).then(|| {
-        "cgroup favordynmods is off: each jailed component's move into its sandbox's cgroup \
-         waits for an RCU grace period (5-20 ms measured); `mount -o remount,favordynmods` \
-         the cgroup2 mount, or boot with cgroup_favordynmods=1 (forks and exits cost a \
-         little more)"
-            .into()
-    })
-}
-
 pub fn check(cfg: &Config) -> HostReport {
     let kind = kvm_kind();
     let mut problems = vec![];
@@ -109,11 +85,6 @@ pub fn check(cfg: &Config) -> HostReport {
              (scripts/install-deps.sh installs it under /opt/virtiofsd)"
                 .into(),
         );
-    }
-    if cfg.jail.enabled() {
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let features = std::fs::read_to_string("/sys/kernel/cgroup/features").unwrap_or_default();
-        notes.extend(favordynmods_note(&mountinfo, &features));
     }
     let layout = cgroup_layout();
     if layout != "unified" {
@@ -203,23 +174,5 @@ pub fn check(cfg: &Config) -> HostReport {
         cgroup_layout: layout,
         problems,
         notes,
-    }
-}
-
-#[cfg(test)]
-mod favordynmods_tests {
-    use super::favordynmods_note;
-
-    const V2: &str = "41 31 0:38 / /sys/fs/cgroup rw,relatime - cgroup2 cgroup2 rw";
-    const V2_FAVOUR: &str =
-        "41 31 0:38 / /sys/fs/cgroup rw,relatime - cgroup2 cgroup2 rw,favordynmods";
-    const V1: &str = "32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu";
-
-    #[test]
-    fn says_so_only_when_the_kernel_has_it_and_no_mount_uses_it() {
-        let features = "nsdelegate\nfavordynmods\nmemory_localevents\n";
-        assert!(favordynmods_note(&format!("{V1}\n{V2}"), features).is_some());
-        assert!(favordynmods_note(&format!("{V1}\n{V2_FAVOUR}"), features).is_none());
-        assert!(favordynmods_note(V2, "nsdelegate\n").is_none());
     }
 }
