@@ -9,7 +9,7 @@
 //!   (`clone3` with `CLONE_INTO_CGROUP`), and the jailer's own process, the component's
 //!   parent, stays where it was (on a kernel without `clone3` it joins the old way);
 //! - each v1 hierarchy the jailer joins itself by writing `0` to `tasks`: the kernel
-//!   moves one thread, the caller, without the global lock (Linux 6.0 on). The jailer is
+//!   moves one thread, the caller, without the global lock (Linux 6.1 on). The jailer is
 //!   single-threaded, so that thread is the whole process, and the fork inherits the
 //!   groups. Were it ever not, it falls back to `cgroup.procs`.
 
@@ -118,8 +118,8 @@ fn write_procs(d: &Path) -> Result<(), JailError> {
 
 /// Join the v1 group `d`: as the calling thread alone when it is the only one (no
 /// global lock, no grace period), else as the whole process.
-fn join_v1(d: &Path) -> Result<(), JailError> {
-    if own_threads() == 1 {
+fn join_v1(d: &Path, single_threaded: bool) -> Result<(), JailError> {
+    if single_threaded {
         write_zero(&d.join("tasks"))
     } else {
         write_procs(d)
@@ -148,6 +148,7 @@ fn own_threads() -> usize {
 pub fn join(rel: Option<&str>) -> Placement {
     let mut placement = Placement::default();
     let Some(rel) = rel else { return placement };
+    let single_threaded = own_threads() == 1;
     for h in hierarchies() {
         let d = dir(&h, rel);
         let tag = if h.v2 { "v2" } else { "v1" };
@@ -164,7 +165,7 @@ pub fn join(rel: Option<&str>) -> Placement {
                 if h.v2 {
                     open_dir(&d).map(|fd| placement.v2 = Some((fd, d.clone())))
                 } else {
-                    join_v1(&d)
+                    join_v1(&d, single_threaded)
                 }
             });
         match r {
