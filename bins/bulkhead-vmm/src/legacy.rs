@@ -319,29 +319,38 @@ mod tests {
             "the writer waited for the reader: {:?}",
             t.elapsed()
         );
-        // What was kept arrives once the reader reads, with the drop said.
-        use std::io::Read;
-        let mut r = reader;
-        // SAFETY: F_SETFL on a descriptor we own.
-        unsafe {
-            libc::fcntl(
-                std::os::fd::AsRawFd::as_raw_fd(&r),
-                libc::F_SETFL,
-                libc::O_NONBLOCK,
-            )
-        };
-        out.write_all(b"\nend\n").unwrap();
-        let mut got = Vec::new();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        let mut buf = [0u8; 65536];
-        while !String::from_utf8_lossy(&got).contains("end") {
-            assert!(std::time::Instant::now() < deadline, "{} bytes", got.len());
-            match r.read(&mut buf) {
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-                Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+        // What was kept arrives once someone reads, with the drop said. "end" is written
+        // only after the writer has caught up: while the buffer is full it would be
+        // dropped too, which is the point of the buffer.
+        let reader = std::thread::spawn(move || {
+            use std::io::Read;
+            let mut r = reader;
+            // SAFETY: F_SETFL on a descriptor this thread owns.
+            unsafe {
+                libc::fcntl(
+                    std::os::fd::AsRawFd::as_raw_fd(&r),
+                    libc::F_SETFL,
+                    libc::O_NONBLOCK,
+                )
+            };
+            let mut got = Vec::new();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            let mut buf = [0u8; 65536];
+            while !String::from_utf8_lossy(&got).contains("\nend\n")
+                && std::time::Instant::now() < deadline
+            {
+                match r.read(&mut buf) {
+                    Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
+                    _ => std::thread::sleep(std::time::Duration::from_millis(5)),
+                }
             }
-        }
+            got
+        });
+        out.settle(std::time::Duration::from_secs(5));
+        out.write_all(b"\nend\n").unwrap();
+        let got = reader.join().unwrap();
         let text = String::from_utf8_lossy(&got);
+        assert!(text.contains("\nend\n"), "{} bytes, no end", got.len());
         assert!(
             text.contains("bytes of guest output dropped"),
             "{}",
