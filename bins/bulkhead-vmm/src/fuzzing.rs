@@ -2,10 +2,10 @@
 //! (`bins/bulkhead-vmm/fuzz`, libFuzzer on nightly) and of seeded runs on stable Rust in
 //! `cargo test`.
 //!
-//! - [`queues`]: the bytes choose a device (rng, balloon, vsock, blk, console) and one of
-//!   its queues, and become that queue's descriptor table (addresses in and out of guest
-//!   memory, any lengths, flags and links, loops included) and the guest bytes the
-//!   chains point at; then the device is kicked. Nothing may panic, and no chain goes
+//! - [`queues`]: the bytes choose a device (rng, balloon, vsock, blk, console, virtio-mem)
+//!   and one of its queues, and become that queue's descriptor table (addresses in and
+//!   out of guest memory, any lengths, flags and links, loops included) and the guest
+//!   bytes the chains point at; then the device is kicked. Nothing may panic, and no chain goes
 //!   back to the guest more often than it was offered. [`queue`] does the same on one
 //!   device, for a fuzz target of its own.
 //! - [`mmio`]: the bytes become a driver's register accesses to a virtio-mmio transport
@@ -30,6 +30,7 @@ use crate::memory::RamRegion;
 use crate::virtio::balloon::Balloon;
 use crate::virtio::blk::Blk;
 use crate::virtio::console::Console;
+use crate::virtio::mem::VirtioMem;
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::rng::Rng;
 use crate::virtio::vsock::Vsock;
@@ -67,15 +68,17 @@ pub enum Kind {
     Vsock,
     Blk,
     Console,
+    Mem,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Rng,
         Kind::Balloon,
         Kind::Vsock,
         Kind::Blk,
         Kind::Console,
+        Kind::Mem,
     ];
 
     fn from_byte(b: u8) -> Kind {
@@ -84,19 +87,32 @@ impl Kind {
 }
 
 fn device(kind: Kind, mem: &GuestMemoryMmap) -> Option<Box<dyn VirtioDevice>> {
+    let regions: Vec<RamRegion> = mem
+        .iter()
+        .map(|r| RamRegion {
+            guest_addr: r.start_addr().0,
+            size: r.len(),
+            file_offset: 0,
+            host_addr: r.as_ptr() as u64,
+        })
+        .collect();
     Some(match kind {
         Kind::Rng => Box::new(Rng::default()),
-        Kind::Balloon => {
-            let regions = mem
-                .iter()
-                .map(|r| RamRegion {
-                    guest_addr: r.start_addr().0,
-                    size: r.len(),
-                    file_offset: 0,
-                    host_addr: r.as_ptr() as u64,
-                })
-                .collect();
-            Box::new(Balloon::new(regions, None, false).ok()?.0)
+        Kind::Balloon => Box::new(Balloon::new(regions, None, false).ok()?.0),
+        Kind::Mem => {
+            // The top 2 MiB of mock memory is its hot-plug region, already requested in
+            // full, so plugs can succeed as well as fail.
+            let r = regions.first()?;
+            let half = r.size / 2;
+            let region = RamRegion {
+                guest_addr: r.guest_addr + half,
+                size: half,
+                file_offset: 0,
+                host_addr: r.host_addr + half,
+            };
+            let (dev, control) = VirtioMem::new(region, None, false);
+            control.set_requested(half >> 20).ok()?;
+            Box::new(dev)
         }
         Kind::Vsock => Box::new(Vsock::new(3, &scratch().join("v.sock")).ok()?),
         Kind::Blk => Box::new(Blk::open(&scratch().join("disk"), false).ok()?),

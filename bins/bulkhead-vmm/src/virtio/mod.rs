@@ -8,6 +8,7 @@
 pub mod balloon;
 pub mod blk;
 pub mod console;
+pub mod mem;
 pub mod mmio;
 pub mod rng;
 pub mod vhost_user;
