@@ -149,6 +149,10 @@ pub struct VmConfig {
     /// A virtio-balloon with free page reporting and deflate-on-OOM.
     #[serde(default)]
     pub balloon: bool,
+    /// A virtio-mem device over this many MiB above boot RAM (0: none). The guest boots
+    /// with `memory_mib` and gets more when the control socket asks for it.
+    #[serde(default)]
+    pub hotplug_mib: u64,
 }
 
 mod seccomp_mode {
@@ -187,6 +191,8 @@ pub const USAGE: &str = "usage: bulkhead-vmm (--config FILE.json | --kernel PATH
   --rng                    virtio-rng fed from the host's getrandom
   --balloon                virtio-balloon: free pages the guest reports go back to the
                            host; a target is set on the control socket
+  --hotplug MIB            virtio-mem: this much more RAM (a multiple of 128 MiB) the
+                           guest is given in 2 MiB blocks when the control socket asks
   --console PATH           virtio-console output file
   --fs tag=TAG,socket=PATH (repeatable) vhost-user-fs front end
   --net socket=PATH,mac=MAC[,mtu=N] (repeatable) virtio-net; a vhost-user back end
@@ -242,6 +248,7 @@ impl VmConfig {
             memory_backing: Backing::Auto,
             hugepages: HugePages::Auto,
             balloon: false,
+            hotplug_mib: 0,
         };
         while let Some(flag) = it.next() {
             let mut val = || {
@@ -328,6 +335,12 @@ impl VmConfig {
                 }
                 "--rng" => c.rng = true,
                 "--balloon" => c.balloon = true,
+                "--hotplug" => {
+                    let v = val()?;
+                    c.hotplug_mib = v.parse().map_err(|_| {
+                        ConfigError::Invalid(format!("--hotplug {v}: not a number of MiB"))
+                    })?
+                }
                 "--console" => c.console = Some(val()?.into()),
                 "--fs" => {
                     let v = val()?;
@@ -405,6 +418,16 @@ impl VmConfig {
                 layout::MAX_MEMORY_MIB
             ));
         }
+        // Linux adds hot-plugged memory in whole memory blocks: 128 MiB on a small guest.
+        if !self.hotplug_mib.is_multiple_of(128)
+            || self.hotplug_mib > layout::MAX_MEMORY_MIB - self.memory_mib
+        {
+            return invalid(format!(
+                "hotplug = {} MiB: must be a multiple of 128 MiB, with memory at most {} MiB",
+                self.hotplug_mib,
+                layout::MAX_MEMORY_MIB
+            ));
+        }
         if self.cmdline.len() >= layout::CMDLINE_MAX {
             return invalid(format!(
                 "kernel command line is {} bytes; the limit is {}",
@@ -449,6 +472,7 @@ impl VmConfig {
             + usize::from(self.vsock.is_some())
             + usize::from(self.rng)
             + usize::from(self.balloon)
+            + usize::from(self.hotplug_mib > 0)
             + usize::from(self.console.is_some());
         if devices > layout::MAX_VIRTIO_DEVICES {
             return invalid(format!(
@@ -461,6 +485,10 @@ impl VmConfig {
 
     pub fn memory_bytes(&self) -> u64 {
         self.memory_mib << 20
+    }
+
+    pub fn hotplug_bytes(&self) -> u64 {
+        self.hotplug_mib << 20
     }
 
     /// A device in another process (vhost-user) maps guest RAM.
@@ -560,12 +588,20 @@ mod tests {
             ),
             ("--kernel /k --memory lots", "--memory lots"),
             ("--kernel /k --vsock cid=2,socket=/v", "vsock cid 2"),
+            ("--kernel /k --hotplug 100", "hotplug = 100 MiB"),
+            (
+                "--kernel /k --memory 1048576 --hotplug 128",
+                "hotplug = 128 MiB",
+            ),
+            ("--kernel /k --hotplug 1G", "--hotplug 1G"),
             ("--cpus 1", "no --kernel"),
             ("--kernel /k --bogus", "unknown flag"),
         ] {
             let e = VmConfig::from_args(&args(a)).unwrap_err().to_string();
             assert!(e.contains(want), "{a}: {e}");
         }
+        let c = VmConfig::from_args(&args("--kernel /k --memory 256 --hotplug 1024")).unwrap();
+        assert_eq!((c.memory_bytes(), c.hotplug_bytes()), (256 << 20, 1 << 30));
     }
 
     #[test]

@@ -22,6 +22,7 @@ use crate::exit::{ExitHandle, ExitReason};
 use crate::memory::MemoryReport;
 use crate::startup::Timeline;
 use crate::virtio::balloon::BalloonControl;
+use crate::virtio::mem::MemControl;
 
 /// What the interface acts on, shared by every peer's object.
 pub struct VmHandle {
@@ -35,6 +36,8 @@ pub struct VmHandle {
     pub memory: MemoryReport,
     pub timeline: Arc<Timeline>,
     pub balloon: Option<Arc<BalloonControl>>,
+    /// The virtio-mem device, when the VM has a hot-plug region.
+    pub hotplug: Option<Arc<MemControl>>,
 }
 
 /// The listening socket, until the first peer hands it to the `api` thread.
@@ -103,6 +106,14 @@ impl Vmm1 {
     fn balloon_control(&self) -> Result<&BalloonControl, Error> {
         self.0.balloon.as_deref().ok_or_else(|| {
             Error::FailedPrecondition("this VM has no balloon (start it with --balloon)".into())
+        })
+    }
+
+    fn hotplug_control(&self) -> Result<&MemControl, Error> {
+        self.0.hotplug.as_deref().ok_or_else(|| {
+            Error::FailedPrecondition(
+                "this VM has no hot-plug memory (start it with --hotplug)".into(),
+            )
         })
     }
 }
@@ -204,6 +215,31 @@ impl Vmm1 {
     fn set_balloon_target(&self, mib: u64) -> Result<(), Error> {
         self.balloon_control()?
             .set_target(mib)
+            .map_err(Error::InvalidArgument)
+    }
+
+    fn hotplug_memory(&self) -> Result<HashMap<String, OwnedValue>, Error> {
+        let s = self.hotplug_control()?.status();
+        let mut out: HashMap<String, OwnedValue> = HashMap::new();
+        out.insert("active".into(), OwnedValue::from(s.active));
+        for (k, v) in [
+            ("addr", s.addr),
+            ("region_mib", s.region_mib),
+            ("requested_mib", s.requested_mib),
+            ("plugged_mib", s.plugged_mib),
+            ("plugs", s.plugs),
+            ("unplugs", s.unplugs),
+            ("refused", s.refused),
+            ("discard_errors", s.discard_errors),
+        ] {
+            out.insert(k.into(), OwnedValue::from(v));
+        }
+        Ok(out)
+    }
+
+    fn set_hotplug_memory(&self, mib: u64) -> Result<(), Error> {
+        self.hotplug_control()?
+            .set_requested(mib)
             .map_err(Error::InvalidArgument)
     }
 

@@ -71,6 +71,24 @@ pub fn ram_ranges(mem_size: u64) -> Vec<(u64, u64)> {
     }
 }
 
+/// Where the virtio-mem region starts: a 1 GiB boundary, a multiple of any memory block
+/// size Linux picks for a guest this small (128 MiB up to 64 GiB of boot RAM).
+pub const HOTPLUG_ALIGN: u64 = 1 << 30;
+
+/// The hot-plug region for `hotplug_size` bytes, at the first [`HOTPLUG_ALIGN`] boundary
+/// at or above 4 GiB that lies past boot RAM; `None` when there is none.
+pub fn hotplug_range(mem_size: u64, hotplug_size: u64) -> Option<(u64, u64)> {
+    if hotplug_size == 0 {
+        return None;
+    }
+    let ram_end = ram_ranges(mem_size)
+        .last()
+        .map(|(start, size)| start + size)
+        .unwrap_or(0);
+    let start = ram_end.max(MMIO_HOLE_END).next_multiple_of(HOTPLUG_ALIGN);
+    Some((start, hotplug_size))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,6 +105,22 @@ mod tests {
         );
         let total: u64 = ram_ranges(5 << 30).iter().map(|r| r.1).sum();
         assert_eq!(total, 5 << 30);
+    }
+
+    #[test]
+    fn hotplug_region_lies_past_ram_and_the_hole_on_a_gib_boundary() {
+        assert_eq!(hotplug_range(128 << 20, 0), None);
+        assert_eq!(hotplug_range(128 << 20, 1 << 30), Some((4 << 30, 1 << 30)));
+        assert_eq!(
+            hotplug_range(3 << 30, 128 << 20),
+            Some((4 << 30, 128 << 20))
+        );
+        // 5 GiB of boot RAM ends at 6 GiB (1 GiB of it above the hole).
+        assert_eq!(hotplug_range(5 << 30, 1 << 30), Some((6 << 30, 1 << 30)));
+        assert_eq!(
+            hotplug_range((5 << 30) + (128 << 20), 1 << 30),
+            Some((7 << 30, 1 << 30))
+        );
     }
 
     #[test]

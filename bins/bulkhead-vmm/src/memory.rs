@@ -145,7 +145,11 @@ pub struct GuestRam {
     pub mem: GuestMemoryMmap,
     /// The memfd behind shared RAM; `None` for private RAM.
     pub file: Option<Arc<File>>,
+    /// Every region, boot RAM and the hot-plug region alike (KVM, vhost-user back ends
+    /// and the balloon see them all).
     pub regions: Vec<RamRegion>,
+    /// The hot-plug region, for virtio-mem; never in the guest's e820 map.
+    pub hotplug: Option<RamRegion>,
     pub report: MemoryReport,
 }
 
@@ -255,23 +259,60 @@ pub fn create(
     huge: HugePages,
     shared_needed: bool,
 ) -> Result<GuestRam, MemoryError> {
+    create_with_hotplug(mem_size, 0, backing, huge, shared_needed)
+}
+
+/// [`create`], plus a hot-plug region of `hotplug_size` bytes for virtio-mem (see
+/// [`layout::hotplug_range`]), backed like the rest and in the same memfd when shared.
+pub fn create_with_hotplug(
+    mem_size: u64,
+    hotplug_size: u64,
+    backing: Backing,
+    huge: HugePages,
+    shared_needed: bool,
+) -> Result<GuestRam, MemoryError> {
     if backing == Backing::Private && shared_needed {
         return Err(MemoryError::Map {
             mib: mem_size >> 20,
             msg: "memory backing private: a vhost-user device needs shared guest RAM".into(),
         });
     }
-    create_on(&HostPages::read(), mem_size, backing, huge, shared_needed)
+    let sizes = Sizes {
+        boot: mem_size,
+        hotplug: hotplug_size,
+    };
+    create_on(&HostPages::read(), sizes, backing, huge, shared_needed)
+}
+
+/// Boot RAM and the hot-plug region, in bytes.
+#[derive(Debug, Clone, Copy)]
+struct Sizes {
+    boot: u64,
+    hotplug: u64,
+}
+
+impl Sizes {
+    fn total(self) -> u64 {
+        self.boot + self.hotplug
+    }
+
+    /// Every range to map, boot RAM first.
+    fn ranges(self) -> Vec<(u64, u64)> {
+        let mut r = layout::ram_ranges(self.boot);
+        r.extend(layout::hotplug_range(self.boot, self.hotplug));
+        r
+    }
 }
 
 /// [`create`] on a host whose huge page policy is `host`.
 fn create_on(
     host: &HostPages,
-    mem_size: u64,
+    sizes: Sizes,
     backing: Backing,
     huge: HugePages,
     shared_needed: bool,
 ) -> Result<GuestRam, MemoryError> {
+    let mem_size = sizes.total();
     let (plan, pages, why) = plan(mem_size, backing, huge, shared_needed, host)?;
     let report = |backing_got: &'static str| MemoryReport {
         asked_backing: backing,
@@ -281,20 +322,18 @@ fn create_on(
         why: why.clone(),
     };
     match plan {
-        Plan::Private { advise } => map(mem_size, None, advise, report("private")),
+        Plan::Private { advise } => map(sizes, None, advise, report("private")),
         Plan::Memfd {
             hugetlb: false,
             advise,
         } => map(
-            mem_size,
+            sizes,
             Some(memfd(mem_size, false)?),
             advise,
             report("shared"),
         ),
         Plan::Memfd { hugetlb: true, .. } => {
-            match memfd(mem_size, true)
-                .and_then(|f| map(mem_size, Some(f), false, report("shared")))
-            {
+            match memfd(mem_size, true).and_then(|f| map(sizes, Some(f), false, report("shared"))) {
                 // The pages went between reading the count and mapping: plan again as
                 // on a host with none reserved, and say why.
                 Err(e) if huge == HugePages::Auto => {
@@ -302,7 +341,7 @@ fn create_on(
                         free_hugetlb_2m: Some(0),
                         ..host.clone()
                     };
-                    let mut ram = create_on(&none, mem_size, backing, huge, shared_needed)?;
+                    let mut ram = create_on(&none, sizes, backing, huge, shared_needed)?;
                     ram.report.why =
                         format!("{why}, but mapping them failed ({e}); {}", ram.report.why);
                     Ok(ram)
@@ -337,16 +376,16 @@ fn memfd(mem_size: u64, hugetlb: bool) -> Result<Arc<File>, MemoryError> {
 /// Map each RAM range at a 2 MiB-aligned address: anonymous private memory, or the memfd
 /// shared at consecutive offsets.
 fn map(
-    mem_size: u64,
+    sizes: Sizes,
     file: Option<Arc<File>>,
     advise: bool,
     report: MemoryReport,
 ) -> Result<GuestRam, MemoryError> {
-    let mib = mem_size >> 20;
+    let mib = sizes.total() >> 20;
     let map_err = |msg: String| MemoryError::Map { mib, msg };
     let mut regions = Vec::new();
     let mut offset = 0u64;
-    for (start, size) in layout::ram_ranges(mem_size) {
+    for (start, size) in sizes.ranges() {
         let fo = file.as_ref().map(|f| (f.as_raw_fd(), offset));
         let ptr = map_aligned(size as usize, fo).map_err(|e| map_err(e.to_string()))?;
         if advise {
@@ -382,10 +421,13 @@ fn map(
     }
     let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| map_err(e.to_string()))?;
     let regions = region_table(&mem);
+    let hotplug = layout::hotplug_range(sizes.boot, sizes.hotplug)
+        .and_then(|(start, _)| regions.iter().find(|r| r.guest_addr == start).copied());
     Ok(GuestRam {
         mem,
         file,
         regions,
+        hotplug,
         report,
     })
 }
@@ -570,6 +612,33 @@ mod tests {
         assert_eq!(ram.regions[1].guest_addr, layout::MMIO_HOLE_END);
         assert_eq!(ram.regions[1].file_offset, layout::MMIO_HOLE_START);
         assert_eq!(ram.regions[1].host_addr % HUGE_PAGE, 0);
+    }
+
+    #[test]
+    fn hotplug_region_follows_boot_ram_in_the_file_and_at_4_gib_in_the_guest() {
+        let ram = create_with_hotplug(64 << 20, 256 << 20, Backing::Shared, HugePages::Off, false)
+            .unwrap();
+        assert_eq!(ram.regions.len(), 2);
+        let h = ram.hotplug.unwrap();
+        assert_eq!((h.guest_addr, h.size), (4 << 30, 256 << 20));
+        assert_eq!(h.file_offset, 64 << 20);
+        assert_eq!(h.host_addr % HUGE_PAGE, 0);
+        let file = ram.file.as_ref().unwrap();
+        assert_eq!(file.metadata().unwrap().len(), 320 << 20);
+        // The guest's writes there land in the file, after boot RAM.
+        ram.mem.write_obj(0x42u8, GuestAddress(4 << 30)).unwrap();
+        let mut b = [0u8; 1];
+        file.read_exact_at(&mut b, 64 << 20).unwrap();
+        assert_eq!(b, [0x42]);
+        // Private RAM gets the region too; none asked, none made.
+        let private =
+            create_with_hotplug(64 << 20, 128 << 20, Backing::Private, HugePages::Off, false)
+                .unwrap();
+        assert_eq!(private.hotplug.map(|r| r.guest_addr), Some(4 << 30));
+        assert!(create(64 << 20, Backing::Private, HugePages::Off, false)
+            .unwrap()
+            .hotplug
+            .is_none());
     }
 
     #[test]

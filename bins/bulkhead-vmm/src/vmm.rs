@@ -31,6 +31,7 @@ use crate::legacy::{
 use crate::memory::{self, GuestRam};
 use crate::startup::{BootTimer, Timeline};
 use crate::virtio::balloon::{Balloon, BalloonControl};
+use crate::virtio::mem::{MemControl, VirtioMem};
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::{self, EventSink, Interrupt, VirtioDevice, DEVICE_TOKEN_BASE};
 
@@ -141,7 +142,7 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
     core.timeline.mark("memory ready");
     let mut buses = Buses::default();
     let serial_out = add_legacy_devices(&vm, &mut buses.pio, &core, cfg)?;
-    let (devices, balloon) = open_virtio_devices(cfg, &ram)?;
+    let (devices, controls) = open_virtio_devices(cfg, &ram)?;
     let (slots, descs) = attach_virtio_devices(devices, &vm, &mut buses.mmio, &core.devices, &ram)?;
     core.timeline.mark("devices ready");
     let entry = load_kernel(cfg, &ram, &descs)?;
@@ -153,6 +154,7 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
     tracing::info!(
         cpus = cfg.cpus,
         memory_mib = cfg.memory_mib,
+        hotplug_mib = cfg.hotplug_mib,
         memory = ram.report.backing,
         pages = ram.report.pages,
         why = %ram.report.why,
@@ -172,7 +174,8 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
                 memory_mib: cfg.memory_mib,
                 memory: ram.report.clone(),
                 timeline: core.timeline.clone(),
-                balloon,
+                balloon: controls.balloon,
+                hotplug: controls.hotplug,
             });
             Some(
                 ControlApi::listen(p, &core.epoll, TOK_API, handle)
@@ -232,8 +235,9 @@ fn create_vm(cfg: &VmConfig) -> Result<(Kvm, VmFd), VmmError> {
 /// Guest RAM, backed as the configuration and its devices need (see [`memory`]),
 /// registered with KVM, one slot per region.
 fn map_memory(vm: &VmFd, cfg: &VmConfig) -> Result<GuestRam, VmmError> {
-    let ram = memory::create(
+    let ram = memory::create_with_hotplug(
         cfg.memory_bytes(),
+        cfg.hotplug_bytes(),
         cfg.memory_backing,
         cfg.hugepages,
         cfg.shared_memory_needed(),
@@ -312,11 +316,18 @@ fn add_legacy_devices(
 /// guest layout.
 type Devices = Vec<Box<dyn VirtioDevice>>;
 
-/// Also returns the balloon's control side when there is one.
+/// The control sides of the devices the control interface drives.
+#[derive(Default)]
+struct DeviceControls {
+    balloon: Option<Arc<BalloonControl>>,
+    hotplug: Option<Arc<MemControl>>,
+}
+
 fn open_virtio_devices(
     cfg: &VmConfig,
     ram: &GuestRam,
-) -> Result<(Devices, Option<Arc<BalloonControl>>), VmmError> {
+) -> Result<(Devices, DeviceControls), VmmError> {
+    let mut controls = DeviceControls::default();
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     // Set whenever a vhost-user device is configured (memory::create makes it so).
     let ram_fd = || {
@@ -338,13 +349,17 @@ fn open_virtio_devices(
     if cfg.rng {
         devices.push(Box::new(virtio::rng::Rng::default()));
     }
-    let mut balloon = None;
     if cfg.balloon {
         let (dev, control) =
             Balloon::new(ram.regions.clone(), ram.file.clone(), ram.report.hugetlb())
                 .map_err(io("balloon eventfd"))?;
         devices.push(Box::new(dev));
-        balloon = Some(control);
+        controls.balloon = Some(control);
+    }
+    if let Some(region) = ram.hotplug {
+        let (dev, control) = VirtioMem::new(region, ram.file.clone(), ram.report.hugetlb());
+        devices.push(Box::new(dev));
+        controls.hotplug = Some(control);
     }
     if let Some(p) = &cfg.console {
         let f = std::fs::File::create(p).map_err(io(format!("console output {}", p.display())))?;
@@ -374,7 +389,7 @@ fn open_virtio_devices(
         .map_err(dev_err)?;
         devices.push(Box::new(dev));
     }
-    Ok((devices, balloon))
+    Ok((devices, controls))
 }
 
 /// Put each device on the MMIO bus behind a virtio-mmio transport, with an irqfd for its

@@ -283,10 +283,48 @@ fn control_interface_state_pause_resume_shutdown() {
             error_name(p.set_balloon_target(1).await.unwrap_err()),
             "org.bulkhead.Error.FailedPrecondition"
         );
+        assert_eq!(
+            error_name(p.set_hotplug_memory(128).await.unwrap_err()),
+            "org.bulkhead.Error.FailedPrecondition"
+        );
         p.shutdown().await.unwrap();
     });
     let st = child.wait().unwrap();
     assert_eq!(st.code(), Some(5));
+}
+
+#[test]
+fn hotplug_memory_is_asked_for_and_read_on_the_control_interface() {
+    if !kvm_available() {
+        return;
+    }
+    let (mut child, sock) = spin_vmm("hotplug", &["--memory", "32", "--hotplug", "256"]);
+    block_on(async {
+        let p = connect_api(&sock).await;
+        let get = |m: &std::collections::HashMap<String, zbus::zvariant::OwnedValue>, k: &str| {
+            u64::try_from(m[k].clone()).unwrap()
+        };
+        let m = p.hotplug_memory().await.unwrap();
+        // The toy guest has no driver: the region is there, nothing is plugged.
+        assert!(!bool::try_from(m["active"].clone()).unwrap());
+        assert_eq!(get(&m, "addr"), 4 << 30);
+        assert_eq!(get(&m, "region_mib"), 256);
+        assert_eq!((get(&m, "requested_mib"), get(&m, "plugged_mib")), (0, 0));
+        p.set_hotplug_memory(64).await.unwrap();
+        // More than the region, or not whole 2 MiB blocks: a named error, nothing changed.
+        for bad in [512, 3] {
+            assert_eq!(
+                error_name(p.set_hotplug_memory(bad).await.unwrap_err()),
+                "org.bulkhead.Error.InvalidArgument"
+            );
+        }
+        let m = p.hotplug_memory().await.unwrap();
+        assert_eq!((get(&m, "requested_mib"), get(&m, "plugged_mib")), (64, 0));
+        // Guest RAM is still the boot size; the region is not part of it.
+        assert_eq!(p.memory_mib().await.unwrap(), 32);
+        p.shutdown().await.unwrap();
+    });
+    assert_eq!(child.wait().unwrap().code(), Some(5));
 }
 
 #[test]

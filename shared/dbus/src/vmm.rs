@@ -36,6 +36,13 @@ pub trait Vmm1 {
     fn balloon(&self) -> zbus::Result<HashMap<String, OwnedValue>>;
     /// Ask the guest to give `mib` MiB to the balloon (0 deflates it fully).
     fn set_balloon_target(&self, mib: u64) -> zbus::Result<()>;
+    /// The virtio-mem device's figures: `active` (b), `addr`, `region_mib`,
+    /// `requested_mib`, `plugged_mib` (what the guest has plugged), `plugs`, `unplugs`,
+    /// `refused`, `discard_errors` (t). `FailedPrecondition` when the VM has none.
+    fn hotplug_memory(&self) -> zbus::Result<HashMap<String, OwnedValue>>;
+    /// Ask the guest to have `mib` MiB of the hot-plug region plugged (a multiple of 2;
+    /// 0 asks it to give all of it back).
+    fn set_hotplug_memory(&self, mib: u64) -> zbus::Result<()>;
 
     /// `running` or `paused`.
     #[zbus(property)]
