@@ -50,6 +50,10 @@ pub struct RunArgs {
     /// Guest memory in MiB.
     #[arg(long, value_name = "MIB")]
     pub memory: Option<u32>,
+    /// More guest memory, in MiB (a multiple of 128), that the VM can be given while it
+    /// runs (`bulkhead vm SANDBOX --hotplug MIB`); bulkhead-vmm's virtio-mem.
+    #[arg(long, value_name = "MIB")]
+    pub hotplug: Option<u32>,
     /// The pod's network: a network namespace (e.g. /run/netns/NAME) whose interfaces
     /// the VM gets. Without it, the container has loopback only.
     #[arg(long, value_name = "PATH")]
@@ -212,6 +216,9 @@ pub async fn run(a: RunArgs) -> Result<i32> {
             }
             if let Some(m) = a.memory {
                 opts.insert("memory_mib", V::from(m));
+            }
+            if let Some(m) = a.hotplug {
+                opts.insert("hotplug_mib", V::from(m));
             }
             let netns = match &a.netns {
                 Some(p) => Some(

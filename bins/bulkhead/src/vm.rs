@@ -1,6 +1,8 @@
-//! `bulkhead vm SANDBOX [--balloon MIB] [--json]`: the VM as its VMM reports it
-//! (`Sandbox1.VmStatus`, which bulkheadd reads from the VMM's `org.bulkhead.Vmm1`): how
-//! guest RAM is backed, the start phases, and the balloon; `--balloon` sets its target.
+//! `bulkhead vm SANDBOX [--balloon MIB] [--hotplug MIB] [--json]`: the VM as its VMM
+//! reports it (`Sandbox1.VmStatus`, which bulkheadd reads from the VMM's
+//! `org.bulkhead.Vmm1`): how guest RAM is backed, the start phases, the balloon and
+//! hot-plug memory. `--balloon` sets the balloon's target, `--hotplug` how much of the
+//! hot-plug region is plugged.
 
 use anyhow::Result;
 use serde_json::{json, Map, Value as Json};
@@ -16,6 +18,10 @@ pub struct VmArgs {
     /// First ask the guest to give this many MiB back to the host (0 deflates).
     #[arg(long, value_name = "MIB")]
     balloon: Option<u64>,
+    /// First ask the guest to have this many MiB of its hot-plug region plugged
+    /// (sandboxes created with `--hotplug`; 0 takes it all back).
+    #[arg(long, value_name = "MIB")]
+    hotplug: Option<u64>,
     sandbox: String,
 }
 
@@ -24,6 +30,9 @@ pub async fn vm(a: VmArgs) -> Result<i32> {
     let sb = c.sandbox(&a.sandbox).await?;
     if let Some(mib) = a.balloon {
         sb.set_balloon_target(mib).await.map_err(explain)?;
+    }
+    if let Some(mib) = a.hotplug {
+        sb.set_hotplug_memory(mib).await.map_err(explain)?;
     }
     let status = sb.vm_status().await.map_err(explain)?;
     let v = Json::Object(
@@ -65,6 +74,18 @@ pub async fn vm(a: VmArgs) -> Result<i32> {
             n("actual_mib"),
             n("inflated_bytes") >> 20,
             n("reported_bytes") >> 20,
+            n("refused")
+        );
+    }
+    if let Some(h) = v.get("hotplug") {
+        let n = |k: &str| h[k].as_u64().unwrap_or(0);
+        println!(
+            "hotplug   {} of {} MiB plugged, {} asked for; {} plugs, {} unplugs, {} refused",
+            n("plugged_mib"),
+            n("region_mib"),
+            n("requested_mib"),
+            n("plugs"),
+            n("unplugs"),
             n("refused")
         );
     }

@@ -56,6 +56,7 @@ impl ManagerIface {
                 "backend",
                 "cpus",
                 "memory_mib",
+                "hotplug_mib",
                 "hostname",
                 "netns",
                 "net_backend",
@@ -66,6 +67,7 @@ impl ManagerIface {
             backend: option::<String>(&options, "backend")?,
             cpus: option::<u32>(&options, "cpus")?,
             memory_mib: option::<u32>(&options, "memory_mib")?,
+            hotplug_mib: option::<u32>(&options, "hotplug_mib")?,
             hostname: option::<String>(&options, "hostname")?,
             netns: option::<String>(&options, "netns")?,
             net_backend: option::<String>(&options, "net_backend")?,
@@ -327,7 +329,8 @@ impl SandboxIface {
 
     /// The VM as its VMM reports it over `org.bulkhead.Vmm1` (bulkhead-vmm only):
     /// `state` (s), `memory` (a{ss}: asked and got backing and pages, and why),
-    /// `start_phases` (a(sdttdt)) and, with a balloon, `balloon` (a{sv}).
+    /// `start_phases` (a(sdttdt)), with a balloon `balloon` (a{sv}), and with hot-plug
+    /// memory `hotplug` (a{sv}).
     async fn vm_status(&self) -> Result<HashMap<String, zbus::zvariant::OwnedValue>, Error> {
         self.d.vm_status(&self.sb.id).await
     }
@@ -342,6 +345,19 @@ impl SandboxIface {
     ) -> Result<(), Error> {
         require_admin(conn, &hdr).await?;
         self.d.set_balloon_target(&self.sb.id, mib).await
+    }
+
+    /// Ask the guest to have `mib` MiB of its virtio-mem region plugged (a multiple of
+    /// 2; 0 takes it all back). `FailedPrecondition` for a sandbox created without
+    /// `hotplug_mib`; `InvalidArgument` past the region.
+    async fn set_hotplug_memory(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        mib: u64,
+    ) -> Result<(), Error> {
+        require_admin(conn, &hdr).await?;
+        self.d.set_hotplug_memory(&self.sb.id, mib).await
     }
 
     /// Each component's jail as enforced and as seen live, as JSON (see

@@ -285,6 +285,11 @@ pub fn plan(cfg: &Config, rec: &SandboxRec, tcg: bool) -> Result<Vec<ComponentSp
                 .arg("--balloon")
                 .arg("--api-socket")
                 .arg(vmm_api_socket(rec));
+            if rec.hotplug_mib > 0 {
+                // virtio-mem: the guest boots with memory_mib and gets up to this much
+                // more when Sandbox1.SetHotplugMemory asks.
+                c.args(["--hotplug", &rec.hotplug_mib.to_string()]);
+            }
             for (i, l) in rec.network.iter().flat_map(|n| n.links.iter()).enumerate() {
                 out.push(bulkhead_net(cfg, rec, i)?);
                 c.arg("--net").arg(format!(

@@ -46,6 +46,8 @@ pub struct SandboxOptions {
     pub backend: Option<String>,
     pub cpus: Option<u32>,
     pub memory_mib: Option<u32>,
+    /// A virtio-mem region of this many MiB (bulkhead-vmm only; a multiple of 128).
+    pub hotplug_mib: Option<u32>,
     /// The pod's hostname (its UTS namespace, shared by its containers); the sandbox id
     /// when unset.
     pub hostname: Option<String>,
@@ -349,6 +351,7 @@ impl Daemon {
             backend,
             cpus,
             memory_mib,
+            hotplug_mib,
             hostname,
             netns,
             net_backend,
@@ -426,12 +429,25 @@ impl Daemon {
                 "memory_mib {memory_mib}: want 64 to 65536"
             )));
         }
+        let hotplug_mib = hotplug_mib.unwrap_or(0);
+        if hotplug_mib > 0 && backend != Backend::BulkheadVmm {
+            return Err(Error::InvalidArgument(format!(
+                "hotplug_mib: only bulkhead-vmm has virtio-mem, not {}",
+                backend.as_str()
+            )));
+        }
+        if !hotplug_mib.is_multiple_of(128) || hotplug_mib > 65536 {
+            return Err(Error::InvalidArgument(format!(
+                "hotplug_mib {hotplug_mib}: want a multiple of 128 up to 65536"
+            )));
+        }
         let run_dir = self.state_dir.join("run").join(random_id());
         let rec = SandboxRec {
             id: id.clone(),
             backend: backend.as_str().into(),
             cpus,
             memory_mib,
+            hotplug_mib,
             created_at_us: now_us(),
             state: "creating".into(),
             run_dir: run_dir.clone(),
@@ -985,6 +1001,7 @@ impl Daemon {
     /// See `Sandbox1.VmStatus`.
     pub async fn vm_status(&self, sid: &str) -> Result<HashMap<String, OwnedValue>, Error> {
         let p = self.vmm1(sid).await?;
+        let hotplug = self.get(sid)?.snapshot().hotplug_mib > 0;
         let from_vmm = |e: zbus::Error| vmm_error(sid, e);
         let read = async {
             let mut out: HashMap<String, OwnedValue> = HashMap::new();
@@ -1011,13 +1028,36 @@ impl Daemon {
                     .await
                     .map_err(from_vmm)?
                     .into_iter()
-                    .filter(|(k, v)| balloon_field_ok(k, v))
+                    .filter(|(k, v)| field_ok(&VM_BALLOON_FIELDS, k, v))
                     .collect();
                 out.insert("balloon".into(), owned(Value::from(b)));
+            }
+            if hotplug {
+                let h: HashMap<String, OwnedValue> = p
+                    .hotplug_memory()
+                    .await
+                    .map_err(from_vmm)?
+                    .into_iter()
+                    .filter(|(k, v)| field_ok(&VM_HOTPLUG_FIELDS, k, v))
+                    .collect();
+                out.insert("hotplug".into(), owned(Value::from(h)));
             }
             Ok::<_, Error>(out)
         };
         within_vmm_bound(sid, read).await?
+    }
+
+    /// See `Sandbox1.SetHotplugMemory`.
+    pub async fn set_hotplug_memory(&self, sid: &str, mib: u64) -> Result<(), Error> {
+        if self.get(sid)?.snapshot().hotplug_mib == 0 {
+            return Err(Error::FailedPrecondition(format!(
+                "sandbox {sid} has no hot-plug memory (create it with hotplug_mib)"
+            )));
+        }
+        let p = self.vmm1(sid).await?;
+        within_vmm_bound(sid, p.set_hotplug_memory(mib))
+            .await?
+            .map_err(|e| vmm_error(sid, e))
     }
 
     /// See `Sandbox1.SetBalloonTarget`.
@@ -1468,13 +1508,25 @@ const VM_BALLOON_FIELDS: [(&str, &str); 10] = [
     ("stats", "a{st}"),
     ("stats_age_ms", "t"),
 ];
+/// Each virtio-mem figure the VMM may send, with its D-Bus signature.
+const VM_HOTPLUG_FIELDS: [(&str, &str); 9] = [
+    ("active", "b"),
+    ("addr", "t"),
+    ("region_mib", "t"),
+    ("requested_mib", "t"),
+    ("plugged_mib", "t"),
+    ("plugs", "t"),
+    ("unplugs", "t"),
+    ("refused", "t"),
+    ("discard_errors", "t"),
+];
 /// The most entries passed on in `features` or `stats` (the VMM keeps at most 64 stats).
 const VM_BALLOON_LIST_MAX: usize = 64;
 
-/// A known balloon figure of the expected type, its lists within bounds.
-fn balloon_field_ok(key: &str, v: &OwnedValue) -> bool {
+/// A known figure of `fields`, of the expected type, its lists within bounds.
+fn field_ok(fields: &[(&str, &str)], key: &str, v: &OwnedValue) -> bool {
     let sig = v.value_signature().to_string();
-    if !VM_BALLOON_FIELDS.contains(&(key, sig.as_str())) {
+    if !fields.contains(&(key, sig.as_str())) {
         return false;
     }
     match &**v {

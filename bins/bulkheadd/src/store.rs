@@ -35,6 +35,10 @@ pub struct SandboxRec {
     pub backend: String,
     pub cpus: u32,
     pub memory_mib: u32,
+    /// The VM's virtio-mem region (bulkhead-vmm), MiB beyond `memory_mib` the guest is
+    /// given when `SetHotplugMemory` asks; 0: none.
+    #[serde(default)]
+    pub hotplug_mib: u32,
     pub created_at_us: u64,
     /// creating, running, stopping.
     pub state: String,
@@ -148,6 +152,7 @@ mod tests {
             backend: "qemu".into(),
             cpus: 1,
             memory_mib: 256,
+            hotplug_mib: 0,
             created_at_us: 1,
             state: "running".into(),
             run_dir: "/run/x".into(),

@@ -212,10 +212,12 @@ pub trait Sandbox1 {
     /// Each component's jail, as enforced and as seen live (JSON).
     fn security(&self) -> zbus::Result<String>;
     /// The VM as its VMM reports it (`org.bulkhead.Vmm1`; bulkhead-vmm only): `state`,
-    /// `memory` (a{ss}), `start_phases` (a(sdttdt)), `balloon` (a{sv}) when it has one.
+    /// `memory` (a{ss}), `start_phases` (a(sdttdt)), `balloon` (a{sv}) and `hotplug` (a{sv}) when it has them.
     fn vm_status(&self) -> zbus::Result<HashMap<String, OwnedValue>>;
     /// Ask the guest to give `mib` MiB back through the balloon (0 deflates it).
     fn set_balloon_target(&self, mib: u64) -> zbus::Result<()>;
+    /// Ask the guest to have `mib` MiB of its virtio-mem region plugged.
+    fn set_hotplug_memory(&self, mib: u64) -> zbus::Result<()>;
     fn resize_pty(&self, id: &str, exec_id: &str, rows: u16, cols: u16) -> zbus::Result<()>;
     fn close_stdin(&self, id: &str, exec_id: &str) -> zbus::Result<()>;
 
