@@ -240,8 +240,11 @@ const NETWORK: [(&str, &str, &str, bool); 7] = [
     ),
 ];
 
-/// Balloon figures: key, metric, help, to bytes (`None`: a count), counter.
-const BALLOON: [(&str, &str, &str, Option<f64>, bool); 6] = [
+/// A VM figure: key, metric, help, to bytes (`None`: a count), counter.
+type Figure = (&'static str, &'static str, &'static str, Option<f64>, bool);
+
+/// Balloon figures.
+const BALLOON: [Figure; 6] = [
     (
         "target_mib",
         "bulkhead_vm_balloon_target",
@@ -281,6 +284,52 @@ const BALLOON: [(&str, &str, &str, Option<f64>, bool); 6] = [
         "discard_errors",
         "bulkhead_vm_balloon_discard_errors",
         "Host discards that failed",
+        None,
+        true,
+    ),
+];
+
+/// virtio-mem figures.
+const HOTPLUG: [Figure; 6] = [
+    (
+        "region_mib",
+        "bulkhead_vm_hotplug_region",
+        "Size of the VM's hot-plug (virtio-mem) region",
+        Some(MIB),
+        false,
+    ),
+    (
+        "requested_mib",
+        "bulkhead_vm_hotplug_requested",
+        "Hot-plug memory the host asked the guest to have plugged",
+        Some(MIB),
+        false,
+    ),
+    (
+        "plugged_mib",
+        "bulkhead_vm_hotplug_plugged",
+        "Hot-plug memory the guest has plugged",
+        Some(MIB),
+        false,
+    ),
+    (
+        "plugs",
+        "bulkhead_vm_hotplug_plugs",
+        "Plug requests from the guest acknowledged",
+        None,
+        true,
+    ),
+    (
+        "unplugs",
+        "bulkhead_vm_hotplug_unplugs",
+        "Unplug requests from the guest acknowledged",
+        None,
+        true,
+    ),
+    (
+        "refused",
+        "bulkhead_vm_hotplug_refused_requests",
+        "Hot-plug requests from the guest refused or invalid",
         None,
         true,
     ),
@@ -536,17 +585,21 @@ fn vms(o: &mut Out, list: &[Sandbox]) {
         "Time from the VMM's exec to each of its start phases",
         Some(Unit::Seconds),
     );
-    let balloon: Vec<(G, C)> = BALLOON
-        .iter()
-        .map(|(_, name, help, scale, counter)| {
-            let unit = scale.map(|_| Unit::Bytes);
-            if *counter {
-                (G::default(), o.counter(name, help, unit))
-            } else {
-                (o.gauge(name, help, unit), C::default())
-            }
-        })
-        .collect();
+    let mut figures = |table: &[Figure]| -> Vec<(G, C)> {
+        table
+            .iter()
+            .map(|(_, name, help, scale, counter)| {
+                let unit = scale.map(|_| Unit::Bytes);
+                if *counter {
+                    (G::default(), o.counter(name, help, unit))
+                } else {
+                    (o.gauge(name, help, unit), C::default())
+                }
+            })
+            .collect()
+    };
+    let balloon = figures(&BALLOON);
+    let hotplug = figures(&HOTPLUG);
     let guest: Vec<(G, C)> = GUEST
         .iter()
         .map(|(_, name, help, bytes, counter)| {
@@ -573,15 +626,21 @@ fn vms(o: &mut Out, list: &[Sandbox]) {
         for (name, secs) in &vm.start_phases {
             set(&phase, labels([("sandbox", id), ("phase", name)]), *secs);
         }
-        for ((key, _, _, scale, counter), (g, c)) in BALLOON.iter().zip(&balloon) {
-            let Some(v) = vm.balloon.get(*key) else {
-                continue;
-            };
-            let v = *v as f64 * scale.unwrap_or(1.0);
-            if *counter {
-                add(c, labels([("sandbox", id)]), v)
-            } else {
-                set(g, labels([("sandbox", id)]), v)
+        let tables = [
+            (&BALLOON, &balloon, &vm.balloon),
+            (&HOTPLUG, &hotplug, &vm.hotplug),
+        ];
+        for (table, metrics, got) in tables {
+            for ((key, _, _, scale, counter), (g, c)) in table.iter().zip(metrics) {
+                let Some(v) = got.get(*key) else {
+                    continue;
+                };
+                let v = *v as f64 * scale.unwrap_or(1.0);
+                if *counter {
+                    add(c, labels([("sandbox", id)]), v)
+                } else {
+                    set(g, labels([("sandbox", id)]), v)
+                }
             }
         }
         for ((key, _, _, _, counter), (g, c)) in GUEST.iter().zip(&guest) {
@@ -649,6 +708,8 @@ mod tests {
                         pages: "thp".into(),
                         start_phases: vec![("kernel_loaded".into(), 0.5)],
                         balloon: [("target_mib".to_string(), 2), ("refused".to_string(), 4)].into(),
+                        hotplug: [("plugged_mib".to_string(), 512), ("plugs".to_string(), 3)]
+                            .into(),
                         guest: [
                             ("free_memory".to_string(), 1000),
                             ("major_faults".to_string(), 9),
@@ -697,6 +758,8 @@ mod tests {
             "bulkhead_vm_start_phase_seconds{sandbox=\"pod1\",phase=\"kernel_loaded\"} 0.5",
             "bulkhead_vm_balloon_target_bytes{sandbox=\"pod1\"} 2097152.0",
             "bulkhead_vm_balloon_refused_ranges_total{sandbox=\"pod1\"} 4.0",
+            "bulkhead_vm_hotplug_plugged_bytes{sandbox=\"pod1\"} 536870912.0",
+            "bulkhead_vm_hotplug_plugs_total{sandbox=\"pod1\"} 3.0",
             "bulkhead_vm_guest_memory_free_bytes{sandbox=\"pod1\"} 1000.0",
             "bulkhead_vm_guest_major_faults_total{sandbox=\"pod1\"} 9.0",
         ] {

@@ -86,9 +86,22 @@ pub struct Vm {
     /// Balloon figures (`target_mib`, `actual_mib`, `inflated_bytes`, `reported_bytes`,
     /// `refused`, `discard_errors`); empty without a balloon.
     pub balloon: BTreeMap<String, u64>,
+    /// virtio-mem figures (`region_mib`, `requested_mib`, `plugged_mib`, `plugs`,
+    /// `unplugs`, `refused`); empty without hot-plug memory.
+    pub hotplug: BTreeMap<String, u64>,
     /// The guest's own memory statistics, as its balloon driver last sent them.
     pub guest: BTreeMap<String, u64>,
 }
+
+/// virtio-mem figures passed on, all `t`.
+const HOTPLUG_FIGURES: [&str; 6] = [
+    "region_mib",
+    "requested_mib",
+    "plugged_mib",
+    "plugs",
+    "unplugs",
+    "refused",
+];
 
 /// Balloon figures passed on, all `t`.
 const BALLOON_FIGURES: [&str; 6] = [
@@ -521,6 +534,12 @@ fn vm_from_status(s: &HashMap<String, OwnedValue>) -> Vm {
             }
         }
     }
+    if let Some(h) = s.get("hotplug") {
+        vm.hotplug = numbers(h)
+            .into_iter()
+            .filter(|(k, _)| HOTPLUG_FIGURES.contains(&k.as_str()))
+            .collect();
+    }
     vm
 }
 
@@ -654,6 +673,14 @@ mod tests {
         b.add("stats", Value::new(Value::from(stats))).unwrap();
         b.add("unknown", Value::new(Value::from(9u64))).unwrap();
         s.insert("balloon".into(), owned(Value::Dict(b)));
+        let mut h = Dict::new(
+            &Signature::try_from("s").unwrap(),
+            &Signature::try_from("v").unwrap(),
+        );
+        h.add("plugged_mib", Value::new(Value::from(512u64)))
+            .unwrap();
+        h.add("addr", Value::new(Value::from(1u64 << 32))).unwrap();
+        s.insert("hotplug".into(), owned(Value::Dict(h)));
         let vm = vm_from_status(&s);
         assert_eq!((vm.backing.as_str(), vm.pages.as_str()), ("shared", "thp"));
         assert_eq!(vm.start_phases, [("kernel_loaded".to_string(), 0.9)]);
@@ -661,5 +688,7 @@ mod tests {
         assert_eq!(vm.balloon["target_mib"], 128);
         assert_eq!(vm.guest.len(), 1);
         assert_eq!(vm.guest["free_memory"], 100);
+        // Only the figures the exporter knows; the region's address is not one.
+        assert_eq!(vm.hotplug, [("plugged_mib".to_string(), 512)].into());
     }
 }
