@@ -573,6 +573,30 @@ br=0
 echo "NESTED-CASE balloon rc=$br rss_mib_before=$before peak=$peak after=$after back_in_s=$back inflate=$inflated deflate=$deflated metrics=$metrics"
 [ $br = 0 ] || { rc=1; tail -20 /tmp/bhroot/run/*/vmm.log; }
 bulkhead rm -f bal >/dev/null 2>&1
+# Memory added while the pod runs (virtio-mem): the guest boots with 256 MiB beside a
+# 1 GiB region; 512 MiB of it is asked for through bulkheadd, plugged by the guest's
+# driver and seen in its MemTotal, then taken back.
+timeout 300 bulkhead run -d --name hp --memory 256 --hotplug 1024 --rootfs /opt/share/rootfs sleep 600 >/dev/null 2>/tmp/hp.err || { rc=1; cat /tmp/hp.err; }
+memtotal() { bulkhead exec hp awk '/^MemTotal/ {print int($2/1024)}' /proc/meminfo; }
+hpj() { bulkhead vm "$@" hp --json | tr -d ' \n'; }
+waitfor() { for i in $(seq 1 120); do hpj | grep -qE "$1" && { echo yes; return; }; sleep 0.5; done; echo no; }
+m0=$(memtotal)
+t0=$(up)
+hpj --hotplug 512 >/dev/null
+plugged=$(waitfor '"plugged_mib":512[,}]')
+plug_s=$(awk "BEGIN{printf \"%.1f\", $(up) - $t0}")
+m1=$(memtotal)
+t0=$(up)
+hpj --hotplug 0 >/dev/null
+unplugged=$(waitfor '"plugged_mib":0[,}]')
+unplug_s=$(awk "BEGIN{printf \"%.1f\", $(up) - $t0}")
+m2=$(memtotal)
+bulkhead vm hp | grep hotplug | sed 's/^/NESTED-HOTPLUG /'
+hr=0
+[ $plugged = yes ] && [ $((m1 - m0)) -ge 500 ] && [ $unplugged = yes ] && [ $((m1 - m2)) -ge 500 ] || hr=1
+echo "NESTED-CASE hotplug rc=$hr memtotal_mib=$m0,$m1,$m2 plugged=$plugged in_s=$plug_s unplugged=$unplugged in_s=$unplug_s"
+[ $hr = 0 ] || { rc=1; grep -h -i virtio_mem $(find /tmp/bhroot/run -name serial.log) | tail -20; }
+bulkhead rm -f hp >/dev/null 2>&1
 # containerd with our shim, as a node runs it: ctr run on bulkhead-vmm through bulkheadd.
 CONTAINERD_UP
 t0=$(date +%s)
@@ -606,9 +630,12 @@ share() {  # a virtiofsd on $1 for one boot; it exits when its VMM goes
 unshare_fs() { [ -n "$fsd" ] && { kill $fsd 2>/dev/null; wait $fsd 2>/dev/null; }; fsd=; }
 # The node's memory counters a boot is compared on.
 memstat() { grep -E '^(compact_|thp_|pgmajfault |allocstall)' /proc/vmstat; }
-vmm() {  # label mib fs=yes|no [jailed]
+vmm() {  # label mib fs=yes|no [jailed|hotplug]
   echo "BENCH $1 mib=$2 fs=$3 run $i"
-  extra=; sock=/tmp/v.sock; pre=
+  extra=; sock=/tmp/v.sock; pre=; boot=$2
+  # Boot with 128 MiB and the rest as a virtio-mem region, plugged once the pod is up
+  # (the test's hotplug case times that): the size the guest starts with stays flat.
+  if [ "$4" = hotplug ]; then boot=128; extra="--hotplug $(($2 - 128))"; fi
   if [ $3 = yes ]; then share /tmp/bfs.sock; extra="--fs tag=share,socket=/tmp/bfs.sock"; fi
   if [ "$4" = jailed ]; then
     # The jail bulkheadd gives the VMM (own root and namespaces, a uid, no capabilities,
@@ -617,9 +644,9 @@ vmm() {  # label mib fs=yes|no [jailed]
     pre="/opt/bulkhead/bulkhead-jailer --sandbox bench --name vmm --root /tmp/jroot --uid 1000000000 --gid 1000000000 --ro /lib --ro /lib64 --ro /opt/bulkhead/bulkhead-vmm --ro /opt/guest --ro /sys/kernel/mm/transparent_hugepage --rw /tmp/jvm --dev kvm --dev null --dev urandom --"
   fi
   memstat > /tmp/vmstat0
-  NO_COLOR=1 BULKHEAD_LOG=info bulkhead probe --socket $sock --timeout 240 --guest-mib $2 --shutdown -- \
+  NO_COLOR=1 BULKHEAD_LOG=info bulkhead probe --socket $sock --timeout 240 --guest-mib $boot --shutdown -- \
     $pre /opt/bulkhead/bulkhead-vmm --kernel /opt/guest/vmlinux --initrd /opt/guest/initramfs.cpio \
-    --cmdline 'L2CMD' --cpus 1 --memory $2 --vsock cid=3,socket=$sock --serial none $extra 2>/tmp/vmm.err
+    --cmdline 'L2CMD' --cpus 1 --memory $boot --vsock cid=3,socket=$sock --serial none $extra 2>/tmp/vmm.err
   grep -h "guest init reached" /tmp/vmm.err | tail -1 | sed 's/^/BENCH-PHASES /'
   # The node's memory events over this boot: compaction stalls and huge-page fallbacks
   # are where a huge page costs more than its zeroing.
@@ -650,6 +677,7 @@ shmem=/sys/kernel/mm/transparent_hugepage/shmem_enabled
 for i in $(seq 1 $N); do
   for m in $SIZES; do
     for fs in no yes; do vmm bulkhead-vmm $m $fs; qemu $m $fs; done
+    [ $m -gt 128 ] && vmm bulkhead-vmm-hotplug $m no hotplug
   done
   vmm bulkhead-vmm-jailed 128 no jailed
   # The same node without shmem huge pages (a host that never set shmem_enabled).
@@ -829,7 +857,7 @@ def cmd_test(args, demo=False):
               f"(L1 under QEMU TCG, L1 kvm: {kvm_line.group(1).strip() if kvm_line else 'unknown'})")
     for line in parse_probe(out):
         print(line)
-    for line in re.findall(r"^(NESTED-CASE .*|NESTED-RUN .*|NESTED-CTR.*|NESTED-JAIL.*|NESTED-SECCOMP.*|NESTED-BALLOON.*|NESTED-METRICS.*|NESTED-NET-GAP.*|bulkhead: timings.*)$",
+    for line in re.findall(r"^(NESTED-CASE .*|NESTED-RUN .*|NESTED-CTR.*|NESTED-JAIL.*|NESTED-SECCOMP.*|NESTED-BALLOON.*|NESTED-HOTPLUG.*|NESTED-METRICS.*|NESTED-NET-GAP.*|bulkhead: timings.*)$",
                            out, re.M):
         print(line)
     if not ok:
@@ -937,6 +965,19 @@ def cmd_bench(args):
         flat = (f"; bulkhead-vmm clock start spread across sizes {100 * (max(clocks) - min(clocks)) / min(clocks):.0f}%"
                 if len(clocks) > 1 and min(clocks) > 0 else "")
         print(f"virtio-fs {fs}: QEMU / bulkhead-vmm, exec to answer: {', '.join(ratios)}{flat}")
+    ratios, answers = [], []
+    for m in sizes:
+        q, h = res.get(("qemu-microvm", m, "no")), res.get(("bulkhead-vmm-hotplug", m, "no"))
+        if q and h:
+            ratios.append(f"{m} MiB {med(q, lambda x: x['answer']) / med(h, lambda x: x['answer']):.2f}x")
+            answers.append(med(h, lambda x: x["answer"]))
+    if ratios:
+        b = res.get(("bulkhead-vmm", 128, "no"))
+        if b:
+            answers.append(med(b, lambda x: x["answer"]))
+        print(f"hotplug (128 MiB at boot, the rest virtio-mem): QEMU / bulkhead-vmm, exec to answer: "
+              f"{', '.join(ratios)}; answer spread across sizes, 128 MiB included, "
+              f"{100 * (max(answers) - min(answers)) / min(answers):.0f}%")
     # Each bulkhead-vmm boot in the order it ran: where the time before the clock starts
     # goes (loading the kernel) beside what the node's memory did meanwhile.
     keys = ("compact_stall", "compact_fail", "thp_fault_alloc", "thp_fault_fallback",

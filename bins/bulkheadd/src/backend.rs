@@ -156,7 +156,11 @@ fn need(cfg: &Config, b: Binary) -> Result<PathBuf, PlanError> {
 
 /// The kernel command line both backends give the guest.
 pub fn kernel_cmdline(tcg: bool, debug: bool) -> String {
-    let mut c = String::from("console=ttyS0 panic=-1 pci=off");
+    // Memory a virtio-mem device plugs goes to ZONE_MOVABLE as far as the default ratio
+    // (3:1 to the boot RAM) allows, so the guest can give it back: in the kernel's own
+    // zone, a few pages it pinned keep whole blocks plugged.
+    let mut c =
+        String::from("console=ttyS0 panic=-1 pci=off memory_hotplug.online_policy=auto-movable");
     if !debug {
         c.push_str(" quiet");
     }

@@ -430,15 +430,15 @@ impl Daemon {
             )));
         }
         let hotplug_mib = hotplug_mib.unwrap_or(0);
+        if !hotplug_mib.is_multiple_of(128) || hotplug_mib > 65536 {
+            return Err(Error::InvalidArgument(format!(
+                "hotplug_mib {hotplug_mib}: want a multiple of 128 up to 65536"
+            )));
+        }
         if hotplug_mib > 0 && backend != Backend::BulkheadVmm {
             return Err(Error::InvalidArgument(format!(
                 "hotplug_mib: only bulkhead-vmm has virtio-mem, not {}",
                 backend.as_str()
-            )));
-        }
-        if !hotplug_mib.is_multiple_of(128) || hotplug_mib > 65536 {
-            return Err(Error::InvalidArgument(format!(
-                "hotplug_mib {hotplug_mib}: want a multiple of 128 up to 65536"
             )));
         }
         let run_dir = self.state_dir.join("run").join(random_id());

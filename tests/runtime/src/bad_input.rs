@@ -261,6 +261,25 @@ fn rows(e: &Env) -> Result<Vec<Row>> {
             "memory_mib 1",
         ),
         row(
+            "run: hot-plug memory in a size Linux cannot add",
+            cli(&["run", "--hotplug", "100", "--rootfs", &r, "true"]),
+            "hotplug_mib 100",
+        ),
+        row(
+            "run: hot-plug memory on QEMU",
+            cli(&[
+                "run",
+                "--backend",
+                "qemu",
+                "--hotplug",
+                "128",
+                "--rootfs",
+                &r,
+                "true",
+            ]),
+            "only bulkhead-vmm has virtio-mem",
+        ),
+        row(
             "run: duplicate id",
             cli(&["run", "--name", "bad", "--rootfs", &r, "true"]),
             "org.bulkhead.Error.AlreadyExists",
@@ -286,6 +305,11 @@ fn rows(e: &Env) -> Result<Vec<Row>> {
             "vm: a balloon target the VM cannot take",
             cli(&["vm", "--balloon", "999999", "bad"]),
             "org.bulkhead.Error.",
+        ),
+        row(
+            "vm: hot-plug memory for a sandbox created without it",
+            cli(&["vm", "--hotplug", "128", "bad"]),
+            "org.bulkhead.Error.FailedPrecondition",
         ),
         row(
             "exec: unknown container",
