@@ -10,15 +10,16 @@ lines this harness parses.
   node.py test   bulkhead-vmm boots the guest; health over vsock, a virtio-blk read and a
                  virtio-fs read of a host file must all succeed (exit 0 if they do)
   node.py demo   the same, printing the agent's answer and the boot time
-  node.py bench  N rounds of alternating boots of bulkhead-vmm and QEMU -M microvm on L1's
-                 KVM, same kernel and initramfs, at several memory sizes, with and without
-                 virtio-fs; prints a table of medians (start phases, faults, CPU, RSS) and ratios
+  node.py bench  N rounds of boots of bulkhead-vmm and QEMU -M microvm on L1's KVM, each
+                 round in its own shuffled order, same kernel and initramfs, at several memory
+                 sizes, with and without virtio-fs (and bulkhead-vmm booting 128 MiB with the
+                 rest hot-pluggable); prints a table of medians (start phases, faults, CPU, RSS) and ratios
   node.py netbench  iperf3 and ping from a container in a VM to a server in L1, through
                  bulkhead-vmm + bulkhead-net, QEMU + bulkhead-net and QEMU + the kernel's
                  vhost-net, all three pods up at once and measured in turn; a table of
                  medians and the ratios against vhost-net
 """
-import argparse, glob, gzip, hashlib, os, re, shutil, statistics, subprocess, sys, tempfile, threading, time
+import argparse, glob, gzip, hashlib, os, random, re, shutil, statistics, subprocess, sys, tempfile, threading, time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, os.path.join(ROOT, "packaging", "guest"))
@@ -674,15 +675,7 @@ qemu() {  # mib fs=yes|no
   sleep 0.3
 }
 shmem=/sys/kernel/mm/transparent_hugepage/shmem_enabled
-for i in $(seq 1 $N); do
-  for m in $SIZES; do
-    for fs in no yes; do vmm bulkhead-vmm $m $fs; qemu $m $fs; done
-    [ $m -gt 128 ] && vmm bulkhead-vmm-hotplug $m no hotplug
-  done
-  vmm bulkhead-vmm-jailed 128 no jailed
-  # The same node without shmem huge pages (a host that never set shmem_enabled).
-  echo never > $shmem; vmm bulkhead-vmm-shmem-never 128 yes; echo advise > $shmem
-done
+ROUNDS
 """
 
 NETBENCH_SCRIPT = r"""
@@ -907,15 +900,36 @@ def parse_bench(out):
     return res
 
 
+def bench_rounds(runs, sizes):
+    """The boots of BENCH_SCRIPT, each round in an order of its own (seeded by the round):
+    in this node a boot's cost depends on what ran just before it, so no row may always
+    follow the same other boot."""
+    lines = []
+    for i in range(1, runs + 1):
+        boots = []
+        for m in sizes:
+            for fs in ("no", "yes"):
+                boots += [f"vmm bulkhead-vmm {m} {fs}", f"qemu {m} {fs}"]
+            if m > 128:
+                boots.append(f"vmm bulkhead-vmm-hotplug {m} no hotplug")
+        boots.append("vmm bulkhead-vmm-jailed 128 no jailed")
+        # The same node without shmem huge pages (a host that never set shmem_enabled).
+        boots.append("echo never > $shmem; vmm bulkhead-vmm-shmem-never 128 yes; echo advise > $shmem")
+        random.Random(i).shuffle(boots)
+        lines += [f"i={i}", *boots]
+    return "\n".join(lines)
+
+
 def cmd_bench(args):
     bins = release_bins()
     guest = guest_image(bins)
     sizes = [int(x) for x in args.sizes.split(",")]
     with tempfile.TemporaryDirectory() as w:
         l1, vmlinux = l1_initramfs(guest, bins, True, w)
-        script = (BENCH_SCRIPT.replace("NRUNS", str(args.runs)).replace("L2CMD", L2_CMDLINE)
+        script = (BENCH_SCRIPT.replace("ROUNDS", bench_rounds(args.runs, sizes))
+                  .replace("NRUNS", str(args.runs)).replace("L2CMD", L2_CMDLINE)
                   .replace("SIZELIST", " ".join(map(str, sizes))))
-        log(f"bench: {args.runs} rounds of alternating boots, bulkhead-vmm and QEMU microvm at "
+        log(f"bench: {args.runs} rounds of shuffled boots, bulkhead-vmm and QEMU microvm at "
             f"{sizes} MiB, with and without virtio-fs, in one L1")
         out, secs = run_l1(l1, vmlinux, script, args.timeout, mem_mib=max(sizes) + 1536)
     res = parse_bench(out)
