@@ -3,15 +3,22 @@
 //! every later container of the pod (`container`, with `io.kubernetes.cri.sandbox-id`)
 //! joins it. A spec without them (`ctr run`) is a pod of its own.
 //!
-//! Sizing: the VM is sized once, when it is created, from the creating spec's limits
-//! (`linux.resources.cpu.quota/period` and `memory.limit`), with the configured defaults
-//! as a floor; it is not resized when later containers join. Each container's own
-//! limits are enforced by its cgroup in the guest.
+//! Sizing: the VM is sized once, when it is created, with the configured defaults as a
+//! floor. Under Kubernetes the sandbox container's spec carries the whole pod's limits
+//! (the sum of its containers', from kubelet 1.23) in CRI's `io.kubernetes.cri.sandbox-*`
+//! annotations, and those come first; otherwise the creating spec's own limits
+//! (`linux.resources.cpu.quota/period` and `memory.limit`). It is not resized when later
+//! containers join. Each container's own limits are enforced by its cgroup in the guest.
 
 use serde_json::Value;
 
 pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
 pub const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+/// The pod's memory limit in bytes, and its CPU quota and period (µs), on the sandbox
+/// container's spec; "0" (or absent) when the pod sets none.
+pub const SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
+pub const SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+pub const SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
 
 /// MiB the guest kernel and agent need beside the containers' own limit.
 pub const GUEST_OVERHEAD_MIB: u64 = 64;
@@ -53,18 +60,26 @@ impl Role {
     }
 }
 
-/// vCPUs and MiB for a pod's VM from the creating spec's limits; `None` keeps the
-/// configured default.
+/// vCPUs and MiB for a pod's VM from the pod's limits (CRI's sandbox annotations) or
+/// else the creating spec's; `None` keeps the configured default.
 pub fn size(spec: &Value) -> (Option<u32>, Option<u32>) {
     let r = &spec["linux"]["resources"];
-    let cpus = match (r["cpu"]["quota"].as_i64(), r["cpu"]["period"].as_u64()) {
-        (Some(q), Some(p)) if q > 0 && p > 0 => Some((q as u64).div_ceil(p).clamp(1, 64) as u32),
-        _ => None,
+    // An annotation is a string; anything but a positive number counts as unset.
+    let ann = |k: &str| {
+        spec["annotations"][k]
+            .as_str()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .filter(|v| *v > 0)
     };
-    let mem = r["memory"]["limit"]
-        .as_i64()
-        .filter(|l| *l > 0)
-        .map(|l| ((l as u64).div_ceil(1 << 20) + GUEST_OVERHEAD_MIB).clamp(64, 65536) as u32);
+    let positive = |v: &Value| v.as_i64().filter(|n| *n > 0).map(|n| n as u64);
+    let quota_period = match (ann(SANDBOX_CPU_QUOTA), ann(SANDBOX_CPU_PERIOD)) {
+        (Some(q), Some(p)) => Some((q, p)),
+        _ => positive(&r["cpu"]["quota"]).zip(positive(&r["cpu"]["period"])),
+    };
+    let cpus = quota_period.map(|(q, p)| q.div_ceil(p).clamp(1, 64) as u32);
+    let mem = ann(SANDBOX_MEMORY)
+        .or_else(|| positive(&r["memory"]["limit"]))
+        .map(|l| (l.div_ceil(1 << 20) + GUEST_OVERHEAD_MIB).clamp(64, 65536) as u32);
     (cpus, mem)
 }
 
@@ -113,6 +128,29 @@ mod tests {
         assert_eq!(size(&s), (Some(2), Some(256 + 64)));
         let unlimited = json!({"linux": {"resources": {"cpu": {"quota": -1, "period": 100000}}}});
         assert_eq!(size(&unlimited), (None, None));
+    }
+
+    #[test]
+    fn a_kubernetes_pod_is_sized_by_its_sandbox_annotations() {
+        // A pause container's spec: no limits of its own, the pod's sums in annotations.
+        let pause = json!({"annotations": {
+            CONTAINER_TYPE: "sandbox",
+            SANDBOX_MEMORY: "629145600",
+            SANDBOX_CPU_QUOTA: "250000",
+            SANDBOX_CPU_PERIOD: "100000"},
+            "linux": {"resources": {"memory": {"limit": 16 << 20}}}});
+        assert_eq!(size(&pause), (Some(3), Some(600 + 64)));
+        // "0" is a pod without limits: the spec's own, or the defaults.
+        let unset = json!({"annotations": {SANDBOX_MEMORY: "0", SANDBOX_CPU_QUOTA: "0",
+            SANDBOX_CPU_PERIOD: "100000"}});
+        assert_eq!(size(&unset), (None, None));
+        let junk = json!({"annotations": {SANDBOX_MEMORY: "lots", SANDBOX_CPU_QUOTA: "-5",
+            SANDBOX_CPU_PERIOD: "100000"},
+            "linux": {"resources": {"memory": {"limit": 268435456}}}});
+        assert_eq!(size(&junk), (None, Some(256 + 64)));
+        // Past the manager's bounds: clamped, not refused.
+        let huge = json!({"annotations": {SANDBOX_MEMORY: "18446744073709551615"}});
+        assert_eq!(size(&huge).1, Some(65536));
     }
 
     #[test]

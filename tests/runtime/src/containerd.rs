@@ -297,10 +297,16 @@ fn no_leftovers(e: &Env, id: &str, run: &std::path::Path) -> Result<()> {
 fn ctr_pod(e: &mut Env) -> Result<()> {
     with(e, |e, c| {
         let ann = |kind: &str| {
-            vec![
+            let mut a = vec![
                 format!("--annotation=io.kubernetes.cri.container-type={kind}"),
                 "--annotation=io.kubernetes.cri.sandbox-id=pod1".to_string(),
-            ]
+            ];
+            if kind == "sandbox" {
+                // What CRI puts on the pause container: the sum of the pod's containers'
+                // memory limits (600 MiB), which the pause container itself does not have.
+                a.push("--annotation=io.kubernetes.cri.sandbox-memory=629145600".into());
+            }
+            a
         };
         let run_d = |id: &str, kind: &str, cmd: &[&str]| -> Result<Out> {
             let mut a: Vec<String> = vec![
@@ -338,6 +344,8 @@ fn ctr_pod(e: &mut Env) -> Result<()> {
             names.contains(&"pod1") && names.contains(&"app1"),
             "containers: {pod}"
         );
+        // Sized for the whole pod, plus the guest's own share.
+        ensure!(pod["memory_mib"] == 600 + 64, "pod VM memory: {pod}");
         // Both see the same kernel instance: the boot id is the VM's.
         let a = exec(c, "pod1", "b1", &["cat", "/proc/sys/kernel/random/boot_id"])?;
         let b = exec(c, "app1", "b2", &["cat", "/proc/sys/kernel/random/boot_id"])?;
