@@ -54,10 +54,20 @@ impl Runtime {
         let sock = dir.join(format!("{}.sock", SEQ.fetch_add(1, Ordering::Relaxed)));
         let _ = std::fs::remove_file(&sock);
         let listener = UnixListener::bind(&sock).map_err(io_err("console socket"))?;
+        let (running, started) = std::sync::mpsc::channel();
         let receiver = std::thread::Builder::new()
             .name("console-recv".into())
-            .spawn(move || receive_master(listener))
+            .spawn(move || {
+                let _ = running.send(());
+                receive_master(listener)
+            })
             .map_err(io_err("console receiver thread"))?;
+        // Clone only once the thread runs. std takes a process-wide lock while a thread
+        // starts (and exits); a clone made meanwhile gives the child that lock held, and
+        // libcontainer's intermediate child ends in std::process::exit, which takes it:
+        // the child hung for good, and with it this create (seen in the host-mode
+        // terminal case, the thread started just before the clone).
+        let _ = started.recv();
         let built = build(base.with_console_socket(Some(&sock)));
         if built.is_err() {
             // Unblock the receiver if libcontainer never connected.
