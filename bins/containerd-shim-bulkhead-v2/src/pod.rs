@@ -20,8 +20,7 @@ pub const SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
 pub const SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
 pub const SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
 
-/// MiB the guest kernel and agent need beside the containers' own limit.
-pub const GUEST_OVERHEAD_MIB: u64 = 64;
+use bulkhead_host::config::GUEST_OVERHEAD_MIB;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Role {

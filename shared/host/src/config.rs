@@ -14,6 +14,10 @@ pub const DEFAULT_CONFIG: &str = "/etc/bulkhead/config.json";
 pub const DEFAULT_GUEST_DIR: &str = "/usr/share/bulkhead/guest";
 pub const DEFAULT_STATE_DIR: &str = "/run/bulkhead";
 
+/// MiB a pod's VM needs beside its containers' memory limits: the guest kernel and the
+/// agent. A pod sized by its limits gets this much more; a VM grown by them too.
+pub const GUEST_OVERHEAD_MIB: u64 = 64;
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
@@ -24,6 +28,12 @@ pub struct Config {
     pub default_backend: Option<String>,
     pub cpus: u32,
     pub memory_mib: u32,
+    /// A virtio-mem region of this many MiB (a multiple of 128) for every bulkhead-vmm
+    /// sandbox whose creator did not ask for one: its VM boots with `memory_mib` and
+    /// grows into the region as its containers' memory limits need (see bulkheadd's
+    /// `memory.rs`). 0 (the default): none. The QEMU backend has no virtio-mem and
+    /// ignores it.
+    pub hotplug_mib: u32,
     /// How long a guest may take to answer after its VMM starts.
     pub boot_timeout_s: u64,
     /// Let the guest kernel log its boot to the serial console (`<run>/serial.log`).
@@ -108,6 +118,7 @@ impl Default for Config {
             default_backend: None,
             cpus: 1,
             memory_mib: 256,
+            hotplug_mib: 0,
             boot_timeout_s: 120,
             guest_debug: false,
             bulkhead_vmm: None,
@@ -191,6 +202,12 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "memory_mib = {}: want 64 to 65536",
                 self.memory_mib
+            )));
+        }
+        if !self.hotplug_mib.is_multiple_of(128) || self.hotplug_mib > 65536 {
+            return Err(ConfigError::Invalid(format!(
+                "hotplug_mib = {}: want a multiple of 128 up to 65536",
+                self.hotplug_mib
             )));
         }
         let j = &self.jail;
@@ -373,6 +390,14 @@ mod tests {
         assert_eq!(c.memory_mib, 256);
         assert!(Config::parse(r#"{"cpus": 0}"#).is_err());
         assert!(Config::parse(r#"{"memory_mib": 1}"#).is_err());
+        assert_eq!(c.hotplug_mib, 0);
+        assert!(Config::parse(r#"{"hotplug_mib": 1000}"#).is_err());
+        assert_eq!(
+            Config::parse(r#"{"hotplug_mib": 1024}"#)
+                .unwrap()
+                .hotplug_mib,
+            1024
+        );
         assert!(Config::parse(r#"{"default_backend": "xen"}"#).is_err());
         let e = Config::parse(r#"{"cpu": 2}"#).unwrap_err().to_string();
         assert!(e.contains("unknown field"), "{e}");
