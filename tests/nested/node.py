@@ -597,6 +597,21 @@ hr=0
 [ $plugged = yes ] && [ $((m1 - m0)) -ge 500 ] && [ $unplugged = yes ] && [ $((m1 - m2)) -ge 500 ] || hr=1
 echo "NESTED-CASE hotplug rc=$hr memtotal_mib=$m0,$m1,$m2 plugged=$plugged in_s=$plug_s unplugged=$unplugged in_s=$unplug_s"
 [ $hr = 0 ] || { rc=1; grep -h -i virtio_mem $(find /tmp/bhroot/run -name serial.log) | tail -20; }
+# The VM follows its containers' memory limits: a container limited to 512 MiB joins
+# (the VM grows by 512 + 64 - 256 = 320 MiB before it starts, and the container sees it
+# in MemTotal beside its cgroup's limit); once it is gone the region is emptied again.
+t0=$(up)
+lim=$(timeout 120 bulkhead run --rm --sandbox hp --name lim --container-memory 512 --rootfs /opt/share/rootfs sh -c 'awk "/^MemTotal/ {print int(\$2/1024)}" /proc/meminfo; cat /sys/fs/cgroup/memory.max' 2>/tmp/lim.err | tr '\n' ' ')
+lim_s=$(awk "BEGIN{printf \"%.1f\", $(up) - $t0}")
+set -- $lim
+grown=no
+[ "${1:-0}" -ge $((m0 + 300)) ] && [ "${2:-}" = 536870912 ] && grown=yes
+[ $grown = yes ] || cat /tmp/lim.err
+shrunk=$(waitfor '"requested_mib":0,.*"plugged_mib":0[,}]|"plugged_mib":0,.*"requested_mib":0[,}]')
+lr=0
+[ $grown = yes ] && [ $shrunk = yes ] || lr=1
+echo "NESTED-CASE hotplug-follows-limits rc=$lr memtotal_and_limit=${lim% } grown=$grown run_s=$lim_s shrunk=$shrunk"
+[ $lr = 0 ] || { rc=1; grep -h 'hot-plug' /tmp/bhroot/bulkheadd.log 2>/dev/null | tail -5; }
 bulkhead rm -f hp >/dev/null 2>&1
 # containerd with our shim, as a node runs it: ctr run on bulkhead-vmm through bulkheadd.
 CONTAINERD_UP

@@ -54,6 +54,10 @@ pub struct RunArgs {
     /// runs (`bulkhead vm SANDBOX --hotplug MIB`); bulkhead-vmm's virtio-mem.
     #[arg(long, value_name = "MIB")]
     pub hotplug: Option<u32>,
+    /// The container's memory limit in MiB (its cgroup in the guest). A VM with
+    /// hot-plug memory grows to fit its containers' limits.
+    #[arg(long, value_name = "MIB")]
+    pub container_memory: Option<u64>,
     /// The pod's network: a network namespace (e.g. /run/netns/NAME) whose interfaces
     /// the VM gets. Without it, the container has loopback only.
     #[arg(long, value_name = "PATH")]
@@ -196,6 +200,15 @@ pub async fn run(a: RunArgs) -> Result<i32> {
         .or(image_cfg.working_dir.clone().filter(|w| !w.is_empty()))
         .unwrap_or_else(|| "/".into());
     let mut spec = default_spec(&args, a.tty, &env, &cwd, &id);
+    if let Some(m) = a.container_memory {
+        let bytes = m
+            .checked_mul(1 << 20)
+            .filter(|b| *b > 0 && *b <= i64::MAX as u64)
+            .ok_or_else(|| {
+                anyhow::anyhow!("--container-memory {m}: want 1 MiB or more, under 2^63 bytes")
+            })?;
+        spec["linux"]["resources"]["memory"] = json!({ "limit": bytes });
+    }
     if a.sandbox.is_some() {
         bulkhead_host::pod::join_pod_namespaces(&mut spec);
     }

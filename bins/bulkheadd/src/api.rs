@@ -293,23 +293,8 @@ impl SandboxIface {
         resources_json: String,
     ) -> Result<(), Error> {
         require_admin(conn, &hdr).await?;
-        crate::daemon::check_json_size("resources", &resources_json)?;
-        serde_json::from_str::<serde_json::Value>(&resources_json)
-            .ok()
-            .filter(|v| v.is_object())
-            .ok_or_else(|| {
-                Error::InvalidArgument(
-                    "resources must be an OCI linux.resources JSON object".into(),
-                )
-            })?;
-        let cid = id.clone();
         self.d
-            .container_call(&self.sb.id, &id, move |c| {
-                c.expect_ok(&bulkhead_protocol::Request::Update {
-                    id: cid,
-                    resources_json,
-                })
-            })
+            .update_container(&self.sb.id, id, resources_json)
             .await
     }
 

@@ -16,7 +16,7 @@ use zbus::zvariant::{OwnedObjectPath, OwnedValue, Value};
 use crate::agent::Agent;
 use crate::backend::{self, GUEST_SHARED};
 use crate::store::{Component, ContainerRec, SandboxRec, Store};
-use crate::{api, jail, mounts, supervisor};
+use crate::{api, jail, memory, mounts, supervisor};
 
 pub struct Daemon {
     pub cfg: Config,
@@ -38,6 +38,9 @@ pub struct Sandbox {
     removing: AtomicBool,
     /// When network back ends were restarted lately.
     net_restarts: Mutex<Vec<Instant>>,
+    /// Held while the hot-plug request is worked out and sent, so two container
+    /// changes at once cannot send their figures in the wrong order.
+    memory_fit: tokio::sync::Mutex<()>,
 }
 
 /// What `CreateSandbox` may ask for beyond the id; `None` takes the configured default.
@@ -251,6 +254,18 @@ async fn wait_sockets(
 }
 
 impl Sandbox {
+    fn new(rec: SandboxRec) -> Arc<Sandbox> {
+        Arc::new(Sandbox {
+            id: rec.id.clone(),
+            path: sandbox_path(&rec.id),
+            agent: Agent::new(rec.vsock_socket()),
+            rec: Mutex::new(rec),
+            removing: AtomicBool::new(false),
+            net_restarts: Mutex::new(vec![]),
+            memory_fit: tokio::sync::Mutex::new(()),
+        })
+    }
+
     pub fn snapshot(&self) -> SandboxRec {
         self.rec.lock().expect("rec lock").clone()
     }
@@ -429,7 +444,11 @@ impl Daemon {
                 "memory_mib {memory_mib}: want 64 to 65536"
             )));
         }
-        let hotplug_mib = hotplug_mib.unwrap_or(0);
+        // The configured region is a default for the backend that has virtio-mem.
+        let hotplug_mib = hotplug_mib.unwrap_or(match backend {
+            Backend::BulkheadVmm => self.cfg.hotplug_mib,
+            _ => 0,
+        });
         if !hotplug_mib.is_multiple_of(128) || hotplug_mib > 65536 {
             return Err(Error::InvalidArgument(format!(
                 "hotplug_mib {hotplug_mib}: want a multiple of 128 up to 65536"
@@ -448,6 +467,7 @@ impl Daemon {
             cpus,
             memory_mib,
             hotplug_mib,
+            hotplug_floor_mib: 0,
             created_at_us: now_us(),
             state: "creating".into(),
             run_dir: run_dir.clone(),
@@ -460,14 +480,7 @@ impl Daemon {
             fs_userns: false,
             net_backend,
         };
-        let sb = Arc::new(Sandbox {
-            id: id.clone(),
-            path: sandbox_path(&id),
-            agent: Agent::new(rec.vsock_socket()),
-            rec: Mutex::new(rec),
-            removing: AtomicBool::new(false),
-            net_restarts: Mutex::new(vec![]),
-        });
+        let sb = Sandbox::new(rec);
         {
             let mut map = self.sandboxes.lock().expect("sandboxes lock");
             if map.contains_key(&id) {
@@ -903,14 +916,7 @@ impl Daemon {
             let id = rec.id.clone();
             let all_alive =
                 !rec.components.is_empty() && rec.components.iter().all(supervisor::alive);
-            let sb = Arc::new(Sandbox {
-                id: id.clone(),
-                path: sandbox_path(&id),
-                agent: Agent::new(rec.vsock_socket()),
-                rec: Mutex::new(rec.clone()),
-                removing: AtomicBool::new(false),
-                net_restarts: Mutex::new(vec![]),
-            });
+            let sb = Sandbox::new(rec.clone());
             self.sandboxes
                 .lock()
                 .expect("sandboxes lock")
@@ -1047,17 +1053,100 @@ impl Daemon {
         within_vmm_bound(sid, read).await?
     }
 
-    /// See `Sandbox1.SetHotplugMemory`.
+    /// See `Sandbox1.SetHotplugMemory`: `mib` becomes the floor under what the
+    /// containers' limits ask for.
     pub async fn set_hotplug_memory(&self, sid: &str, mib: u64) -> Result<(), Error> {
-        if self.get(sid)?.snapshot().hotplug_mib == 0 {
+        let sb = self.get(sid)?;
+        let _fit = sb.memory_fit.lock().await;
+        let rec = sb.snapshot();
+        if rec.hotplug_mib == 0 {
             return Err(Error::FailedPrecondition(format!(
                 "sandbox {sid} has no hot-plug memory (create it with hotplug_mib)"
             )));
         }
+        if mib > u64::from(rec.hotplug_mib) {
+            return Err(Error::InvalidArgument(format!(
+                "{mib} MiB is more than sandbox {sid}'s hot-plug region ({} MiB)",
+                rec.hotplug_mib
+            )));
+        }
+        let t = Self::memory_target(&rec, mib);
+        self.request_hotplug(sid, t.mib).await?;
+        self.update(&sb, Changed::default(), |r| r.hotplug_floor_mib = mib)
+            .await;
+        Ok(())
+    }
+
+    fn memory_target(rec: &SandboxRec, floor_mib: u64) -> memory::Target {
+        memory::target(
+            rec.memory_mib.into(),
+            rec.hotplug_mib.into(),
+            floor_mib,
+            rec.containers.iter().filter_map(|c| c.memory_limit_mib),
+        )
+    }
+
+    async fn request_hotplug(&self, sid: &str, mib: u64) -> Result<(), Error> {
         let p = self.vmm1(sid).await?;
         within_vmm_bound(sid, p.set_hotplug_memory(mib))
             .await?
             .map_err(|e| vmm_error(sid, e))
+    }
+
+    /// Ask the VMM for as much of the hot-plug region as the containers' limits need
+    /// (see `memory.rs`); with `wait`, until the guest has plugged it, for at most
+    /// [`memory::PLUG_WAIT`]. Nothing here fails the container change that called it:
+    /// a VMM that cannot be asked is logged, and the container's own limit still holds.
+    async fn fit_memory(&self, sb: &Arc<Sandbox>, wait: bool) {
+        let _fit = sb.memory_fit.lock().await;
+        let rec = sb.snapshot();
+        if rec.hotplug_mib == 0 {
+            return;
+        }
+        let t = Self::memory_target(&rec, rec.hotplug_floor_mib);
+        if t.short_mib > 0 {
+            tracing::warn!(
+                sandbox = %sb.id,
+                "the containers' memory limits need {} MiB more than the VM's hot-plug region ({} MiB) holds",
+                t.short_mib,
+                rec.hotplug_mib
+            );
+        }
+        if let Err(e) = self.request_hotplug(&sb.id, t.mib).await {
+            tracing::warn!(sandbox = %sb.id, "cannot ask for {} MiB of hot-plug memory: {e}", t.mib);
+            return;
+        }
+        tracing::info!(sandbox = %sb.id, "hot-plug memory asked: {} MiB", t.mib);
+        if wait && !self.wait_plugged(&sb.id, t.mib).await {
+            tracing::warn!(
+                sandbox = %sb.id,
+                "the guest did not plug {} MiB within {:?}; going on without it",
+                t.mib,
+                memory::PLUG_WAIT
+            );
+        }
+    }
+
+    /// Whether the guest had `mib` MiB of the region plugged within [`memory::PLUG_WAIT`].
+    async fn wait_plugged(&self, sid: &str, mib: u64) -> bool {
+        let deadline = Instant::now() + memory::PLUG_WAIT;
+        let Ok(p) = self.vmm1(sid).await else {
+            return false;
+        };
+        loop {
+            let plugged = within_vmm_bound(sid, p.hotplug_memory())
+                .await
+                .ok()
+                .and_then(|r| r.ok())
+                .and_then(|h| h.get("plugged_mib").and_then(|v| u64::try_from(v).ok()));
+            if plugged.is_some_and(|p| p >= mib) {
+                return true;
+            }
+            if plugged.is_none() || Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// See `Sandbox1.SetBalloonTarget`.
@@ -1186,10 +1275,13 @@ impl Daemon {
                 state: "creating".into(),
                 rootfs_mount: mount.clone(),
                 exit_code: None,
+                memory_limit_mib: memory::Limit::of(&spec["linux"]["resources"]).mib(),
             });
             mount
         };
         self.save(&sb);
+        // The VM grows first, so the memory is there when the container starts.
+        self.fit_memory(&sb, true).await;
         let result = async {
             let rec = sb.snapshot();
             let userns = jail::fs_userns_fd(&rec)
@@ -1271,6 +1363,7 @@ impl Daemon {
                     .containers
                     .retain(|c| c.id != cid);
                 self.save(&sb);
+                self.fit_memory(&sb, false).await;
                 Err(e)
             }
         }
@@ -1458,7 +1551,65 @@ impl Daemon {
             |r| r.containers.retain(|c| c.id != cid),
         )
         .await;
+        self.fit_memory(&sb, false).await;
         Ok(())
+    }
+
+    /// See `Sandbox1.Update`. A raised memory limit grows the VM before the guest is
+    /// told (and waits for it, bounded); a lowered one shrinks it after.
+    pub async fn update_container(
+        &self,
+        sid: &str,
+        cid: String,
+        resources_json: String,
+    ) -> Result<(), Error> {
+        check_json_size("resources", &resources_json)?;
+        let resources = serde_json::from_str::<serde_json::Value>(&resources_json)
+            .ok()
+            .filter(|v| v.is_object())
+            .ok_or_else(|| {
+                Error::InvalidArgument(
+                    "resources must be an OCI linux.resources JSON object".into(),
+                )
+            })?;
+        let sb = self.running(sid)?;
+        Self::container_state(&sb, &cid)?;
+        let limit = memory::Limit::of(&resources);
+        let old = sb
+            .snapshot()
+            .container(&cid)
+            .and_then(|c| c.memory_limit_mib);
+        let new = limit.mib();
+        let changes = limit != memory::Limit::Absent && new != old;
+        // What the VM is sized by grows: a container without a limit adds nothing to it.
+        let grows = changes && new.is_some_and(|n| old.is_none_or(|o| n > o));
+        if grows {
+            self.set_memory_limit(&sb, &cid, new, true).await;
+        }
+        let id = cid.clone();
+        let told = self
+            .container_call(sid, &cid, move |c| {
+                c.expect_ok(&Request::Update { id, resources_json })
+            })
+            .await;
+        match (&told, grows) {
+            // The guest kept the old limit: so does the record.
+            (Err(_), true) => self.set_memory_limit(&sb, &cid, old, false).await,
+            (Ok(()), false) if changes => self.set_memory_limit(&sb, &cid, new, false).await,
+            _ => {}
+        }
+        told
+    }
+
+    /// Record a container's memory limit and fit the VM's hot-plug memory to it.
+    async fn set_memory_limit(&self, sb: &Arc<Sandbox>, cid: &str, to: Option<u64>, wait: bool) {
+        self.update(sb, Changed::default(), |r| {
+            if let Some(c) = r.container_mut(cid) {
+                c.memory_limit_mib = to;
+            }
+        })
+        .await;
+        self.fit_memory(sb, wait).await;
     }
 
     pub async fn attach(

@@ -27,6 +27,10 @@ pub struct ContainerRec {
     /// Where its rootfs is bind-mounted in the shared directory.
     pub rootfs_mount: PathBuf,
     pub exit_code: Option<i32>,
+    /// Its memory limit (`linux.resources.memory.limit`, MiB rounded up), as created or
+    /// last updated; what the VM's hot-plug memory is sized by.
+    #[serde(default)]
+    pub memory_limit_mib: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,6 +43,10 @@ pub struct SandboxRec {
     /// given when `SetHotplugMemory` asks; 0: none.
     #[serde(default)]
     pub hotplug_mib: u32,
+    /// What `SetHotplugMemory` last asked for by hand: the containers' limits can plug
+    /// more, never less.
+    #[serde(default)]
+    pub hotplug_floor_mib: u64,
     pub created_at_us: u64,
     /// creating, running, stopping.
     pub state: String,
@@ -153,6 +161,7 @@ mod tests {
             cpus: 1,
             memory_mib: 256,
             hotplug_mib: 0,
+            hotplug_floor_mib: 0,
             created_at_us: 1,
             state: "running".into(),
             run_dir: "/run/x".into(),

@@ -280,6 +280,23 @@ fn rows(e: &Env) -> Result<Vec<Row>> {
             "only bulkhead-vmm has virtio-mem",
         ),
         row(
+            "run: a container memory limit of 0",
+            cli(&["run", "--container-memory", "0", "--rootfs", &r, "true"]),
+            "--container-memory 0",
+        ),
+        row(
+            "run: a container memory limit past 64 bits of bytes",
+            cli(&[
+                "run",
+                "--container-memory",
+                "18446744073709551615",
+                "--rootfs",
+                &r,
+                "true",
+            ]),
+            "--container-memory 18446744073709551615: want 1 MiB or more",
+        ),
+        row(
             "run: duplicate id",
             cli(&["run", "--name", "bad", "--rootfs", &r, "true"]),
             "org.bulkhead.Error.AlreadyExists",
