@@ -98,7 +98,7 @@ fn device(kind: Kind, mem: &GuestMemoryMmap) -> Option<Box<dyn VirtioDevice>> {
         .collect();
     Some(match kind {
         Kind::Rng => Box::new(Rng::default()),
-        Kind::Balloon => Box::new(Balloon::new(regions, None, false).ok()?.0),
+        Kind::Balloon => Box::new(Balloon::new(regions, None, false, None).ok()?.0),
         Kind::Mem => {
             // The top 2 MiB of mock memory is its hot-plug region, already requested in
             // full, so plugs can succeed as well as fail.

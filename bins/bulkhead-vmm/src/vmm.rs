@@ -349,17 +349,25 @@ fn open_virtio_devices(
     if cfg.rng {
         devices.push(Box::new(virtio::rng::Rng::default()));
     }
+    // Made before the balloon, which bounds its target by what is plugged; put on the
+    // bus after it.
+    let mem = ram
+        .hotplug
+        .map(|region| VirtioMem::new(region, ram.file.clone(), ram.report.hugetlb()));
+    controls.hotplug = mem.as_ref().map(|(_, control)| control.clone());
     if cfg.balloon {
-        let (dev, control) =
-            Balloon::new(ram.regions.clone(), ram.file.clone(), ram.report.hugetlb())
-                .map_err(io("balloon eventfd"))?;
+        let (dev, control) = Balloon::new(
+            ram.regions.clone(),
+            ram.file.clone(),
+            ram.report.hugetlb(),
+            controls.hotplug.clone(),
+        )
+        .map_err(io("balloon eventfd"))?;
         devices.push(Box::new(dev));
         controls.balloon = Some(control);
     }
-    if let Some(region) = ram.hotplug {
-        let (dev, control) = VirtioMem::new(region, ram.file.clone(), ram.report.hugetlb());
+    if let Some((dev, _)) = mem {
         devices.push(Box::new(dev));
-        controls.hotplug = Some(control);
     }
     if let Some(p) = &cfg.console {
         let f = std::fs::File::create(p).map_err(io(format!("console output {}", p.display())))?;

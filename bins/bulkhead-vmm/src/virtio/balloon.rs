@@ -122,7 +122,10 @@ struct Counters {
 pub struct BalloonControl {
     shared: Mutex<Shared>,
     refresh: EventFd,
+    /// Boot RAM: what the guest has for certain.
     ram_bytes: u64,
+    /// The hot-plug region's device: what of it the guest has plugged is its RAM too.
+    hotplug: Option<Arc<super::mem::MemControl>>,
 }
 
 impl BalloonControl {
@@ -132,11 +135,18 @@ impl BalloonControl {
 
     /// Ask the guest to give `mib` MiB to the balloon (0 deflates it fully).
     pub fn set_target(&self, mib: u64) -> Result<(), String> {
-        let bytes = mib.checked_mul(1 << 20).filter(|b| *b < self.ram_bytes);
+        // Guest RAM is boot RAM and what is plugged of the hot-plug region now, never
+        // the region's unplugged rest: a target there asks for memory the guest lacks.
+        let ram = self.ram_bytes
+            + self
+                .hotplug
+                .as_ref()
+                .map_or(0, |h| h.status().plugged_mib << 20);
+        let bytes = mib.checked_mul(1 << 20).filter(|b| *b < ram);
         let Some(bytes) = bytes else {
             return Err(format!(
                 "balloon target {mib} MiB: must be below guest RAM ({} MiB)",
-                self.ram_bytes >> 20
+                ram >> 20
             ));
         };
         let mut s = self.lock();
@@ -279,17 +289,21 @@ pub struct Balloon {
 }
 
 impl Balloon {
-    /// A balloon over guest RAM `regions` (backed by `file` when shared).
+    /// A balloon over guest RAM `regions` (backed by `file` when shared), the hot-plug
+    /// region among them when `hotplug` is its device.
     pub fn new(
         regions: Vec<RamRegion>,
         file: Option<Arc<File>>,
         hugetlb: bool,
+        hotplug: Option<Arc<super::mem::MemControl>>,
     ) -> std::io::Result<(Self, Arc<BalloonControl>)> {
-        let ram_bytes = regions.iter().map(|r| r.size).sum();
+        let region = hotplug.as_ref().map_or(0, |h| h.status().region_mib << 20);
+        let ram_bytes = regions.iter().map(|r| r.size).sum::<u64>() - region;
         let control = Arc::new(BalloonControl {
             shared: Mutex::default(),
             refresh: EventFd::new(EFD_NONBLOCK)?,
             ram_bytes,
+            hotplug,
         });
         Ok((
             Balloon {

@@ -33,7 +33,7 @@ fn rig(mem: &GuestMemoryMmap, acked: u64) -> Rig<'_> {
     let qs: Vec<_> = (0..4)
         .map(|i| MockSplitQueue::create(mem, GuestAddress(i * 0x4000), 64))
         .collect();
-    let (mut dev, control) = Balloon::new(regions(mem), None, false).unwrap();
+    let (mut dev, control) = Balloon::new(regions(mem), None, false, None).unwrap();
     let n = roles(acked).len();
     let (mut act, irq) = activation(
         mem,
@@ -196,7 +196,7 @@ fn a_stats_buffer_queued_before_activation_is_read_at_activation() {
     qs[2]
         .build_desc_chain(&[desc(0x10_0000, buf.len() as u32, 0, 0)])
         .unwrap();
-    let (mut dev, control) = Balloon::new(regions(&mem), None, false).unwrap();
+    let (mut dev, control) = Balloon::new(regions(&mem), None, false, None).unwrap();
     let (mut act, _irq) = activation(&mem, qs.iter().map(|q| q.create_queue().unwrap()).collect());
     act.acked_features = ALL;
     dev.activate(act).unwrap();

@@ -330,3 +330,23 @@ fn a_full_queue_is_served_a_budget_per_turn() {
     assert_eq!(used(&q).len(), 300);
     assert_eq!(control.status().refused, 0);
 }
+
+#[test]
+fn the_balloon_counts_only_what_is_plugged_as_guest_ram() {
+    use crate::virtio::balloon::Balloon;
+    let mem = test_mem();
+    let mut r = rig(&mem);
+    // The balloon sees both regions (it may be told of pages in either), but a target
+    // past boot RAM asks for memory the guest does not have until it is plugged.
+    let (_dev, balloon) =
+        Balloon::new(ram_regions(&mem), None, false, Some(r.control.clone())).unwrap();
+    assert!(balloon.set_target(15).is_ok());
+    let e = balloon.set_target(16).unwrap_err();
+    assert!(e.contains("below guest RAM (16 MiB)"), "{e}");
+    r.control.set_requested(4).unwrap();
+    assert_eq!(resp(&mut r, REQ_PLUG, block(0), 2), RESP_ACK);
+    assert!(balloon.set_target(19).is_ok());
+    assert!(balloon.set_target(20).is_err());
+    assert_eq!(resp(&mut r, REQ_UNPLUG, block(0), 2), RESP_ACK);
+    assert!(balloon.set_target(16).is_err());
+}
