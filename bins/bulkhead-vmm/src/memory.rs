@@ -162,12 +162,13 @@ enum Plan {
 
 /// Decide the backing. `shared_needed`: a vhost-user device will map guest RAM.
 fn plan(
-    mem_size: u64,
+    sizes: Sizes,
     backing: Backing,
     huge: HugePages,
     shared_needed: bool,
     host: &HostPages,
 ) -> Result<(Plan, &'static str, String), MemoryError> {
+    let mem_size = sizes.total();
     let shared = match backing {
         Backing::Auto => shared_needed,
         Backing::Shared => true,
@@ -176,7 +177,8 @@ fn plan(
     let want_huge = huge != HugePages::Off;
     let fits_hugetlb = mem_size.is_multiple_of(HUGE_PAGE);
     let reserved = host.free_hugetlb_2m.unwrap_or(0);
-    let enough = reserved.saturating_mul(HUGE_PAGE) >= mem_size;
+    // Boot RAM must be covered; the hot-plug region takes pages only as it is plugged.
+    let enough = reserved.saturating_mul(HUGE_PAGE) >= sizes.boot;
     let why_backing = if shared {
         if shared_needed {
             "shared: a vhost-user device maps guest RAM"
@@ -313,7 +315,7 @@ fn create_on(
     shared_needed: bool,
 ) -> Result<GuestRam, MemoryError> {
     let mem_size = sizes.total();
-    let (plan, pages, why) = plan(mem_size, backing, huge, shared_needed, host)?;
+    let (plan, pages, why) = plan(sizes, backing, huge, shared_needed, host)?;
     let report = |backing_got: &'static str| MemoryReport {
         asked_backing: backing,
         asked_hugepages: huge,
@@ -353,7 +355,7 @@ fn create_on(
     }
 }
 
-fn memfd(mem_size: u64, hugetlb: bool) -> Result<Arc<File>, MemoryError> {
+pub(crate) fn memfd(mem_size: u64, hugetlb: bool) -> Result<Arc<File>, MemoryError> {
     let mib = mem_size >> 20;
     let flags = libc::MFD_CLOEXEC
         | if hugetlb {
@@ -385,9 +387,14 @@ fn map(
     let map_err = |msg: String| MemoryError::Map { mib, msg };
     let mut regions = Vec::new();
     let mut offset = 0u64;
+    let hotplug_at = layout::hotplug_range(sizes.boot, sizes.hotplug).map(|(start, _)| start);
     for (start, size) in sizes.ranges() {
+        // hugetlbfs reserves a shared mapping's pages when it is made; the hot-plug
+        // region's are taken when the guest plugs them (virtio-mem populates them
+        // then, and refuses the plug if the pool is empty).
+        let noreserve = report.hugetlb() && Some(start) == hotplug_at;
         let fo = file.as_ref().map(|f| (f.as_raw_fd(), offset));
-        let ptr = map_aligned(size as usize, fo).map_err(|e| map_err(e.to_string()))?;
+        let ptr = map_aligned(size as usize, fo, noreserve).map_err(|e| map_err(e.to_string()))?;
         if advise {
             // SAFETY: ptr..ptr+size is the mapping just made; advice does not change its
             // contents. Failure (a kernel without THP) leaves 4 KiB pages, which the
@@ -396,7 +403,7 @@ fn map(
         }
         let (flags, fofs) = match &file {
             Some(f) => (
-                libc::MAP_SHARED,
+                libc::MAP_SHARED | if noreserve { libc::MAP_NORESERVE } else { 0 },
                 Some(FileOffset::from_arc(f.clone(), offset)),
             ),
             None => (
@@ -434,7 +441,7 @@ fn map(
 
 /// mmap `size` bytes at an address aligned to [`HUGE_PAGE`]: reserve a larger window,
 /// map over its aligned part, and give the slack back.
-fn map_aligned(size: usize, file: Option<(i32, u64)>) -> std::io::Result<*mut u8> {
+fn map_aligned(size: usize, file: Option<(i32, u64)>, noreserve: bool) -> std::io::Result<*mut u8> {
     let align = HUGE_PAGE as usize;
     let window = size + align;
     // SAFETY: a fresh inaccessible reservation; no existing memory is touched.
@@ -454,7 +461,11 @@ fn map_aligned(size: usize, file: Option<(i32, u64)>) -> std::io::Result<*mut u8
     let b = base as usize;
     let start = (b + align - 1) & !(align - 1);
     let (flags, fd, off) = match file {
-        Some((fd, off)) => (libc::MAP_SHARED, fd, off as libc::off_t),
+        Some((fd, off)) => (
+            libc::MAP_SHARED | if noreserve { libc::MAP_NORESERVE } else { 0 },
+            fd,
+            off as libc::off_t,
+        ),
         None => (
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
             -1,
@@ -651,7 +662,10 @@ mod tests {
 
     #[test]
     fn plan_follows_need_and_host_policy() {
-        let mib = |m: u64| m << 20;
+        let mib = |m: u64| Sizes {
+            boot: m << 20,
+            hotplug: 0,
+        };
         // No back end: private, THP as the host allows.
         let (p, pages, why) = plan(
             mib(128),
@@ -737,6 +751,26 @@ mod tests {
                 advise: true
             }
         );
+        // A hot-plug region needs no reserved pages up front: 64 cover 128 MiB of boot
+        // RAM beside a 1 GiB region.
+        let (p, _, _) = plan(
+            Sizes {
+                boot: 128 << 20,
+                hotplug: 1 << 30,
+            },
+            Backing::Auto,
+            HugePages::Auto,
+            true,
+            &host("madvise", "never", 64),
+        )
+        .unwrap();
+        assert_eq!(
+            p,
+            Plan::Memfd {
+                hugetlb: true,
+                advise: false
+            }
+        );
         // Private RAM does not take reserved pages unless asked.
         let (p, _, _) = plan(
             mib(128),
@@ -797,5 +831,40 @@ mod tests {
         // Auto with too few pages never tries them.
         let ram = create(64 << 20, Backing::Shared, HugePages::Auto, false).unwrap();
         assert_ne!(ram.report.pages, "hugetlb-2m");
+    }
+
+    /// Where 2 MiB pages are reserved (not on CI; `echo 64 > /proc/sys/vm/nr_hugepages`
+    /// to run it): the hot-plug region reserves none of them when mapped.
+    #[test]
+    fn a_hugetlb_hot_plug_region_reserves_no_pages_up_front() {
+        let free = HostPages::read().free_hugetlb_2m.unwrap_or(0);
+        if free < 48 {
+            return;
+        }
+        let rsvd = || {
+            let m = std::fs::read_to_string("/proc/meminfo").unwrap();
+            m.lines()
+                .find_map(|l| l.strip_prefix("HugePages_Rsvd:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap()
+        };
+        let before = rsvd();
+        let ram = create_with_hotplug(
+            64 << 20,
+            (free + 64) * HUGE_PAGE,
+            Backing::Shared,
+            HugePages::Hugetlb,
+            false,
+        )
+        .unwrap();
+        assert_eq!(ram.report.pages, "hugetlb-2m");
+        // Boot RAM's 32 pages, none of the region's (which is larger than the pool).
+        assert_eq!(rsvd() - before, 32);
+        let h = ram.hotplug.unwrap();
+        assert!(
+            vm_flags(h.host_addr).contains(" nr"),
+            "{}",
+            vm_flags(h.host_addr)
+        );
     }
 }

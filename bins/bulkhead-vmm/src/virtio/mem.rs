@@ -152,6 +152,9 @@ pub struct VirtioMem {
     control: Arc<MemControl>,
     /// Discards within the hot-plug region only: no request can reach boot RAM.
     discarder: Discarder,
+    /// On hugetlbfs, the region's host address: its pages are not reserved when it is
+    /// mapped, so each plug takes them from the pool first, and is refused if it cannot.
+    populate_at: Option<u64>,
     active: Option<(GuestMemoryMmap, Queue, Arc<Interrupt>)>,
     requeue: Requeue,
 }
@@ -181,6 +184,7 @@ impl VirtioMem {
         let dev = VirtioMem {
             control: control.clone(),
             discarder: Discarder::new(vec![region], file, hugetlb),
+            populate_at: hugetlb.then_some(region.host_addr),
             active: None,
             requeue: Requeue::default(),
         };
@@ -203,6 +207,33 @@ impl VirtioMem {
     fn discard(&self, first: u64, n: u64) -> bool {
         let gpa = self.control.addr + first * BLOCK_SIZE;
         self.discarder.discard(gpa, n * BLOCK_SIZE) == Discard::Done
+    }
+
+    /// Give blocks `[first, first + n)` host pages before the guest may use them; false
+    /// if the host has none to give (an empty hugetlb pool), where a guest access would
+    /// otherwise kill the VMM with SIGBUS.
+    fn populate(&self, first: u64, n: u64) -> bool {
+        let Some(base) = self.populate_at else {
+            return true;
+        };
+        let at = base + first * BLOCK_SIZE;
+        // SAFETY: the range lies within the hot-plug region's mapping (`blocks` checked
+        // it); MADV_POPULATE_WRITE faults its pages in without changing their contents.
+        let r = unsafe {
+            libc::madvise(
+                at as *mut libc::c_void,
+                (n * BLOCK_SIZE) as usize,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
+        if r != 0 {
+            tracing::warn!(
+                "virtio-mem: no host pages for {} MiB at {at:#x}: {}",
+                (n * BLOCK_SIZE) >> 20,
+                std::io::Error::last_os_error()
+            );
+        }
+        r == 0
     }
 
     /// Serve one request; the response type and, for `STATE`, the state.
@@ -232,6 +263,8 @@ impl VirtioMem {
                         REQ_PLUG if s.plugged_bytes + n * BLOCK_SIZE > s.requested => {
                             (RESP_NACK, 0)
                         }
+                        // Refused for now: the guest's driver tries again later.
+                        REQ_PLUG if !self.populate(first, n) => (RESP_NACK, 0),
                         REQ_PLUG => {
                             range.for_each(|b| s.set(b, true));
                             s.plugged_bytes += n * BLOCK_SIZE;

@@ -31,10 +31,16 @@ struct Rig<'a> {
 }
 
 fn rig(mem: &GuestMemoryMmap) -> Rig<'_> {
+    rig_on(mem, false)
+}
+
+/// `hugetlb`: the device treats the region as hugetlbfs memory that holds no pages
+/// until a plug populates them.
+fn rig_on(mem: &GuestMemoryMmap, hugetlb: bool) -> Rig<'_> {
     let q = MockSplitQueue::create(mem, GuestAddress(0), 64);
     let region = ram_regions(mem)[1];
     assert_eq!(region.guest_addr, REGION);
-    let (mut dev, control) = VirtioMem::new(region, None, false);
+    let (mut dev, control) = VirtioMem::new(region, None, hugetlb);
     let (act, irq) = activation(mem, vec![q.create_queue().unwrap()]);
     dev.activate(act).unwrap();
     Rig {
@@ -349,4 +355,38 @@ fn the_balloon_counts_only_what_is_plugged_as_guest_ram() {
     assert!(balloon.set_target(20).is_err());
     assert_eq!(resp(&mut r, REQ_UNPLUG, block(0), 2), RESP_ACK);
     assert!(balloon.set_target(16).is_err());
+}
+
+#[test]
+fn a_plug_takes_host_pages_first_and_is_refused_without_them() {
+    use std::os::unix::fs::MetadataExt;
+    use vm_memory::FileOffset;
+    // The region is a memfd: a page past the file's end has nothing behind it, as a
+    // hugetlbfs mapping made without a reservation has nothing once the pool is empty.
+    let file = crate::memory::memfd(REGION_SIZE, false).unwrap();
+    let mem = GuestMemoryMmap::from_ranges_with_files([
+        (GuestAddress(0), 16 << 20, None),
+        (
+            GuestAddress(REGION),
+            REGION_SIZE as usize,
+            Some(FileOffset::from_arc(file.clone(), 0)),
+        ),
+    ])
+    .unwrap();
+    let mut r = rig_on(&mem, true);
+    r.control.set_requested(8).unwrap();
+    assert_eq!(file.metadata().unwrap().blocks(), 0);
+    assert_eq!(resp(&mut r, REQ_PLUG, block(0), 1), RESP_ACK);
+    // Populated before the guest was told yes.
+    assert!(file.metadata().unwrap().blocks() * 512 >= BLOCK_SIZE);
+    file.set_len(2 * BLOCK_SIZE).unwrap();
+    // Block 2 lies past the end now: refused for the moment, not plugged, and the VMM
+    // is still here (a guest store there would have been a SIGBUS).
+    assert_eq!(resp(&mut r, REQ_PLUG, block(2), 1), RESP_NACK);
+    assert_eq!(state(&mut r, block(2), 1), STATE_UNPLUGGED);
+    let s = r.control.status();
+    assert_eq!((s.plugged_mib, s.plugs, s.refused), (2, 1, 1));
+    // Once there are pages again, the guest's retry succeeds.
+    file.set_len(REGION_SIZE).unwrap();
+    assert_eq!(resp(&mut r, REQ_PLUG, block(2), 1), RESP_ACK);
 }
