@@ -46,6 +46,8 @@ const REQ_LEN: usize = 24;
 
 const RESP_ACK: u16 = 0;
 const RESP_NACK: u16 = 1;
+/// Not now: Linux's driver tries again after a growing delay (a NACK it retries at once).
+const RESP_BUSY: u16 = 2;
 const RESP_ERROR: u16 = 3;
 /// A response: type (u16), 6 bytes of padding, then the state (u16) for `STATE`.
 const RESP_LEN: usize = 10;
@@ -153,7 +155,8 @@ pub struct VirtioMem {
     /// Discards within the hot-plug region only: no request can reach boot RAM.
     discarder: Discarder,
     /// On hugetlbfs, the region's host address: its pages are not reserved when it is
-    /// mapped, so each plug takes them from the pool first, and is refused if it cannot.
+    /// mapped, so each plug takes them from the pool first, and is answered BUSY if it
+    /// cannot.
     populate_at: Option<u64>,
     active: Option<(GuestMemoryMmap, Queue, Arc<Interrupt>)>,
     requeue: Requeue,
@@ -263,8 +266,14 @@ impl VirtioMem {
                         REQ_PLUG if s.plugged_bytes + n * BLOCK_SIZE > s.requested => {
                             (RESP_NACK, 0)
                         }
-                        // Refused for now: the guest's driver tries again later.
-                        REQ_PLUG if !self.populate(first, n) => (RESP_NACK, 0),
+                        // Refused for now: the guest's driver tries again later. What
+                        // the attempt took from the pool goes back to it.
+                        REQ_PLUG if !self.populate(first, n) => {
+                            if !self.discard(first, n) {
+                                s.discard_errors += 1;
+                            }
+                            (RESP_BUSY, 0)
+                        }
                         REQ_PLUG => {
                             range.for_each(|b| s.set(b, true));
                             s.plugged_bytes += n * BLOCK_SIZE;

@@ -31,16 +31,16 @@ struct Rig<'a> {
 }
 
 fn rig(mem: &GuestMemoryMmap) -> Rig<'_> {
-    rig_on(mem, false)
+    rig_on(mem, None, false)
 }
 
 /// `hugetlb`: the device treats the region as hugetlbfs memory that holds no pages
-/// until a plug populates them.
-fn rig_on(mem: &GuestMemoryMmap, hugetlb: bool) -> Rig<'_> {
+/// until a plug populates them; `file` backs the region.
+fn rig_on(mem: &GuestMemoryMmap, file: Option<Arc<std::fs::File>>, hugetlb: bool) -> Rig<'_> {
     let q = MockSplitQueue::create(mem, GuestAddress(0), 64);
     let region = ram_regions(mem)[1];
     assert_eq!(region.guest_addr, REGION);
-    let (mut dev, control) = VirtioMem::new(region, None, hugetlb);
+    let (mut dev, control) = VirtioMem::new(region, file, hugetlb);
     let (act, irq) = activation(mem, vec![q.create_queue().unwrap()]);
     dev.activate(act).unwrap();
     Rig {
@@ -373,17 +373,19 @@ fn a_plug_takes_host_pages_first_and_is_refused_without_them() {
         ),
     ])
     .unwrap();
-    let mut r = rig_on(&mem, true);
+    let mut r = rig_on(&mem, Some(file.clone()), true);
     r.control.set_requested(8).unwrap();
     assert_eq!(file.metadata().unwrap().blocks(), 0);
     assert_eq!(resp(&mut r, REQ_PLUG, block(0), 1), RESP_ACK);
     // Populated before the guest was told yes.
     assert!(file.metadata().unwrap().blocks() * 512 >= BLOCK_SIZE);
     file.set_len(2 * BLOCK_SIZE).unwrap();
-    // Block 2 lies past the end now: refused for the moment, not plugged, and the VMM
-    // is still here (a guest store there would have been a SIGBUS).
-    assert_eq!(resp(&mut r, REQ_PLUG, block(2), 1), RESP_NACK);
-    assert_eq!(state(&mut r, block(2), 1), STATE_UNPLUGGED);
+    // Blocks 1-2 reach past the end now: BUSY (try later), not plugged, what the try
+    // allocated given back, and the VMM still here (a guest store there would have been
+    // a SIGBUS).
+    assert_eq!(resp(&mut r, REQ_PLUG, block(1), 2), RESP_BUSY);
+    assert_eq!(state(&mut r, block(1), 1), STATE_UNPLUGGED);
+    assert!(file.metadata().unwrap().blocks() * 512 <= BLOCK_SIZE);
     let s = r.control.status();
     assert_eq!((s.plugged_mib, s.plugs, s.refused), (2, 1, 1));
     // Once there are pages again, the guest's retry succeeds.
