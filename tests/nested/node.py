@@ -612,6 +612,20 @@ lr=0
 [ $grown = yes ] && [ $shrunk = yes ] || lr=1
 echo "NESTED-CASE hotplug-follows-limits rc=$lr memtotal_and_limit=${lim% } grown=$grown run_s=$lim_s shrunk=$shrunk"
 [ $lr = 0 ] || { rc=1; grep -h 'hot-plug' /tmp/bhroot/bulkheadd.log 2>/dev/null | tail -5; }
+# A limit raised in place (Kubernetes' resize reaches the shim as Update, and the shim
+# passes it on as this does): 256 MiB needs 64 beyond boot, 768 needs 576, plugged
+# before the guest is told; lowered to 128, the region empties again.
+plugged() { hpj | grep -o '"plugged_mib":[0-9]*' | cut -d: -f2; }
+timeout 120 bulkhead run -d --sandbox hp --name lim2 --container-memory 256 --rootfs /opt/share/rootfs sleep 600 >/dev/null 2>/tmp/lim2.err || cat /tmp/lim2.err
+q1=$(plugged)
+timeout 60 bulkhead update --sandbox hp --memory $((768 << 20)) lim2 2>>/tmp/lim2.err || cat /tmp/lim2.err
+q2=$(plugged)
+timeout 60 bulkhead update --sandbox hp --memory $((128 << 20)) lim2 2>>/tmp/lim2.err || cat /tmp/lim2.err
+q3=$(waitfor '"plugged_mib":0,')
+ur=0
+[ "$q1" = 64 ] && [ "$q2" = 576 ] && [ "$q3" = yes ] || ur=1
+echo "NESTED-CASE hotplug-update-grows-vm rc=$ur plugged_mib=$q1,$q2 emptied=$q3"
+[ $ur = 0 ] || { rc=1; cat /tmp/lim2.err; grep -h 'hot-plug' /tmp/bhroot/bulkheadd.log 2>/dev/null | tail -5; }
 bulkhead rm -f hp >/dev/null 2>&1
 # On hugetlbfs the region takes pool pages only as it is plugged: a pool of 200 pages
 # covers the 256 MiB VM (128) and 144 MiB more; asked for 512, the guest gets what the

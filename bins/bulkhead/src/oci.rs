@@ -514,11 +514,23 @@ pub struct UpdateArgs {
     pub cpu_period: Option<u64>,
     #[arg(long)]
     pub pids_limit: Option<i64>,
+    /// For a container `bulkhead run` made (no OCI state): the sandbox it runs in; by
+    /// default the sandbox of the same id, as `bulkhead run --name` makes them.
+    #[arg(long)]
+    pub sandbox: Option<String>,
     pub id: String,
 }
 
 pub async fn update(g: &Global, a: UpdateArgs) -> Result<i32> {
-    let r = load(g, &a.id)?;
+    // An OCI container's record names its sandbox; any other container is found by
+    // the sandbox it was put in.
+    let (sandbox, cid) = match (&a.sandbox, load(g, &a.id)) {
+        (None, Ok(r)) => (r.sandbox, r.id),
+        (Some(s), _) => (s.clone(), a.id.clone()),
+        (None, Err(_)) => (a.id.clone(), a.id.clone()),
+    };
+    bulkhead_dbus::valid_id(&sandbox).map_err(anyhow::Error::msg)?;
+    bulkhead_dbus::valid_id(&cid).map_err(anyhow::Error::msg)?;
     let mut res: Value = match &a.resources {
         Some(p) if p.as_os_str() == "-" => serde_json::from_reader(std::io::stdin())?,
         Some(p) => serde_json::from_slice(&std::fs::read(p)?)
@@ -535,8 +547,8 @@ pub async fn update(g: &Global, a: UpdateArgs) -> Result<i32> {
         res["pids"] = json!({"limit": p});
     }
     let client = Client::connect().await?;
-    let sb = client.sandbox(&r.sandbox).await?;
-    sb.update(&r.id, &res.to_string()).await.map_err(explain)?;
+    let sb = client.sandbox(&sandbox).await?;
+    sb.update(&cid, &res.to_string()).await.map_err(explain)?;
     Ok(0)
 }
 

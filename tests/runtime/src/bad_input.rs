@@ -307,6 +307,23 @@ fn rows(e: &Env) -> Result<Vec<Row>> {
             "NotFound",
         ),
         row(
+            "update: unknown container",
+            cli(&["update", "--memory", "1048576", "nosuch"]),
+            "NotFound",
+        ),
+        row(
+            "update: a container the sandbox does not hold",
+            cli(&[
+                "update",
+                "--sandbox",
+                "bad",
+                "--memory",
+                "1048576",
+                "nosuch",
+            ]),
+            "NotFound",
+        ),
+        row(
             "rm: unknown id",
             cli(&["rm", "nosuch"]),
             "org.bulkhead.Error.NotFound",
