@@ -7,8 +7,9 @@
 //! floor. Under Kubernetes the sandbox container's spec carries the whole pod's limits
 //! (the sum of its containers', from kubelet 1.23) in CRI's `io.kubernetes.cri.sandbox-*`
 //! annotations, and those come first; otherwise the creating spec's own limits
-//! (`linux.resources.cpu.quota/period` and `memory.limit`). It is not resized when later
-//! containers join. Each container's own limits are enforced by its cgroup in the guest.
+//! (`linux.resources.cpu.quota/period` and `memory.limit`). Each container's own limits
+//! are enforced by its cgroup in the guest; with a hot-plug region (the config's
+//! `hotplug_mib`) bulkheadd also grows the VM as the containers' memory limits need.
 
 use serde_json::Value;
 
