@@ -660,6 +660,11 @@ mod tests {
         assert!(e.to_string().contains("vhost-user"), "{e}");
     }
 
+    const HUGETLB: Plan = Plan::Memfd {
+        hugetlb: true,
+        advise: false,
+    };
+
     #[test]
     fn plan_follows_need_and_host_policy() {
         let mib = |m: u64| Sizes {
@@ -718,24 +723,25 @@ mod tests {
         )
         .unwrap();
         assert_eq!(pages, "thp");
-        // Enough reserved 2 MiB pages: hugetlbfs; too few: THP.
-        let (p, pages, why) = plan(
-            mib(128),
-            Backing::Auto,
-            HugePages::Auto,
-            true,
-            &host("madvise", "never", 64),
-        )
-        .unwrap();
-        assert_eq!(
-            p,
-            Plan::Memfd {
-                hugetlb: true,
-                advise: false
-            }
-        );
-        assert_eq!(pages, "hugetlb-2m");
-        assert!(why.contains("64 free"), "{why}");
+        // Enough reserved 2 MiB pages for boot RAM: hugetlbfs (a hot-plug region beside
+        // it takes none up front); too few: THP.
+        let with_region = Sizes {
+            boot: 128 << 20,
+            hotplug: 1 << 30,
+        };
+        for sizes in [mib(128), with_region] {
+            let (p, pages, why) = plan(
+                sizes,
+                Backing::Auto,
+                HugePages::Auto,
+                true,
+                &host("madvise", "never", 64),
+            )
+            .unwrap();
+            assert_eq!(p, HUGETLB);
+            assert_eq!(pages, "hugetlb-2m");
+            assert!(why.contains("64 free"), "{why}");
+        }
         let (p, _, _) = plan(
             mib(128),
             Backing::Auto,
@@ -749,26 +755,6 @@ mod tests {
             Plan::Memfd {
                 hugetlb: false,
                 advise: true
-            }
-        );
-        // A hot-plug region needs no reserved pages up front: 64 cover 128 MiB of boot
-        // RAM beside a 1 GiB region.
-        let (p, _, _) = plan(
-            Sizes {
-                boot: 128 << 20,
-                hotplug: 1 << 30,
-            },
-            Backing::Auto,
-            HugePages::Auto,
-            true,
-            &host("madvise", "never", 64),
-        )
-        .unwrap();
-        assert_eq!(
-            p,
-            Plan::Memfd {
-                hugetlb: true,
-                advise: false
             }
         );
         // Private RAM does not take reserved pages unless asked.
