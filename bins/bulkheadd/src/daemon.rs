@@ -1574,16 +1574,12 @@ impl Daemon {
             })?;
         let sb = self.running(sid)?;
         Self::container_state(&sb, &cid)?;
-        let limit = memory::Limit::of(&resources);
         let old = sb
             .snapshot()
             .container(&cid)
             .and_then(|c| c.memory_limit_mib);
-        let new = limit.mib();
-        let changes = limit != memory::Limit::Absent && new != old;
-        // What the VM is sized by grows: a container without a limit adds nothing to it.
-        let grows = changes && new.is_some_and(|n| old.is_none_or(|o| n > o));
-        if grows {
+        let change = memory::LimitChange::of(old, memory::Limit::of(&resources));
+        if let memory::LimitChange::Grow(new) = change {
             self.set_memory_limit(&sb, &cid, new, true).await;
         }
         let id = cid.clone();
@@ -1592,10 +1588,14 @@ impl Daemon {
                 c.expect_ok(&Request::Update { id, resources_json })
             })
             .await;
-        match (&told, grows) {
+        match (&told, change) {
             // The guest kept the old limit: so does the record.
-            (Err(_), true) => self.set_memory_limit(&sb, &cid, old, false).await,
-            (Ok(()), false) if changes => self.set_memory_limit(&sb, &cid, new, false).await,
+            (Err(_), memory::LimitChange::Grow(_)) => {
+                self.set_memory_limit(&sb, &cid, old, false).await
+            }
+            (Ok(()), memory::LimitChange::Shrink(new)) => {
+                self.set_memory_limit(&sb, &cid, new, false).await
+            }
             _ => {}
         }
         told

@@ -54,6 +54,32 @@ impl Limit {
     }
 }
 
+/// What an update does to what the VM is sized by, from the container's recorded
+/// limit and the update's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitChange {
+    /// Nothing to refit: no memory limit in the update, or the same one.
+    Same,
+    /// The sum grows (a higher limit, or a first one): the VM grows before the guest
+    /// is told, and back if the guest refuses.
+    Grow(Option<u64>),
+    /// The sum falls (a lower limit, or none: a container without one adds nothing): the
+    /// VM shrinks once the guest has the new limit.
+    Shrink(Option<u64>),
+}
+
+impl LimitChange {
+    pub fn of(old: Option<u64>, update: Limit) -> LimitChange {
+        let new = update.mib();
+        match (old, new) {
+            _ if update == Limit::Absent || new == old => LimitChange::Same,
+            (None, _) => LimitChange::Grow(new),
+            (Some(o), Some(n)) if n > o => LimitChange::Grow(new),
+            _ => LimitChange::Shrink(new),
+        }
+    }
+}
+
 /// How much of the region to ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Target {
@@ -112,6 +138,22 @@ mod tests {
         assert_eq!(Limit::of(&json!({"memory": {"limit": 1}})), Limit::Mib(1));
         assert_eq!(Limit::Mib(3).mib(), Some(3));
         assert_eq!(Limit::None.mib(), None);
+    }
+
+    #[test]
+    fn an_update_grows_first_and_shrinks_after() {
+        use LimitChange::*;
+        assert_eq!(LimitChange::of(Some(256), Limit::Absent), Same);
+        assert_eq!(LimitChange::of(Some(256), Limit::Mib(256)), Same);
+        assert_eq!(LimitChange::of(None, Limit::None), Same);
+        assert_eq!(LimitChange::of(None, Limit::Mib(64)), Grow(Some(64)));
+        assert_eq!(LimitChange::of(Some(256), Limit::Mib(768)), Grow(Some(768)));
+        assert_eq!(
+            LimitChange::of(Some(768), Limit::Mib(128)),
+            Shrink(Some(128))
+        );
+        // Unlimited adds nothing to the VM's size.
+        assert_eq!(LimitChange::of(Some(768), Limit::None), Shrink(None));
     }
 
     #[test]
