@@ -630,6 +630,7 @@ bulkhead rm -f hp >/dev/null 2>&1
 # On hugetlbfs the region takes pool pages only as it is plugged: a pool of 200 pages
 # covers the 256 MiB VM (128) and 144 MiB more; asked for 512, the guest gets what the
 # pool holds, the rest is refused (not a SIGBUS in the VMM), and the VM goes on.
+sync; echo 3 > /proc/sys/vm/drop_caches; echo 1 > /proc/sys/vm/compact_memory 2>/dev/null
 echo 200 > /proc/sys/vm/nr_hugepages
 timeout 300 bulkhead run -d --name hh --memory 256 --hotplug 1024 --rootfs /opt/share/rootfs sleep 600 >/dev/null 2>/tmp/hh.err || { rc=1; cat /tmp/hh.err; }
 pages=$(bulkhead vm hh --json | tr -d ' \n' | grep -o '"pages":"[^"]*"')
@@ -643,7 +644,7 @@ free1=$(awk '/^HugePages_Free/ {print $2}' /proc/meminfo)
 alive=$(bulkhead exec hh echo alive 2>&1)
 hhr=0
 [ "$pages" = '"pages":"hugetlb-2m"' ] && [ "${hplugged:-0}" -gt 0 ] && [ "${hplugged:-512}" -lt 512 ] && [ "${hrefused:-0}" -gt 0 ] && [ "$alive" = alive ] || hhr=1
-echo "NESTED-CASE hotplug-hugetlb rc=$hhr $pages pool_free=$free0,$free1 plugged_mib=$hplugged refused=$hrefused exec=$alive"
+echo "NESTED-CASE hotplug-hugetlb rc=$hhr $pages pool=$(awk '/^HugePages_Total/ {print $2}' /proc/meminfo) pool_free=$free0,$free1 plugged_mib=$hplugged refused=$hrefused exec=$alive"
 [ $hhr = 0 ] || { rc=1; tail -5 /tmp/bhroot/run/*/vmm.log; grep -h -i virtio_mem $(find /tmp/bhroot/run -name serial.log) | tail -5; }
 bulkhead rm -f hh >/dev/null 2>&1
 echo 0 > /proc/sys/vm/nr_hugepages
