@@ -290,7 +290,7 @@ const BALLOON: [Figure; 6] = [
 ];
 
 /// virtio-mem figures.
-const HOTPLUG: [Figure; 6] = [
+const HOTPLUG: [Figure; 8] = [
     (
         "region_mib",
         "bulkhead_vm_hotplug_region",
@@ -332,6 +332,20 @@ const HOTPLUG: [Figure; 6] = [
         "Hot-plug requests from the guest refused or invalid",
         None,
         true,
+    ),
+    (
+        "limits_mib",
+        "bulkhead_vm_hotplug_container_limits",
+        "Sum of the VM's containers' memory limits, which the hot-plug request follows",
+        Some(MIB),
+        false,
+    ),
+    (
+        "short_mib",
+        "bulkhead_vm_hotplug_short",
+        "What the containers' memory limits need beyond the hot-plug region",
+        Some(MIB),
+        false,
     ),
 ];
 
@@ -627,8 +641,8 @@ fn vms(o: &mut Out, list: &[Sandbox]) {
             set(&phase, labels([("sandbox", id), ("phase", name)]), *secs);
         }
         let tables = [
-            (&BALLOON, &balloon, &vm.balloon),
-            (&HOTPLUG, &hotplug, &vm.hotplug),
+            (&BALLOON[..], &balloon, &vm.balloon),
+            (&HOTPLUG[..], &hotplug, &vm.hotplug),
         ];
         for (table, metrics, got) in tables {
             for ((key, _, _, scale, counter), (g, c)) in table.iter().zip(metrics) {
@@ -708,8 +722,12 @@ mod tests {
                         pages: "thp".into(),
                         start_phases: vec![("kernel_loaded".into(), 0.5)],
                         balloon: [("target_mib".to_string(), 2), ("refused".to_string(), 4)].into(),
-                        hotplug: [("plugged_mib".to_string(), 512), ("plugs".to_string(), 3)]
-                            .into(),
+                        hotplug: [
+                            ("plugged_mib".to_string(), 512),
+                            ("plugs".to_string(), 3),
+                            ("short_mib".to_string(), 64),
+                        ]
+                        .into(),
                         guest: [
                             ("free_memory".to_string(), 1000),
                             ("major_faults".to_string(), 9),
@@ -760,6 +778,7 @@ mod tests {
             "bulkhead_vm_balloon_refused_ranges_total{sandbox=\"pod1\"} 4.0",
             "bulkhead_vm_hotplug_plugged_bytes{sandbox=\"pod1\"} 536870912.0",
             "bulkhead_vm_hotplug_plugs_total{sandbox=\"pod1\"} 3.0",
+            "bulkhead_vm_hotplug_short_bytes{sandbox=\"pod1\"} 67108864.0",
             "bulkhead_vm_guest_memory_free_bytes{sandbox=\"pod1\"} 1000.0",
             "bulkhead_vm_guest_major_faults_total{sandbox=\"pod1\"} 9.0",
         ] {

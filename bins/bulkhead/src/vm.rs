@@ -88,6 +88,15 @@ pub async fn vm(a: VmArgs) -> Result<i32> {
             n("unplugs"),
             n("refused")
         );
+        println!(
+            "          containers' limits {} MiB, floor {} MiB{}",
+            n("limits_mib"),
+            n("floor_mib"),
+            match n("short_mib") {
+                0 => String::new(),
+                m => format!("; {m} MiB more than the region holds"),
+            }
+        );
     }
     Ok(0)
 }

@@ -1007,7 +1007,8 @@ impl Daemon {
     /// See `Sandbox1.VmStatus`.
     pub async fn vm_status(&self, sid: &str) -> Result<HashMap<String, OwnedValue>, Error> {
         let p = self.vmm1(sid).await?;
-        let hotplug = self.get(sid)?.snapshot().hotplug_mib > 0;
+        let rec = self.get(sid)?.snapshot();
+        let hotplug = rec.hotplug_mib > 0;
         let from_vmm = |e: zbus::Error| vmm_error(sid, e);
         let read = async {
             let mut out: HashMap<String, OwnedValue> = HashMap::new();
@@ -1039,13 +1040,28 @@ impl Daemon {
                 out.insert("balloon".into(), owned(Value::from(b)));
             }
             if hotplug {
-                let h: HashMap<String, OwnedValue> = p
+                let mut h: HashMap<String, OwnedValue> = p
                     .hotplug_memory()
                     .await
                     .map_err(from_vmm)?
                     .into_iter()
                     .filter(|(k, v)| field_ok(&VM_HOTPLUG_FIELDS, k, v))
                     .collect();
+                // The manager's side: what sizes the request, and what the region
+                // cannot hold of it.
+                let t = Self::memory_target(&rec, rec.hotplug_floor_mib);
+                let limits: u64 = rec
+                    .containers
+                    .iter()
+                    .filter_map(|c| c.memory_limit_mib)
+                    .fold(0, u64::saturating_add);
+                for (k, v) in [
+                    ("floor_mib", rec.hotplug_floor_mib),
+                    ("limits_mib", limits),
+                    ("short_mib", t.short_mib),
+                ] {
+                    h.insert(k.into(), OwnedValue::from(v));
+                }
                 out.insert("hotplug".into(), owned(Value::from(h)));
             }
             Ok::<_, Error>(out)
