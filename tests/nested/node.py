@@ -620,11 +620,15 @@ timeout 120 bulkhead run -d --sandbox hp --name lim2 --container-memory 256 --ro
 q1=$(plugged)
 timeout 60 bulkhead update --sandbox hp --memory $((768 << 20)) lim2 2>>/tmp/lim2.err || cat /tmp/lim2.err
 q2=$(plugged)
+# Past the region (2048 + 64 - 256 = 1856 > 1024): all of it, and the shortfall said.
+timeout 60 bulkhead update --sandbox hp --memory $((2048 << 20)) lim2 2>>/tmp/lim2.err || cat /tmp/lim2.err
+capped=$(hpj | grep -oE '"(limits_mib|requested_mib|short_mib)":[0-9]*' | tr '\n' ' ')
 timeout 60 bulkhead update --sandbox hp --memory $((128 << 20)) lim2 2>>/tmp/lim2.err || cat /tmp/lim2.err
 q3=$(waitfor '"plugged_mib":0,')
 ur=0
 [ "$q1" = 64 ] && [ "$q2" = 576 ] && [ "$q3" = yes ] || ur=1
-echo "NESTED-CASE hotplug-update-grows-vm rc=$ur plugged_mib=$q1,$q2 emptied=$q3"
+[ "$capped" = '"limits_mib":2048 "requested_mib":1024 "short_mib":832 ' ] || ur=1
+echo "NESTED-CASE hotplug-update-grows-vm rc=$ur plugged_mib=$q1,$q2 capped=${capped% } emptied=$q3"
 [ $ur = 0 ] || { rc=1; cat /tmp/lim2.err; grep -h 'hot-plug' /tmp/bhroot/bulkheadd.log 2>/dev/null | tail -5; }
 bulkhead rm -f hp >/dev/null 2>&1
 # On hugetlbfs the region takes pool pages only as it is plugged: a pool of 200 pages
