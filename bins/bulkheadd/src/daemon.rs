@@ -39,8 +39,10 @@ pub struct Sandbox {
     /// When network back ends were restarted lately.
     net_restarts: Mutex<Vec<Instant>>,
     /// Held while the hot-plug request is worked out and sent, so two container
-    /// changes at once cannot send their figures in the wrong order.
-    memory_fit: tokio::sync::Mutex<()>,
+    /// changes at once cannot send their figures in the wrong order; it holds the
+    /// size last sent (a VMM starts with 0; unknown for an adopted sandbox), so a
+    /// change that leaves the size as it was costs no call.
+    memory_fit: tokio::sync::Mutex<Option<u64>>,
 }
 
 /// What `CreateSandbox` may ask for beyond the id; `None` takes the configured default.
@@ -254,7 +256,8 @@ async fn wait_sockets(
 }
 
 impl Sandbox {
-    fn new(rec: SandboxRec) -> Arc<Sandbox> {
+    /// `requested_mib`: the hot-plug size its VMM was last asked for, if known.
+    fn new(rec: SandboxRec, requested_mib: Option<u64>) -> Arc<Sandbox> {
         Arc::new(Sandbox {
             id: rec.id.clone(),
             path: sandbox_path(&rec.id),
@@ -262,7 +265,7 @@ impl Sandbox {
             rec: Mutex::new(rec),
             removing: AtomicBool::new(false),
             net_restarts: Mutex::new(vec![]),
-            memory_fit: tokio::sync::Mutex::new(()),
+            memory_fit: tokio::sync::Mutex::new(requested_mib),
         })
     }
 
@@ -480,7 +483,7 @@ impl Daemon {
             fs_userns: false,
             net_backend,
         };
-        let sb = Sandbox::new(rec);
+        let sb = Sandbox::new(rec, Some(0));
         {
             let mut map = self.sandboxes.lock().expect("sandboxes lock");
             if map.contains_key(&id) {
@@ -916,7 +919,7 @@ impl Daemon {
             let id = rec.id.clone();
             let all_alive =
                 !rec.components.is_empty() && rec.components.iter().all(supervisor::alive);
-            let sb = Sandbox::new(rec.clone());
+            let sb = Sandbox::new(rec.clone(), None);
             self.sandboxes
                 .lock()
                 .expect("sandboxes lock")
@@ -1050,14 +1053,9 @@ impl Daemon {
                 // The manager's side: what sizes the request, and what the region
                 // cannot hold of it.
                 let t = Self::memory_target(&rec, rec.hotplug_floor_mib);
-                let limits: u64 = rec
-                    .containers
-                    .iter()
-                    .filter_map(|c| c.memory_limit_mib)
-                    .fold(0, u64::saturating_add);
                 for (k, v) in [
                     ("floor_mib", rec.hotplug_floor_mib),
-                    ("limits_mib", limits),
+                    ("limits_mib", t.limits_mib),
                     ("short_mib", t.short_mib),
                 ] {
                     h.insert(k.into(), OwnedValue::from(v));
@@ -1073,7 +1071,7 @@ impl Daemon {
     /// containers' limits ask for.
     pub async fn set_hotplug_memory(&self, sid: &str, mib: u64) -> Result<(), Error> {
         let sb = self.get(sid)?;
-        let _fit = sb.memory_fit.lock().await;
+        let mut sent = sb.memory_fit.lock().await;
         let rec = sb.snapshot();
         if rec.hotplug_mib == 0 {
             return Err(Error::FailedPrecondition(format!(
@@ -1088,6 +1086,7 @@ impl Daemon {
         }
         let t = Self::memory_target(&rec, mib);
         self.request_hotplug(sid, t.mib).await?;
+        *sent = Some(t.mib);
         self.update(&sb, Changed::default(), |r| r.hotplug_floor_mib = mib)
             .await;
         Ok(())
@@ -1114,12 +1113,16 @@ impl Daemon {
     /// [`memory::PLUG_WAIT`]. Nothing here fails the container change that called it:
     /// a VMM that cannot be asked is logged, and the container's own limit still holds.
     async fn fit_memory(&self, sb: &Arc<Sandbox>, wait: bool) {
-        let _fit = sb.memory_fit.lock().await;
+        let mut sent = sb.memory_fit.lock().await;
         let rec = sb.snapshot();
         if rec.hotplug_mib == 0 {
             return;
         }
         let t = Self::memory_target(&rec, rec.hotplug_floor_mib);
+        // Already asked for (and, if it grew, waited for) by an earlier change.
+        if *sent == Some(t.mib) {
+            return;
+        }
         if t.short_mib > 0 {
             tracing::warn!(
                 sandbox = %sb.id,
@@ -1130,8 +1133,10 @@ impl Daemon {
         }
         if let Err(e) = self.request_hotplug(&sb.id, t.mib).await {
             tracing::warn!(sandbox = %sb.id, "cannot ask for {} MiB of hot-plug memory: {e}", t.mib);
+            *sent = None;
             return;
         }
+        *sent = Some(t.mib);
         tracing::info!(sandbox = %sb.id, "hot-plug memory asked: {} MiB", t.mib);
         if wait && !self.wait_plugged(&sb.id, t.mib).await {
             tracing::warn!(

@@ -84,6 +84,8 @@ impl LimitChange {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Target {
     pub mib: u64,
+    /// The containers' limits summed.
+    pub limits_mib: u64,
     /// MiB the limits need beyond what the region holds (0 when it fits).
     pub short_mib: u64,
 }
@@ -107,6 +109,7 @@ pub fn target(
     let want = need.max(floor_mib);
     Target {
         mib: want.min(region_mib),
+        limits_mib: sum,
         short_mib: need.saturating_sub(region_mib),
     }
 }
@@ -160,31 +163,18 @@ mod tests {
     fn the_region_covers_what_the_limits_need_beyond_boot_memory() {
         // 256 MiB at boot, a 1 GiB region.
         let t = |floor, limits: &[u64]| target(256, 1024, floor, limits.iter().copied());
+        let fits = |mib, limits_mib| Target {
+            mib,
+            limits_mib,
+            short_mib: 0,
+        };
         // No limits: nothing, or the hand-set floor.
-        assert_eq!(
-            t(0, &[]),
-            Target {
-                mib: 0,
-                short_mib: 0
-            }
-        );
-        assert_eq!(
-            t(512, &[]),
-            Target {
-                mib: 512,
-                short_mib: 0
-            }
-        );
+        assert_eq!(t(0, &[]), fits(0, 0));
+        assert_eq!(t(512, &[]), fits(512, 0));
         // Limits that fit in boot memory with the guest's share: nothing.
         assert_eq!(t(0, &[100, 92]).mib, 0);
         // 512 + 64 - 256 = 320.
-        assert_eq!(
-            t(0, &[512]),
-            Target {
-                mib: 320,
-                short_mib: 0
-            }
-        );
+        assert_eq!(t(0, &[512]), fits(320, 512));
         assert_eq!(t(0, &[256, 256]).mib, 320);
         // Odd MiB round up to whole 2 MiB blocks.
         assert_eq!(t(0, &[513]).mib, 322);
@@ -196,6 +186,7 @@ mod tests {
             t(0, &[2048]),
             Target {
                 mib: 1024,
+                limits_mib: 2048,
                 short_mib: 832
             }
         );
