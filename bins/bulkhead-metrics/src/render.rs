@@ -241,10 +241,10 @@ const NETWORK: [(&str, &str, &str, bool); 7] = [
 ];
 
 /// A VM figure: key, metric, help, to bytes (`None`: a count), counter.
-type Figure = (&'static str, &'static str, &'static str, Option<f64>, bool);
+pub(crate) type Figure = (&'static str, &'static str, &'static str, Option<f64>, bool);
 
 /// Balloon figures.
-const BALLOON: [Figure; 6] = [
+pub(crate) const BALLOON: [Figure; 6] = [
     (
         "target_mib",
         "bulkhead_vm_balloon_target",
@@ -290,7 +290,7 @@ const BALLOON: [Figure; 6] = [
 ];
 
 /// virtio-mem figures.
-const HOTPLUG: [Figure; 8] = [
+pub(crate) const HOTPLUG: [Figure; 8] = [
     (
         "region_mib",
         "bulkhead_vm_hotplug_region",

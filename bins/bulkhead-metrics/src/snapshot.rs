@@ -87,31 +87,19 @@ pub struct Vm {
     /// `refused`, `discard_errors`); empty without a balloon.
     pub balloon: BTreeMap<String, u64>,
     /// virtio-mem figures (`region_mib`, `requested_mib`, `plugged_mib`, `plugs`,
-    /// `unplugs`, `refused`); empty without hot-plug memory.
+    /// `unplugs`, `refused`, and the manager's `limits_mib` and `short_mib`); empty
+    /// without hot-plug memory.
     pub hotplug: BTreeMap<String, u64>,
     /// The guest's own memory statistics, as its balloon driver last sent them.
     pub guest: BTreeMap<String, u64>,
 }
 
-/// virtio-mem figures passed on, all `t`.
-const HOTPLUG_FIGURES: [&str; 6] = [
-    "region_mib",
-    "requested_mib",
-    "plugged_mib",
-    "plugs",
-    "unplugs",
-    "refused",
-];
+/// Whether `key` is a figure of `table` (render's): what the exporter publishes is
+/// what it keeps.
+fn known(table: &[crate::render::Figure], key: &str) -> bool {
+    table.iter().any(|f| f.0 == key)
+}
 
-/// Balloon figures passed on, all `t`.
-const BALLOON_FIGURES: [&str; 6] = [
-    "target_mib",
-    "actual_mib",
-    "inflated_bytes",
-    "reported_bytes",
-    "refused",
-    "discard_errors",
-];
 /// Guest statistics passed on (virtio-balloon's names, as the VMM gives them).
 pub const GUEST_STATS: [&str; 10] = [
     "swap_in",
@@ -527,7 +515,7 @@ fn vm_from_status(s: &HashMap<String, OwnedValue>) -> Vm {
                     .into_iter()
                     .filter(|(k, _)| GUEST_STATS.contains(&k.as_str()))
                     .collect();
-            } else if BALLOON_FIGURES.contains(&k.as_str()) {
+            } else if known(&crate::render::BALLOON, &k) {
                 if let Some(n) = number(v) {
                     vm.balloon.insert(k, n);
                 }
@@ -537,7 +525,7 @@ fn vm_from_status(s: &HashMap<String, OwnedValue>) -> Vm {
     if let Some(h) = s.get("hotplug") {
         vm.hotplug = numbers(h)
             .into_iter()
-            .filter(|(k, _)| HOTPLUG_FIGURES.contains(&k.as_str()))
+            .filter(|(k, _)| known(&crate::render::HOTPLUG, k))
             .collect();
     }
     vm
@@ -679,6 +667,7 @@ mod tests {
         );
         h.add("plugged_mib", Value::new(Value::from(512u64)))
             .unwrap();
+        h.add("short_mib", Value::new(Value::from(64u64))).unwrap();
         h.add("addr", Value::new(Value::from(1u64 << 32))).unwrap();
         s.insert("hotplug".into(), owned(Value::Dict(h)));
         let vm = vm_from_status(&s);
@@ -689,6 +678,13 @@ mod tests {
         assert_eq!(vm.guest.len(), 1);
         assert_eq!(vm.guest["free_memory"], 100);
         // Only the figures the exporter knows; the region's address is not one.
-        assert_eq!(vm.hotplug, [("plugged_mib".to_string(), 512)].into());
+        assert_eq!(
+            vm.hotplug,
+            [
+                ("plugged_mib".to_string(), 512),
+                ("short_mib".to_string(), 64)
+            ]
+            .into()
+        );
     }
 }

@@ -11,6 +11,7 @@
 //! are enforced by its cgroup in the guest; with a hot-plug region (the config's
 //! `hotplug_mib`) bulkheadd also grows the VM as the containers' memory limits need.
 
+use bulkhead_host::config::GUEST_OVERHEAD_MIB;
 use serde_json::Value;
 
 pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
@@ -20,8 +21,6 @@ pub const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
 pub const SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
 pub const SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
 pub const SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
-
-use bulkhead_host::config::GUEST_OVERHEAD_MIB;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Role {
