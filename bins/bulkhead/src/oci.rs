@@ -527,6 +527,8 @@ pub async fn update(g: &Global, a: UpdateArgs) -> Result<i32> {
     let (sandbox, cid) = match (&a.sandbox, load(g, &a.id)) {
         (None, Ok(r)) => (r.sandbox, r.id),
         (Some(s), _) => (s.clone(), a.id.clone()),
+        // A record that is there but unreadable is reported, not taken for none.
+        (None, Err(e)) if record_path(g, &a.id).exists() => return Err(e),
         (None, Err(_)) => (a.id.clone(), a.id.clone()),
     };
     bulkhead_dbus::valid_id(&sandbox).map_err(anyhow::Error::msg)?;
