@@ -14,6 +14,7 @@ mod reaper;
 mod serve;
 mod stdio;
 mod sys;
+mod threads;
 
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
@@ -38,10 +39,11 @@ pub fn log(msg: &str) {
     let _ = std::io::stderr().write_all(line.as_bytes());
 }
 
-/// Start a named thread. `std::thread::spawn` panics when the system cannot make a
-/// thread, and in PID 1 a panic is a kernel panic: here the work is dropped and logged.
+/// Run `f` on a thread of its own ([`threads::spawn`]). `std::thread::spawn` panics when
+/// the system cannot make a thread, and in PID 1 a panic is a kernel panic: here the work
+/// is dropped and logged.
 pub fn spawn(name: &str, f: impl FnOnce() + Send + 'static) {
-    if let Err(e) = std::thread::Builder::new().name(name.into()).spawn(f) {
+    if let Err(e) = threads::spawn(name, f) {
         log(&format!("cannot start {name} thread: {e}"));
     }
 }

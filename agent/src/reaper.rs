@@ -100,15 +100,13 @@ impl Reaper {
         rx.set_read_timeout(Some(Duration::from_secs(1)))?;
         let r = Arc::new(Reaper::default());
         let me = r.clone();
-        std::thread::Builder::new()
-            .name("reaper".into())
-            .spawn(move || {
-                let mut buf = [0u8; 64];
-                loop {
-                    let _ = rx.read(&mut buf);
-                    me.reap_all();
-                }
-            })?;
+        crate::threads::spawn("reaper", move || {
+            let mut buf = [0u8; 64];
+            loop {
+                let _ = rx.read(&mut buf);
+                me.reap_all();
+            }
+        })?;
         Ok(r)
     }
 

@@ -134,9 +134,7 @@ impl Runtime {
             oom: OomQueue::default(),
         });
         let weak = Arc::downgrade(&rt);
-        let _ = std::thread::Builder::new()
-            .name("oom-watch".into())
-            .spawn(move || oom::oom_watch(weak));
+        crate::spawn("oom-watch", move || oom::oom_watch(weak));
         rt
     }
 

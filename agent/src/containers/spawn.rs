@@ -44,7 +44,7 @@ impl Runtime {
             if let Some(f) = stderr {
                 b = b.with_stderr(f);
             }
-            let pid = build(b)?;
+            let pid = crate::threads::clone_section(|| build(b))?;
             return Ok((Arc::new(io), pid));
         }
         let dir = self.state.join("console");
@@ -54,28 +54,21 @@ impl Runtime {
         let sock = dir.join(format!("{}.sock", SEQ.fetch_add(1, Ordering::Relaxed)));
         let _ = std::fs::remove_file(&sock);
         let listener = UnixListener::bind(&sock).map_err(io_err("console socket"))?;
-        let (running, started) = std::sync::mpsc::channel();
-        let receiver = std::thread::Builder::new()
-            .name("console-recv".into())
-            .spawn(move || {
-                let _ = running.send(());
-                receive_master(listener)
-            })
-            .map_err(io_err("console receiver thread"))?;
-        // Clone only once the thread runs. std takes a process-wide lock while a thread
-        // starts (and exits); a clone made meanwhile gives the child that lock held, and
-        // libcontainer's intermediate child ends in std::process::exit, which takes it:
-        // the child hung for good, and with it this create (seen in the host-mode
-        // terminal case, the thread started just before the clone).
-        let _ = started.recv();
-        let built = build(base.with_console_socket(Some(&sock)));
+        let (send_master, received) = std::sync::mpsc::channel();
+        crate::threads::spawn("console-recv", move || {
+            let _ = send_master.send(receive_master(listener));
+        })
+        .map_err(io_err("console receiver thread"))?;
+        // The clone waits for the receiver's thread, if it is a new one, to have started
+        // (crate::threads says why).
+        let built = crate::threads::clone_section(|| build(base.with_console_socket(Some(&sock))));
         if built.is_err() {
             // Unblock the receiver if libcontainer never connected.
             let _ = std::os::unix::net::UnixStream::connect(&sock);
         }
-        let master = receiver
-            .join()
-            .map_err(|_| AgentError::Io("console receiver panicked".into()))?;
+        let master = received
+            .recv()
+            .map_err(|_| AgentError::Io("console receiver ended without an answer".into()))?;
         let _ = std::fs::remove_file(&sock);
         let pid = built?;
         let master = master?;
