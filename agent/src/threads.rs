@@ -153,10 +153,10 @@ mod tests {
             // The worker puts itself back after the job; give it that moment.
             std::thread::sleep(Duration::from_millis(2));
         }
-        // A thread per job would show 50. Other tests here may take the idle worker now
-        // and then, which costs a new one.
+        // A thread per job would show 50. Other tests in this binary may take the idle
+        // worker in between, each time costing this loop a new one: allow for many.
         assert!(
-            tids.len() <= 5,
+            tids.len() < 25,
             "50 jobs one after another ran on {} threads",
             tids.len()
         );
