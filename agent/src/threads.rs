@@ -18,7 +18,6 @@ use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 type Job = (String, Box<dyn FnOnce() + Send>);
 
 /// Threads starting, and clones under way.
-#[derive(Default)]
 struct GateState {
     starting: usize,
     cloning: usize,
@@ -103,10 +102,9 @@ pub fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> io::Result<()> {
             Err(e) => job = e.0,
         }
     }
-    let (tx, rx) = channel::<Job>();
-    let me = tx.clone();
+    let (me, rx) = channel::<Job>();
     // Queued before the thread exists: the receiver holds it.
-    let _ = tx.send(job);
+    let _ = me.send(job);
     GATE.enter_start();
     let started = std::thread::Builder::new()
         .name("agent-worker".into())
