@@ -88,9 +88,32 @@ pub fn cpuid_for(base: &CpuId, id: u8, cpus: u8) -> CpuId {
     c
 }
 
+/// CPUID leaf 1 ECX: the LAPIC timer has TSC-deadline mode.
+const CPUID_1_ECX_TSC_DEADLINE: u32 = 1 << 24;
+
+/// What the VM's vCPUs are offered: what KVM supports, plus the TSC-deadline timer when
+/// KVM emulates it. KVM reports that one through KVM_CAP_TSC_DEADLINE_TIMER rather than
+/// in its CPUID, and a guest that does not see it measures its LAPIC timer against the
+/// PIT at every boot (ten ticks of its clock, 100 ms at HZ=100) instead of using the
+/// TSC's known rate.
 pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, CpuError> {
-    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm_err(0, "KVM_GET_SUPPORTED_CPUID"))
+    let mut c = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err(0, "KVM_GET_SUPPORTED_CPUID"))?;
+    offer_tsc_deadline(
+        &mut c,
+        kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer),
+    );
+    Ok(c)
+}
+
+fn offer_tsc_deadline(c: &mut CpuId, emulated: bool) {
+    if !emulated {
+        return;
+    }
+    for e in c.as_mut_slice().iter_mut().filter(|e| e.function == 1) {
+        e.ecx |= CPUID_1_ECX_TSC_DEADLINE;
+    }
 }
 
 /// Everything a vCPU needs before its first KVM_RUN. `entry` only for the boot vCPU; the
@@ -551,6 +574,26 @@ mod tests {
         // One look that finds a vCPU alive starts its count again.
         assert!(!w.report(0, false));
         assert!(!w.report(0, true));
+    }
+
+    #[test]
+    fn the_tsc_deadline_timer_is_offered_only_where_kvm_emulates_it() {
+        let leaf = |function, ecx| kvm_bindings::kvm_cpuid_entry2 {
+            function,
+            ecx,
+            ..Default::default()
+        };
+        let base = CpuId::from_entries(&[leaf(0, 0), leaf(1, 0x8000_0001)]).unwrap();
+        let ecx1 = |c: &CpuId| c.as_slice().iter().find(|e| e.function == 1).unwrap().ecx;
+        let mut off = base.clone();
+        offer_tsc_deadline(&mut off, false);
+        assert_eq!(ecx1(&off), 0x8000_0001);
+        let mut on = base.clone();
+        offer_tsc_deadline(&mut on, true);
+        assert_eq!(ecx1(&on), 0x8000_0001 | CPUID_1_ECX_TSC_DEADLINE);
+        // Leaf 0 is left alone, and the per-vCPU edits keep the bit.
+        assert_eq!(on.as_slice()[0].ecx, 0);
+        assert_ne!(ecx1(&cpuid_for(&on, 1, 2)) & CPUID_1_ECX_TSC_DEADLINE, 0);
     }
 
     #[test]
