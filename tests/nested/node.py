@@ -403,13 +403,22 @@ bulkhead probe --socket /tmp/v.sock --timeout 240 --mount share:/mnt/share \
   --read /dev/vda:BULKHEAD-DISK-OK --read /mnt/share/hello.txt:BULKHEAD-VIRTIOFS-OK --shutdown \
   -- env VMMCMD --disk path=/opt/data/disk.img,readonly --rng --fs tag=share,socket=/tmp/fs.sock
 rc=$?
-echo "NESTED-CASE pvh-vmlinux rc=$rc"
+echo "NESTED-CASE vmlinux rc=$rc"
+# The same ELF kernel through its PVH note, for kernels without the 64-bit entry.
+rm -f /tmp/v.sock
+timeout 300 bulkhead probe --socket /tmp/v.sock --timeout 240 --shutdown \
+  -- env BULKHEAD_LOG=info VMMCMD --boot pvh >/tmp/case-pvh.log 2>&1
+rcp=$?
+grep -q "Pvh" /tmp/case-pvh.log || rcp=1  # the start log's entry field
+echo "NESTED-CASE pvh-vmlinux rc=$rcp"
+[ $rcp = 0 ] || { cat /tmp/case-pvh.log; rc=1; }
 # The 64-bit bzImage path, two vCPUs, more memory, the virtio console.
 timeout 300 bulkhead probe --socket /tmp/v.sock --timeout 240 --read /sys/class/tty/hvc0/dev:229 --shutdown \
-  -- env VMMCMD2 --console /tmp/l2-hvc.log >/tmp/case2.log 2>&1
+  -- env BULKHEAD_LOG=info VMMCMD2 --console /tmp/l2-hvc.log >/tmp/case2.log 2>&1
 rc2=$?
 cat /tmp/case2.log
 grep -q "cpus=2 " /tmp/case2.log || rc2=1
+grep -q "Linux64" /tmp/case2.log || rc2=1
 echo "NESTED-CASE bzimage-2cpu rc=$rc2"
 [ $rc2 = 0 ] || rc=1
 # The agent API list inside the guest: rootfs over virtio-fs, the ext4 copy on virtio-blk.

@@ -1,8 +1,12 @@
 //! Putting a kernel, an initramfs and a command line into guest memory.
 //!
-//! Two entry paths: an ELF vmlinux through its PVH note (32-bit protected mode, paging
-//! off, `%ebx` = `hvm_start_info`), and a bzImage through the 64-bit boot protocol
-//! (long mode, identity-mapped, `%rsi` = zero page).
+//! Two entry paths. By default a Linux kernel, ELF vmlinux or bzImage, is entered through
+//! the 64-bit boot protocol (long mode, identity-mapped, `%rsi` = zero page); for an ELF
+//! vmlinux the zero page's setup header is written here, as a bzImage would carry it.
+//! An ELF kernel can instead be entered through its PVH note (32-bit protected mode,
+//! paging off, `%ebx` = `hvm_start_info`), for kernels that have no 64-bit entry. Linux
+//! entered through PVH looks for Xen first, one CPUID for each of 256 leaves: 256 exits
+//! that the 64-bit entry does not take.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -11,7 +15,7 @@ use std::path::Path;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
-use linux_loader::loader::bootparam::boot_params;
+use linux_loader::loader::bootparam::{boot_params, setup_header};
 use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
 };
@@ -31,7 +35,7 @@ pub enum BootError {
     KernelFormat { path: String },
     #[error("cannot load kernel {path}: {msg}")]
     KernelLoad { path: String, msg: String },
-    #[error("ELF kernel {path} has no PVH entry note; boot its bzImage instead")]
+    #[error("ELF kernel {path} has no PVH entry note; boot it with --boot linux")]
     NoPvhEntry { path: String },
     #[error("cannot open initramfs {path}: {source}")]
     InitrdOpen {
@@ -103,7 +107,22 @@ fn sniff(kernel: &mut File) -> std::io::Result<[u8; 0x210]> {
     Ok(head)
 }
 
-/// Load everything and write the boot parameters. `rsdp` is where the ACPI tables start.
+/// The setup header a bzImage carries, for an ELF vmlinux entered through the 64-bit
+/// protocol: the fields the kernel reads from it (the boot protocol's version says that
+/// `acpi_rsdp_addr` is there, from 2.14 on).
+fn elf_setup_header() -> setup_header {
+    setup_header {
+        boot_flag: 0xaa55,
+        header: 0x5372_6448, // "HdrS"
+        version: 0x020f,
+        kernel_alignment: 0x0100_0000,
+        initrd_addr_max: 0x7fff_ffff,
+        ..Default::default()
+    }
+}
+
+/// Load everything and write the boot parameters. `rsdp` is where the ACPI tables start;
+/// `pvh`: enter an ELF kernel through its PVH note rather than the 64-bit protocol.
 pub fn load(
     mem: &GuestMemoryMmap,
     mem_size: u64,
@@ -111,6 +130,7 @@ pub fn load(
     initrd_path: Option<&Path>,
     cmdline: &str,
     rsdp: u64,
+    pvh: bool,
 ) -> Result<BootEntry, BootError> {
     let kpath = kernel_path.display().to_string();
     let mut kernel = File::open(kernel_path).map_err(|source| BootError::KernelOpen {
@@ -131,10 +151,19 @@ pub fn load(
     let (entry, kernel_end, setup_header) = if is_elf {
         let r =
             Elf::load(mem, None, &mut kernel, Some(GuestAddress(HIMEM_START))).map_err(load_err)?;
-        let PvhBootCapability::PvhEntryPresent(entry) = r.pvh_boot_cap else {
-            return Err(BootError::NoPvhEntry { path: kpath });
-        };
-        (entry.raw_value(), r.kernel_end, None)
+        if pvh {
+            let PvhBootCapability::PvhEntryPresent(entry) = r.pvh_boot_cap else {
+                return Err(BootError::NoPvhEntry { path: kpath });
+            };
+            (entry.raw_value(), r.kernel_end, None)
+        } else {
+            // The ELF entry point of a vmlinux is startup_64's physical address.
+            (
+                r.kernel_load.raw_value(),
+                r.kernel_end,
+                Some(elf_setup_header()),
+            )
+        }
     } else if is_bz {
         let r = BzImage::load(mem, None, &mut kernel, Some(GuestAddress(HIMEM_START)))
             .map_err(load_err)?;
@@ -170,7 +199,7 @@ pub fn load(
     };
 
     let map = e820_map(mem_size);
-    if is_elf {
+    if is_elf && pvh {
         let mut info = hvm_start_info {
             magic: XEN_HVM_START_MAGIC,
             version: 1,
@@ -215,7 +244,8 @@ pub fn load(
             params_addr: PVH_INFO_START,
         })
     } else {
-        // setup_header is Some for every bzImage the loader accepts.
+        // setup_header is Some for every bzImage the loader accepts and every ELF kernel
+        // entered this way.
         let mut bp = boot_params {
             hdr: setup_header.unwrap_or_default(),
             ..Default::default()
@@ -361,7 +391,7 @@ mod tests {
     fn garbage_and_missing_kernels_are_named_errors() {
         let m = mem(64 << 20);
         let p = tmp("garbage", &[0x55u8; 4096]);
-        let e = load(&m, 64 << 20, &p, None, "", ACPI_START).unwrap_err();
+        let e = load(&m, 64 << 20, &p, None, "", ACPI_START, false).unwrap_err();
         assert!(matches!(e, BootError::KernelFormat { .. }), "{e}");
         let e = load(
             &m,
@@ -370,19 +400,54 @@ mod tests {
             None,
             "",
             ACPI_START,
+            false,
         )
         .unwrap_err();
         assert!(e.to_string().contains("/nonexistent/vmlinux"), "{e}");
         // A truncated ELF header.
         let p = tmp("short-elf", b"\x7fELF\x02\x01\x01");
-        let e = load(&m, 64 << 20, &p, None, "", ACPI_START).unwrap_err();
+        let e = load(&m, 64 << 20, &p, None, "", ACPI_START, false).unwrap_err();
         assert!(matches!(e, BootError::KernelLoad { .. }), "{e}");
         // A bzImage magic with nothing sensible behind it.
         let mut bz = vec![0u8; 0x1000];
         bz[0x202..0x206].copy_from_slice(b"HdrS");
         let p = tmp("bad-bz", &bz);
-        let e = load(&m, 64 << 20, &p, None, "", ACPI_START).unwrap_err();
+        let e = load(&m, 64 << 20, &p, None, "", ACPI_START, false).unwrap_err();
         assert!(matches!(e, BootError::KernelLoad { .. }), "{e}");
+    }
+
+    #[test]
+    fn an_elf_kernel_enters_through_the_64_bit_protocol_unless_pvh_is_asked_for() {
+        let m = mem(64 << 20);
+        let k = tmp("elf", &crate::fuzzing::minimal_elf());
+        let i = tmp("elf-initrd", &[9u8; 5000]);
+        let e = load(&m, 64 << 20, &k, Some(&i), "quiet", ACPI_START, false).unwrap();
+        assert_eq!(
+            (e.mode, e.rip, e.params_addr),
+            (EntryMode::Linux64, 0x10_0000, ZERO_PAGE_START)
+        );
+        let bp: boot_params = m.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
+        let hdr = bp.hdr;
+        assert_eq!((hdr.boot_flag, hdr.header), (0xaa55, 0x5372_6448));
+        // 2.14 or later, or the kernel ignores acpi_rsdp_addr and scans for the RSDP.
+        assert!(hdr.version >= 0x020e);
+        assert_eq!({ bp.acpi_rsdp_addr }, ACPI_START);
+        assert_eq!(
+            (hdr.cmd_line_ptr, hdr.cmdline_size),
+            (CMDLINE_START as u32, 5)
+        );
+        assert_eq!({ hdr.ramdisk_size }, 5000);
+        assert_eq!(
+            m.read_obj::<u8>(GuestAddress(u64::from(hdr.ramdisk_image)))
+                .unwrap(),
+            9
+        );
+        assert_eq!(usize::from(bp.e820_entries), e820_map(64 << 20).len());
+
+        let e = load(&m, 64 << 20, &k, Some(&i), "quiet", ACPI_START, true).unwrap();
+        assert_eq!((e.mode, e.params_addr), (EntryMode::Pvh, PVH_INFO_START));
+        let info: hvm_start_info = m.read_obj(GuestAddress(PVH_INFO_START)).unwrap();
+        assert_eq!((info.magic, info.nr_modules), (XEN_HVM_START_MAGIC, 1));
     }
 
     #[test]

@@ -32,9 +32,11 @@ pub enum SerialOut {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum BootMode {
-    /// A Linux kernel: ELF vmlinux through PVH, or bzImage through the 64-bit protocol.
+    /// A Linux kernel, ELF vmlinux or bzImage, through the 64-bit boot protocol.
     #[default]
     Linux,
+    /// An ELF kernel through its PVH entry note (32-bit protected mode, paging off).
+    Pvh,
     /// A flat binary loaded at 0x1000 and entered in real mode at 0000:1000 (toy guests).
     Raw16,
     /// A flat binary loaded at 1 MiB and entered in flat 32-bit protected mode (toy guests).
@@ -173,8 +175,10 @@ mod seccomp_mode {
 }
 
 pub const USAGE: &str = "usage: bulkhead-vmm (--config FILE.json | --kernel PATH [options])
-  --kernel PATH            ELF vmlinux (PVH entry) or bzImage
-  --boot linux|raw16|raw32 how to enter it (raw: a flat binary, for toy guests)
+  --kernel PATH            ELF vmlinux or bzImage
+  --boot linux|pvh|raw16|raw32  how to enter it: linux, the 64-bit boot protocol
+                           (default); pvh, an ELF kernel's PVH note; raw, a flat
+                           binary, for toy guests
   --initrd PATH            initramfs
   --cmdline STR            kernel command line
   --cpus N                 vCPUs (default 1)
@@ -270,9 +274,12 @@ impl VmConfig {
                     let v = val()?;
                     c.boot = match v.as_str() {
                         "linux" => BootMode::Linux,
+                        "pvh" => BootMode::Pvh,
                         "raw16" => BootMode::Raw16,
                         "raw32" => BootMode::Raw32,
-                        _ => return invalid(format!("--boot {v}: want linux, raw16 or raw32")),
+                        _ => {
+                            return invalid(format!("--boot {v}: want linux, pvh, raw16 or raw32"))
+                        }
                     }
                 }
                 "--initrd" => c.initrd = Some(val()?.into()),

@@ -227,7 +227,8 @@ pub fn mmio(data: &[u8]) -> usize {
 
 /// A kernel and an initramfs from `data`, loaded as a start loads them; `true` if both
 /// loaded. The first byte chooses ELF or bzImage (its magic is set, so inputs reach the
-/// header parsers) and where the initramfs starts in `data`.
+/// header parsers) and where the initramfs starts in `data`; an ELF kernel is entered
+/// through PVH when the initramfs's first byte is odd, else the 64-bit protocol.
 pub fn loader(data: &[u8]) -> bool {
     let Some((&mode, rest)) = data.split_first() else {
         return false;
@@ -250,8 +251,53 @@ pub fn loader(data: &[u8]) -> bool {
     if std::fs::write(&kpath, &kernel).is_err() || std::fs::write(&ipath, initrd).is_err() {
         return false;
     }
+    let pvh = initrd.first().is_some_and(|b| b & 1 == 1);
     let mem = mock_memory();
-    crate::boot::load(&mem, MEM, &kpath, Some(&ipath), "console=hvc0", 0xe_0000).is_ok()
+    crate::boot::load(
+        &mem,
+        MEM,
+        &kpath,
+        Some(&ipath),
+        "console=hvc0",
+        0xe_0000,
+        pvh,
+    )
+    .is_ok()
+}
+
+#[cfg(test)]
+/// An x86-64 ELF with one PT_LOAD at 1 MiB and a PVH entry note.
+pub(crate) fn minimal_elf() -> Vec<u8> {
+    let mut e = vec![0u8; 0x100];
+    e[..4].copy_from_slice(b"\x7fELF");
+    e[4] = 2; // 64-bit
+    e[5] = 1; // little endian
+    e[6] = 1;
+    e[0x10..0x12].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    e[0x12..0x14].copy_from_slice(&62u16.to_le_bytes()); // x86-64
+    e[0x14..0x18].copy_from_slice(&1u32.to_le_bytes());
+    e[0x18..0x20].copy_from_slice(&0x10_0000u64.to_le_bytes()); // entry
+    e[0x20..0x28].copy_from_slice(&0x40u64.to_le_bytes()); // phoff
+    e[0x34..0x36].copy_from_slice(&64u16.to_le_bytes()); // ehsize
+    e[0x36..0x38].copy_from_slice(&56u16.to_le_bytes()); // phentsize
+    e[0x38..0x3a].copy_from_slice(&2u16.to_le_bytes()); // phnum
+    let ph = |e: &mut Vec<u8>, at: usize, kind: u32, off: u64, addr: u64, size: u64| {
+        e[at..at + 4].copy_from_slice(&kind.to_le_bytes());
+        e[at + 8..at + 16].copy_from_slice(&off.to_le_bytes());
+        e[at + 16..at + 24].copy_from_slice(&addr.to_le_bytes());
+        e[at + 24..at + 32].copy_from_slice(&addr.to_le_bytes());
+        e[at + 32..at + 40].copy_from_slice(&size.to_le_bytes());
+        e[at + 40..at + 48].copy_from_slice(&size.to_le_bytes());
+    };
+    ph(&mut e, 0x40, 1, 0xf0, 0x10_0000, 0x10); // PT_LOAD
+    ph(&mut e, 0x78, 4, 0xc0, 0, 0x18); // PT_NOTE
+                                        // Note "Xen", type XEN_ELFNOTE_PHYS32_ENTRY (18), a 4-byte entry point.
+    e[0xc0..0xc4].copy_from_slice(&4u32.to_le_bytes());
+    e[0xc4..0xc8].copy_from_slice(&4u32.to_le_bytes());
+    e[0xc8..0xcc].copy_from_slice(&18u32.to_le_bytes());
+    e[0xcc..0xd0].copy_from_slice(b"Xen\0");
+    e[0xd0..0xd4].copy_from_slice(&0x10_0000u32.to_le_bytes());
+    e
 }
 
 #[cfg(test)]
@@ -289,40 +335,6 @@ mod tests {
         elf.extend(b"initramfs");
         elf[0] = ((minimal_elf().len() * 128 / (elf.len() - 1)) as u8 + 1) << 1;
         assert!(loader(&elf), "a well-formed ELF with a PVH note loads");
-    }
-
-    /// An x86-64 ELF with one PT_LOAD at 1 MiB and a PVH entry note.
-    fn minimal_elf() -> Vec<u8> {
-        let mut e = vec![0u8; 0x100];
-        e[..4].copy_from_slice(b"\x7fELF");
-        e[4] = 2; // 64-bit
-        e[5] = 1; // little endian
-        e[6] = 1;
-        e[0x10..0x12].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-        e[0x12..0x14].copy_from_slice(&62u16.to_le_bytes()); // x86-64
-        e[0x14..0x18].copy_from_slice(&1u32.to_le_bytes());
-        e[0x18..0x20].copy_from_slice(&0x10_0000u64.to_le_bytes()); // entry
-        e[0x20..0x28].copy_from_slice(&0x40u64.to_le_bytes()); // phoff
-        e[0x34..0x36].copy_from_slice(&64u16.to_le_bytes()); // ehsize
-        e[0x36..0x38].copy_from_slice(&56u16.to_le_bytes()); // phentsize
-        e[0x38..0x3a].copy_from_slice(&2u16.to_le_bytes()); // phnum
-        let ph = |e: &mut Vec<u8>, at: usize, kind: u32, off: u64, addr: u64, size: u64| {
-            e[at..at + 4].copy_from_slice(&kind.to_le_bytes());
-            e[at + 8..at + 16].copy_from_slice(&off.to_le_bytes());
-            e[at + 16..at + 24].copy_from_slice(&addr.to_le_bytes());
-            e[at + 24..at + 32].copy_from_slice(&addr.to_le_bytes());
-            e[at + 32..at + 40].copy_from_slice(&size.to_le_bytes());
-            e[at + 40..at + 48].copy_from_slice(&size.to_le_bytes());
-        };
-        ph(&mut e, 0x40, 1, 0xf0, 0x10_0000, 0x10); // PT_LOAD
-        ph(&mut e, 0x78, 4, 0xc0, 0, 0x18); // PT_NOTE
-                                            // Note "Xen", type XEN_ELFNOTE_PHYS32_ENTRY (18), a 4-byte entry point.
-        e[0xc0..0xc4].copy_from_slice(&4u32.to_le_bytes());
-        e[0xc4..0xc8].copy_from_slice(&4u32.to_le_bytes());
-        e[0xc8..0xcc].copy_from_slice(&18u32.to_le_bytes());
-        e[0xcc..0xd0].copy_from_slice(b"Xen\0");
-        e[0xd0..0xd4].copy_from_slice(&0x10_0000u32.to_le_bytes());
-        e
     }
 
     #[test]

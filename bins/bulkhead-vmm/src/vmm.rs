@@ -146,6 +146,7 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
     let (slots, descs) = attach_virtio_devices(devices, &vm, &mut buses.mmio, &core.devices, &ram)?;
     core.timeline.mark("devices ready");
     let entry = load_kernel(cfg, &ram, &descs)?;
+    let entry_mode = entry.mode;
     core.timeline.mark("kernel loaded");
     let vcpus = start_vcpus(&kvm, &vm, cfg, &ram, entry, &buses, &core)?;
     // Read /proc while the guest already runs, not on the way to its first instruction.
@@ -159,6 +160,7 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
         pages = ram.report.pages,
         why = %ram.report.why,
         devices = slots.len(),
+        entry = ?entry_mode,
         phases = %core.timeline.line(),
         "VM started"
     );
@@ -199,7 +201,7 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
 
 /// Toy guests (raw boot) run on PVM; stock kernels do not.
 fn check_host(cfg: &VmConfig) -> Result<(), VmmError> {
-    if cfg.boot == BootMode::Linux
+    if matches!(cfg.boot, BootMode::Linux | BootMode::Pvh)
         && !cfg.allow_pvm
         && bulkhead_host::kvm_kind() == bulkhead_host::KvmKind::Pvm
     {
@@ -469,13 +471,14 @@ fn load_kernel(cfg: &VmConfig, ram: &GuestRam, descs: &[MmioDesc]) -> Result<Boo
         }
     }
     Ok(match cfg.boot {
-        BootMode::Linux => boot::load(
+        BootMode::Linux | BootMode::Pvh => boot::load(
             &ram.mem,
             mem_size,
             &cfg.kernel,
             cfg.initrd.as_deref(),
             cmdline.trim(),
             rsdp,
+            cfg.boot == BootMode::Pvh,
         )?,
         BootMode::Raw16 => boot::load_raw(&ram.mem, mem_size, &cfg.kernel, true)?,
         BootMode::Raw32 => boot::load_raw(&ram.mem, mem_size, &cfg.kernel, false)?,
