@@ -35,7 +35,8 @@ pub enum BootMode {
     /// A Linux kernel, ELF vmlinux or bzImage, through the 64-bit boot protocol.
     #[default]
     Linux,
-    /// An ELF kernel through its PVH entry note (32-bit protected mode, paging off).
+    /// An ELF kernel through its PVH entry note (32-bit protected mode, paging off); a
+    /// bzImage has none and still takes the 64-bit protocol.
     Pvh,
     /// A flat binary loaded at 0x1000 and entered in real mode at 0000:1000 (toy guests).
     Raw16,
@@ -532,6 +533,18 @@ mod tests {
         assert_eq!(c.fs[0].tag, "share");
         assert_eq!(c.memory_backing, Backing::Auto);
         assert!(c.shared_memory_needed());
+    }
+
+    #[test]
+    fn boot_modes_parse_and_default_to_the_64_bit_protocol() {
+        let boot = |s: &str| VmConfig::from_args(&args(s)).map(|c| c.boot);
+        assert_eq!(boot("--kernel /k").unwrap(), BootMode::Linux);
+        assert_eq!(boot("--kernel /k --boot pvh").unwrap(), BootMode::Pvh);
+        assert_eq!(boot("--kernel /k --boot raw32").unwrap(), BootMode::Raw32);
+        let e = boot("--kernel /k --boot xen").unwrap_err().to_string();
+        assert!(e.contains("want linux, pvh, raw16 or raw32"), "{e}");
+        let json: VmConfig = serde_json::from_str(r#"{"kernel": "/k", "boot": "pvh"}"#).unwrap();
+        assert_eq!(json.boot, BootMode::Pvh);
     }
 
     #[test]
