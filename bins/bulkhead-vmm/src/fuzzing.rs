@@ -291,7 +291,8 @@ pub(crate) fn minimal_elf() -> Vec<u8> {
     };
     ph(&mut e, 0x40, 1, 0xf0, 0x10_0000, 0x10); // PT_LOAD
     ph(&mut e, 0x78, 4, 0xc0, 0, 0x18); // PT_NOTE
-                                        // Note "Xen", type XEN_ELFNOTE_PHYS32_ENTRY (18), a 4-byte entry point.
+
+    // Note "Xen", type XEN_ELFNOTE_PHYS32_ENTRY (18), a 4-byte entry point.
     e[0xc0..0xc4].copy_from_slice(&4u32.to_le_bytes());
     e[0xc4..0xc8].copy_from_slice(&4u32.to_le_bytes());
     e[0xc8..0xcc].copy_from_slice(&18u32.to_le_bytes());
@@ -335,6 +336,10 @@ mod tests {
         elf.extend(b"initramfs");
         elf[0] = ((minimal_elf().len() * 128 / (elf.len() - 1)) as u8 + 1) << 1;
         assert!(loader(&elf), "a well-formed ELF with a PVH note loads");
+        // An even first initramfs byte takes the 64-bit protocol: the same ELF loads.
+        let at = elf.len() - b"initramfs".len();
+        elf[at] = b'h';
+        assert!(loader(&elf), "and loads for the 64-bit entry");
     }
 
     #[test]
