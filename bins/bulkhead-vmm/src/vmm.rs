@@ -146,7 +146,6 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
     let (slots, descs) = attach_virtio_devices(devices, &vm, &mut buses.mmio, &core.devices, &ram)?;
     core.timeline.mark("devices ready");
     let entry = load_kernel(cfg, &ram, &descs)?;
-    let entry_mode = entry.mode;
     core.timeline.mark("kernel loaded");
     let vcpus = start_vcpus(&kvm, &vm, cfg, &ram, entry, &buses, &core)?;
     // Read /proc while the guest already runs, not on the way to its first instruction.
@@ -160,7 +159,7 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
         pages = ram.report.pages,
         why = %ram.report.why,
         devices = slots.len(),
-        entry = ?entry_mode,
+        entry = ?entry.mode,
         phases = %core.timeline.line(),
         "VM started"
     );
