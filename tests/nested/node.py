@@ -685,6 +685,8 @@ exit $rc
 BENCH_SCRIPT = r"""
 N=NRUNS
 SIZES="SIZELIST"
+# L1 KVM's per-VM exit counters, which the probe reads at the first answer.
+mount -t debugfs none /sys/kernel/debug 2>/dev/null
 share() {  # a virtiofsd on $1 for one boot; it exits when its VMM goes
   rm -f $1
   virtiofsd --socket-path=$1 --shared-dir=/opt/share --sandbox=none --cache=never >/dev/null 2>&1 &
@@ -708,7 +710,7 @@ vmm() {  # label mib fs=yes|no [jailed|hotplug]
     pre="/opt/bulkhead/bulkhead-jailer --sandbox bench --name vmm --root /tmp/jroot --uid 1000000000 --gid 1000000000 --ro /lib --ro /lib64 --ro /opt/bulkhead/bulkhead-vmm --ro /opt/guest --ro /sys/kernel/mm/transparent_hugepage --rw /tmp/jvm --dev kvm --dev null --dev urandom --"
   fi
   memstat > /tmp/vmstat0
-  NO_COLOR=1 BULKHEAD_LOG=info bulkhead probe --socket $sock --timeout 240 --guest-mib $boot --shutdown -- \
+  NO_COLOR=1 BULKHEAD_LOG=info bulkhead probe --socket $sock --timeout 240 --guest-mib $boot --stream /init:STREAM_MIB --shutdown -- \
     $pre /opt/bulkhead/bulkhead-vmm --kernel /opt/guest/vmlinux --initrd /opt/guest/initramfs.cpio \
     --cmdline 'L2CMD' --cpus 1 --memory $boot --vsock cid=3,socket=$sock --serial none $extra 2>/tmp/vmm.err
   grep -h "guest init reached" /tmp/vmm.err | tail -1 | sed 's/^/BENCH-PHASES /'
@@ -729,7 +731,7 @@ qemu() {  # mib fs=yes|no
     mach=$mach,memory-backend=mem
     extra="-object memory-backend-memfd,id=mem,size=$1M,share=on -chardev socket,id=fs0,path=/tmp/qfs.sock -device vhost-user-fs-device,chardev=fs0,tag=share"
   fi
-  bulkhead probe --cid 3 --timeout 240 --guest-mib $1 -- \
+  bulkhead probe --cid 3 --timeout 240 --guest-mib $1 --stream /init:STREAM_MIB -- \
     /opt/qemu/qemu-system-x86_64 -M $mach -accel kvm -cpu host -m $1 -smp 1 \
     -nodefaults -no-user-config -nographic -no-reboot -serial none -bios /opt/qemu/qboot.rom \
     -kernel /opt/guest/vmlinux -initrd /opt/guest/initramfs.cpio -append 'L2CMD' \
@@ -955,6 +957,12 @@ def parse_bench(out):
         if line.startswith("BENCH-PHASES"):
             for name, ms, flt, cpu in re.findall(r"(\w+)=([\d.]+)ms/(\d+)flt/([\d.]+)cpu", line):
                 run[name] = (float(ms), int(flt), float(cpu))
+        m = re.match(r"PROBE stream \S+ bytes=(\d+) ms=(\d+) mib_per_s=([\d.]+)(.*)", line)
+        if m:
+            run["stream"] = {"mib": int(m.group(1)) / (1 << 20), "rate": float(m.group(3)),
+                             **{k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(4))}}
+        if line.startswith("PROBE kvm "):
+            run["kvm"] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", line)}
         if line.startswith("BENCH-VMSTAT"):
             run["vmstat"] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", line)}
         m = re.match(r"BENCH-PAGES (\S+)", line)
@@ -991,7 +999,8 @@ def cmd_bench(args):
         l1, vmlinux = l1_initramfs(guest, bins, True, w)
         script = (BENCH_SCRIPT.replace("ROUNDS", bench_rounds(args.runs, sizes))
                   .replace("NRUNS", str(args.runs)).replace("L2CMD", L2_CMDLINE)
-                  .replace("SIZELIST", " ".join(map(str, sizes))))
+                  .replace("SIZELIST", " ".join(map(str, sizes)))
+                  .replace("STREAM_MIB", str(args.stream_mib)))
         log(f"bench: {args.runs} rounds of shuffled boots, bulkhead-vmm and QEMU microvm at "
             f"{sizes} MiB, with and without virtio-fs, in one L1")
         out, secs = run_l1(l1, vmlinux, script, args.timeout, mem_mib=max(sizes) + 1536)
@@ -1031,6 +1040,28 @@ def cmd_bench(args):
           "agent's boot-timer write (bulkhead-vmm only); entry: first vCPU entry (bulkhead-vmm's phase "
           "record); RSS: outside guest RAM at the first answer, anon: the part of it that is the "
           "process's own (the rest is code shared through the page cache)")
+    # Exits are counts, not times: they do not move with the node's load, so they compare
+    # the two VMMs' guests where the times cannot.
+    counters = ("exits", "mmio_exits", "io_exits", "irq_exits", "halt_exits")
+    if any("kvm" in x for xs in res.values() for x in xs):
+        print(f"\nL1 KVM's exits from exec to the first answer (debugfs), medians:")
+        print(f"{'VMM':<27}{'MiB':>5}{'fs':>4}" + "".join(f"{c:>12}" for c in counters))
+        for k in sorted(res, key=lambda k: (k[1], k[2], k[0])):
+            xs = [x["kvm"] for x in res[k] if "kvm" in x]
+            if xs:
+                print(f"{k[0]:<27}{k[1]:>5}{k[2]:>4}"
+                      + "".join(f"{fmt(med(xs, lambda x, c=c: x.get(c))):>12}" for c in counters))
+    if any("stream" in x for xs in res.values() for x in xs):
+        print(f"\nGuest to host through vsock once the agent answered: the agent's /init read "
+              f"again and again, {args.stream_mib} MiB (bulkhead-vmm's own device; QEMU's is the "
+              f"host kernel's vhost-vsock), medians:")
+        print(f"{'VMM':<27}{'MiB':>5}{'fs':>4}{'MiB/s':>8}" + "".join(f"{c + '/MiB':>16}" for c in counters))
+        for k in sorted(res, key=lambda k: (k[1], k[2], k[0])):
+            xs = [x["stream"] for x in res[k] if "stream" in x]
+            if xs:
+                print(f"{k[0]:<27}{k[1]:>5}{k[2]:>4}{fmt(med(xs, lambda x: x['rate']), '.1f'):>8}"
+                      + "".join(f"{fmt(med(xs, lambda x, c=c: x[c] / x['mib'] if c in x else None), '.1f'):>16}"
+                                for c in counters))
     for fs in ("no", "yes"):
         ratios, clocks = [], []
         for m in sizes:
@@ -1283,6 +1314,8 @@ def main():
     ap.add_argument("mode", choices=["test", "demo", "bench", "runbench", "netbench", "podbench"])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--sizes", default="128,1024,2048", help="bench: guest MiB, comma-separated")
+    ap.add_argument("--stream-mib", type=int, default=16,
+                    help="bench: MiB read from the guest through vsock after each first answer")
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--secs", type=int, default=5, help="netbench: seconds of each iperf3 run")
     ap.add_argument("--pods", type=int, default=10, help="podbench: pods running at once for the footprint")

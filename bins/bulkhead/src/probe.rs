@@ -15,10 +15,14 @@ pub const USAGE: &str = "probe options:
   --timeout SECS         give up waiting for the agent (default 120)
   --mount TAG:TARGET     ask the agent to mount a virtio-fs share
   --read PATH[:EXPECT]   read a guest file (first 64 bytes); fail unless it starts with EXPECT
+  --stream PATH:MIB      read a guest file over and over through the agent until MIB
+                         MiB have come; report the rate (and the VM's exits meanwhile,
+                         as --guest-mib's counts)
   --shutdown             power the guest off at the end and wait for the VMM to exit
   --guest-mib N          report the spawned VMM's RSS outside guest memory (mappings
                          smaller than N MiB) and its CPU time at the first answer
-                         (under bulkhead-jailer: the jailed VMM's, not the jailer's)
+                         (under bulkhead-jailer: the jailed VMM's, not the jailer's),
+                         and where debugfs is mounted, KVM's exit counts for its VM
   -- CMD ARGS...         spawn this VMM first; time is measured from its exec
 
 A running bulkhead-vmm's control interface: busctl --address=unix:path=SOCKET ...
@@ -103,6 +107,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let mut mounts = vec![];
     let mut reads = vec![];
     let mut shutdown = false;
+    let mut streams = vec![];
     let mut guest_mib: Option<u64> = None;
     let mut it = opts.iter();
     while let Some(o) = it.next() {
@@ -118,6 +123,7 @@ pub fn run(args: &[String]) -> Result<()> {
             "--mount" => mounts.push(val()?),
             "--read" => reads.push(val()?),
             "--shutdown" => shutdown = true,
+            "--stream" => streams.push(val()?),
             "--guest-mib" => guest_mib = Some(val()?.parse().context("--guest-mib")?),
             other => bail!("unknown probe option {other:?}\n{USAGE}"),
         }
@@ -182,6 +188,10 @@ pub fn run(args: &[String]) -> Result<()> {
             cpu_ms(vmm).unwrap_or(0),
             faults(vmm).unwrap_or(0)
         );
+        if let Some(counts) = kvm_exits(vmm) {
+            let fields: Vec<String> = counts.iter().map(|(n, v)| format!("{n}={v}")).collect();
+            println!("PROBE kvm {}", fields.join(" "));
+        }
     }
     let mut failed = false;
     for m in &mounts {
@@ -219,6 +229,34 @@ pub fn run(args: &[String]) -> Result<()> {
             }
         }
     }
+    let vmm = child.as_ref().map(|c| past_jailer(c.id()));
+    for st in &streams {
+        let (path, mib) = st.split_once(':').context("--stream wants PATH:MIB")?;
+        let want = mib.parse::<u64>().context("--stream MIB")? << 20;
+        let before = vmm.and_then(kvm_exits);
+        match stream(&mut client, path, want) {
+            Ok((bytes, took)) => {
+                let after = vmm.and_then(kvm_exits);
+                let exits = match (before, after) {
+                    (Some(b), Some(a)) => b
+                        .iter()
+                        .zip(&a)
+                        .map(|((n, x), (_, y))| format!(" {n}={}", y.saturating_sub(*x)))
+                        .collect(),
+                    _ => String::new(),
+                };
+                println!(
+                    "PROBE stream {path} bytes={bytes} ms={} mib_per_s={:.1}{exits}",
+                    took.as_millis(),
+                    bytes as f64 / (1 << 20) as f64 / took.as_secs_f64().max(1e-9)
+                );
+            }
+            Err(e) => {
+                failed = true;
+                println!("PROBE stream {path} FAILED {e:#}");
+            }
+        }
+    }
     if shutdown {
         let _ = client.expect_ok(&Request::Shutdown);
         if let Some(c) = child.as_mut() {
@@ -248,6 +286,26 @@ pub fn run(args: &[String]) -> Result<()> {
         bail!("probe failed");
     }
     Ok(())
+}
+
+/// Read guest file `path` from its start, again and again, in the largest pieces the
+/// agent serves, until `want` bytes have come: (bytes, time taken).
+fn stream(client: &mut AgentClient<Stream>, path: &str, want: u64) -> Result<(u64, Duration)> {
+    let start = Instant::now();
+    let (mut got, mut offset) = (0u64, 0u64);
+    while got < want {
+        let d = client.read_file(path, offset, bulkhead_protocol::MAX_READ)?;
+        if d.is_empty() {
+            if offset == 0 {
+                bail!("{path} is empty");
+            }
+            offset = 0;
+            continue;
+        }
+        got += d.len() as u64;
+        offset += d.len() as u64;
+    }
+    Ok((got, start.elapsed()))
 }
 
 /// `pid`, or when it is bulkhead-jailer, the component it runs (its one child).
@@ -310,4 +368,26 @@ pub fn cpu_ms(pid: u32) -> Option<u64> {
     // SAFETY: sysconf has no memory-safety preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     Some(ticks * 1000 / hz)
+}
+
+/// KVM's exit counters to this point for the VM that process `pid` runs, summed over
+/// its vCPUs (`/sys/kernel/debug/kvm/<pid>-<fd>/`): what the guest's boot cost its host
+/// in exits, a count that, unlike times, does not move with the host's load. None where
+/// debugfs is not mounted or the process has no VM.
+fn kvm_exits(pid: u32) -> Option<Vec<(&'static str, u64)>> {
+    const COUNTERS: [&str; 5] = ["exits", "mmio_exits", "io_exits", "irq_exits", "halt_exits"];
+    let prefix = format!("{pid}-");
+    let dir = std::fs::read_dir("/sys/kernel/debug/kvm")
+        .ok()?
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with(&prefix))?
+        .path();
+    let counts: Vec<_> = COUNTERS
+        .iter()
+        .filter_map(|n| {
+            let v = std::fs::read_to_string(dir.join(n)).ok()?;
+            Some((*n, v.trim().parse().ok()?))
+        })
+        .collect();
+    (!counts.is_empty()).then_some(counts)
 }
