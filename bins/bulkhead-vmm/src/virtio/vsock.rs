@@ -15,7 +15,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::timerfd::TimerFd;
@@ -516,11 +516,10 @@ impl Vsock {
             if !self.take_from_budget(TX) {
                 break;
             }
-            let Some(chain) = self
-                .active
-                .as_mut()
-                .and_then(|a| a.tx.pop_descriptor_chain(&mem))
-            else {
+            let Some(a) = self.active.as_mut() else {
+                return;
+            };
+            let Some(chain) = a.tx.pop_descriptor_chain(&mem) else {
                 break;
             };
             let head = chain.head_index();
@@ -570,22 +569,21 @@ impl Vsock {
             if !self.take_from_budget(RX) {
                 break;
             }
-            let Some(chain) = self
-                .active
-                .as_mut()
-                .and_then(|a| a.rx.pop_descriptor_chain(&mem))
-            else {
+            let Some(a) = self.active.as_mut() else {
+                return;
+            };
+            let Some(chain) = a.rx.pop_descriptor_chain(&mem) else {
                 self.rx_starved = true;
                 break;
             };
             let head = chain.head_index();
-            let mut written = 0u32;
+            let mut written = Some(0u32);
             if let Ok(mut w) = chain.writer(&mem) {
                 if w.available_bytes() < HDR_LEN {
                     // Unusable buffer: hand it back empty.
                 } else if let Some(h) = self.ctrl.pop_front() {
                     if w.write_all(&h.to_bytes()).is_ok() {
-                        written = HDR_LEN as u32;
+                        written = Some(HDR_LEN as u32);
                     }
                 } else if let Some(key) = next_conn {
                     written = self.fill_data_packet(key, &mut w);
@@ -593,6 +591,12 @@ impl Vsock {
             }
             let Some(a) = self.active.as_mut() else {
                 return;
+            };
+            let Some(written) = written else {
+                // The socket had nothing after all: the buffer stays the guest's, unused,
+                // rather than coming back empty (a wasted buffer and interrupt).
+                a.rx.go_to_previous_position();
+                continue;
             };
             if a.rx.add_used(&mem, head, written).is_err() {
                 break;
@@ -606,10 +610,12 @@ impl Vsock {
         }
     }
 
-    fn fill_data_packet(&mut self, key: Key, w: &mut virtio_queue::Writer<'_>) -> u32 {
+    /// One packet of `key`'s host data (or its end) into `w`: the bytes written, or None
+    /// when the socket turned out to have nothing, so the buffer can go back unused.
+    fn fill_data_packet(&mut self, key: Key, w: &mut virtio_queue::Writer<'_>) -> Option<u32> {
         let room = w.available_bytes() - HDR_LEN;
         let Some(c) = self.conns.get_mut(&key) else {
-            return 0;
+            return Some(0);
         };
         let max = room.min(MAX_PKT_DATA).min(c.credit() as usize);
         let n = if max == 0 || c.host_eof {
@@ -633,34 +639,30 @@ impl Vsock {
                 c.host_eof = true;
                 c.readable = false;
                 let h = self.conn_hdr(key, OP_SHUTDOWN, SHUT_RCV | SHUT_SEND);
-                if w.write_all(&h.to_bytes()).is_ok() {
-                    return HDR_LEN as u32;
-                }
-                0
+                Some(write_packet(w, &h, &[]))
             }
-            Ok(0) => 0,
+            Ok(0) => Some(0),
             Ok(n) => {
+                // A short read emptied the socket (nearly always): wait for its next
+                // readiness instead of reading again for nothing. Interest is level
+                // triggered, so bytes that came meanwhile are reported at once.
+                if n < max {
+                    c.readable = false;
+                }
                 c.tx_cnt = c.tx_cnt.wrapping_add(n as u32);
                 c.last_fwd_cnt_sent = c.fwd_cnt;
                 let mut h = self.conn_hdr(key, OP_RW, 0);
                 h.len = n as u32;
-                if w.write_all(&h.to_bytes()).is_ok() && w.write_all(&self.buf[..n]).is_ok() {
-                    (HDR_LEN + n) as u32
-                } else {
-                    0
-                }
+                Some(write_packet(w, &h, &self.buf[..n]))
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
                 c.readable = false;
-                0
+                None
             }
             Err(_) => {
                 let h = self.conn_hdr(key, OP_RST, 0);
                 self.remove_conn(key);
-                if w.write_all(&h.to_bytes()).is_ok() {
-                    return HDR_LEN as u32;
-                }
-                0
+                Some(write_packet(w, &h, &[]))
             }
         }
     }
@@ -954,6 +956,16 @@ impl VirtioDevice for Vsock {
             self.conn_event(token, events);
         }
         self.after_event();
+    }
+}
+
+/// A packet (header and data) into a guest buffer: its length, or 0 (an empty buffer)
+/// where it does not fit.
+fn write_packet(w: &mut virtio_queue::Writer<'_>, h: &Hdr, data: &[u8]) -> u32 {
+    if w.write_all(&h.to_bytes()).is_ok() && w.write_all(data).is_ok() {
+        (HDR_LEN + data.len()) as u32
+    } else {
+        0
     }
 }
 
