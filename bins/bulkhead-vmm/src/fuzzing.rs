@@ -21,7 +21,9 @@ use std::sync::{Arc, OnceLock};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 use vmm_sys_util::epoll::Epoll;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -129,8 +131,9 @@ pub fn queues(data: &[u8]) -> u16 {
     }
 }
 
-/// One hostile queue of `kind` (the first byte also chooses which of its queues);
-/// returns how many chains the device gave back.
+/// One hostile queue of `kind` (the first byte also chooses which of its queues, and with
+/// its low bit whether the driver negotiated `VIRTIO_F_RING_EVENT_IDX`); returns how many
+/// chains the device gave back.
 pub fn queue(kind: Kind, data: &[u8]) -> u16 {
     let Some((&mode, rest)) = data.split_first() else {
         return 0;
@@ -158,9 +161,18 @@ pub fn queue(kind: Kind, data: &[u8]) -> u16 {
         return 0;
     }
     let _ = mem.write_slice(&payload[..payload.len().min(64 << 10)], GuestAddress(DATA));
-    let Ok(fuzzed) = vq.create_queue::<Queue>() else {
+    let Ok(mut fuzzed) = vq.create_queue::<Queue>() else {
         return 0;
     };
+    if mode & 1 == 1 {
+        fuzzed.set_event_idx(true);
+        // The driver's used_event, from the payload: any index, past the ring's too.
+        let used_event = payload
+            .get(..2)
+            .map_or(0, |b| u16::from_le_bytes([b[0], b[1]]));
+        let at = vq.avail_addr().unchecked_add(4 + 2 * u64::from(QUEUE));
+        let _ = mem.write_obj(used_event, at);
+    }
     let mut fuzzed = Some(fuzzed);
     let queues = (0..nq)
         .map(|i| match (i == qi).then(|| fuzzed.take()).flatten() {

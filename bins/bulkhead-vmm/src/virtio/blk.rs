@@ -315,7 +315,11 @@ impl VirtioDevice for Blk {
         &[256]
     }
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | F_FLUSH | F_SEG_MAX | if self.readonly { F_RO } else { 0 }
+        VIRTIO_F_VERSION_1
+            | super::VIRTIO_F_RING_EVENT_IDX
+            | F_FLUSH
+            | F_SEG_MAX
+            | if self.readonly { F_RO } else { 0 }
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         super::read_config_bytes(&self.config, offset, data)

@@ -42,7 +42,7 @@ impl VirtioDevice for Console {
         &[64, 64]
     }
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1
+        VIRTIO_F_VERSION_1 | super::VIRTIO_F_RING_EVENT_IDX
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // cols, rows, max_nr_ports, emerg_wr

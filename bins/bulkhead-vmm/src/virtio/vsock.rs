@@ -520,6 +520,10 @@ impl Vsock {
                 return;
             };
             let Some(chain) = a.tx.pop_descriptor_chain(&mem) else {
+                // Empty: ask for the next kick, and take a packet that came meanwhile.
+                if super::rearm(&mem, &mut a.tx) {
+                    continue;
+                }
                 break;
             };
             let head = chain.head_index();
@@ -573,6 +577,11 @@ impl Vsock {
                 return;
             };
             let Some(chain) = a.rx.pop_descriptor_chain(&mem) else {
+                // Out of buffers: only now does the guest's next one need a kick (while
+                // buffers last they are taken without one).
+                if super::rearm(&mem, &mut a.rx) {
+                    continue;
+                }
                 self.rx_starved = true;
                 break;
             };
@@ -885,7 +894,7 @@ impl VirtioDevice for Vsock {
         &[256, 256, 256]
     }
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1
+        VIRTIO_F_VERSION_1 | super::VIRTIO_F_RING_EVENT_IDX
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         super::read_config_bytes(&self.cid.to_le_bytes(), offset, data)

@@ -3,7 +3,7 @@ use crate::virtio::testutil::*;
 use std::io::BufRead;
 use std::time::Duration;
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Address, Bytes, GuestAddress};
 
 const CID: u32 = 3;
 const RX_BUF: u64 = 0x100000;
@@ -554,6 +554,12 @@ fn a_guest_that_refills_its_tx_queue_gets_a_budget_per_turn_not_the_loop() {
     assert!(r.kicks[TX].read().is_err(), "requeued with the queue empty");
 }
 
+/// The device's `avail_event` in `vq`'s used ring: where the driver kicks next.
+fn avail_event(mem: &GuestMemoryMmap, vq: &MockSplitQueue<'_, GuestMemoryMmap>, size: u64) -> u16 {
+    mem.read_obj(vq.used_addr().unchecked_add(4 + 8 * size))
+        .unwrap()
+}
+
 /// A host client connected to guest port 1024, the guest's accept sent and the host's
 /// `OK` line read.
 fn established(r: &mut Rig<'_>) -> UnixStream {
@@ -593,4 +599,41 @@ fn a_socket_with_nothing_to_read_costs_the_guest_no_buffer() {
     );
     let data: Vec<u8> = r.rx_packets().into_iter().flat_map(|(_, d)| d).collect();
     assert_eq!(data, b"ping".repeat(5));
+}
+
+#[test]
+fn with_event_idx_tx_is_kicked_per_batch_and_rx_only_once_its_buffers_run_out() {
+    let mem = test_mem();
+    let mut r = rig_with(&mem, "event-idx", true);
+    let mut client = established(&mut r);
+    // 31 rx buffers left: the guest need not kick when it adds more.
+    assert_eq!(avail_event(&mem, &r.rx, 64), 0);
+    // The tx queue ran empty: the guest's next packet kicks.
+    assert_eq!(avail_event(&mem, &r.tx, 512), 1);
+    // One packet per buffer until the 32 buffers are gone; then the device asks for a
+    // kick at the next buffer, and host data waits for it.
+    for _ in 0..100 {
+        // Not yet: the buffers last, and the guest adding more need not kick.
+        assert_eq!(avail_event(&mem, &r.rx, 64), 0);
+        client.write_all(b"ping").unwrap();
+        r.pump();
+        if r.dev.rx_starved {
+            break;
+        }
+    }
+    assert!(r.dev.rx_starved);
+    assert_eq!(used(&r.rx).len(), 32);
+    assert_eq!(avail_event(&mem, &r.rx, 64), 32);
+    r.rx_packets();
+    let more: Vec<_> = (32..40)
+        .map(|i| desc(RX_BUF + i * 0x1000, 0x1000, F_WRITE, 0))
+        .collect();
+    r.rx.add_desc_chains(&more, 32).unwrap();
+    r.dev.queue_notify(RX);
+    r.pump();
+    let p = r.rx_packets();
+    assert!(
+        !p.is_empty() && p.iter().all(|(h, _)| h.op == OP_RW),
+        "{p:?}"
+    );
 }
