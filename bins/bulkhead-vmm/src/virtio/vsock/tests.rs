@@ -359,14 +359,8 @@ fn connections_the_guest_never_answers_and_silent_clients_expire() {
 fn bytes_sent_with_the_connect_line_reach_the_guest_first() {
     let mem = test_mem();
     let mut r = rig(&mem, "early");
-    let mut client = UnixStream::connect(r.dir.join("v.sock")).unwrap();
-    client
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
     // One write: the line and the start of the conversation.
-    client.write_all(b"CONNECT 1024\nhello").unwrap();
-    r.pump();
-    let req = r.rx_packets()[0].0;
+    let (mut client, req) = host_client(&mut r, b"CONNECT 1024\nhello");
     assert_eq!(req.op, OP_REQUEST);
     let resp = r.guest_hdr(1024, req.src_port, OP_RESPONSE);
     r.guest_send(resp, b"");
@@ -560,16 +554,22 @@ fn avail_event(mem: &GuestMemoryMmap, vq: &MockSplitQueue<'_, GuestMemoryMmap>, 
         .unwrap()
 }
 
-/// A host client connected to guest port 1024, the guest's accept sent and the host's
-/// `OK` line read.
-fn established(r: &mut Rig<'_>) -> UnixStream {
+/// A host client that connected to the VM's socket and wrote `first`, and the first
+/// packet the guest got for it.
+fn host_client(r: &mut Rig<'_>, first: &[u8]) -> (UnixStream, Hdr) {
     let mut client = UnixStream::connect(r.dir.join("v.sock")).unwrap();
     client
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
-    client.write_all(b"CONNECT 1024\n").unwrap();
+    client.write_all(first).unwrap();
     r.pump();
-    let req = r.rx_packets()[0].0;
+    (client, r.rx_packets()[0].0)
+}
+
+/// A host client connected to guest port 1024, the guest's accept sent and the host's
+/// `OK` line read.
+fn established(r: &mut Rig<'_>) -> UnixStream {
+    let (client, req) = host_client(r, b"CONNECT 1024\n");
     r.guest_send(r.guest_hdr(1024, req.src_port, OP_RESPONSE), b"");
     let mut line = String::new();
     std::io::BufReader::new(&client)
