@@ -129,11 +129,14 @@ def busybox_rootfs(dest):
 
 
 def l1_initramfs(guest_dir, bins, with_qemu, workdir, with_podman=False, with_netbench=False,
-                 with_runc_shim=False):
-    """Build L1's initramfs; cached under .cache/nested by the hash of its inputs."""
+                 with_runc_shim=False, extra_bins=None):
+    """Build L1's initramfs; cached under .cache/nested by the hash of its inputs.
+    `extra_bins` ({name: path}) go to /opt/bulkhead/<name> beside ours (ab.py's other VMM)."""
+    extra_bins = extra_bins or {}
     deb = build.fetch_deb(os.path.join(ROOT, ".cache"))
     inputs = [build.sha256_file(__file__), build.sha256_file(deb), guest_dir]
     inputs += [build.sha256_file(p) for p in sorted(bins.values())]
+    inputs += [f"{n}={build.sha256_file(p)}" for n, p in sorted(extra_bins.items())]
     inputs += [build.sha256_file(find_virtiofsd()), str(with_qemu)]
     if with_podman:
         inputs += ["podman"] + [build.sha256_file(find_tool(t)) for t in PODMAN_TOOLS]
@@ -158,6 +161,8 @@ def l1_initramfs(guest_dir, bins, with_qemu, workdir, with_podman=False, with_ne
     for b in ("bulkhead-vmm", "bulkhead", "bulkheadd", "agent-api-tests", "containerd-shim-bulkhead-v2",
               "bulkhead-net", "bulkhead-jailer", "bulkhead-metrics"):
         copy_with_libs(root, bins[b], f"/opt/bulkhead/{b}")
+    for n, p in extra_bins.items():
+        copy_with_libs(root, p, f"/opt/bulkhead/{n}")
     # iproute2, for the network namespaces and veths of the pod networking case (busybox's
     # ip has no netns).
     copy_with_libs(root, shutil.which("ip") or "/usr/sbin/ip", "/opt/bulkhead/ip2")
