@@ -1096,14 +1096,16 @@ def cmd_bench(args):
     keys = ("compact_stall", "compact_fail", "thp_fault_alloc", "thp_fault_fallback",
             "thp_file_alloc", "thp_file_fallback")
     print(f"\nbulkhead-vmm boots in run order: load = kernel loaded minus memory ready (ms / CPU ms); "
-          f"the node's /proc/vmstat deltas over the boot")
-    print(f"{'#':>3}{'MiB':>6}{'fs':>4}{'clock':>7}{'load':>7}{'cpu':>7}  " + " ".join(keys))
+          f"guest = the guest's uptime at the answer; the node's /proc/vmstat deltas over the boot")
+    print(f"{'#':>3}{'MiB':>6}{'fs':>4}{'clock':>7}{'load':>7}{'cpu':>7}{'guest':>7}{'answer':>7}  "
+          + " ".join(keys))
     for k, x in sorted(((k, x) for k in res for x in res[k] if k[0] == "bulkhead-vmm"),
                        key=lambda kx: kx[1]["order"]):
         mr, kl = x.get("memory_ready"), x.get("kernel_loaded")
         load = (kl[0] - mr[0], kl[2] - mr[2]) if mr and kl else (None, None)
         vm = x.get("vmstat", {})
-        print(f"{x['order']:>3}{k[1]:>6}{k[2]:>4}{x['clock']:>7}{fmt(load[0]):>7}{fmt(load[1]):>7}  "
+        print(f"{x['order']:>3}{k[1]:>6}{k[2]:>4}{x['clock']:>7}{fmt(load[0]):>7}{fmt(load[1]):>7}"
+              f"{x['answer'] - x['clock']:>7}{x['answer']:>7}  "
               + " ".join(str(vm.get(n, 0)) for n in keys))
     j, b = res.get(("bulkhead-vmm-jailed", 128, "no")), res.get(("bulkhead-vmm", 128, "no"))
     if j and b:
