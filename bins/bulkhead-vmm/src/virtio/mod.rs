@@ -397,10 +397,16 @@ mod event_idx_tests {
         vq.add_desc_chains(&chains, first).unwrap();
     }
 
-    fn queue(vq: &MockSplitQueue<'_, GuestMemoryMmap>, event_idx: bool) -> Queue {
+    /// A driver's queue in `mem`, the device's view of it (`event_idx` negotiated or
+    /// not), and the interrupt it raises.
+    fn rings(
+        mem: &GuestMemoryMmap,
+        event_idx: bool,
+    ) -> (MockSplitQueue<'_, GuestMemoryMmap>, Queue, Arc<Interrupt>) {
+        let vq = MockSplitQueue::create(mem, GuestAddress(0), SIZE);
         let mut q: Queue = vq.create_queue().unwrap();
         q.set_event_idx(event_idx);
-        q
+        (vq, q, Interrupt::new(EventFd::new(0).unwrap()))
     }
 
     fn signalled(irq: &Interrupt) -> bool {
@@ -410,9 +416,7 @@ mod event_idx_tests {
     #[test]
     fn an_emptied_queue_asks_for_a_kick_at_the_next_chain() {
         let mem = test_mem();
-        let vq = MockSplitQueue::create(&mem, GuestAddress(0), SIZE);
-        let mut q = queue(&vq, true);
-        let irq = Interrupt::new(EventFd::new(0).unwrap());
+        let (vq, mut q, irq) = rings(&mem, true);
         post(&vq, 0, 3);
         assert_eq!(drain_queue(&mem, &mut q, &irq, |_| 0), Drained::Empty);
         assert_eq!(used(&vq).len(), 3);
@@ -426,9 +430,7 @@ mod event_idx_tests {
     #[test]
     fn a_queue_left_with_chains_is_not_rearmed_until_it_runs_empty() {
         let mem = test_mem();
-        let vq = MockSplitQueue::create(&mem, GuestAddress(0), SIZE);
-        let mut q = queue(&vq, true);
-        let irq = Interrupt::new(EventFd::new(0).unwrap());
+        let (vq, mut q, irq) = rings(&mem, true);
         post(&vq, 0, SIZE);
         // The budget ends the pass: the device comes back by itself, so no kick is asked.
         assert_eq!(drain_queue(&mem, &mut q, &irq, |_| 0), Drained::BudgetSpent);
@@ -440,9 +442,7 @@ mod event_idx_tests {
     #[test]
     fn the_driver_chooses_which_completion_interrupts_it() {
         let mem = test_mem();
-        let vq = MockSplitQueue::create(&mem, GuestAddress(0), SIZE);
-        let mut q = queue(&vq, true);
-        let irq = Interrupt::new(EventFd::new(0).unwrap());
+        let (vq, mut q, irq) = rings(&mem, true);
         // Interrupt me once the used index passes 4 (used_event = 4): completions 1-3
         // do not, the fifth does.
         set_used_event(&mem, &vq, 4);
@@ -457,9 +457,7 @@ mod event_idx_tests {
     #[test]
     fn without_event_idx_every_completion_interrupts_and_avail_event_is_untouched() {
         let mem = test_mem();
-        let vq = MockSplitQueue::create(&mem, GuestAddress(0), SIZE);
-        let mut q = queue(&vq, false);
-        let irq = Interrupt::new(EventFd::new(0).unwrap());
+        let (vq, mut q, irq) = rings(&mem, false);
         set_used_event(&mem, &vq, 100);
         post(&vq, 0, 1);
         drain_queue(&mem, &mut q, &irq, |_| 0);
