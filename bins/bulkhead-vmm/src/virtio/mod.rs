@@ -187,13 +187,24 @@ impl Requeue {
     }
 }
 
-/// After a queue ran empty: ask the guest to kick at its next chain, and say whether one
-/// came meanwhile (serve it now: its kick may have gone before the request was seen).
-/// With `VIRTIO_F_RING_EVENT_IDX` the request is the used ring's `avail_event`, which a
-/// device must move on or the driver stops kicking; without it, the no-notify flag
-/// cleared. A broken ring counts as empty.
-pub fn rearm(mem: &GuestMemoryMmap, q: &mut Queue) -> bool {
-    q.enable_notification(mem).unwrap_or(false)
+/// The next chain of `q`. When there is none, the guest is asked to kick at its next one,
+/// and a chain that came meanwhile is taken (its kick may have gone before the request
+/// was seen). With `VIRTIO_F_RING_EVENT_IDX` the request is the used ring's
+/// `avail_event`, which a device must move on or the driver stops kicking; without it,
+/// the no-notify flag cleared. One look after the request, no more: a ring whose index
+/// claims chains it cannot give (a hostile one) ends the caller's pass, not its thread.
+pub fn pop_or_rearm<'m>(
+    mem: &'m GuestMemoryMmap,
+    q: &mut Queue,
+) -> Option<virtio_queue::DescriptorChain<&'m GuestMemoryMmap>> {
+    if let Some(chain) = q.pop_descriptor_chain(mem) {
+        return Some(chain);
+    }
+    if q.enable_notification(mem).unwrap_or(false) {
+        q.pop_descriptor_chain(mem)
+    } else {
+        None
+    }
 }
 
 /// How a bounded pass over a queue ended.
@@ -208,34 +219,30 @@ pub enum Drained {
 /// Pop-process-complete helper shared by the simple devices: hands each available chain
 /// to `f`, which returns the number of bytes written to the chain, up to
 /// [`QUEUE_BUDGET`] chains; then notifies once. A queue left empty asks for the guest's
-/// next kick ([`rearm`]); one left with chains is served again by its caller.
+/// next kick ([`pop_or_rearm`]); one left with chains is served again by its caller.
 pub fn drain_queue<F>(mem: &GuestMemoryMmap, q: &mut Queue, irq: &Interrupt, mut f: F) -> Drained
 where
     F: FnMut(virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> u32,
 {
     let mut used_any = false;
     let mut served = 0;
-    let end = 'drain: loop {
-        // A queue whose rings point outside guest memory yields no chain, not a panic.
-        while let Some(chain) = q.pop_descriptor_chain(mem) {
-            let head = chain.head_index();
-            let len = f(chain);
-            if let Err(e) = q.add_used(mem, head, len) {
-                // The guest chose where the used ring is: a line per kick would be its to
-                // cause.
-                crate::warn_limited!("add_used failed: {e}");
-                break 'drain Drained::Empty;
-            }
-            used_any = true;
-            served += 1;
-            if served == QUEUE_BUDGET {
-                break 'drain Drained::BudgetSpent;
-            }
+    let mut end = Drained::Empty;
+    // A queue whose rings point outside guest memory yields no chain, not a panic.
+    while let Some(chain) = pop_or_rearm(mem, q) {
+        let head = chain.head_index();
+        let len = f(chain);
+        if let Err(e) = q.add_used(mem, head, len) {
+            // The guest chose where the used ring is: a line per kick would be its to cause.
+            crate::warn_limited!("add_used failed: {e}");
+            break;
         }
-        if !rearm(mem, q) {
-            break Drained::Empty;
+        used_any = true;
+        served += 1;
+        if served == QUEUE_BUDGET {
+            end = Drained::BudgetSpent;
+            break;
         }
-    };
+    }
     if used_any && q.needs_notification(mem).unwrap_or(true) {
         irq.signal(INT_VRING);
     }
@@ -463,5 +470,29 @@ mod event_idx_tests {
         drain_queue(&mem, &mut q, &irq, |_| 0);
         assert!(signalled(&irq));
         assert_eq!(avail_event(&mem, &vq), 0);
+    }
+}
+
+#[cfg(test)]
+mod broken_ring_tests {
+    use super::testutil::*;
+    use super::*;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn a_ring_that_claims_chains_it_cannot_give_ends_the_pass() {
+        let mem = test_mem();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0x1000), 16);
+        for event_idx in [false, true] {
+            let mut q: Queue = vq.create_queue().unwrap();
+            q.set_event_idx(event_idx);
+            // The available ring at address 0: virtio-queue refuses to pop from it, while
+            // its index (read at address 2) says five chains wait.
+            q.set_avail_ring_address(Some(0), Some(0));
+            mem.write_obj(5u16, GuestAddress(2)).unwrap();
+            let irq = Interrupt::new(EventFd::new(0).unwrap());
+            assert_eq!(drain_queue(&mem, &mut q, &irq, |_| 0), Drained::Empty);
+        }
     }
 }

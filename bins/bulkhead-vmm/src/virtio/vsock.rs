@@ -519,11 +519,8 @@ impl Vsock {
             let Some(a) = self.active.as_mut() else {
                 return;
             };
-            let Some(chain) = a.tx.pop_descriptor_chain(&mem) else {
-                // Empty: ask for the next kick, and take a packet that came meanwhile.
-                if super::rearm(&mem, &mut a.tx) {
-                    continue;
-                }
+            // Empty: the guest's next packet kicks.
+            let Some(chain) = super::pop_or_rearm(&mem, &mut a.tx) else {
                 break;
             };
             let head = chain.head_index();
@@ -576,12 +573,9 @@ impl Vsock {
             let Some(a) = self.active.as_mut() else {
                 return;
             };
-            let Some(chain) = a.rx.pop_descriptor_chain(&mem) else {
-                // Out of buffers: only now does the guest's next one need a kick (while
-                // buffers last they are taken without one).
-                if super::rearm(&mem, &mut a.rx) {
-                    continue;
-                }
+            // Out of buffers: only now does the guest's next one need a kick (while
+            // buffers last they are taken without one).
+            let Some(chain) = super::pop_or_rearm(&mem, &mut a.rx) else {
                 self.rx_starved = true;
                 break;
             };
