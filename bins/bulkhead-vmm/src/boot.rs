@@ -369,12 +369,14 @@ mod tests {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)]).unwrap()
     }
 
-    fn tmp(name: &str, bytes: &[u8]) -> std::path::PathBuf {
-        let d = std::env::temp_dir().join(format!("bh-boot-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        let p = d.join(name);
-        std::fs::write(&p, bytes).unwrap();
-        p
+    /// A file holding `bytes`, removed when dropped.
+    fn tmp(name: &str, bytes: &[u8]) -> tempfile::TempPath {
+        let f = tempfile::Builder::new()
+            .prefix(&format!("bh-boot-{name}-"))
+            .tempfile()
+            .unwrap();
+        std::fs::write(f.path(), bytes).unwrap();
+        f.into_temp_path()
     }
 
     #[test]

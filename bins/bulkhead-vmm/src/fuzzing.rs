@@ -51,13 +51,22 @@ fn events() -> EventSink {
     EventSink::new(Arc::new(Epoll::new().expect("epoll")), 0)
 }
 
-/// A scratch directory for this process's device files.
+/// A scratch directory for this process's device files. It is removed when the process
+/// exits normally (`cargo test`, a fuzz run that ends); a crash leaves it for its report.
 fn scratch() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
+    extern "C" fn remove_scratch() {
+        if let Some(d) = DIR.get() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
     DIR.get_or_init(|| {
         let d = std::env::temp_dir().join(format!("bh-vmm-fuzz-{}", std::process::id()));
         std::fs::create_dir_all(&d).expect("scratch dir");
         std::fs::write(d.join("disk"), vec![0u8; 1 << 20]).expect("scratch disk");
+        // SAFETY: `remove_scratch` takes no arguments, never unwinds (its errors are
+        // ignored) and reads only a static that is set before it is registered.
+        unsafe { libc::atexit(remove_scratch) };
         d
     })
 }

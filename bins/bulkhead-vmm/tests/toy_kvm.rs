@@ -25,11 +25,12 @@ fn kvm_available() -> bool {
     panic!("/dev/kvm is missing; set BULKHEAD_SKIP_KVM_TESTS=1 to skip these tests deliberately");
 }
 
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("bh-toy-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A scratch directory, removed when the returned guard is dropped.
+fn tmpdir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("bh-toy-{name}-"))
+        .tempdir()
+        .unwrap()
 }
 
 // --- a tiny assembler: just the instructions these guests use ---------------------------
@@ -77,7 +78,8 @@ struct Run {
 }
 
 fn run_guest(name: &str, code: &[u8], mode: &str, extra: &[&str]) -> Run {
-    let d = tmpdir(name);
+    let dir = tmpdir(name);
+    let d = dir.path();
     let img = d.join("guest.bin");
     std::fs::write(&img, code).unwrap();
     let serial = d.join("serial.log");
@@ -224,25 +226,30 @@ fn error_name(e: zbus::Error) -> String {
     }
 }
 
-/// A VMM that a failed test does not leave spinning.
-struct KillOnDrop(std::process::Child);
+/// A VMM that a failed test does not leave spinning: killed when dropped, and then the
+/// scratch directory it was given (if it owns one) removed.
+struct KillOnDrop {
+    child: std::process::Child,
+    _dir: Option<tempfile::TempDir>,
+}
 
 impl KillOnDrop {
     fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
-        self.0.wait()
+        self.child.wait()
     }
 }
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
 /// A VMM whose guest spins (`jmp $`) with its control interface on `<dir>/api.sock`.
 fn spin_vmm(name: &str, args: &[&str]) -> (KillOnDrop, PathBuf) {
-    let d = tmpdir(name);
+    let dir = tmpdir(name);
+    let d = dir.path();
     let img = d.join("spin.bin");
     std::fs::write(&img, [0xeb, 0xfe]).unwrap(); // jmp $
     let sock = d.join("api.sock");
@@ -253,7 +260,13 @@ fn spin_vmm(name: &str, args: &[&str]) -> (KillOnDrop, PathBuf) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    (KillOnDrop(child), sock)
+    (
+        KillOnDrop {
+            child,
+            _dir: Some(dir),
+        },
+        sock,
+    )
 }
 
 #[test]
@@ -346,7 +359,8 @@ fn serial_output_into_a_pipe_nobody_reads_does_not_stop_the_vm() {
     if !kvm_available() {
         return;
     }
-    let d = tmpdir("stdoutpipe");
+    let dir = tmpdir("stdoutpipe");
+    let d = dir.path();
     let img = d.join("chatty.bin");
     // mov dx,0x3f8; mov al,'x'; mov bx,4; outer: mov cx,0xffff; inner: out dx,al;
     // loop inner; dec bx; jnz outer: 256 KiB to COM1 (a pipe holds 64), then ACPI
@@ -356,18 +370,19 @@ fn serial_output_into_a_pipe_nobody_reads_does_not_stop_the_vm() {
     code.extend(power_off(false));
     std::fs::write(&img, &code).unwrap();
     // stdout is a pipe this test holds open and never reads.
-    let mut child = KillOnDrop(
-        Command::new(VMM)
+    let mut child = KillOnDrop {
+        child: Command::new(VMM)
             .args(["--boot", "raw16", "--kernel", img.to_str().unwrap()])
             .args(["--memory", "32", "--serial", "stdout"])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
-    );
+        _dir: None,
+    };
     let deadline = Instant::now() + Duration::from_secs(60);
     let status = loop {
-        if let Some(st) = child.0.try_wait().unwrap() {
+        if let Some(st) = child.child.try_wait().unwrap() {
             break Some(st);
         }
         if Instant::now() > deadline {
@@ -384,22 +399,24 @@ fn an_idle_guest_with_interrupts_on_is_left_running() {
     if !kvm_available() {
         return;
     }
-    let d = tmpdir("stihlt");
+    let dir = tmpdir("stihlt");
+    let d = dir.path();
     let img = d.join("idle.bin");
     std::fs::write(&img, [0xfb, 0xf4, 0xeb, 0xfd]).unwrap(); // sti; hlt; jmp back
     let sock = d.join("api.sock");
-    let mut child = KillOnDrop(
-        Command::new(VMM)
+    let mut child = KillOnDrop {
+        child: Command::new(VMM)
             .args(["--boot", "raw16", "--kernel", img.to_str().unwrap()])
             .args(["--memory", "32", "--api-socket", sock.to_str().unwrap()])
             .stderr(Stdio::piped())
             .spawn()
             .unwrap(),
-    );
+        _dir: None,
+    };
     // Longer than the halt watch needs to give a dead guest up.
     std::thread::sleep(Duration::from_secs(5));
     assert!(
-        child.0.try_wait().unwrap().is_none(),
+        child.child.try_wait().unwrap().is_none(),
         "an idle guest was ended"
     );
     block_on(async {
@@ -478,7 +495,8 @@ fn start_phases_and_boot_timer_on_the_control_interface() {
     if !kvm_available() {
         return;
     }
-    let d = tmpdir("phases");
+    let dir = tmpdir("phases");
+    let d = dir.path();
     let img = d.join("timer.bin");
     let mut code = out(0x3f8, b'.', false); // a stray value first: ignored
     code.extend(out(bulkhead_protocol::BOOT_TIMER_PORT, 0x01, false));
@@ -490,14 +508,15 @@ fn start_phases_and_boot_timer_on_the_control_interface() {
     code.extend([0xeb, 0xfe]); // jmp $
     std::fs::write(&img, code).unwrap();
     let sock = d.join("api.sock");
-    let mut child = KillOnDrop(
-        Command::new(VMM)
+    let mut child = KillOnDrop {
+        child: Command::new(VMM)
             .args(["--boot", "raw16", "--kernel", img.to_str().unwrap()])
             .args(["--memory", "64", "--api-socket", sock.to_str().unwrap()])
             .stderr(Stdio::piped())
             .spawn()
             .unwrap(),
-    );
+        _dir: None,
+    };
     block_on(async {
         let p = connect_api(&sock).await;
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -543,7 +562,8 @@ fn one_line_error(o: &Output) -> String {
 
 #[test]
 fn bad_input_gives_one_line_errors_and_distinct_statuses() {
-    let d = tmpdir("bad");
+    let dir = tmpdir("bad");
+    let d = dir.path();
     // Impossible sizes: configuration error, status 2.
     let o = vmm(&["--kernel", "/k", "--memory", "0"]);
     assert_eq!(o.status.code(), Some(2));

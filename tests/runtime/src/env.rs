@@ -125,6 +125,42 @@ impl Env {
         Ok(e)
     }
 
+    /// Remove the scratch directory, once bulkheadd and its bus are gone (after
+    /// `cases::shutdown`). Refused while anything is still mounted beneath it, so a
+    /// container's bind mount can never lead the removal into files that are not ours.
+    pub fn remove_scratch(mut self) -> Result<()> {
+        self.stop_registries();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.bulkheadd_pid().is_some() || self.bus_alive() {
+            if Instant::now() > deadline {
+                bail!("bulkheadd or its bus is still running");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mounted = mounts_under(&self.dir)?;
+        if let Some(m) = mounted.first() {
+            bail!("{} mount(s) left beneath it, the first {m}", mounted.len());
+        }
+        std::fs::remove_dir_all(&self.dir).with_context(|| format!("rm -r {}", self.dir.display()))
+    }
+
+    fn stop_registries(&mut self) {
+        for mut r in [self.registry_proc.take(), self.login_registry_proc.take()]
+            .into_iter()
+            .flatten()
+        {
+            let _ = r.kill();
+            let _ = r.wait();
+        }
+    }
+
+    fn bus_alive(&self) -> bool {
+        std::fs::read_to_string(self.state().join("bus/pid"))
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+            .is_some_and(|p| Path::new(&format!("/proc/{p}")).exists() && comm(p) == "dbus-daemon")
+    }
+
     pub fn state(&self) -> PathBuf {
         self.dir.join("state")
     }
@@ -302,13 +338,7 @@ impl Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
-        for mut r in [self.registry_proc.take(), self.login_registry_proc.take()]
-            .into_iter()
-            .flatten()
-        {
-            let _ = r.kill();
-            let _ = r.wait();
-        }
+        self.stop_registries();
     }
 }
 
@@ -390,6 +420,18 @@ pub fn every_thread_filtered(pid: u32, what: &str) -> anyhow::Result<()> {
 pub const SPAWNER_COMM: &str = "bulkhead-spawn";
 
 /// A process's name (`comm`), empty if it is gone.
+/// The mount points at or beneath `dir` in this mount namespace.
+fn mounts_under(dir: &Path) -> Result<Vec<String>> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let dir = dir.display().to_string();
+    Ok(info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| *m == dir || m.starts_with(&format!("{dir}/")))
+        .map(str::to_string)
+        .collect())
+}
+
 pub fn comm(pid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))
         .map(|s| s.trim_end().to_string())

@@ -91,6 +91,13 @@ fn main() {
             }
         }
         cases::shutdown(&e);
+        // A failed run keeps its scratch directory (state, logs, bundles) to be read.
+        let dir = e.dir.clone();
+        if failed > 0 {
+            println!("runtime: kept {} for inspection", dir.display());
+        } else if let Err(err) = e.remove_scratch() {
+            println!("runtime: kept {}: {err:#}", dir.display());
+        }
         Ok((passed, failed))
     })();
     match r {

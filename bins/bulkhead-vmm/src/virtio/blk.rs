@@ -378,13 +378,17 @@ mod tests {
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
 
-    fn image(name: &str, len: usize) -> std::path::PathBuf {
-        let d = std::env::temp_dir().join(format!("bh-blk-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        let p = d.join(name);
+    /// A disk image named `name` (the device's ID is the file name) whose every sector
+    /// holds its own number, in a directory removed when the guard is dropped.
+    fn image(name: &str, len: usize) -> (tempfile::TempDir, std::path::PathBuf) {
+        let d = tempfile::Builder::new()
+            .prefix("bh-blk-")
+            .tempdir()
+            .unwrap();
+        let p = d.path().join(name);
         let data: Vec<u8> = (0..len).map(|i| (i / 512) as u8).collect();
         std::fs::write(&p, data).unwrap();
-        p
+        (d, p)
     }
 
     fn hdr(mem: &GuestMemoryMmap, at: u64, t: u32, sector: u64) {
@@ -433,7 +437,7 @@ mod tests {
     #[test]
     fn io_runs_off_the_caller_a_budget_per_kick_and_stops_while_paused() {
         let mem = test_mem();
-        let p = image("turns.img", 4096);
+        let (_dir, p) = image("turns.img", 4096);
         let mut blk = Blk::open(&p, false).unwrap();
         let vq = get_id_queue(&mem, 300);
         let (act, _irq, kicks) = activation_with_kicks(&mem, vec![vq.create_queue().unwrap()]);
@@ -458,7 +462,7 @@ mod tests {
     #[test]
     fn nothing_is_served_after_a_reset() {
         let mem = test_mem();
-        let p = image("reset.img", 4096);
+        let (_dir, p) = image("reset.img", 4096);
         let mut blk = Blk::open(&p, false).unwrap();
         let vq = get_id_queue(&mem, 4);
         let (act, _irq) = activation(&mem, vec![vq.create_queue().unwrap()]);
@@ -475,7 +479,7 @@ mod tests {
     #[test]
     fn read_write_flush_id_and_bad_requests() {
         let mem = test_mem();
-        let p = image("rw.img", 4096);
+        let (_dir, p) = image("rw.img", 4096);
         let mut blk = Blk::open(&p, false).unwrap();
         hdr(&mem, 0x10000, T_IN, 2);
         hdr(&mem, 0x11000, T_OUT, 3);
@@ -537,7 +541,7 @@ mod tests {
     #[test]
     fn readonly_disk_refuses_writes() {
         let mem = test_mem();
-        let p = image("ro.img", 2048);
+        let (_dir, p) = image("ro.img", 2048);
         let mut blk = Blk::open(&p, true).unwrap();
         assert_ne!(blk.features() & F_RO, 0);
         hdr(&mem, 0x10000, T_OUT, 0);
@@ -558,7 +562,7 @@ mod tests {
     #[test]
     fn hostile_chains_are_rejected_and_the_device_lives_on() {
         let mem = test_mem();
-        let p = image("hostile.img", 4096);
+        let (_dir, p) = image("hostile.img", 4096);
         let mut blk = Blk::open(&p, false).unwrap();
         hdr(&mem, 0x10000, T_IN, 0);
         let lens = run(
@@ -598,7 +602,7 @@ mod tests {
 
     #[test]
     fn odd_sized_and_missing_images_are_named() {
-        let p = image("odd.img", 1000);
+        let (_dir, p) = image("odd.img", 1000);
         assert!(Blk::open(&p, true)
             .err()
             .unwrap()

@@ -99,7 +99,11 @@ mod tests {
     #[test]
     fn transmitted_bytes_reach_the_file() {
         let mem = test_mem();
-        let p = std::env::temp_dir().join(format!("bh-console-{}", std::process::id()));
+        let p = tempfile::Builder::new()
+            .prefix("bh-console-")
+            .tempfile()
+            .unwrap()
+            .into_temp_path();
         let mut c = Console::new(File::create(&p).unwrap());
         let rxq = MockSplitQueue::create(&mem, GuestAddress(0), 16);
         let txq = MockSplitQueue::create(&mem, GuestAddress(0x10000), 16);

@@ -16,7 +16,7 @@ struct Rig<'a> {
     tx_next: u16,
     rx_seen: usize,
     dev: Vsock,
-    dir: std::path::PathBuf,
+    dir: tempfile::TempDir,
     /// The queues' notify eventfds (rx, tx, event), as the event loop watches them.
     kicks: Vec<vmm_sys_util::eventfd::EventFd>,
 }
@@ -27,9 +27,10 @@ fn rig<'a>(mem: &'a GuestMemoryMmap, name: &str) -> Rig<'a> {
 
 /// A rig whose driver negotiated `VIRTIO_F_RING_EVENT_IDX` when `event_idx`.
 fn rig_with<'a>(mem: &'a GuestMemoryMmap, name: &str, event_idx: bool) -> Rig<'a> {
-    let dir = std::env::temp_dir().join(format!("bh-vsock-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("bh-vsock-{name}-"))
+        .tempdir()
+        .unwrap();
     let rx = MockSplitQueue::create(mem, GuestAddress(0), 64);
     let tx = MockSplitQueue::create(mem, GuestAddress(0x10000), 512);
     // 32 rx buffers of 4 KiB each.
@@ -37,7 +38,7 @@ fn rig_with<'a>(mem: &'a GuestMemoryMmap, name: &str, event_idx: bool) -> Rig<'a
         .map(|i| desc(RX_BUF + i * 0x1000, 0x1000, F_WRITE, 0))
         .collect();
     rx.add_desc_chains(&descs, 0).unwrap();
-    let mut dev = Vsock::new(CID, &dir.join("v.sock")).unwrap();
+    let mut dev = Vsock::new(CID, &dir.path().join("v.sock")).unwrap();
     let mut queues = vec![
         rx.create_queue::<Queue>().unwrap(),
         tx.create_queue().unwrap(),
@@ -128,7 +129,7 @@ impl Rig<'_> {
 fn host_connect_round_trip() {
     let mem = test_mem();
     let mut r = rig(&mem, "host");
-    let mut client = UnixStream::connect(r.dir.join("v.sock")).unwrap();
+    let mut client = UnixStream::connect(r.dir.path().join("v.sock")).unwrap();
     client
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
@@ -178,7 +179,7 @@ fn host_connect_round_trip() {
 fn guest_connect_to_host_listener_and_refusal() {
     let mem = test_mem();
     let mut r = rig(&mem, "guest");
-    let l = UnixListener::bind(r.dir.join("v.sock_5000")).unwrap();
+    let l = UnixListener::bind(r.dir.path().join("v.sock_5000")).unwrap();
     r.guest_send(r.guest_hdr(40000, 5000, OP_REQUEST), b"");
     let (mut s, _) = l.accept().unwrap();
     let p = r.rx_packets();
@@ -199,7 +200,7 @@ fn guest_connect_to_host_listener_and_refusal() {
 fn hostile_packets_get_rst_and_the_device_lives_on() {
     let mem = test_mem();
     let mut r = rig(&mem, "hostile");
-    let l = UnixListener::bind(r.dir.join("v.sock_6000")).unwrap();
+    let l = UnixListener::bind(r.dir.path().join("v.sock_6000")).unwrap();
     // Spoofed source cid.
     let mut h = r.guest_hdr(1, 6000, OP_REQUEST);
     h.src_cid = 99;
@@ -259,7 +260,7 @@ fn bad_connect_lines_are_dropped() {
     let mem = test_mem();
     let mut r = rig(&mem, "badline");
     for line in [&b"HELLO 1\n"[..], b"CONNECT x\n", &[b'A'; 64][..]] {
-        let mut c = UnixStream::connect(r.dir.join("v.sock")).unwrap();
+        let mut c = UnixStream::connect(r.dir.path().join("v.sock")).unwrap();
         c.write_all(line).unwrap();
         c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         r.pump();
@@ -308,7 +309,7 @@ fn loop_once(r: &mut Rig<'_>) -> usize {
 fn a_host_that_hangs_up_before_the_guest_answers_does_not_spin_the_loop() {
     let mem = test_mem();
     let mut r = rig(&mem, "hup");
-    let mut client = UnixStream::connect(r.dir.join("v.sock")).unwrap();
+    let mut client = UnixStream::connect(r.dir.path().join("v.sock")).unwrap();
     client.write_all(b"CONNECT 1024\n").unwrap();
     r.pump();
     assert_eq!(r.rx_packets()[0].0.op, OP_REQUEST);
@@ -331,9 +332,9 @@ fn connections_the_guest_never_answers_and_silent_clients_expire() {
     let mem = test_mem();
     let mut r = rig(&mem, "expire");
     r.dev.connect_timeout = Duration::from_millis(50);
-    let mut asked = UnixStream::connect(r.dir.join("v.sock")).unwrap();
+    let mut asked = UnixStream::connect(r.dir.path().join("v.sock")).unwrap();
     asked.write_all(b"CONNECT 1024\n").unwrap();
-    let silent = UnixStream::connect(r.dir.join("v.sock")).unwrap();
+    let silent = UnixStream::connect(r.dir.path().join("v.sock")).unwrap();
     r.pump();
     let req = r.rx_packets()[0].0;
     assert_eq!(req.op, OP_REQUEST);
@@ -384,7 +385,7 @@ fn bytes_sent_with_the_connect_line_reach_the_guest_first() {
 fn a_host_listener_with_a_full_backlog_is_refused_without_blocking() {
     let mem = test_mem();
     let mut r = rig(&mem, "backlog");
-    let path = r.dir.join("v.sock_7000");
+    let path = r.dir.path().join("v.sock_7000");
     // A listener that never accepts, with the smallest backlog, filled up.
     let l = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
     l.bind(&socket2::SockAddr::unix(&path).unwrap()).unwrap();
@@ -418,7 +419,7 @@ fn a_silent_client_expires_on_time_with_nothing_else_happening() {
     let mem = test_mem();
     let mut r = rig(&mem, "tick");
     r.dev.connect_timeout = Duration::from_millis(60);
-    let silent = UnixStream::connect(r.dir.join("v.sock")).unwrap();
+    let silent = UnixStream::connect(r.dir.path().join("v.sock")).unwrap();
     r.pump();
     assert_eq!(r.dev.pending.len(), 1);
     // Only the event loop runs: no device event, no guest kick, no other client.
@@ -481,7 +482,7 @@ fn guest_data_held_for_slow_host_sockets_stays_within_one_budget() {
     let mem = test_mem();
     let mut r = rig(&mem, "budget");
     r.dev.buffer_budget = 16 * 1024;
-    let l = UnixListener::bind(r.dir.join("v.sock_5100")).unwrap();
+    let l = UnixListener::bind(r.dir.path().join("v.sock_5100")).unwrap();
     r.guest_send(r.guest_hdr(41000, 5100, OP_REQUEST), b"");
     let (mut host, _) = l.accept().unwrap();
     assert_eq!(r.rx_packets()[0].0.op, OP_RESPONSE);
@@ -557,7 +558,7 @@ fn avail_event(mem: &GuestMemoryMmap, vq: &MockSplitQueue<'_, GuestMemoryMmap>, 
 /// A host client that connected to the VM's socket and wrote `first`, and the first
 /// packet the guest got for it.
 fn host_client(r: &mut Rig<'_>, first: &[u8]) -> (UnixStream, Hdr) {
-    let mut client = UnixStream::connect(r.dir.join("v.sock")).unwrap();
+    let mut client = UnixStream::connect(r.dir.path().join("v.sock")).unwrap();
     client
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
