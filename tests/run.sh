@@ -6,6 +6,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 log=$(mktemp)
+rt=$(mktemp)
+trap 'rm -f "$log" "$rt"' EXIT
 fail=0
 cargo build --release -q || exit 1
 cargo test --workspace 2>&1 | tee "$log"
@@ -19,7 +21,6 @@ if ./target/x86_64-unknown-linux-gnu/release/agent-api-tests --host-mode ./targe
     passed=$((passed + 1)); else failed=$((failed + 1)); fail=1; fi
 echo "== runtime: bulkhead run/exec/ls/rm, the OCI CLI under podman, D-Bus, faults, bad input"
 guest=$(python3 packaging/guest/build.py --agent target/x86_64-unknown-linux-gnu/release/bulkhead-agent) || exit 1
-rt=$(mktemp)
 ./target/x86_64-unknown-linux-gnu/release/runtime-tests --bin-dir target/x86_64-unknown-linux-gnu/release --guest "$guest" 2>&1 | tee "$rt"
 rt_line=$(grep -E '^runtime: [0-9]+ passed, [0-9]+ failed' "$rt" | tail -1)
 if [ -n "$rt_line" ]; then

@@ -354,8 +354,8 @@ def run_l1(l1_initrd, vmlinux, script, timeout, mem_mib=1536):
         t0 = time.monotonic()
         # L1's console goes to a file as it runs, so a slow or stuck run can be watched.
         # One file per run: two runs side by side must not write into each other's log.
-        live = os.environ.get("BULKHEAD_NESTED_LOG",
-                              os.path.join(tempfile.gettempdir(), f"bulkhead-nested-l1-{os.getpid()}.log"))
+        named = os.environ.get("BULKHEAD_NESTED_LOG")
+        live = named or os.path.join(tempfile.gettempdir(), f"bulkhead-nested-l1-{os.getpid()}.log")
         log(f"L1 console: {live}")
         # A monitor socket beside the log, to look inside an L1 that stalls.
         cmd += ["-monitor", f"unix:{live}.mon,server=on,wait=off"]
@@ -372,6 +372,15 @@ def run_l1(l1_initrd, vmlinux, script, timeout, mem_mib=1536):
         out = open(live, errors="replace").read()
         if timed_out:
             out += f"\nNESTED-TIMEOUT after {timeout}s\n"
+        # A run whose script ended well leaves nothing behind; any other keeps its console.
+        if not named and "NESTED-EXIT 0" in out:
+            for f in (live, f"{live}.mon"):
+                try:
+                    os.unlink(f)
+                except FileNotFoundError:
+                    pass
+        else:
+            log(f"kept the L1 console: {live}")
         return out, time.monotonic() - t0
 
 
