@@ -20,7 +20,7 @@ pub mod seccomp;
 mod supervise;
 
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -152,6 +152,20 @@ mod loader_tests {
         let dynamic = cfg!(not(target_feature = "crt-static"));
         assert_eq!(elf_has_interpreter(&exe).unwrap(), dynamic);
     }
+}
+
+/// Mount points at or below `dir` in this mount namespace, deepest first.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut v: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|m| PathBuf::from(unescape_mountinfo(m)))
+        .filter(|m| m.starts_with(dir))
+        .collect();
+    v.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    v.dedup();
+    v
 }
 
 /// Undo `/proc/*/mountinfo`'s octal escapes (`\040` for a space, `\011`, `\012`,

@@ -133,19 +133,7 @@ pub fn unmount(p: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Mount points at or below `dir`, deepest first.
-pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut v: Vec<PathBuf> = text
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|m| PathBuf::from(bulkhead_jail::unescape_mountinfo(m)))
-        .filter(|m| m.starts_with(dir))
-        .collect();
-    v.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    v.dedup();
-    v
-}
+pub use bulkhead_jail::mounts_under;
 
 /// Unmount everything under `dir`, then remove it. Refuses to remove anything while a
 /// mount is left, so a user's directory is never deleted through a bind mount.

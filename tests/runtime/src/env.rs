@@ -137,9 +137,13 @@ impl Env {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let mounted = mounts_under(&self.dir)?;
+        let mounted = bulkhead_jail::mounts_under(&self.dir);
         if let Some(m) = mounted.first() {
-            bail!("{} mount(s) left beneath it, the first {m}", mounted.len());
+            bail!(
+                "{} mount(s) left beneath it, one is {}",
+                mounted.len(),
+                m.display()
+            );
         }
         std::fs::remove_dir_all(&self.dir).with_context(|| format!("rm -r {}", self.dir.display()))
     }
@@ -154,11 +158,15 @@ impl Env {
         }
     }
 
-    fn bus_alive(&self) -> bool {
+    /// The embedded bus's dbus-daemon, from the pid file it leaves in the state directory.
+    fn bus_pid(&self) -> Option<u32> {
         std::fs::read_to_string(self.state().join("bus/pid"))
             .ok()
-            .and_then(|p| p.trim().parse::<u32>().ok())
-            .is_some_and(|p| Path::new(&format!("/proc/{p}")).exists() && comm(p) == "dbus-daemon")
+            .and_then(|p| p.trim().parse().ok())
+    }
+
+    fn bus_alive(&self) -> bool {
+        self.bus_pid().is_some_and(|p| comm(p) == "dbus-daemon")
     }
 
     pub fn state(&self) -> PathBuf {
@@ -246,11 +254,9 @@ impl Env {
             // SAFETY: kill(2) on this environment's bulkheadd.
             unsafe { libc::kill(p as i32, libc::SIGTERM) };
         }
-        if let Ok(pid) = std::fs::read_to_string(self.state().join("bus/pid")) {
-            if let Ok(pid) = pid.trim().parse::<i32>() {
-                // SAFETY: kill(2) on this environment's dbus-daemon.
-                unsafe { libc::kill(pid, libc::SIGTERM) };
-            }
+        if let Some(pid) = self.bus_pid() {
+            // SAFETY: kill(2) on this environment's dbus-daemon.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
         }
     }
 
@@ -420,18 +426,6 @@ pub fn every_thread_filtered(pid: u32, what: &str) -> anyhow::Result<()> {
 pub const SPAWNER_COMM: &str = "bulkhead-spawn";
 
 /// A process's name (`comm`), empty if it is gone.
-/// The mount points at or beneath `dir` in this mount namespace.
-fn mounts_under(dir: &Path) -> Result<Vec<String>> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
-    let dir = dir.display().to_string();
-    Ok(info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .filter(|m| *m == dir || m.starts_with(&format!("{dir}/")))
-        .map(str::to_string)
-        .collect())
-}
-
 pub fn comm(pid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))
         .map(|s| s.trim_end().to_string())
