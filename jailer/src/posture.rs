@@ -116,7 +116,10 @@ pub fn live(pid: u32) -> std::io::Result<Live> {
     let base = PathBuf::from(format!("/proc/{pid}"));
     let status = std::fs::read_to_string(base.join("status"))?;
     let mut threads = vec![];
-    for t in std::fs::read_dir(base.join("task"))?.flatten() {
+    for t in std::fs::read_dir(base.join("task"))?
+        .flatten()
+        .take(MAX_THREADS)
+    {
         let Ok(s) = std::fs::read_to_string(t.path().join("status")) else {
             continue; // the thread ended
         };
@@ -131,9 +134,12 @@ pub fn live(pid: u32) -> std::io::Result<Live> {
         });
     }
     threads.sort_by_key(|t| t.tid);
+    // What the process sees at `/`: a jail's few entries. virtiofsd's `/` is the shared
+    // directory, so the listing is bounded whatever is there.
     let mut root_entries: Vec<String> = std::fs::read_dir(base.join("root"))
         .map(|d| {
             d.flatten()
+                .take(MAX_ROOT_ENTRIES)
                 .map(|e| e.file_name().to_string_lossy().into_owned())
                 .collect()
         })
@@ -185,6 +191,12 @@ pub fn cap_names(mask: u64) -> Vec<String> {
         })
         .collect()
 }
+
+/// Most threads of a process that [`live`] reads.
+pub const MAX_THREADS: usize = 1024;
+
+/// Most entries of a process's `/` that [`live`] lists.
+pub const MAX_ROOT_ENTRIES: usize = 64;
 
 /// Every process below `pid` (children, their children...), parents first.
 pub fn descendants(pid: u32) -> Vec<u32> {

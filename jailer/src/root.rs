@@ -94,11 +94,10 @@ fn bind(root: &Path, host: &Path, writable: bool) -> Result<(), JailError> {
         NONE,
     )
     .map_err(|e| sys(e.into()))?;
-    let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-    if !writable {
-        flags |= MsFlags::MS_RDONLY;
-    }
-    mount(NONE, &at, NONE, flags, NONE).map_err(|e| sys(e.into()))
+    // Every mount of the bound tree, not only its top, and without clearing what the
+    // host set: a path the host mounted read-only (a sandbox's shared directory) stays
+    // read-only in a read-write bind.
+    crate::idmap::restrict_tree(&at, !writable).map_err(sys)
 }
 
 fn make_device(dev: &Path, d: Device, uid: u32, gid: u32) -> Result<(), JailError> {

@@ -213,6 +213,81 @@ fn a_user_namespace_root_acts_only_within_its_range() {
     assert_eq!(r.capabilities.len(), 3, "{r:?}");
 }
 
+/// `mount(2)` with plain strings, for the test's own host mounts.
+fn host_mount(src: &str, dst: &Path, fstype: &str, flags: libc::c_ulong) {
+    let c = |s: &str| std::ffi::CString::new(s).unwrap();
+    let (s, d, t) = (c(src), c(dst.to_str().unwrap()), c(fstype));
+    // SAFETY: NUL-terminated strings living across the call; no data.
+    let rc = unsafe { libc::mount(s.as_ptr(), d.as_ptr(), t.as_ptr(), flags, std::ptr::null()) };
+    assert_eq!(
+        rc,
+        0,
+        "mount {src} on {}: {}",
+        dst.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
+/// A mount below a bound path (a container's rootfs below the shared directory) is
+/// `nosuid,nodev` in the jail like the bound path itself, and a bound path the host made
+/// read-only stays read-only in a read-write bind, while a mount below it stays writable.
+#[test]
+fn binds_restrict_every_mount_below_and_never_widen_the_host() {
+    need_root();
+    let s = Scratch::new("submounts");
+    let (rw, below) = (s.dir.join("rw"), s.dir.join("rw/below"));
+    std::fs::create_dir_all(&below).unwrap();
+    // The host's view: rw is a read-only mount, with a writable tmpfs (suid and devices
+    // allowed) below it.
+    host_mount(rw.to_str().unwrap(), &rw, "", libc::MS_BIND);
+    host_mount(
+        "",
+        &rw,
+        "",
+        libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY,
+    );
+    host_mount("tmpfs", &below, "tmpfs", 0);
+    std::fs::set_permissions(&below, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let script = format!(
+        "grep -E ' {rw} | {below} ' /proc/self/mountinfo; \
+         touch {rw}/top 2>/dev/null && echo top=written; \
+         touch {below}/f && echo below=written",
+        rw = rw.display(),
+        below = below.display()
+    );
+    let (o, text) = sh(&s, &script);
+    let c = |p: &Path| std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+    for p in [&below, &rw] {
+        // SAFETY: NUL-terminated path.
+        unsafe { libc::umount2(c(p).as_ptr(), libc::MNT_DETACH) };
+    }
+    assert!(o.status.success(), "{o:?}");
+    let opts = |at: &Path| -> Vec<String> {
+        text.lines()
+            .map(|l| l.split(' ').collect::<Vec<_>>())
+            .find(|f| f.get(4) == Some(&at.to_str().unwrap()))
+            .map(|f| f[5].split(',').map(String::from).collect())
+            .unwrap_or_else(|| panic!("{} not mounted in the jail: {text}", at.display()))
+    };
+    for at in [&rw, &below] {
+        let o = opts(at);
+        assert!(
+            o.contains(&"nosuid".into()) && o.contains(&"nodev".into()),
+            "{}: {o:?}",
+            at.display()
+        );
+    }
+    assert!(
+        opts(&rw).contains(&"ro".into()),
+        "the host's read-only top was widened: {text}"
+    );
+    assert!(!text.contains("top=written"), "{text}");
+    assert!(
+        text.contains("below=written"),
+        "the mount below lost its writes: {text}"
+    );
+}
+
 #[test]
 fn only_the_descriptors_handed_on_stay_open() {
     need_root();
