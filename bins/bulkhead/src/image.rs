@@ -68,6 +68,14 @@ pub fn data_dir() -> PathBuf {
         .join("images")
 }
 
+/// Create `dir` if missing and make it 0700, also where an older version made it 0755.
+fn private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot make {} private", dir.display()))
+}
+
 /// Split `PATH:TAG` when PATH exists; otherwise the whole string is the path.
 fn split_tag(s: &str) -> (PathBuf, Option<String>) {
     if Path::new(s).exists() {
@@ -82,6 +90,9 @@ fn split_tag(s: &str) -> (PathBuf, Option<String>) {
 /// `authfile`: registry credentials to use (`--authfile`), see [`crate::auth`].
 pub async fn prepare(reference: &str, authfile: Option<&Path>) -> Result<Prepared> {
     let store = data_dir();
+    // Unpacked images keep their owners and set-uid bits, for the guest: no other host
+    // user may reach them (or run a set-uid file of theirs).
+    private_dir(&store)?;
     let r = reference
         .strip_prefix("oci:")
         .or_else(|| reference.strip_prefix("oci-archive:"))
@@ -364,13 +375,16 @@ fn make_node<R: Read>(e: &mut tar::Entry<'_, R>, root: &Path, rel: &Path) -> Res
     let h = e.header();
     let kind = h.entry_type();
     let mode = h.mode()? & 0o7777;
-    let fmt = if kind.is_block_special() {
-        libc::S_IFBLK
-    } else if kind.is_character_special() {
-        libc::S_IFCHR
-    } else {
-        libc::S_IFIFO
-    };
+    // A device node an image names is never made on the host: `b 8 0` there, read by
+    // whoever reaches the file, is the host's disk. The guest's own /dev has its devices.
+    if kind.is_block_special() || kind.is_character_special() {
+        tracing::warn!(
+            "image layer: device node {} not unpacked on the host",
+            rel.display()
+        );
+        return Ok(());
+    }
+    let fmt = libc::S_IFIFO;
     let dev = libc::makedev(
         h.device_major()?.unwrap_or(0),
         h.device_minor()?.unwrap_or(0),
@@ -398,7 +412,7 @@ pub fn apply_user(spec: &mut Value, user: &str, rootfs: &Path) -> Result<()> {
         .split_once(':')
         .map_or((user, None), |(u, g)| (u, Some(g)));
     let lookup = |file: &str, name: &str| -> Option<(u32, u32)> {
-        let text = fs::read_to_string(rootfs.join("etc").join(file)).ok()?;
+        let text = image_etc(rootfs, file)?;
         text.lines().find_map(|l| {
             let f: Vec<&str> = l.split(':').collect();
             (f.first() == Some(&name)).then(|| {
@@ -427,8 +441,30 @@ pub fn apply_user(spec: &mut Value, user: &str, rootfs: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Most an image's /etc/passwd or /etc/group may hold.
+const MAX_ETC_FILE: u64 = 1 << 20;
+
+/// An image's `/etc/<file>`, read as the container would see it and bounded
+/// ([`bulkhead_host::untrusted::read_in_root`]): a link to a host file or to
+/// `/dev/zero` reads nothing of the host's. `None` when it cannot be read (said why).
+fn image_etc(rootfs: &Path, file: &str) -> Option<String> {
+    let rel = Path::new("etc").join(file);
+    match bulkhead_host::untrusted::read_in_root(rootfs, &rel, MAX_ETC_FILE) {
+        Ok(b) => Some(String::from_utf8_lossy(&b).into_owned()),
+        Err(bulkhead_host::untrusted::UntrustedError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            None
+        }
+        Err(e) => {
+            tracing::warn!("image user lookup: {e}");
+            None
+        }
+    }
+}
+
 fn lookup_uid_gid(rootfs: &Path, uid: u32) -> Option<u32> {
-    let text = fs::read_to_string(rootfs.join("etc/passwd")).ok()?;
+    let text = image_etc(rootfs, "passwd")?;
     text.lines().find_map(|l| {
         let f: Vec<&str> = l.split(':').collect();
         (f.get(2).and_then(|x| x.parse::<u32>().ok()) == Some(uid))

@@ -46,6 +46,33 @@ pub struct Config {
     pub bulkhead_jailer: Option<PathBuf>,
     /// How host components are jailed.
     pub jail: JailConfig,
+    /// How long bulkheadd waits on a guest's agent, and how many calls it lets wait.
+    pub agent: AgentConfig,
+}
+
+/// Deadlines on calls to a guest's agent, by kind, and a cap on the calls in flight to
+/// one sandbox: a guest that stops answering holds no more than `max_in_flight` of
+/// bulkheadd's threads, each for at most its call's deadline, and is marked unhealthy.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Reads: `Stats`, `Processes`, signals, health (what kubelet and exporters poll).
+    pub read_timeout_s: u64,
+    /// Changes: create, start, exec, update, pause, delete of a container.
+    pub change_timeout_s: u64,
+    /// Calls to one sandbox's agent at once (waits for exits excepted); a call beyond
+    /// is refused at once.
+    pub max_in_flight: u32,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            read_timeout_s: 10,
+            change_timeout_s: 120,
+            max_in_flight: 32,
+        }
+    }
 }
 
 /// Host ids each sandbox owns: its components run as the first, and virtiofsd's user
@@ -128,6 +155,7 @@ impl Default for Config {
             bulkhead_net: None,
             bulkhead_jailer: None,
             jail: JailConfig::default(),
+            agent: AgentConfig::default(),
         }
     }
 }
@@ -219,6 +247,23 @@ impl Config {
                 "jail uid range {} + {}: want at least {IDS_PER_SANDBOX} ids (one sandbox's), \
                  above 0, within 32 bits",
                 j.uid_base, j.uid_count
+            )));
+        }
+        let a = &self.agent;
+        for (name, v) in [
+            ("agent.read_timeout_s", a.read_timeout_s),
+            ("agent.change_timeout_s", a.change_timeout_s),
+        ] {
+            if !(1..=3600).contains(&v) {
+                return Err(ConfigError::Invalid(format!(
+                    "{name} = {v}: want 1 to 3600 seconds"
+                )));
+            }
+        }
+        if !(1..=1024).contains(&a.max_in_flight) {
+            return Err(ConfigError::Invalid(format!(
+                "agent.max_in_flight = {}: want 1 to 1024",
+                a.max_in_flight
             )));
         }
         if let Some(b) = &self.default_backend {

@@ -8,6 +8,7 @@ pub mod logging;
 pub mod overlay;
 pub mod pod;
 pub mod threads;
+pub mod untrusted;
 
 use std::path::Path;
 
