@@ -102,7 +102,10 @@ pub fn choose(state_dir: &Path) -> BusChoice {
 }
 
 /// The embedded bus's config. Anyone may connect and call (bulkheadd checks the caller's
-/// uid on every call that changes something); only root may own bulkhead's names.
+/// uid on every call that changes something); only root may own bulkhead's names. No
+/// rule allows eavesdropping: a caller sees its own calls' replies and the broadcast
+/// signals, never another's method calls (a spec's environment), replies or the
+/// descriptors `Attach` hands out; `BecomeMonitor` is the bus owner's (root's) alone.
 pub fn embedded_config(dir: &Path) -> String {
     let d = dir.display();
     format!(
@@ -117,8 +120,8 @@ pub fn embedded_config(dir: &Path) -> String {
   <pidfile>{d}/pid</pidfile>
   <policy context="default">
     <allow user="*"/>
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow eavesdrop="true"/>
+    <allow send_destination="*"/>
+    <allow receive_sender="*"/>
     <allow own="*"/>
     <deny own_prefix="org.bulkhead"/>
   </policy>
