@@ -2,12 +2,22 @@
 //! blocking; each call runs on tokio's blocking pool on a connection of its own, so a
 //! slow guest holds up only its own call. Everything the guest answers is bounded by
 //! the protocol crate (frame limits, typed decoding).
+//!
+//! A guest may also answer nothing. Every call but the waits for an exit has a deadline
+//! by its [`Call`] kind (`agent.*_timeout_s` in the configuration): at the deadline its
+//! connection is shut, which frees the thread, and the sandbox is marked unhealthy
+//! ([`Agent::health`]) until the agent answers again. At most `agent.max_in_flight`
+//! calls wait on one sandbox's agent; the next is refused at once, so a guest that
+//! stopped answering while callers keep polling it (kubelet's stats, an exporter, any
+//! local user) holds a bounded share of bulkheadd's threads, and other sandboxes go on.
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bulkhead_dbus::Error;
+use bulkhead_host::config::AgentConfig;
 use bulkhead_protocol::client::{AgentClient, ClientError, Endpoint};
 use bulkhead_protocol::{
     encode, write_frame, AgentError, Request, AGENT_READY_VSOCK_PORT, AGENT_VSOCK_PORT,
@@ -16,9 +26,24 @@ use bulkhead_protocol::{
 /// How long to wait for the vsock connection and handshake on a live guest.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// What a call does, which sets its deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Call {
+    /// A read or a signal, answered at once by a live agent.
+    Read,
+    /// A change to a container (create, start, exec, update, pause, delete).
+    Change,
+    /// A wait for an exit or an OOM kill: as long as the process lives. Not capped and
+    /// without a deadline (one per container, started by bulkheadd itself).
+    Wait,
+}
+
 #[derive(Debug, Clone)]
 pub struct Agent {
     endpoint: Endpoint,
+    limits: AgentConfig,
+    in_flight: Arc<tokio::sync::Semaphore>,
+    health: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 pub fn to_dbus(e: ClientError) -> Error {
@@ -35,33 +60,110 @@ pub fn to_dbus(e: ClientError) -> Error {
 }
 
 impl Agent {
-    pub fn new(vsock_socket: PathBuf) -> Agent {
-        Agent {
-            endpoint: Endpoint::HybridVsock {
+    pub fn new(vsock_socket: PathBuf, limits: AgentConfig) -> Agent {
+        Agent::on(
+            Endpoint::HybridVsock {
                 socket: vsock_socket,
                 port: AGENT_VSOCK_PORT,
             },
+            limits,
+        )
+    }
+
+    fn on(endpoint: Endpoint, limits: AgentConfig) -> Agent {
+        Agent {
+            endpoint,
+            in_flight: Arc::new(tokio::sync::Semaphore::new(limits.max_in_flight as usize)),
+            limits,
+            health: Arc::new(tokio::sync::watch::channel(true).0),
         }
     }
 
-    /// Run `f` on a fresh handshaken connection, on the blocking pool.
-    pub async fn call<T, F>(&self, f: F) -> Result<T, Error>
+    /// Whether the agent answered its last call in time; changes are sent as they happen.
+    pub fn health(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.health.subscribe()
+    }
+
+    fn deadline(&self, kind: Call) -> Option<Duration> {
+        match kind {
+            Call::Read => Some(Duration::from_secs(self.limits.read_timeout_s)),
+            Call::Change => Some(Duration::from_secs(self.limits.change_timeout_s)),
+            Call::Wait => None,
+        }
+    }
+
+    /// Run `f` on a fresh handshaken connection, on the blocking pool, within the
+    /// deadline of `kind`.
+    pub async fn call<T, F>(&self, kind: Call, f: F) -> Result<T, Error>
     where
         T: Send + 'static,
         F: FnOnce(&mut AgentClient<UnixStream>) -> Result<T, ClientError> + Send + 'static,
     {
+        let permit = match kind {
+            Call::Wait => None,
+            _ => Some(self.in_flight.clone().try_acquire_owned().map_err(|_| {
+                Error::Agent(format!(
+                    "the guest agent has {} calls in flight (agent.max_in_flight): it is \
+                     slow or not answering",
+                    self.limits.max_in_flight
+                ))
+            })?),
+        };
+        let deadline = self.deadline(kind);
         let ep = self.endpoint.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut c = ep.client(CONNECT_TIMEOUT)?;
+        // The call's connection, kept here so that a call past its deadline can be shut
+        // from outside, which ends the blocked read and frees the thread.
+        let conn: Arc<std::sync::Mutex<Option<UnixStream>>> = Arc::default();
+        let slot = conn.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let mut c = ep.client(deadline.map_or(CONNECT_TIMEOUT, |d| d.min(CONNECT_TIMEOUT)))?;
+            if let Some(d) = deadline {
+                c.set_read_timeout(Some(d))?;
+                c.get_ref()
+                    .set_write_timeout(Some(d))
+                    .map_err(|e| ClientError::Handshake(e.to_string()))?;
+            }
+            if let Ok(s) = c.get_ref().try_clone() {
+                *slot.lock().expect("conn lock") = Some(s);
+            }
             f(&mut c)
-        })
-        .await
-        .map_err(|e| Error::Failed(format!("agent call task: {e}")))?
-        .map_err(to_dbus)
+        });
+        let joined = match deadline {
+            None => task.await,
+            Some(d) => match tokio::time::timeout(d, task).await {
+                Ok(j) => j,
+                Err(_) => {
+                    if let Some(s) = conn.lock().expect("conn lock").take() {
+                        let _ = s.shutdown(std::net::Shutdown::Both);
+                    }
+                    self.health
+                        .send_if_modified(|h| std::mem::replace(h, false));
+                    return Err(Error::Agent(format!(
+                        "the guest agent did not answer within {d:?} (agent.{}_timeout_s); \
+                         the sandbox is marked unhealthy",
+                        if kind == Call::Read { "read" } else { "change" }
+                    )));
+                }
+            },
+        };
+        let r = joined.map_err(|e| Error::Failed(format!("agent call task: {e}")))?;
+        // An answer, even a refusal, is a live agent; no answer (a socket timeout, a
+        // connection that broke or never came) is not.
+        let answered = match &r {
+            Ok(_) => true,
+            Err(
+                ClientError::Connect { .. } | ClientError::Handshake(_) | ClientError::Frame(_),
+            ) => false,
+            Err(_) => true,
+        };
+        self.health
+            .send_if_modified(|h| std::mem::replace(h, answered) != answered);
+        r.map_err(to_dbus)
     }
 
-    pub async fn request(&self, req: Request) -> Result<(), Error> {
-        self.call(move |c| c.expect_ok(&req)).await
+    pub async fn request(&self, kind: Call, req: Request) -> Result<(), Error> {
+        self.call(kind, move |c| c.expect_ok(&req)).await
     }
 
     /// Wait for the agent's ready word on `ready` (see [`ready_listener`]), then poll
@@ -146,13 +248,18 @@ impl Agent {
         id: String,
         exec_id: Option<String>,
     ) -> Result<UnixStream, Error> {
-        self.call(move |c| {
+        self.call(Call::Read, move |c| {
             let req = Request::Wait { id, exec_id };
             let mut s = c
                 .get_ref()
                 .try_clone()
                 .map_err(|e| ClientError::Handshake(e.to_string()))?;
             write_frame(&mut s, &encode(&req)?)?;
+            // The answer comes when the process exits: no deadline on the stream handed
+            // out (its socket is the call's, which has one).
+            s.set_read_timeout(None)
+                .and_then(|()| s.set_write_timeout(None))
+                .map_err(|e| ClientError::Handshake(e.to_string()))?;
             Ok(s)
         })
         .await
@@ -198,6 +305,115 @@ pub fn ready_listener(
 mod tests {
     use super::*;
 
+    /// An agent that answers the handshake of every connection and then nothing: the
+    /// guest of a hostile or wedged VM. Returns how many connections it took.
+    fn silent_agent(path: &Path) -> Arc<std::sync::atomic::AtomicUsize> {
+        use bulkhead_protocol::{read_frame, HelloReply, PROTOCOL_VERSION};
+        let l = std::os::unix::net::UnixListener::bind(path).unwrap();
+        let taken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let n = taken.clone();
+        std::thread::spawn(move || {
+            let mut held = vec![];
+            for s in l.incoming() {
+                let Ok(mut s) = s else { return };
+                n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = read_frame(&mut s);
+                let reply = HelloReply::Accepted {
+                    version: PROTOCOL_VERSION,
+                    agent_version: "silent".into(),
+                };
+                let _ = write_frame(&mut s, &encode(&reply).unwrap());
+                held.push(s);
+            }
+        });
+        taken
+    }
+
+    fn limits(max_in_flight: u32) -> AgentConfig {
+        AgentConfig {
+            read_timeout_s: 1,
+            change_timeout_s: 2,
+            max_in_flight,
+        }
+    }
+
+    /// A guest that answers Hello and then never answers a read: the call fails at its
+    /// deadline, its thread is freed, and the sandbox is unhealthy until an answer.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_silent_agent_fails_calls_at_their_deadline_and_is_unhealthy() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("agent.sock");
+        silent_agent(&sock);
+        let agent = Agent::on(Endpoint::Unix(sock), limits(4));
+        let health = agent.health();
+        assert!(*health.borrow());
+        let t0 = Instant::now();
+        let r = tokio::time::timeout(
+            Duration::from_secs(20),
+            agent.call(Call::Read, |c| c.stats("c1")),
+        )
+        .await
+        .expect("a read call to a silent agent must end at its deadline, not hang");
+        let took = t0.elapsed();
+        let e = r.expect_err("a silent agent answered?");
+        assert!(e.to_string().contains("did not answer within"), "{e}");
+        assert!(took < Duration::from_secs(5), "ended after {took:?}");
+        assert!(!*health.borrow(), "not marked unhealthy");
+        // Its thread is freed (its connection was shut) and its permit comes back with
+        // it: four calls may wait at once again.
+        let freed = Instant::now();
+        while agent.in_flight.available_permits() < 4 {
+            assert!(
+                freed.elapsed() < Duration::from_millis(500),
+                "the late call still holds its thread"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let calls: Vec<_> = (0..4)
+            .map(|_| {
+                let a = agent.clone();
+                tokio::spawn(async move { a.call(Call::Read, |c| c.stats("c1")).await })
+            })
+            .collect();
+        for c in calls {
+            let e = c.await.unwrap().unwrap_err().to_string();
+            assert!(e.contains("did not answer within"), "{e}");
+        }
+    }
+
+    /// Calls beyond `max_in_flight` to one sandbox are refused at once, not queued.
+    #[tokio::test(flavor = "current_thread")]
+    async fn calls_beyond_the_cap_are_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("agent.sock");
+        let taken = silent_agent(&sock);
+        let agent = Agent::on(Endpoint::Unix(sock), limits(3));
+        let mut pending = vec![];
+        for _ in 0..3 {
+            let a = agent.clone();
+            pending.push(tokio::spawn(async move {
+                a.call(Call::Change, |c| c.stats("c1")).await
+            }));
+        }
+        // Let the three take their permits.
+        while taken.load(std::sync::atomic::Ordering::SeqCst) < 3 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let t0 = Instant::now();
+        for _ in 0..100 {
+            let e = agent
+                .call(Call::Read, |c| c.stats("c1"))
+                .await
+                .expect_err("a call beyond the cap went through");
+            assert!(e.to_string().contains("calls in flight"), "{e}");
+        }
+        assert!(t0.elapsed() < Duration::from_secs(1), "refusals waited");
+        for p in pending {
+            assert!(p.await.unwrap().is_err());
+        }
+        assert_eq!(taken.load(std::sync::atomic::Ordering::SeqCst), 3);
+    }
+
     /// No connection reaches the agent's socket before the guest's ready word: one made
     /// while vhost-device-vsock is being started can stop its worker for good.
     #[tokio::test(flavor = "current_thread")]
@@ -232,7 +448,7 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(5));
             }
         });
-        let agent = Agent::new(vsock.clone());
+        let agent = Agent::new(vsock.clone(), AgentConfig::default());
         // `gone` ends the wait once a connection came in (or after 5 s).
         let seen = first.clone();
         let r = agent

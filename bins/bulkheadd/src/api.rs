@@ -12,6 +12,7 @@ use zbus::object_server::SignalEmitter;
 use zbus::zvariant::{ObjectPath, OwnedObjectPath, OwnedValue};
 use zbus::{interface, Connection};
 
+use crate::agent::Call;
 use crate::daemon::{Changed, Daemon, NewContainer, Sandbox, SandboxOptions};
 
 /// Calls that change something, or hand out a process's stdio, need uid 0 or the uid
@@ -232,7 +233,7 @@ impl SandboxIface {
         let cid = id.clone();
         let eid = exec_id_opt(exec_id);
         self.d
-            .container_call(&self.sb.id, &id, move |c| {
+            .container_call(&self.sb.id, &id, Call::Read, move |c| {
                 c.signal(&cid, eid.as_deref(), signal, all)
             })
             .await
@@ -301,7 +302,7 @@ impl SandboxIface {
     async fn processes(&self, id: String) -> Result<Vec<u32>, Error> {
         let cid = id.clone();
         self.d
-            .container_call(&self.sb.id, &id, move |c| c.processes(&cid))
+            .container_call(&self.sb.id, &id, Call::Read, move |c| c.processes(&cid))
             .await
     }
 
@@ -348,14 +349,19 @@ impl SandboxIface {
     /// Each component's jail as enforced and as seen live, as JSON (see
     /// docs/security.md): what `bulkhead inspect` prints.
     async fn security(&self) -> Result<String, Error> {
-        self.d.security(&self.sb.id)
+        // /proc reads of every component: off the runtime's thread, so a caller looping
+        // on this open call holds up no other.
+        let (d, id) = (self.d.clone(), self.sb.id.clone());
+        tokio::task::spawn_blocking(move || d.security(&id))
+            .await
+            .map_err(|e| Error::Failed(format!("security task: {e}")))?
     }
 
     async fn stats(&self, id: String) -> Result<HashMap<String, u64>, Error> {
         let cid = id.clone();
         let s = self
             .d
-            .container_call(&self.sb.id, &id, move |c| c.stats(&cid))
+            .container_call(&self.sb.id, &id, Call::Read, move |c| c.stats(&cid))
             .await?;
         let pairs = [
             ("cpu_usage_usec", s.cpu_usage_usec),
@@ -388,7 +394,7 @@ impl SandboxIface {
         let cid = id.clone();
         let eid = exec_id_opt(exec_id);
         self.d
-            .container_call(&self.sb.id, &id, move |c| {
+            .container_call(&self.sb.id, &id, Call::Read, move |c| {
                 c.expect_ok(&bulkhead_protocol::Request::ResizePty {
                     id: cid,
                     exec_id: eid,
@@ -410,7 +416,7 @@ impl SandboxIface {
         let cid = id.clone();
         let eid = exec_id_opt(exec_id);
         self.d
-            .container_call(&self.sb.id, &id, move |c| {
+            .container_call(&self.sb.id, &id, Call::Read, move |c| {
                 c.expect_ok(&bulkhead_protocol::Request::CloseStdin {
                     id: cid,
                     exec_id: eid,
@@ -475,6 +481,14 @@ impl SandboxIface {
             .collect()
     }
 
+    /// False while the guest's agent does not answer within its calls' deadlines
+    /// (`agent.*_timeout_s`): calls to it fail at once or at their deadline, and other
+    /// sandboxes are not held up. True again at its next answer.
+    #[zbus(property)]
+    async fn healthy(&self) -> bool {
+        *self.sb.agent.health().borrow()
+    }
+
     #[zbus(property)]
     async fn timings(&self) -> HashMap<String, u64> {
         self.sb.snapshot().timings.into_iter().collect()
@@ -537,6 +551,9 @@ pub async fn notify(conn: &Connection, sb: &Arc<Sandbox>, what: Changed) {
     }
     if what.components {
         let _ = iface.components_changed(em).await;
+    }
+    if what.health {
+        let _ = iface.healthy_changed(em).await;
     }
 }
 

@@ -13,7 +13,7 @@ use bulkhead_host::config::{Backend, Config, NetBackend};
 use bulkhead_protocol::{CreateContainer, ExecProcess, Request, Rootfs, SandboxConfig};
 use zbus::zvariant::{OwnedObjectPath, OwnedValue, Value};
 
-use crate::agent::Agent;
+use crate::agent::{Agent, Call};
 use crate::backend::{self, GUEST_SHARED};
 use crate::store::{Component, ContainerRec, SandboxRec, Store};
 use crate::{api, jail, memory, mounts, supervisor};
@@ -99,6 +99,7 @@ pub struct Changed {
     pub state: bool,
     pub containers: bool,
     pub components: bool,
+    pub health: bool,
 }
 
 fn now_us() -> u64 {
@@ -129,15 +130,12 @@ fn io_err(what: &str) -> impl Fn(std::io::Error) -> Error + '_ {
 
 /// The last lines of a component's log, to say why it died.
 fn log_tail(path: &Path) -> String {
-    use std::io::{Read, Seek, SeekFrom};
-    // Only the end is read: the guest writes the serial log without bound.
-    let mut tail = Vec::with_capacity(600);
-    if let Ok(mut f) = std::fs::File::open(path) {
-        let _ = f
-            .seek(SeekFrom::End(-600))
-            .or_else(|_| f.seek(SeekFrom::Start(0)));
-        let _ = f.take(600).read_to_end(&mut tail);
-    }
+    // Only the end is read: the guest writes the serial log without bound. The jailed
+    // VMM owns vm/ and could leave a symlink or a FIFO there: neither is followed.
+    let tail = match bulkhead_host::untrusted::tail(path, 600) {
+        Ok(t) => t,
+        Err(e) => return format!("(log not read: {e})"),
+    };
     let text = String::from_utf8_lossy(&tail).into_owned();
     text.lines()
         .rev()
@@ -192,12 +190,22 @@ fn share_bind_mounts(
         }
         let meta = std::fs::metadata(src_path)
             .map_err(|e| Error::InvalidArgument(format!("bind mount source {src}: {e}")))?;
+        // `cdir` is in the sandbox's host-only staging directory: nothing here can have
+        // been planted. A file mount point is still opened as the file it must be, and
+        // never truncated.
         let target = cdir.join("mounts").join(n.to_string());
         std::fs::create_dir_all(cdir.join("mounts")).map_err(io_err("cannot create mounts"))?;
         if meta.is_dir() {
             std::fs::create_dir_all(&target)
         } else {
-            std::fs::File::create(&target).map(|_| ())
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&target)
+                .map(drop)
         }
         .map_err(io_err("cannot create a mount point"))?;
         mounts::share(src_path, &target, userns)
@@ -257,11 +265,11 @@ async fn wait_sockets(
 
 impl Sandbox {
     /// `requested_mib`: the hot-plug size its VMM was last asked for, if known.
-    fn new(rec: SandboxRec, requested_mib: Option<u64>) -> Arc<Sandbox> {
+    fn new(rec: SandboxRec, requested_mib: Option<u64>, cfg: &Config) -> Arc<Sandbox> {
         Arc::new(Sandbox {
             id: rec.id.clone(),
             path: sandbox_path(&rec.id),
-            agent: Agent::new(rec.vsock_socket()),
+            agent: Agent::new(rec.vsock_socket(), cfg.agent.clone()),
             rec: Mutex::new(rec),
             removing: AtomicBool::new(false),
             net_restarts: Mutex::new(vec![]),
@@ -483,7 +491,7 @@ impl Daemon {
             fs_userns: false,
             net_backend,
         };
-        let sb = Sandbox::new(rec, Some(0));
+        let sb = Sandbox::new(rec, Some(0), &self.cfg);
         {
             let mut map = self.sandboxes.lock().expect("sandboxes lock");
             if map.contains_key(&id) {
@@ -507,18 +515,18 @@ impl Daemon {
         }
         let created = async {
             let rec = sb.snapshot();
-            std::fs::create_dir_all(rec.shared_dir())
+            jail::make_run_dir(&rec)
+                .and_then(|()| std::fs::create_dir(rec.staging_dir()))
+                .and_then(|()| std::fs::create_dir(rec.shared_dir()))
                 .and_then(|()| jail::make_vm_dir(&rec))
-                .and_then(|()| match rec.jail_uid {
-                    Some(_) => mounts::make_shared(&rec.shared_dir()),
-                    None => Ok(()),
-                })
-                .and_then(|()| jail::own_shared_dir(&rec, &rec.shared_dir()))
+                .and_then(|()| mounts::make_staging(&rec.staging_dir(), &rec.shared_dir()))
+                .and_then(|()| jail::own_shared_dir(&rec, &rec.staging_dir()))
                 .map_err(io_err("cannot create the sandbox's directories"))?;
             self.save(&sb);
             if let Some(conn) = self.conn() {
                 api::add_sandbox(conn, self, &sb).await;
             }
+            self.watch_health(&sb);
             if let Some(ns) = netns {
                 self.plumb(&sb, PathBuf::from(ns)).await?;
             }
@@ -683,7 +691,7 @@ impl Daemon {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
         sb.agent
-            .call(move |c| {
+            .call(Call::Change, move |c| {
                 c.create_sandbox(SandboxConfig {
                     hostname: Some(hostname),
                     share_pid: false,
@@ -866,8 +874,8 @@ impl Daemon {
         if graceful && vmm.as_ref().is_some_and(supervisor::alive) {
             let agent = sb.agent.clone();
             let bye = async {
-                let _ = agent.request(Request::DestroySandbox).await;
-                let _ = agent.request(Request::Shutdown).await;
+                let _ = agent.request(Call::Change, Request::DestroySandbox).await;
+                let _ = agent.request(Call::Change, Request::Shutdown).await;
                 while vmm.as_ref().is_some_and(supervisor::alive) {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
@@ -889,8 +897,12 @@ impl Daemon {
                 Err(e) => tracing::error!(sandbox = %sb.id, "network cleanup: {e}"),
             }
         }
-        if let Err(e) = mounts::unmount_and_remove(&rec.run_dir) {
-            tracing::error!(sandbox = %sb.id, "cleanup: {e}");
+        // A guest-filled tree can take long to remove: off the runtime's thread.
+        let run_dir = rec.run_dir.clone();
+        match tokio::task::spawn_blocking(move || mounts::unmount_and_remove(&run_dir)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(sandbox = %sb.id, "cleanup: {e}"),
+            Err(e) => tracing::error!(sandbox = %sb.id, "cleanup: {e}"),
         }
         if let Err(e) = self.store.remove(&sb.id) {
             tracing::error!(sandbox = %sb.id, "cannot remove state file: {e}");
@@ -919,7 +931,7 @@ impl Daemon {
             let id = rec.id.clone();
             let all_alive =
                 !rec.components.is_empty() && rec.components.iter().all(supervisor::alive);
-            let sb = Sandbox::new(rec.clone(), None);
+            let sb = Sandbox::new(rec.clone(), None, &self.cfg);
             self.sandboxes
                 .lock()
                 .expect("sandboxes lock")
@@ -927,6 +939,7 @@ impl Daemon {
             if let Some(conn) = self.conn() {
                 api::add_sandbox(conn, self, &sb).await;
             }
+            self.watch_health(&sb);
             if !all_alive || rec.state != "running" {
                 let why = if rec.state != "running" {
                     format!("the manager restarted while it was {}", rec.state)
@@ -1290,7 +1303,7 @@ impl Daemon {
                     "container {cid:?} exists in sandbox {sid}"
                 )));
             }
-            let mount = r.shared_dir().join(&cid).join("rootfs");
+            let mount = r.staging_dir().join(&cid).join("rootfs");
             r.containers.push(ContainerRec {
                 id: cid.clone(),
                 state: "creating".into(),
@@ -1305,6 +1318,12 @@ impl Daemon {
         self.fit_memory(&sb, true).await;
         let result = async {
             let rec = sb.snapshot();
+            if !rec.staging_dir().is_dir() {
+                return Err(Error::FailedPrecondition(format!(
+                    "sandbox {sid} was made by an older bulkheadd, whose shared directory \
+                     the guest can write: recreate it to add containers"
+                )));
+            }
             let userns = jail::fs_userns_fd(&rec)
                 .map_err(io_err("cannot reach virtiofsd's user namespace"))?;
             let ns = userns.as_ref().map(std::os::fd::AsFd::as_fd);
@@ -1352,7 +1371,9 @@ impl Daemon {
                 rootfs: Rootfs::Path(format!("{GUEST_SHARED}/{cid}/rootfs")),
                 stdin,
             };
-            sb.agent.call(move |c| c.create_container(req)).await
+            sb.agent
+                .call(Call::Change, move |c| c.create_container(req))
+                .await
         }
         .await;
         match result {
@@ -1394,7 +1415,7 @@ impl Daemon {
         let sb = self.running(sid)?;
         Self::container_state(&sb, &cid)?;
         let id = cid.clone();
-        sb.agent.call(move |c| c.start(&id)).await?;
+        sb.agent.call(Call::Change, move |c| c.start(&id)).await?;
         self.set_container_state(&sb, &cid, "running", None).await;
         self.watch_exit(&sb, cid);
         Ok(())
@@ -1429,13 +1450,42 @@ impl Daemon {
     /// Pass the guest's OOM kills on as `ContainerOom` signals, one per kill, for the
     /// sandbox's lifetime. The id comes from the guest: only a container this sandbox
     /// has is announced.
+    /// Log and announce (`Healthy`) each change of the agent's health. Holds the
+    /// sandbox weakly: the task ends with it.
+    fn watch_health(self: &Arc<Self>, sb: &Arc<Sandbox>) {
+        let d = Arc::downgrade(self);
+        let weak = Arc::downgrade(sb);
+        let mut rx = sb.agent.health();
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let healthy = *rx.borrow_and_update();
+                let (Some(d), Some(sb)) = (d.upgrade(), weak.upgrade()) else {
+                    return;
+                };
+                if healthy {
+                    tracing::info!(sandbox = %sb.id, "the guest agent answers again");
+                } else {
+                    tracing::warn!(sandbox = %sb.id, security_event = "agent-silent", "the guest agent stopped answering: sandbox unhealthy");
+                }
+                d.notify(
+                    &sb,
+                    Changed {
+                        health: true,
+                        ..Default::default()
+                    },
+                )
+                .await;
+            }
+        });
+    }
+
     fn watch_oom(self: &Arc<Self>, sb: &Arc<Sandbox>) {
         let d = self.clone();
         let sb = sb.clone();
         tokio::spawn(async move {
             let mut failures = 0u32;
             while !sb.removing.load(Ordering::SeqCst) {
-                match sb.agent.call(|c| c.wait_oom()).await {
+                match sb.agent.call(Call::Wait, |c| c.wait_oom()).await {
                     Ok(cid) if sb.snapshot().container(&cid).is_none() => {
                         // The guest named a container it does not have: counted as a
                         // failure, so a guest answering this in a loop is backed off
@@ -1475,7 +1525,7 @@ impl Daemon {
         let sb = sb.clone();
         tokio::spawn(async move {
             let id = cid.clone();
-            match sb.agent.call(move |c| c.wait(&id, None)).await {
+            match sb.agent.call(Call::Wait, move |c| c.wait(&id, None)).await {
                 Ok(st) => {
                     d.set_container_state(&sb, &cid, "stopped", Some(st.code))
                         .await;
@@ -1515,7 +1565,7 @@ impl Daemon {
             process_json,
             stdin,
         };
-        sb.agent.call(move |c| c.exec(e)).await
+        sb.agent.call(Call::Change, move |c| c.exec(e)).await
     }
 
     /// A plain agent call on a container of a running sandbox.
@@ -1523,6 +1573,7 @@ impl Daemon {
         &self,
         sid: &str,
         cid: &str,
+        kind: Call,
         f: impl FnOnce(
                 &mut bulkhead_protocol::client::AgentClient<std::os::unix::net::UnixStream>,
             ) -> Result<T, bulkhead_protocol::client::ClientError>
@@ -1531,12 +1582,12 @@ impl Daemon {
     ) -> Result<T, Error> {
         let sb = self.running(sid)?;
         Self::container_state(&sb, cid)?;
-        sb.agent.call(f).await
+        sb.agent.call(kind, f).await
     }
 
     pub async fn pause(&self, sid: &str, cid: String, pause: bool) -> Result<(), Error> {
         let id = cid.clone();
-        self.container_call(sid, &cid, move |c| {
+        self.container_call(sid, &cid, Call::Change, move |c| {
             c.expect_ok(&if pause {
                 Request::Pause { id }
             } else {
@@ -1552,17 +1603,25 @@ impl Daemon {
 
     pub async fn delete_container(&self, sid: &str, cid: String, force: bool) -> Result<(), Error> {
         let id = cid.clone();
-        self.container_call(sid, &cid, move |c| c.delete(&id, force))
+        self.container_call(sid, &cid, Call::Change, move |c| c.delete(&id, force))
             .await?;
         let sb = self.get(sid)?;
         let mount = sb
             .snapshot()
             .container(&cid)
             .map(|c| c.rootfs_mount.clone());
-        if let Some(m) = mount.as_ref().and_then(|m| m.parent()) {
-            mounts::unmount_and_remove(m).map_err(io_err("cannot unmount the rootfs"))?;
-        }
-        let _ = mounts::unmount_and_remove(&sb.snapshot().run_dir.join("layers").join(&cid));
+        // The container's writable layer is the guest's to fill: removed off the
+        // runtime's thread.
+        let layer = sb.snapshot().run_dir.join("layers").join(&cid);
+        tokio::task::spawn_blocking(move || {
+            if let Some(m) = mount.as_ref().and_then(|m| m.parent()) {
+                mounts::unmount_and_remove(m).map_err(io_err("cannot unmount the rootfs"))?;
+            }
+            let _ = mounts::unmount_and_remove(&layer);
+            Ok::<(), Error>(())
+        })
+        .await
+        .map_err(|e| Error::Failed(format!("container cleanup task: {e}")))??;
         self.update(
             &sb,
             Changed {
@@ -1605,7 +1664,7 @@ impl Daemon {
         }
         let id = cid.clone();
         let told = self
-            .container_call(sid, &cid, move |c| {
+            .container_call(sid, &cid, Call::Change, move |c| {
                 c.expect_ok(&Request::Update { id, resources_json })
             })
             .await;

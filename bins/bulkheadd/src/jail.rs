@@ -106,6 +106,29 @@ pub fn command(cfg: &Config, rec: &SandboxRec, spec: &ComponentSpec) -> Result<C
     })
 }
 
+/// Make the sandbox's run directory, root's and 0700 (so are the `run/` directory above
+/// every sandbox's and the state directory's other trees): containers' root file systems,
+/// volumes (Kubernetes secrets are 0644 inside) and set-uid files a container made are
+/// mounted below it, and no other host user may reach them. Jailed components see
+/// only the paths bound into their own roots.
+pub fn make_run_dir(rec: &SandboxRec) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let parent = rec
+        .run_dir
+        .parent()
+        .ok_or_else(|| std::io::Error::other("run directory has no parent"))?;
+    private_dir(parent)?;
+    std::fs::DirBuilder::new().mode(0o700).create(&rec.run_dir)
+}
+
+/// Create `dir` (and its parents) if missing, then make it 0700: a directory made by an
+/// older bulkheadd with 0755 is closed too.
+pub fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
 /// Make the sandbox's `vm/` directory, owned by its jail uid (0700), so jailed
 /// components can create their sockets and nothing else of the run directory.
 pub fn make_vm_dir(rec: &SandboxRec) -> std::io::Result<()> {

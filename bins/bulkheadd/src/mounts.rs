@@ -29,6 +29,12 @@ pub fn bind(src: &Path, dst: &Path) -> io::Result<()> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
+    // Nothing a container or its image holds runs set-uid or opens a device node on the
+    // host, through this bind or any mount below it.
+    if let Err(e) = bulkhead_jail::idmap::restrict_tree(dst, false) {
+        let _ = unmount(dst);
+        return Err(e);
+    }
     // SAFETY: as above; a propagation change takes no source or data.
     let rc = unsafe {
         libc::mount(
@@ -47,24 +53,40 @@ pub fn bind(src: &Path, dst: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Make `dir` a mount of its own with shared propagation, so that what is mounted under
-/// it later (container root file systems) also appears in a jailed virtiofsd's mount
-/// namespace, whose copy of `dir` is a slave of this one.
-pub fn make_shared(dir: &Path) -> io::Result<()> {
-    let d = cstr(dir)?;
-    for flags in [libc::MS_BIND, libc::MS_SHARED] {
-        let src = if flags == libc::MS_BIND {
-            d.as_ptr()
-        } else {
-            std::ptr::null()
-        };
-        // SAFETY: NUL-terminated path living across the call; no data.
-        let rc = unsafe { libc::mount(src, d.as_ptr(), std::ptr::null(), flags, std::ptr::null()) };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
+/// One `mount(2)` call on NUL-terminated paths.
+fn mount_at(src: Option<&CString>, dst: &CString, flags: libc::c_ulong) -> io::Result<()> {
+    let src = src.map_or(std::ptr::null(), |s| s.as_ptr());
+    // SAFETY: NUL-terminated paths (or null) living across the call; no type or data.
+    let rc = unsafe { libc::mount(src, dst.as_ptr(), std::ptr::null(), flags, std::ptr::null()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Lay out a sandbox's shared directory: `staging` (host-only: bulkheadd makes the
+/// containers' directories and mount points there and mounts into it) becomes a mount
+/// of its own with shared propagation, and `shared` (what virtiofsd serves) a bind of it
+/// in the same peer group whose own mount is read-only, `nosuid,nodev`. What is mounted
+/// under `staging` later (container root file systems, volumes) appears under `shared`
+/// with its own flags, and in a jailed virtiofsd's mount namespace, whose copy of
+/// `shared` is a slave. The guest can write inside those mounts, and nowhere in the
+/// tree of directories around them: no path bulkheadd follows can have been planted.
+pub fn make_staging(staging: &Path, shared: &Path) -> io::Result<()> {
+    let (st, sh) = (cstr(staging)?, cstr(shared)?);
+    mount_at(Some(&st), &st, libc::MS_BIND)?;
+    mount_at(
+        None,
+        &st,
+        libc::MS_REMOUNT | libc::MS_BIND | libc::MS_NOSUID | libc::MS_NODEV,
+    )?;
+    mount_at(None, &st, libc::MS_SHARED)?;
+    mount_at(Some(&st), &sh, libc::MS_BIND)?;
+    mount_at(
+        None,
+        &sh,
+        libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+    )
 }
 
 /// `src` at `dst` for the guest: a private recursive bind ([`bind`]), seen through

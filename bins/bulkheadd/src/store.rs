@@ -86,9 +86,20 @@ impl SandboxRec {
         self.vm_dir().join("vsock.sock")
     }
 
-    /// The directory virtiofsd shares with the guest.
+    /// The directory virtiofsd shares with the guest: a bind of [`Self::staging_dir`]
+    /// whose own mount is read-only, so the guest can write inside the containers'
+    /// root file systems and volumes mounted below it, and nowhere in the tree that
+    /// bulkheadd builds (`<cid>/`, `<cid>/mounts/`, the mount points).
     pub fn shared_dir(&self) -> PathBuf {
         self.run_dir.join("shared")
+    }
+
+    /// The host-only side of the shared directory, where bulkheadd makes the
+    /// containers' directories and mount points and mounts into them. No guest and no
+    /// jailed process can write its directories, so no path bulkheadd follows there can
+    /// have been planted.
+    pub fn staging_dir(&self) -> PathBuf {
+        self.run_dir.join("staging")
     }
 
     pub fn container(&self, id: &str) -> Option<&ContainerRec> {

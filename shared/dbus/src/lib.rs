@@ -211,6 +211,9 @@ pub trait Sandbox1 {
     fn network_stats(&self) -> zbus::Result<HashMap<String, HashMap<String, u64>>>;
     /// Each component's jail, as enforced and as seen live (JSON).
     fn security(&self) -> zbus::Result<String>;
+    /// False while the guest's agent does not answer within its calls' deadlines.
+    #[zbus(property)]
+    fn healthy(&self) -> zbus::Result<bool>;
     /// The VM as its VMM reports it (`org.bulkhead.Vmm1`; bulkhead-vmm only): `state`,
     /// `memory` (a{ss}), `start_phases` (a(sdttdt)), `balloon` (a{sv}) and `hotplug` (a{sv}) when it has them.
     fn vm_status(&self) -> zbus::Result<HashMap<String, OwnedValue>>;
