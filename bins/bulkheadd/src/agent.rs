@@ -150,7 +150,9 @@ impl Agent {
         let r = joined.map_err(|e| Error::Failed(format!("agent call task: {e}")))?;
         // An answer, even a refusal, is a live agent; no answer (a socket timeout, a
         // connection that broke or never came) is not.
+        // A wait ends when the VM goes, which says nothing of a live agent's health.
         let answered = match &r {
+            _ if kind == Call::Wait => *self.health.borrow(),
             Ok(_) => true,
             Err(
                 ClientError::Connect { .. } | ClientError::Handshake(_) | ClientError::Frame(_),

@@ -62,6 +62,7 @@ impl ManagerIface {
                 "netns",
                 "net_backend",
                 "virtiofsd_userns",
+                "layers_mib",
             ],
         )?;
         let opts = SandboxOptions {
@@ -73,6 +74,7 @@ impl ManagerIface {
             netns: option::<String>(&options, "netns")?,
             net_backend: option::<String>(&options, "net_backend")?,
             virtiofsd_userns: option::<bool>(&options, "virtiofsd_userns")?,
+            layers_mib: option::<u32>(&options, "layers_mib")?.map(u64::from),
         };
         self.d.create_sandbox(id, opts).await
     }

@@ -48,6 +48,9 @@ pub struct Sandbox {
 /// What `CreateSandbox` may ask for beyond the id; `None` takes the configured default.
 #[derive(Debug, Default)]
 pub struct SandboxOptions {
+    /// What the guest may write into its containers' writable layers, MiB (the config's
+    /// `layers_mib` when unset).
+    pub layers_mib: Option<u64>,
     pub backend: Option<String>,
     pub cpus: Option<u32>,
     pub memory_mib: Option<u32>,
@@ -382,7 +385,14 @@ impl Daemon {
             netns,
             net_backend,
             virtiofsd_userns,
+            layers_mib,
         } = opts;
+        let layers_mib = layers_mib.unwrap_or(self.cfg.layers_mib);
+        if !(16..=1 << 20).contains(&layers_mib) {
+            return Err(Error::InvalidArgument(format!(
+                "layers_mib {layers_mib}: want 16 to 1048576"
+            )));
+        }
         if let Some(ns) = &netns {
             if !ns.starts_with('/') || ns.len() > 4096 || !Path::new(ns).exists() {
                 return Err(Error::InvalidArgument(format!(
@@ -519,6 +529,7 @@ impl Daemon {
                 .and_then(|()| std::fs::create_dir(rec.staging_dir()))
                 .and_then(|()| std::fs::create_dir(rec.shared_dir()))
                 .and_then(|()| jail::make_vm_dir(&rec))
+                .and_then(|()| jail::make_layers_dir(&rec, layers_mib))
                 .and_then(|()| mounts::make_staging(&rec.staging_dir(), &rec.shared_dir()))
                 .and_then(|()| jail::own_shared_dir(&rec, &rec.staging_dir()))
                 .map_err(io_err("cannot create the sandbox's directories"))?;

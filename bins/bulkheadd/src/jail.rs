@@ -129,17 +129,45 @@ pub fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
+/// MiB of the sandbox's `vm/` directory: sockets and the consoles' logs, which the guest
+/// fills as it likes (bulkhead-vmm caps each at 16 MiB, QEMU's `-serial file:` has no
+/// cap of its own: the file system's size is it).
+pub const VM_DIR_MIB: u64 = 40;
+
 /// Make the sandbox's `vm/` directory, owned by its jail uid (0700), so jailed
-/// components can create their sockets and nothing else of the run directory.
+/// components can create their sockets and nothing else of the run directory: a tmpfs
+/// of [`VM_DIR_MIB`] where bulkheadd can mount (as root), so a guest writing its console
+/// without end fills its own directory and not the host's `/run`.
 pub fn make_vm_dir(rec: &SandboxRec) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let vm = rec.vm_dir();
     std::fs::create_dir_all(&vm)?;
+    if is_root() {
+        crate::mounts::bounded_tmpfs(&vm, VM_DIR_MIB, 0o700, rec.jail_uid.unwrap_or(0))?;
+    }
     if let Some(uid) = rec.jail_uid {
         std::os::unix::fs::chown(&vm, Some(uid), Some(uid))?;
         std::fs::set_permissions(&vm, std::fs::Permissions::from_mode(0o700))?;
     }
     Ok(())
+}
+
+/// Make the sandbox's `layers/` directory, where the containers' writable layers live
+/// (`bulkhead run IMAGE`, `CreateContainer` with `overlay`): root's, 0700, and a tmpfs of
+/// `layers_mib` where bulkheadd can mount, so what the guest writes into its root file
+/// systems is bounded per sandbox and the pod, not the host, gets ENOSPC.
+pub fn make_layers_dir(rec: &SandboxRec, layers_mib: u64) -> std::io::Result<()> {
+    let layers = rec.run_dir.join("layers");
+    private_dir(&layers)?;
+    if is_root() {
+        crate::mounts::bounded_tmpfs(&layers, layers_mib, 0o700, 0)?;
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
 }
 
 /// Give a directory bulkheadd makes in the shared directory to the sandbox's first id

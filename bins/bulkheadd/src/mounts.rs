@@ -64,6 +64,31 @@ fn mount_at(src: Option<&CString>, dst: &CString, flags: libc::c_ulong) -> io::R
     Ok(())
 }
 
+/// A tmpfs of `size_mib` at `dir`, `nosuid,nodev`, its top owned by `owner` with `mode`:
+/// a bound on what a sandbox's guest can make its components or bulkheadd write to
+/// host memory. A write past it fails with ENOSPC in that sandbox alone.
+pub fn bounded_tmpfs(dir: &Path, size_mib: u64, mode: u32, owner: u32) -> io::Result<()> {
+    let d = cstr(dir)?;
+    let data = CString::new(format!(
+        "size={size_mib}m,mode={mode:o},uid={owner},gid={owner}"
+    ))
+    .map_err(|_| io::Error::other("tmpfs options"))?;
+    // SAFETY: NUL-terminated strings living across the call.
+    let rc = unsafe {
+        libc::mount(
+            c"tmpfs".as_ptr(),
+            d.as_ptr(),
+            c"tmpfs".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            data.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Lay out a sandbox's shared directory: `staging` (host-only: bulkheadd makes the
 /// containers' directories and mount points there and mounts into it) becomes a mount
 /// of its own with shared propagation, and `shared` (what virtiofsd serves) a bind of it

@@ -44,6 +44,12 @@ pub struct Config {
     pub vhost_device_vsock: Option<PathBuf>,
     pub bulkhead_net: Option<PathBuf>,
     pub bulkhead_jailer: Option<PathBuf>,
+    /// MiB a sandbox's guest may write into its containers' writable layers on the
+    /// host (`bulkhead run IMAGE`, `CreateContainer` with `overlay`): a tmpfs of this size
+    /// per sandbox under the state directory. Past it the pod gets ENOSPC, the host's
+    /// `/run` keeps its room. containerd's and podman's root file systems live in their
+    /// own stores.
+    pub layers_mib: u64,
     /// How host components are jailed.
     pub jail: JailConfig,
     /// How long bulkheadd waits on a guest's agent, and how many calls it lets wait.
@@ -154,6 +160,7 @@ impl Default for Config {
             vhost_device_vsock: None,
             bulkhead_net: None,
             bulkhead_jailer: None,
+            layers_mib: 2048,
             jail: JailConfig::default(),
             agent: AgentConfig::default(),
         }
@@ -247,6 +254,12 @@ impl Config {
                 "jail uid range {} + {}: want at least {IDS_PER_SANDBOX} ids (one sandbox's), \
                  above 0, within 32 bits",
                 j.uid_base, j.uid_count
+            )));
+        }
+        if !(16..=1 << 20).contains(&self.layers_mib) {
+            return Err(ConfigError::Invalid(format!(
+                "layers_mib = {}: want 16 to 1048576",
+                self.layers_mib
             )));
         }
         let a = &self.agent;
