@@ -61,6 +61,7 @@ pub fn list() -> Vec<Case> {
         .chain(crate::net::list())
         .chain(crate::netfilter::list())
         .chain(crate::jail::list())
+        .chain(crate::hostile::list())
         .chain(crate::metrics::list())
         .chain(crate::containerd::list())
         .collect()

@@ -9,6 +9,7 @@ mod bad_input;
 mod cases;
 mod containerd;
 mod cri;
+mod hostile;
 mod jail;
 mod metrics;
 mod net;
@@ -25,6 +26,18 @@ pub type Case = (
 );
 
 fn main() {
+    // The eavesdropper of the bus-monitor case, run by that case as another uid.
+    if std::env::args().nth(1).as_deref() == Some("--eavesdrop") {
+        let a: Vec<String> = std::env::args().skip(2).collect();
+        let secs = a.get(1).and_then(|s| s.parse().ok()).unwrap_or(5);
+        std::process::exit(match hostile::eavesdrop(&a[0], secs) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("eavesdrop: {e:#}");
+                1
+            }
+        });
+    }
     let mut bin = PathBuf::from("target/x86_64-unknown-linux-gnu/release");
     let mut guest = None;
     let mut only: Option<String> = None;
