@@ -33,9 +33,6 @@ pub enum Call {
     Read,
     /// A change to a container (create, start, exec, update, pause, delete).
     Change,
-    /// A wait for an exit or an OOM kill: as long as the process lives. Not capped and
-    /// without a deadline (one per container, started by bulkheadd itself).
-    Wait,
 }
 
 #[derive(Debug, Clone)]
@@ -84,12 +81,11 @@ impl Agent {
         self.health.subscribe()
     }
 
-    fn deadline(&self, kind: Call) -> Option<Duration> {
-        match kind {
-            Call::Read => Some(Duration::from_secs(self.limits.read_timeout_s)),
-            Call::Change => Some(Duration::from_secs(self.limits.change_timeout_s)),
-            Call::Wait => None,
-        }
+    fn deadline(&self, kind: Call) -> Duration {
+        Duration::from_secs(match kind {
+            Call::Read => self.limits.read_timeout_s,
+            Call::Change => self.limits.change_timeout_s,
+        })
     }
 
     /// Run `f` on a fresh handshaken connection, on the blocking pool, within the
@@ -99,17 +95,14 @@ impl Agent {
         T: Send + 'static,
         F: FnOnce(&mut AgentClient<UnixStream>) -> Result<T, ClientError> + Send + 'static,
     {
-        let permit = match kind {
-            Call::Wait => None,
-            _ => Some(self.in_flight.clone().try_acquire_owned().map_err(|_| {
-                Error::Agent(format!(
-                    "the guest agent has {} calls in flight (agent.max_in_flight): it is \
-                     slow or not answering",
-                    self.limits.max_in_flight
-                ))
-            })?),
-        };
-        let deadline = self.deadline(kind);
+        let permit = self.in_flight.clone().try_acquire_owned().map_err(|_| {
+            Error::Agent(format!(
+                "the guest agent has {} calls in flight (agent.max_in_flight): it is slow \
+                 or not answering",
+                self.limits.max_in_flight
+            ))
+        })?;
+        let d = self.deadline(kind);
         let ep = self.endpoint.clone();
         // The call's connection, kept here so that a call past its deadline can be shut
         // from outside, which ends the blocked read and frees the thread.
@@ -117,42 +110,35 @@ impl Agent {
         let slot = conn.clone();
         let task = tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            let mut c = ep.client(deadline.map_or(CONNECT_TIMEOUT, |d| d.min(CONNECT_TIMEOUT)))?;
-            if let Some(d) = deadline {
-                c.set_read_timeout(Some(d))?;
-                c.get_ref()
-                    .set_write_timeout(Some(d))
-                    .map_err(|e| ClientError::Handshake(e.to_string()))?;
-            }
+            let mut c = ep.client(d.min(CONNECT_TIMEOUT))?;
+            c.set_read_timeout(Some(d))?;
+            c.get_ref()
+                .set_write_timeout(Some(d))
+                .map_err(|e| ClientError::Handshake(e.to_string()))?;
             if let Ok(s) = c.get_ref().try_clone() {
                 *slot.lock().expect("conn lock") = Some(s);
             }
             f(&mut c)
         });
-        let joined = match deadline {
-            None => task.await,
-            Some(d) => match tokio::time::timeout(d, task).await {
-                Ok(j) => j,
-                Err(_) => {
-                    if let Some(s) = conn.lock().expect("conn lock").take() {
-                        let _ = s.shutdown(std::net::Shutdown::Both);
-                    }
-                    self.health
-                        .send_if_modified(|h| std::mem::replace(h, false));
-                    return Err(Error::Agent(format!(
-                        "the guest agent did not answer within {d:?} (agent.{}_timeout_s); \
-                         the sandbox is marked unhealthy",
-                        if kind == Call::Read { "read" } else { "change" }
-                    )));
+        let joined = match tokio::time::timeout(d, task).await {
+            Ok(j) => j,
+            Err(_) => {
+                if let Some(s) = conn.lock().expect("conn lock").take() {
+                    let _ = s.shutdown(std::net::Shutdown::Both);
                 }
-            },
+                self.health
+                    .send_if_modified(|h| std::mem::replace(h, false));
+                return Err(Error::Agent(format!(
+                    "the guest agent did not answer within {d:?} (agent.{}_timeout_s); the \
+                     sandbox is marked unhealthy",
+                    if kind == Call::Read { "read" } else { "change" }
+                )));
+            }
         };
         let r = joined.map_err(|e| Error::Failed(format!("agent call task: {e}")))?;
         // An answer, even a refusal, is a live agent; no answer (a socket timeout, a
         // connection that broke or never came) is not.
-        // A wait ends when the VM goes, which says nothing of a live agent's health.
         let answered = match &r {
-            _ if kind == Call::Wait => *self.health.borrow(),
             Ok(_) => true,
             Err(
                 ClientError::Connect { .. } | ClientError::Handshake(_) | ClientError::Frame(_),
@@ -162,6 +148,60 @@ impl Agent {
         self.health
             .send_if_modified(|h| std::mem::replace(h, answered) != answered);
         r.map_err(to_dbus)
+    }
+
+    /// Send `req` on a connection of its own and await its one answer, however long the
+    /// process it waits for runs, without holding a thread: the connection and its
+    /// handshake on the blocking pool (bounded by the connect timeout), the answer read
+    /// on the runtime. For waits, which have no deadline and are not counted against
+    /// `agent.max_in_flight` (bulkheadd makes one per container and one per sandbox).
+    async fn wait_frame(&self, req: Request) -> Result<Vec<u8>, ClientError> {
+        use tokio::io::AsyncReadExt;
+        let ep = self.endpoint.clone();
+        let std_stream = tokio::task::spawn_blocking(move || {
+            let c = ep.client(CONNECT_TIMEOUT)?;
+            let mut s = c
+                .get_ref()
+                .try_clone()
+                .map_err(|e| ClientError::Handshake(e.to_string()))?;
+            write_frame(&mut s, &encode(&req)?)?;
+            Ok::<_, ClientError>(c.into_inner())
+        })
+        .await
+        .map_err(|e| ClientError::Handshake(format!("agent call task: {e}")))??;
+        let io = |e: std::io::Error| ClientError::Frame(e.into());
+        std_stream.set_nonblocking(true).map_err(io)?;
+        let mut s = tokio::net::UnixStream::from_std(std_stream).map_err(io)?;
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len).await.map_err(io)?;
+        let len = u32::from_le_bytes(len);
+        if len > bulkhead_protocol::MAX_FRAME {
+            return Err(ClientError::Frame(bulkhead_protocol::FrameError::TooLarge(
+                len,
+            )));
+        }
+        let mut frame = vec![0u8; len as usize];
+        s.read_exact(&mut frame).await.map_err(io)?;
+        Ok(frame)
+    }
+
+    /// The exit of a container's init or of an exec'd process, when it comes.
+    pub async fn wait_exit(
+        &self,
+        id: String,
+        exec_id: Option<String>,
+    ) -> Result<bulkhead_protocol::ExitStatus, Error> {
+        let frame = self
+            .wait_frame(Request::Wait { id, exec_id })
+            .await
+            .map_err(to_dbus)?;
+        bulkhead_protocol::client::exit_of(&frame).map_err(to_dbus)
+    }
+
+    /// The next container whose process the guest's OOM killer killed.
+    pub async fn wait_oom(&self) -> Result<String, Error> {
+        let frame = self.wait_frame(Request::WaitOom).await.map_err(to_dbus)?;
+        bulkhead_protocol::client::oom_of(&frame).map_err(to_dbus)
     }
 
     pub async fn request(&self, kind: Call, req: Request) -> Result<(), Error> {
@@ -329,6 +369,82 @@ mod tests {
             }
         });
         taken
+    }
+
+    /// An agent that answers every request but the waits with an error (an answer all
+    /// the same) at once, and never answers a wait: processes that run for ever.
+    fn agent_of_long_runners(path: &Path) {
+        use bulkhead_protocol::{decode, read_frame, HelloReply, Response, PROTOCOL_VERSION};
+        let l = std::os::unix::net::UnixListener::bind(path).unwrap();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { return };
+                std::thread::spawn(move || {
+                    let _ = read_frame(&mut s);
+                    let reply = HelloReply::Accepted {
+                        version: PROTOCOL_VERSION,
+                        agent_version: "long".into(),
+                    };
+                    let _ = write_frame(&mut s, &encode(&reply).unwrap());
+                    while let Ok(f) = read_frame(&mut s) {
+                        match decode::<Request>(&f) {
+                            Ok(Request::Wait { .. } | Request::WaitOom) => {
+                                // Held until the test ends.
+                                std::thread::sleep(Duration::from_secs(3600));
+                            }
+                            _ => {
+                                let no = Response::Error(AgentError::NotFound("no such".into()));
+                                let _ = write_frame(&mut s, &encode(&no).unwrap());
+                            }
+                        }
+                    }
+                });
+            }
+        });
+    }
+
+    /// Waits for exits hold no thread of the blocking pool while the processes run: with
+    /// a pool of 4 threads and 16 waits pending, a call still gets a thread and its
+    /// answer at once.
+    #[test]
+    fn waits_hold_no_thread_while_they_wait() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .max_blocking_threads(4)
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let sock = dir.path().join("agent.sock");
+            agent_of_long_runners(&sock);
+            let agent = Agent::on(Endpoint::Unix(sock), limits(4));
+            let waits: Vec<_> = (0..16)
+                .map(|i| {
+                    let a = agent.clone();
+                    tokio::spawn(async move { a.wait_exit(format!("c{i}"), None).await })
+                })
+                .collect();
+            // Let every wait connect and send its request.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let t0 = Instant::now();
+            let e = agent
+                .call(Call::Read, |c| c.stats("c1"))
+                .await
+                .expect_err("the fake agent answers with an error");
+            assert!(
+                e.to_string().contains("no such"),
+                "the call got no answer beside 16 waits: {e}"
+            );
+            assert!(
+                t0.elapsed() < Duration::from_millis(500),
+                "{:?}",
+                t0.elapsed()
+            );
+            assert!(waits.iter().all(|w| !w.is_finished()));
+            for w in waits {
+                w.abort();
+            }
+        });
     }
 
     fn limits(max_in_flight: u32) -> AgentConfig {

@@ -1496,7 +1496,7 @@ impl Daemon {
         tokio::spawn(async move {
             let mut failures = 0u32;
             while !sb.removing.load(Ordering::SeqCst) {
-                match sb.agent.call(Call::Wait, |c| c.wait_oom()).await {
+                match sb.agent.wait_oom().await {
                     Ok(cid) if sb.snapshot().container(&cid).is_none() => {
                         // The guest named a container it does not have: counted as a
                         // failure, so a guest answering this in a loop is backed off
@@ -1535,8 +1535,7 @@ impl Daemon {
         let d = self.clone();
         let sb = sb.clone();
         tokio::spawn(async move {
-            let id = cid.clone();
-            match sb.agent.call(Call::Wait, move |c| c.wait(&id, None)).await {
+            match sb.agent.wait_exit(cid.clone(), None).await {
                 Ok(st) => {
                     d.set_container_state(&sb, &cid, "stopped", Some(st.code))
                         .await;

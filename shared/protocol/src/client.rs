@@ -153,6 +153,32 @@ impl AgentClient<UnixStream> {
     }
 }
 
+/// The agent's answer in `frame`; an [`Response::Error`] becomes [`ClientError::Agent`].
+pub fn answer(frame: &[u8]) -> Result<Response, ClientError> {
+    match decode(frame)? {
+        Response::Error(e) => Err(ClientError::Agent(e.map_text(bounded_text))),
+        r => Ok(r),
+    }
+}
+
+/// The answer to a `Wait` (a process's exit), from its frame: for a caller that reads
+/// the frame itself, without holding a thread while the process runs.
+pub fn exit_of(frame: &[u8]) -> Result<ExitStatus, ClientError> {
+    match answer(frame)? {
+        Response::Exited(s) => Ok(s),
+        other => Err(unexpected(&other)),
+    }
+}
+
+/// The answer to a `WaitOom` (the container whose process the guest's OOM killer
+/// killed), from its frame.
+pub fn oom_of(frame: &[u8]) -> Result<String, ClientError> {
+    match answer(frame)? {
+        Response::Oom { id } if id.len() <= crate::MAX_ID_LEN => Ok(id),
+        other => Err(unexpected(&other)),
+    }
+}
+
 /// At most this much of an unexpected answer goes into an error message.
 const SHOWN: usize = 200;
 
@@ -238,10 +264,7 @@ impl<S: Read + Write> AgentClient<S> {
     /// [`ClientError::Agent`].
     pub fn call(&mut self, req: &Request) -> Result<Response, ClientError> {
         write_frame(&mut self.stream, &encode(req)?)?;
-        match decode(&read_frame(&mut self.stream)?)? {
-            Response::Error(e) => Err(ClientError::Agent(e.map_text(bounded_text))),
-            r => Ok(r),
-        }
+        answer(&read_frame(&mut self.stream)?)
     }
 
     pub fn health(&mut self) -> Result<crate::HealthInfo, ClientError> {
@@ -321,13 +344,14 @@ impl<S: Read + Write> AgentClient<S> {
 
     /// Block until the process exits.
     pub fn wait(&mut self, id: &str, exec_id: Option<&str>) -> Result<ExitStatus, ClientError> {
-        match self.call(&Request::Wait {
-            id: id.into(),
-            exec_id: exec_id.map(Into::into),
-        })? {
-            Response::Exited(s) => Ok(s),
-            other => Err(unexpected(&other)),
-        }
+        write_frame(
+            &mut self.stream,
+            &encode(&Request::Wait {
+                id: id.into(),
+                exec_id: exec_id.map(Into::into),
+            })?,
+        )?;
+        exit_of(&read_frame(&mut self.stream)?)
     }
 
     pub fn delete(&mut self, id: &str, force: bool) -> Result<(), ClientError> {
@@ -353,10 +377,8 @@ impl<S: Read + Write> AgentClient<S> {
 
     /// Block until some container has an OOM kill; returns its id.
     pub fn wait_oom(&mut self) -> Result<String, ClientError> {
-        match self.call(&Request::WaitOom)? {
-            Response::Oom { id } if id.len() <= crate::MAX_ID_LEN => Ok(id),
-            other => Err(unexpected(&other)),
-        }
+        write_frame(&mut self.stream, &encode(&Request::WaitOom)?)?;
+        oom_of(&read_frame(&mut self.stream)?)
     }
 
     pub fn containers(&mut self) -> Result<Vec<ContainerInfo>, ClientError> {
