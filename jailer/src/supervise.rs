@@ -1,9 +1,11 @@
 //! The fork that makes the component (PID 1 of its namespace), the parent that stays
 //! beside it, and the exec.
 //!
-//! The parent keeps no descriptor the component was handed and no capability but
-//! CAP_KILL. It writes the child's report (or its setup error), forwards signals, and
-//! exits with the component's status. The child dies with the parent (PDEATHSIG), so
+//! The parent keeps no descriptor the component was handed. Once it has written the
+//! child's report (or its setup error) it takes `no_new_privs`, empties its bounding
+//! set but CAP_KILL and, where the component runs as a host uid other than root, takes
+//! that uid with no capability at all; a root component's parent stays root with
+//! CAP_KILL alone. Then it only forwards signals and exits with the component's status. The child dies with the parent (PDEATHSIG), so
 //! a SIGKILL to the jailer from bulkheadd takes the component with it.
 
 use std::ffi::CString;
@@ -172,7 +174,7 @@ fn parent_loop(j: &Jail, child: Pid, report: OwnedFd) -> i32 {
             j.name
         ),
     }
-    keep_only_kill();
+    drop_to_supervisor(j);
     let set = blocked();
     loop {
         let Ok(sig) = set.wait() else { continue };
@@ -212,7 +214,36 @@ fn handles(pid: Pid, sig: Signal) -> bool {
         .is_some_and(|m| m & (1u64 << (sig as i32 - 1)) != 0)
 }
 
-/// The parent only ever signals its child.
+/// The parent only ever waits for and signals its child: it keeps nothing else.
+fn drop_to_supervisor(j: &Jail) {
+    // SAFETY: prctl with integer arguments only sets a flag.
+    unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+    for cap in caps::all() {
+        if cap != caps::Capability::CAP_KILL {
+            let _ = caps::drop(None, caps::CapSet::Bounding, cap);
+        }
+    }
+    // The component's host uid: its own, or the first of its user namespace's range.
+    if j.uid != 0 {
+        let (uid, gid) = (
+            nix::unistd::Uid::from_raw(j.uid),
+            nix::unistd::Gid::from_raw(j.gid),
+        );
+        let _ = nix::unistd::setgroups(&[]);
+        // Leaving uid 0 clears the permitted and effective sets: none is needed to
+        // signal a process of one's own uid.
+        if nix::unistd::setresgid(gid, gid, gid).is_ok()
+            && nix::unistd::setresuid(uid, uid, uid).is_ok()
+        {
+            let _ = caps::clear(None, caps::CapSet::Inheritable);
+            let _ = caps::clear(None, caps::CapSet::Ambient);
+            return;
+        }
+    }
+    keep_only_kill();
+}
+
+/// A root component's parent keeps CAP_KILL alone.
 fn keep_only_kill() {
     let only: std::collections::HashSet<caps::Capability> =
         [caps::Capability::CAP_KILL].into_iter().collect();

@@ -449,6 +449,62 @@ fn the_component_dies_with_its_jailer() {
     );
 }
 
+/// The jailer that stays beside the component holds nothing it does not need: the
+/// component's uid, no capability, no new privileges, a bounding set of CAP_KILL alone;
+/// and it still passes a signal on and the exit status back.
+#[test]
+fn the_supervising_jailer_keeps_only_the_components_uid() {
+    need_root();
+    let s = Scratch::new("supervisor");
+    let j = s.jail("sleep", Path::new("/bin/sleep"), &["100"]);
+    let mut c = Command::new(JAILER).args(j.to_args()).spawn().unwrap();
+    let child = wait_child(c.id());
+    // The parent drops once the child's report is written: wait for that.
+    let t = Instant::now();
+    let field = |k: &str| -> String {
+        std::fs::read_to_string(format!("/proc/{}/status", c.id()))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!("{k}:"))
+                    .map(|v| v.trim().to_string())
+            })
+            .unwrap_or_default()
+    };
+    while field("NoNewPrivs") != "1" && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let ids = |k: &str| -> Vec<u32> {
+        field(k)
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect()
+    };
+    assert_eq!(ids("Uid"), vec![UID; 4], "uids");
+    assert_eq!(ids("Gid"), vec![UID; 4], "gids");
+    assert_eq!(field("Groups"), "", "supplementary groups");
+    assert_eq!(field("NoNewPrivs"), "1");
+    for set in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
+        assert_eq!(u64::from_str_radix(&field(set), 16), Ok(0), "{set}");
+    }
+    assert_eq!(
+        u64::from_str_radix(&field("CapBnd"), 16),
+        Ok(1 << 5), // CAP_KILL
+        "CapBnd"
+    );
+    // SAFETY: a pid we started and a valid signal.
+    assert_eq!(unsafe { libc::kill(c.id() as i32, libc::SIGTERM) }, 0);
+    let st = c.wait().unwrap();
+    assert_eq!(st.code(), Some(128 + libc::SIGKILL), "{st:?}");
+    assert!(
+        !Path::new(&format!("/proc/{child}/cmdline")).exists() || {
+            std::fs::read_to_string(format!("/proc/{child}/status"))
+                .unwrap_or_default()
+                .contains("zombie")
+        }
+    );
+}
+
 /// The jailed program's pid, once it runs (the jailer's only child).
 fn wait_child(jailer: u32) -> u32 {
     let t = Instant::now();
