@@ -111,9 +111,12 @@ impl Agent {
         let task = tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let mut c = ep.client(d.min(CONNECT_TIMEOUT))?;
-            c.set_read_timeout(Some(d))?;
+            // A backstop a second past the deadline: the deadline below is what ends the
+            // call (and says so), this only bounds the thread should that fail.
+            let backstop = d + Duration::from_secs(1);
+            c.set_read_timeout(Some(backstop))?;
             c.get_ref()
-                .set_write_timeout(Some(d))
+                .set_write_timeout(Some(backstop))
                 .map_err(|e| ClientError::Handshake(e.to_string()))?;
             if let Ok(s) = c.get_ref().try_clone() {
                 *slot.lock().expect("conn lock") = Some(s);
@@ -497,6 +500,52 @@ mod tests {
             let e = c.await.unwrap().unwrap_err().to_string();
             assert!(e.contains("did not answer within"), "{e}");
         }
+    }
+
+    /// An agent that is silent on its first connection and answers every later one (with
+    /// an error: an answer all the same).
+    fn agent_silent_once(path: &Path) {
+        use bulkhead_protocol::{read_frame, HelloReply, Response, PROTOCOL_VERSION};
+        let l = std::os::unix::net::UnixListener::bind(path).unwrap();
+        std::thread::spawn(move || {
+            let mut held = vec![];
+            for (n, s) in l.incoming().enumerate() {
+                let Ok(mut s) = s else { return };
+                let _ = read_frame(&mut s);
+                let reply = HelloReply::Accepted {
+                    version: PROTOCOL_VERSION,
+                    agent_version: "once".into(),
+                };
+                let _ = write_frame(&mut s, &encode(&reply).unwrap());
+                if n == 0 {
+                    held.push(s);
+                    continue;
+                }
+                if read_frame(&mut s).is_ok() {
+                    let no = Response::Error(AgentError::NotFound("no such".into()));
+                    let _ = write_frame(&mut s, &encode(&no).unwrap());
+                }
+            }
+        });
+    }
+
+    /// A sandbox marked unhealthy is healthy again at its agent's next answer, and the
+    /// change is sent to whoever watches.
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_agent_that_answers_again_is_healthy_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("agent.sock");
+        agent_silent_once(&sock);
+        let agent = Agent::on(Endpoint::Unix(sock), limits(4));
+        let mut health = agent.health();
+        let e = agent.call(Call::Read, |c| c.stats("c1")).await.unwrap_err();
+        assert!(e.to_string().contains("did not answer within"), "{e}");
+        assert!(health.has_changed().unwrap());
+        assert!(!*health.borrow_and_update());
+        let e = agent.call(Call::Read, |c| c.stats("c1")).await.unwrap_err();
+        assert!(e.to_string().contains("no such"), "{e}");
+        assert!(health.has_changed().unwrap());
+        assert!(*health.borrow_and_update());
     }
 
     /// Calls beyond `max_in_flight` to one sandbox are refused at once, not queued.
