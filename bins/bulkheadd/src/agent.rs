@@ -350,10 +350,20 @@ pub fn ready_listener(
 mod tests {
     use super::*;
 
+    /// The agent's side of the handshake: read the Hello, accept it.
+    fn accept_hello(s: &mut UnixStream) {
+        use bulkhead_protocol::{read_frame, HelloReply, PROTOCOL_VERSION};
+        let _ = read_frame(s);
+        let reply = HelloReply::Accepted {
+            version: PROTOCOL_VERSION,
+            agent_version: "test".into(),
+        };
+        let _ = write_frame(s, &encode(&reply).unwrap());
+    }
+
     /// An agent that answers the handshake of every connection and then nothing: the
     /// guest of a hostile or wedged VM. Returns how many connections it took.
     fn silent_agent(path: &Path) -> Arc<std::sync::atomic::AtomicUsize> {
-        use bulkhead_protocol::{read_frame, HelloReply, PROTOCOL_VERSION};
         let l = std::os::unix::net::UnixListener::bind(path).unwrap();
         let taken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let n = taken.clone();
@@ -362,12 +372,7 @@ mod tests {
             for s in l.incoming() {
                 let Ok(mut s) = s else { return };
                 n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let _ = read_frame(&mut s);
-                let reply = HelloReply::Accepted {
-                    version: PROTOCOL_VERSION,
-                    agent_version: "silent".into(),
-                };
-                let _ = write_frame(&mut s, &encode(&reply).unwrap());
+                accept_hello(&mut s);
                 held.push(s);
             }
         });
@@ -377,18 +382,13 @@ mod tests {
     /// An agent that answers every request but the waits with an error (an answer all
     /// the same) at once, and never answers a wait: processes that run for ever.
     fn agent_of_long_runners(path: &Path) {
-        use bulkhead_protocol::{decode, read_frame, HelloReply, Response, PROTOCOL_VERSION};
+        use bulkhead_protocol::{decode, read_frame, Response};
         let l = std::os::unix::net::UnixListener::bind(path).unwrap();
         std::thread::spawn(move || {
             for s in l.incoming() {
                 let Ok(mut s) = s else { return };
                 std::thread::spawn(move || {
-                    let _ = read_frame(&mut s);
-                    let reply = HelloReply::Accepted {
-                        version: PROTOCOL_VERSION,
-                        agent_version: "long".into(),
-                    };
-                    let _ = write_frame(&mut s, &encode(&reply).unwrap());
+                    accept_hello(&mut s);
                     while let Ok(f) = read_frame(&mut s) {
                         match decode::<Request>(&f) {
                             Ok(Request::Wait { .. } | Request::WaitOom) => {
@@ -503,18 +503,13 @@ mod tests {
     /// An agent that is silent on its first connection and answers every later one (with
     /// an error: an answer all the same).
     fn agent_silent_once(path: &Path) {
-        use bulkhead_protocol::{read_frame, HelloReply, Response, PROTOCOL_VERSION};
+        use bulkhead_protocol::{read_frame, Response};
         let l = std::os::unix::net::UnixListener::bind(path).unwrap();
         std::thread::spawn(move || {
             let mut held = vec![];
             for (n, s) in l.incoming().enumerate() {
                 let Ok(mut s) = s else { return };
-                let _ = read_frame(&mut s);
-                let reply = HelloReply::Accepted {
-                    version: PROTOCOL_VERSION,
-                    agent_version: "once".into(),
-                };
-                let _ = write_frame(&mut s, &encode(&reply).unwrap());
+                accept_hello(&mut s);
                 if n == 0 {
                     held.push(s);
                     continue;
