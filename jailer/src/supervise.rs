@@ -5,8 +5,9 @@
 //! child's report (or its setup error) it takes `no_new_privs`, empties its bounding
 //! set but CAP_KILL and, where the component runs as a host uid other than root, takes
 //! that uid with no capability at all; a root component's parent stays root with
-//! CAP_KILL alone. Then it only forwards signals and exits with the component's status. The child dies with the parent (PDEATHSIG), so
-//! a SIGKILL to the jailer from bulkheadd takes the component with it.
+//! CAP_KILL alone. Then it only forwards signals and exits with the component's status.
+//! The child dies with the parent (PDEATHSIG), so a SIGKILL to the jailer from bulkheadd
+//! takes the component with it.
 
 use std::ffi::CString;
 use std::io::{Read, Write};

@@ -23,7 +23,7 @@ pub fn check(a: CheckArgs) -> Result<i32> {
         Err("off".to_string())
     } else {
         let run = state.join("run");
-        std::fs::create_dir_all(&run)
+        bulkhead_host::private_dir(&run)
             .map_err(|e| e.to_string())
             .and_then(|()| bulkhead_jail::idmap::probe(&run, cfg.jail.uid_base))
     };

@@ -68,14 +68,6 @@ pub fn data_dir() -> PathBuf {
         .join("images")
 }
 
-/// Create `dir` if missing and make it 0700, also where an older version made it 0755.
-fn private_dir(dir: &Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("cannot make {} private", dir.display()))
-}
-
 /// Split `PATH:TAG` when PATH exists; otherwise the whole string is the path.
 fn split_tag(s: &str) -> (PathBuf, Option<String>) {
     if Path::new(s).exists() {
@@ -92,7 +84,8 @@ pub async fn prepare(reference: &str, authfile: Option<&Path>) -> Result<Prepare
     let store = data_dir();
     // Unpacked images keep their owners and set-uid bits, for the guest: no other host
     // user may reach them (or run a set-uid file of theirs).
-    private_dir(&store)?;
+    bulkhead_host::private_dir(&store)
+        .with_context(|| format!("cannot make {} private", store.display()))?;
     let r = reference
         .strip_prefix("oci:")
         .or_else(|| reference.strip_prefix("oci-archive:"))

@@ -175,15 +175,9 @@ impl Agent {
         let io = |e: std::io::Error| ClientError::Frame(e.into());
         std_stream.set_nonblocking(true).map_err(io)?;
         let mut s = tokio::net::UnixStream::from_std(std_stream).map_err(io)?;
-        let mut len = [0u8; 4];
-        s.read_exact(&mut len).await.map_err(io)?;
-        let len = u32::from_le_bytes(len);
-        if len > bulkhead_protocol::MAX_FRAME {
-            return Err(ClientError::Frame(bulkhead_protocol::FrameError::TooLarge(
-                len,
-            )));
-        }
-        let mut frame = vec![0u8; len as usize];
+        let mut prefix = [0u8; 4];
+        s.read_exact(&mut prefix).await.map_err(io)?;
+        let mut frame = vec![0u8; bulkhead_protocol::payload_len(prefix)?];
         s.read_exact(&mut frame).await.map_err(io)?;
         Ok(frame)
     }

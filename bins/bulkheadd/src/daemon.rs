@@ -1458,9 +1458,6 @@ impl Daemon {
     }
 
     /// Follow a running container until its init exits, then record the exit.
-    /// Pass the guest's OOM kills on as `ContainerOom` signals, one per kill, for the
-    /// sandbox's lifetime. The id comes from the guest: only a container this sandbox
-    /// has is announced.
     /// Log and announce (`Healthy`) each change of the agent's health. Holds the
     /// sandbox weakly: the task ends with it.
     fn watch_health(self: &Arc<Self>, sb: &Arc<Sandbox>) {
@@ -1490,6 +1487,9 @@ impl Daemon {
         });
     }
 
+    /// Pass the guest's OOM kills on as `ContainerOom` signals, one per kill, for the
+    /// sandbox's lifetime. The id comes from the guest: only a container this sandbox
+    /// has is announced.
     fn watch_oom(self: &Arc<Self>, sb: &Arc<Sandbox>) {
         let d = self.clone();
         let sb = sb.clone();

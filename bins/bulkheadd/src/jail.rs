@@ -106,27 +106,14 @@ pub fn command(cfg: &Config, rec: &SandboxRec, spec: &ComponentSpec) -> Result<C
     })
 }
 
-/// Make the sandbox's run directory, root's and 0700 (so are the `run/` directory above
-/// every sandbox's and the state directory's other trees): containers' root file systems,
-/// volumes (Kubernetes secrets are 0644 inside) and set-uid files a container made are
-/// mounted below it, and no other host user may reach them. Jailed components see
-/// only the paths bound into their own roots.
+/// Make the sandbox's run directory, root's and 0700, in `<state>/run` (made 0700 by
+/// [`crate::confine`]): containers' root file systems, volumes (Kubernetes secrets are
+/// 0644 inside) and set-uid files a container made are mounted below it, and no other
+/// host user may reach them. Jailed components see only the paths bound into their own
+/// roots.
 pub fn make_run_dir(rec: &SandboxRec) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
-    let parent = rec
-        .run_dir
-        .parent()
-        .ok_or_else(|| std::io::Error::other("run directory has no parent"))?;
-    private_dir(parent)?;
     std::fs::DirBuilder::new().mode(0o700).create(&rec.run_dir)
-}
-
-/// Create `dir` (and its parents) if missing, then make it 0700: a directory made by an
-/// older bulkheadd with 0755 is closed too.
-pub fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
 /// MiB of the sandbox's `vm/` directory: sockets and the consoles' logs, which the guest
@@ -143,13 +130,14 @@ pub fn make_vm_dir(rec: &SandboxRec) -> std::io::Result<()> {
     let vm = rec.vm_dir();
     std::fs::create_dir_all(&vm)?;
     if is_root() {
-        crate::mounts::bounded_tmpfs(&vm, VM_DIR_MIB, 0o700, rec.jail_uid.unwrap_or(0))?;
-    }
-    if let Some(uid) = rec.jail_uid {
+        // The tmpfs's own top carries the owner and the mode.
+        crate::mounts::bounded_tmpfs(&vm, VM_DIR_MIB, 0o700, rec.jail_uid.unwrap_or(0))
+    } else if let Some(uid) = rec.jail_uid {
         std::os::unix::fs::chown(&vm, Some(uid), Some(uid))?;
-        std::fs::set_permissions(&vm, std::fs::Permissions::from_mode(0o700))?;
+        std::fs::set_permissions(&vm, std::fs::Permissions::from_mode(0o700))
+    } else {
+        Ok(())
     }
-    Ok(())
 }
 
 /// Make the sandbox's `layers/` directory, where the containers' writable layers live
@@ -158,7 +146,7 @@ pub fn make_vm_dir(rec: &SandboxRec) -> std::io::Result<()> {
 /// systems is bounded per sandbox and the pod, not the host, gets ENOSPC.
 pub fn make_layers_dir(rec: &SandboxRec, layers_mib: u64) -> std::io::Result<()> {
     let layers = rec.run_dir.join("layers");
-    private_dir(&layers)?;
+    bulkhead_host::private_dir(&layers)?;
     if is_root() {
         crate::mounts::bounded_tmpfs(&layers, layers_mib, 0o700, 0)?;
     }

@@ -34,7 +34,8 @@ pub fn confine(mode: bulkhead_seccomp::Mode, state_dir: &std::path::Path) -> Res
     use bulkhead_host::config::{Binary, Config};
     let cfg = Config::load()?;
     let run = state_dir.join("run");
-    std::fs::create_dir_all(&run).with_context(|| format!("cannot create {}", run.display()))?;
+    // Every sandbox's run directory is below it: root's alone (docs/security.md).
+    bulkhead_host::private_dir(&run).with_context(|| format!("cannot create {}", run.display()))?;
     jail::probe_userns(&cfg, &run);
     let allowed = [
         Binary::BulkheadJailer,

@@ -3,7 +3,7 @@
 //! under a directory before it is removed, so that removing a sandbox can never delete
 //! through a mount into a user's files.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::BorrowedFd;
 use std::os::unix::ffi::OsStrExt;
@@ -53,11 +53,17 @@ pub fn bind(src: &Path, dst: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// One `mount(2)` call on NUL-terminated paths.
-fn mount_at(src: Option<&CString>, dst: &CString, flags: libc::c_ulong) -> io::Result<()> {
-    let src = src.map_or(std::ptr::null(), |s| s.as_ptr());
-    // SAFETY: NUL-terminated paths (or null) living across the call; no type or data.
-    let rc = unsafe { libc::mount(src, dst.as_ptr(), std::ptr::null(), flags, std::ptr::null()) };
+/// One `mount(2)` call on NUL-terminated strings (or none).
+fn mount_at(
+    src: Option<&CStr>,
+    dst: &CStr,
+    fstype: Option<&CStr>,
+    flags: libc::c_ulong,
+    data: Option<&CStr>,
+) -> io::Result<()> {
+    let p = |s: Option<&CStr>| s.map_or(std::ptr::null(), CStr::as_ptr);
+    // SAFETY: NUL-terminated strings (or null) living across the call.
+    let rc = unsafe { libc::mount(p(src), dst.as_ptr(), p(fstype), flags, p(data).cast()) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -68,25 +74,17 @@ fn mount_at(src: Option<&CString>, dst: &CString, flags: libc::c_ulong) -> io::R
 /// a bound on what a sandbox's guest can make its components or bulkheadd write to
 /// host memory. A write past it fails with ENOSPC in that sandbox alone.
 pub fn bounded_tmpfs(dir: &Path, size_mib: u64, mode: u32, owner: u32) -> io::Result<()> {
-    let d = cstr(dir)?;
     let data = CString::new(format!(
         "size={size_mib}m,mode={mode:o},uid={owner},gid={owner}"
     ))
     .map_err(|_| io::Error::other("tmpfs options"))?;
-    // SAFETY: NUL-terminated strings living across the call.
-    let rc = unsafe {
-        libc::mount(
-            c"tmpfs".as_ptr(),
-            d.as_ptr(),
-            c"tmpfs".as_ptr(),
-            libc::MS_NOSUID | libc::MS_NODEV,
-            data.as_ptr().cast(),
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    mount_at(
+        Some(c"tmpfs"),
+        &cstr(dir)?,
+        Some(c"tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some(&data),
+    )
 }
 
 /// Lay out a sandbox's shared directory: `staging` (host-only: bulkheadd makes the
@@ -99,16 +97,16 @@ pub fn bounded_tmpfs(dir: &Path, size_mib: u64, mode: u32, owner: u32) -> io::Re
 /// tree of directories around them: no path bulkheadd follows can have been planted.
 pub fn make_staging(staging: &Path, shared: &Path) -> io::Result<()> {
     let (st, sh) = (cstr(staging)?, cstr(shared)?);
-    mount_at(Some(&st), &st, libc::MS_BIND)?;
-    mount_at(
-        None,
+    // A change of flags or propagation: no source, type or data.
+    let set = |at: &CStr, f: libc::c_ulong| mount_at(None, at, None, f, None);
+    mount_at(Some(&st), &st, None, libc::MS_BIND, None)?;
+    set(
         &st,
         libc::MS_REMOUNT | libc::MS_BIND | libc::MS_NOSUID | libc::MS_NODEV,
     )?;
-    mount_at(None, &st, libc::MS_SHARED)?;
-    mount_at(Some(&st), &sh, libc::MS_BIND)?;
-    mount_at(
-        None,
+    set(&st, libc::MS_SHARED)?;
+    mount_at(Some(&st), &sh, None, libc::MS_BIND, None)?;
+    set(
         &sh,
         libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
     )

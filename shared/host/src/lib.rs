@@ -12,6 +12,15 @@ pub mod untrusted;
 
 use std::path::Path;
 
+/// Create `dir` (and its parents) if missing, then make it 0700: for a directory above
+/// what a container or an image owns, which no other host user may reach. One an older
+/// version made 0755 is closed too.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
 /// What kind of KVM `/dev/kvm` is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KvmKind {

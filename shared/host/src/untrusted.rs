@@ -89,8 +89,7 @@ pub fn tail(path: &Path, n: u64) -> Result<Vec<u8>, UntrustedError> {
             path: shown.clone(),
             source,
         })?;
-    regular(&f, &shown)?;
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let len = regular(&f, &shown)?;
     let _ = f.seek(SeekFrom::Start(len.saturating_sub(n)));
     let mut out = Vec::new();
     f.take(n)
@@ -102,21 +101,19 @@ pub fn tail(path: &Path, n: u64) -> Result<Vec<u8>, UntrustedError> {
     Ok(out)
 }
 
-fn regular(f: &File, shown: &str) -> Result<(), UntrustedError> {
-    let ft = f
-        .metadata()
-        .map_err(|source| UntrustedError::Io {
-            path: shown.into(),
-            source,
-        })?
-        .file_type();
-    if !ft.is_file() {
+/// The file's length, if it is a regular file.
+fn regular(f: &File, shown: &str) -> Result<u64, UntrustedError> {
+    let m = f.metadata().map_err(|source| UntrustedError::Io {
+        path: shown.into(),
+        source,
+    })?;
+    if !m.file_type().is_file() {
         return Err(UntrustedError::NotRegular {
             path: shown.into(),
-            kind: kind(ft),
+            kind: kind(m.file_type()),
         });
     }
-    Ok(())
+    Ok(m.len())
 }
 
 fn read_bounded(f: File, max: u64, shown: &str) -> Result<Vec<u8>, UntrustedError> {

@@ -20,6 +20,17 @@ pub enum FrameError {
     Decode(String),
 }
 
+/// The payload length a frame's 4-byte prefix declares, refused above [`MAX_FRAME`]
+/// before anything is allocated: for a reader that reads the prefix itself (an async
+/// one), as [`read_frame`] does.
+pub fn payload_len(prefix: [u8; 4]) -> Result<usize, FrameError> {
+    let len = u32::from_le_bytes(prefix);
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    Ok(len as usize)
+}
+
 /// Read one frame's payload. Returns [`FrameError::Closed`] on a clean EOF before the
 /// length prefix.
 pub fn read_frame<R: Read>(r: &mut R) -> Result<Vec<u8>, FrameError> {
@@ -34,11 +45,7 @@ pub fn read_frame<R: Read>(r: &mut R) -> Result<Vec<u8>, FrameError> {
             Err(e) => return Err(e.into()),
         }
     }
-    let len = u32::from_le_bytes(len);
-    if len > MAX_FRAME {
-        return Err(FrameError::TooLarge(len));
-    }
-    let mut buf = vec![0u8; len as usize];
+    let mut buf = vec![0u8; payload_len(len)?];
     r.read_exact(&mut buf)?;
     Ok(buf)
 }

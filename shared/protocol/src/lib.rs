@@ -25,7 +25,7 @@ pub mod net;
 
 use serde::{Deserialize, Serialize};
 
-pub use frame::{read_frame, write_frame, FrameError, MAX_FRAME};
+pub use frame::{payload_len, read_frame, write_frame, FrameError, MAX_FRAME};
 
 /// Protocol version spoken by this build. Bumped on any incompatible change.
 pub const PROTOCOL_VERSION: u32 = 3;
