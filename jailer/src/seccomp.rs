@@ -172,10 +172,120 @@ pub fn install() -> Result<(), JailError> {
     Ok(())
 }
 
+/// What the supervisor (the jailer's half that stays beside the component) may still
+/// call once it has dropped its privileges: wait for signals and its child, read the
+/// child's status file it opened before, signal that one child, say a last word on
+/// stderr and exit. Anything else kills it, and with it (PDEATHSIG) the component.
+pub const SUPERVISOR: &[(&str, i64)] = &[
+    ("rt_sigtimedwait", libc::SYS_rt_sigtimedwait),
+    ("wait4", libc::SYS_wait4),
+    ("pread64", libc::SYS_pread64),
+    ("write", libc::SYS_write),
+    ("exit_group", libc::SYS_exit_group),
+    ("exit", libc::SYS_exit),
+    // The C library and Rust's runtime on the way out (the main thread's signal stack).
+    ("rt_sigprocmask", libc::SYS_rt_sigprocmask),
+    ("rt_sigreturn", libc::SYS_rt_sigreturn),
+    ("restart_syscall", libc::SYS_restart_syscall),
+    ("sigaltstack", libc::SYS_sigaltstack),
+    ("munmap", libc::SYS_munmap),
+];
+
+/// The supervisor's allow list as a BPF program: [`SUPERVISOR`], and `kill` with `child`
+/// as its first argument only.
+pub fn supervisor(child: i32) -> Result<BpfProgram, JailError> {
+    let err = |e: seccompiler::BackendError| JailError::Invalid(format!("seccomp: {e}"));
+    let arch: TargetArch = std::env::consts::ARCH.try_into().map_err(err)?;
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        SUPERVISOR.iter().map(|(_, nr)| (*nr, vec![])).collect();
+    let only_child = SeccompCondition::new(
+        0,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        u64::from(child as u32),
+    )
+    .map_err(err)?;
+    rules.insert(
+        libc::SYS_kill,
+        vec![SeccompRule::new(vec![only_child]).map_err(err)?],
+    );
+    SeccompFilter::new(
+        rules,
+        SeccompAction::KillProcess,
+        SeccompAction::Allow,
+        arch,
+    )
+    .map_err(err)?
+    .try_into()
+    .map_err(err)
+}
+
+/// Install [`supervisor`] on this (the only) thread; `no_new_privs` must be set.
+pub fn install_supervisor(child: i32) -> Result<(), JailError> {
+    seccompiler::apply_filter(&supervisor(child)?)
+        .map_err(|e| JailError::Invalid(format!("seccomp: {e}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use bulkhead_seccomp::testing::{assert_ioctls, killed_by, Call, FIONBIO, TCGETS};
+
+    /// Run `f` in a forked child under the supervisor's filter for `target`: `None` if
+    /// it exited on its own, else the signal that ended it. The program is built before
+    /// the fork: the child of a threaded test may not allocate.
+    fn under_supervisor_filter(target: i32, f: impl FnOnce()) -> Option<i32> {
+        let prog = supervisor(target).unwrap();
+        // SAFETY: the child only makes plain system calls and exits.
+        match unsafe { libc::fork() } {
+            0 => {
+                // SAFETY: prctl with integer arguments only sets a flag.
+                unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+                if seccompiler::apply_filter(&prog).is_err() {
+                    // SAFETY: leaving the forked child at once.
+                    unsafe { libc::_exit(3) };
+                }
+                f();
+                // SAFETY: as above.
+                unsafe { libc::_exit(0) }
+            }
+            pid => {
+                let mut st = 0;
+                // SAFETY: waiting for the child forked above.
+                unsafe { libc::waitpid(pid, &mut st, 0) };
+                assert!(
+                    !(libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 3),
+                    "the filter did not install"
+                );
+                libc::WIFSIGNALED(st).then(|| libc::WTERMSIG(st))
+            }
+        }
+    }
+
+    #[test]
+    fn the_supervisor_signals_its_child_and_nothing_else() {
+        // The one process it may signal: here the test's own.
+        // SAFETY (all below): getpid/kill/open/fork with plain arguments.
+        let target = unsafe { libc::getpid() };
+        let ok = under_supervisor_filter(target, || {
+            unsafe { libc::kill(target, 0) };
+        });
+        assert_eq!(ok, None);
+        // Any other process (itself, here) kills the supervisor.
+        let other = under_supervisor_filter(target, || {
+            unsafe { libc::kill(libc::getpid(), 0) };
+        });
+        assert_eq!(other, Some(libc::SIGSYS));
+        // So does opening a file, or making a process.
+        let open = under_supervisor_filter(target, || {
+            unsafe { libc::open(c"/etc/hostname".as_ptr(), libc::O_RDONLY) };
+        });
+        assert_eq!(open, Some(libc::SIGSYS));
+        let fork = under_supervisor_filter(target, || {
+            unsafe { libc::fork() };
+        });
+        assert_eq!(fork, Some(libc::SIGSYS));
+    }
 
     #[test]
     fn vhost_device_vsock_list_allows_its_work_and_kills_the_rest() {

@@ -5,7 +5,9 @@
 //! child's report (or its setup error) it takes `no_new_privs`, empties its bounding
 //! set but CAP_KILL and, where the component runs as a host uid other than root, takes
 //! that uid with no capability at all; a root component's parent stays root with
-//! CAP_KILL alone. Then it only forwards signals and exits with the component's status.
+//! CAP_KILL alone. Last, a seccomp allow list ([`crate::seccomp::supervisor`]) leaves it
+//! waiting, reading the child's status, signalling that child only, and exiting. Then
+//! it only forwards signals and exits with the component's status.
 //! The child dies with the parent (PDEATHSIG), so a SIGKILL to the jailer from bulkheadd
 //! takes the component with it.
 
@@ -175,7 +177,16 @@ fn parent_loop(j: &Jail, child: Pid, report: OwnedFd) -> i32 {
             j.name
         ),
     }
+    // Opened now: the allow list below has no open. Never closed (no close either,
+    // nor the descriptor check Rust's debug builds make on drop): the process ends with
+    // the loop.
+    let status =
+        std::mem::ManuallyDrop::new(std::fs::File::open(format!("/proc/{child}/status")).ok());
     drop_to_supervisor(j);
+    if let Err(e) = crate::seccomp::install_supervisor(child.as_raw()) {
+        eprintln!("bulkhead-jailer: {}: supervisor: {e}; stopping", j.name);
+        let _ = kill(child, Signal::SIGKILL);
+    }
     let set = blocked();
     loop {
         let Ok(sig) = set.wait() else { continue };
@@ -189,7 +200,7 @@ fn parent_loop(j: &Jail, child: Pid, report: OwnedFd) -> i32 {
         }
         // The component is its namespace's init: a signal it has no handler for would
         // be dropped, so a termination request becomes SIGKILL.
-        let to_send = if handles(child, sig) || !terminates(sig) {
+        let to_send = if status.as_ref().is_some_and(|f| handles(f, sig)) || !terminates(sig) {
             sig
         } else {
             Signal::SIGKILL
@@ -205,10 +216,14 @@ fn terminates(sig: Signal) -> bool {
     )
 }
 
-/// Does `pid` catch `sig` (SigCgt in /proc/<pid>/status)?
-fn handles(pid: Pid, sig: Signal) -> bool {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
+/// Does the process whose `/proc/<pid>/status` is open as `status` catch `sig` (its
+/// SigCgt)? Read into the stack: the supervisor's allow list has no memory calls.
+fn handles(status: &std::fs::File, sig: Signal) -> bool {
+    use std::os::unix::fs::FileExt;
+    let mut buf = [0u8; 8192];
+    let n = status.read_at(&mut buf, 0).unwrap_or(0);
+    std::str::from_utf8(&buf[..n])
+        .unwrap_or_default()
         .lines()
         .find_map(|l| l.strip_prefix("SigCgt:"))
         .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())

@@ -1238,7 +1238,8 @@ def podbench_footprint(out, backend, npods):
             continue
         counted += 1
         for comp in sb.get("components", []):
-            for p in tree(comp.get("pid", 0)):
+            # The jailer's tree holds the component: count both.
+            for p in tree(comp.get("supervisor_pid") or comp.get("pid", 0)):
                 # Guest RAM is shared memory: its pages' PSS is split between the VMM
                 # and every back end that mapped them. One row for all of it.
                 _, pss, big, _ = procs[p]

@@ -471,7 +471,8 @@ fn the_supervising_jailer_keeps_only_the_components_uid() {
             })
             .unwrap_or_default()
     };
-    while field("NoNewPrivs") != "1" && t.elapsed() < Duration::from_secs(5) {
+    // Its last step is its seccomp filter (2 in Seccomp).
+    while field("Seccomp") != "2" && t.elapsed() < Duration::from_secs(5) {
         std::thread::sleep(Duration::from_millis(5));
     }
     let ids = |k: &str| -> Vec<u32> {
@@ -492,6 +493,13 @@ fn the_supervising_jailer_keeps_only_the_components_uid() {
         Ok(1 << 5), // CAP_KILL
         "CapBnd"
     );
+    // Its own allow list: 2 is a seccomp filter (its parent, this test, has none).
+    assert_eq!(
+        field("Seccomp"),
+        "2",
+        "the supervisor has no seccomp filter"
+    );
+    // Under it, it still forwards, reaps and exits with the component's status.
     // SAFETY: a pid we started and a valid signal.
     assert_eq!(unsafe { libc::kill(c.id() as i32, libc::SIGTERM) }, 0);
     let st = c.wait().unwrap();

@@ -700,6 +700,7 @@ mod tests {
                         Component {
                             name: "vmm".into(),
                             pid: 7,
+                            supervisor: 6,
                             usage: Some(Usage {
                                 cpu_ms: 1500,
                                 rss_kib: 2,
@@ -708,6 +709,7 @@ mod tests {
                         Component {
                             name: "virtiofsd".into(),
                             pid: 0,
+                            supervisor: 0,
                             usage: None,
                         },
                     ],

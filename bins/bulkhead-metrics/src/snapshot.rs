@@ -62,7 +62,11 @@ pub struct Sandbox {
 #[derive(Debug, Default)]
 pub struct Component {
     pub name: String,
+    /// The component's own process (0 when it is not running).
     pub pid: u32,
+    /// Its supervising jailer (0 when none). Usage counts this tree, which holds the
+    /// component.
+    pub supervisor: u32,
     /// `None` when the process is not there (pid 0, or gone).
     pub usage: Option<Usage>,
 }
@@ -293,7 +297,17 @@ async fn read_manager(
             .map(|c| c.id.clone())
             .collect();
         let vm = sb.backend == "bulkhead-vmm" && sb.state == "running";
-        let pids: Vec<u32> = sb.components.iter().map(|c| c.pid).collect();
+        let pids: Vec<u32> = sb
+            .components
+            .iter()
+            .map(|c| {
+                if c.supervisor != 0 {
+                    c.supervisor
+                } else {
+                    c.pid
+                }
+            })
+            .collect();
         tasks.spawn(async move {
             let _permit = gate.acquire_owned().await;
             (
@@ -436,14 +450,18 @@ fn sandbox_from_properties(p: &HashMap<String, OwnedValue>) -> Option<Sandbox> {
     let get = |k: &str| p.get(k).map(|v| &**v);
     let id = string(get("Id")?)?;
     bulkhead_dbus::valid_id(&id).ok()?;
-    let pairs = |k: &str| -> Vec<(String, Value<'_>)> {
+    // Structures whose first field is a string: (that string, the other fields).
+    let rows = |k: &str| -> Vec<(String, Vec<Value<'_>>)> {
         match get(k) {
             Some(Value::Array(a)) => a
                 .iter()
                 .take(MAX_PER_SANDBOX)
                 .filter_map(|v| match v {
                     Value::Structure(s) => match s.fields() {
-                        [name, second] => Some((string(name)?, second.try_clone().ok()?)),
+                        [name, rest @ ..] if !rest.is_empty() => Some((
+                            string(name)?,
+                            rest.iter().filter_map(|f| f.try_clone().ok()).collect(),
+                        )),
                         _ => None,
                     },
                     _ => None,
@@ -459,20 +477,24 @@ fn sandbox_from_properties(p: &HashMap<String, OwnedValue>) -> Option<Sandbox> {
         memory_mib: get("MemoryMiB").and_then(number).unwrap_or(0) as u32,
         created_at_us: get("CreatedAt").and_then(number).unwrap_or(0),
         timings: get("Timings").map(numbers).unwrap_or_default(),
-        components: pairs("Components")
+        components: rows("Components")
             .into_iter()
-            .map(|(name, pid)| Component {
-                name,
-                pid: number(&pid).unwrap_or(0) as u32,
-                usage: None,
+            .map(|(name, f)| {
+                let pid = |i: usize| f.get(i).and_then(number).unwrap_or(0) as u32;
+                Component {
+                    name,
+                    pid: pid(0),
+                    supervisor: pid(1),
+                    usage: None,
+                }
             })
             .collect(),
-        containers: pairs("Containers")
+        containers: rows("Containers")
             .into_iter()
             .filter(|(id, _)| bulkhead_dbus::valid_id(id).is_ok())
-            .map(|(id, state)| Container {
+            .map(|(id, f)| Container {
                 id,
-                state: string(&state).unwrap_or_default(),
+                state: f.first().and_then(string).unwrap_or_default(),
                 stats: BTreeMap::new(),
             })
             .collect(),
@@ -590,7 +612,7 @@ mod tests {
         p.insert("Containers".into(), owned(Value::from(containers)));
         p.insert(
             "Components".into(),
-            owned(Value::from(vec![("vmm".to_string(), 42u32)])),
+            owned(Value::from(vec![("vmm".to_string(), 42u32, 41u32)])),
         );
         let timings: HashMap<String, u64> = [("agent_ready".to_string(), 1500u64)].into();
         p.insert("Timings".into(), owned(Value::from(timings)));
@@ -607,6 +629,7 @@ mod tests {
         assert_eq!(sb.timings["agent_ready"], 1500);
         assert_eq!(sb.components[0].name, "vmm");
         assert_eq!(sb.components[0].pid, 42);
+        assert_eq!(sb.components[0].supervisor, 41);
         // A container id that the manager should never have accepted is dropped.
         let ids: Vec<_> = sb.containers.iter().map(|c| c.id.as_str()).collect();
         assert_eq!(ids, ["web"]);

@@ -53,7 +53,10 @@ pub async fn ls(a: LsArgs) -> Result<()> {
         let created = sb.created_at().await.unwrap_or(now);
         let (cpu_ms, rss_kib) = components
             .iter()
-            .map(|(_, pid)| bulkhead_jail::posture::tree_usage(*pid))
+            // The supervisor's tree holds the component: count both.
+            .map(|(_, pid, sup)| {
+                bulkhead_jail::posture::tree_usage(if *sup != 0 { *sup } else { *pid })
+            })
             .fold((0, 0), |a, b| (a.0 + b.cpu_ms, a.1 + b.rss_kib));
         out.push(json!({
             "id": id,
@@ -65,7 +68,13 @@ pub async fn ls(a: LsArgs) -> Result<()> {
             "memory_kib": rss_kib,
             "cpus": sb.cpus().await.unwrap_or(0),
             "memory_mib": sb.memory_mib().await.unwrap_or(0),
-            "components": components.iter().map(|(n, p)| json!({"name": n, "pid": p})).collect::<Vec<_>>(),
+            "components": components
+                .iter()
+                .map(|(n, p, sup)| {
+                    // null, not 0, where there is none (a jailer whose child is starting).
+                    json!({"name": n, "pid": (*p != 0).then_some(p), "supervisor_pid": (*sup != 0).then_some(sup)})
+                })
+                .collect::<Vec<_>>(),
         }));
     }
     if a.json {

@@ -473,13 +473,18 @@ impl SandboxIface {
             .collect()
     }
 
+    /// (name, the component's own host pid, its supervising jailer's pid): a pid is 0
+    /// where there is none (no jailer; a jailer whose component is not running).
     #[zbus(property)]
-    async fn components(&self) -> Vec<(String, u32)> {
+    async fn components(&self) -> Vec<(String, u32, u32)> {
         self.sb
             .snapshot()
             .components
             .into_iter()
-            .map(|c| (c.name, c.pid))
+            .map(|c| {
+                let (own, supervisor) = c.pids();
+                (c.name, own.unwrap_or(0), supervisor.unwrap_or(0))
+            })
             .collect()
     }
 

@@ -1210,12 +1210,8 @@ impl Daemon {
         let rec = sb.snapshot();
         let mut out = vec![];
         for c in &rec.components {
-            let jailed = bulkhead_jail::posture::is_jailer(c.pid);
-            let pid = if jailed {
-                bulkhead_jail::posture::jailed_child(c.pid)
-            } else {
-                Some(c.pid)
-            };
+            let (pid, supervisor) = c.pids();
+            let jailed = supervisor.is_some();
             let report: Option<serde_json::Value> = std::fs::read(jail::report_path(&rec, &c.name))
                 .ok()
                 .and_then(|b| serde_json::from_slice(&b).ok())
@@ -1229,7 +1225,7 @@ impl Daemon {
                 .collect();
             out.push(serde_json::json!({
                 "name": c.name,
-                "jailer_pid": jailed.then_some(c.pid),
+                "jailer_pid": supervisor,
                 "pid": pid,
                 "jailed": jailed,
                 "report": report,

@@ -13,10 +13,28 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Component {
     pub name: String,
+    /// The process bulkheadd started and watches: the component's jailer (its
+    /// supervisor) when jailed, else the component itself. See [`Component::pids`].
     pub pid: u32,
     /// Start time in clock ticks since boot (`/proc/<pid>/stat` field 22): with the pid,
     /// it names one process even after the pid is reused.
     pub start_time: u64,
+}
+
+impl Component {
+    /// The component's own process and, when it runs under a jailer, that supervisor:
+    /// what users are shown (`Sandbox1.Components`, `Security()`). The own pid is
+    /// `None` while a jailer has no child (starting, or its component gone).
+    pub fn pids(&self) -> (Option<u32>, Option<u32>) {
+        if bulkhead_jail::posture::is_jailer(self.pid) {
+            (
+                bulkhead_jail::posture::jailed_child(self.pid),
+                Some(self.pid),
+            )
+        } else {
+            (Some(self.pid), None)
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -241,9 +241,10 @@ pub trait Sandbox1 {
     /// (container id, state) for each container.
     #[zbus(property)]
     fn containers(&self) -> zbus::Result<Vec<(String, String)>>;
-    /// (name, host pid) for each component process.
+    /// (name, the component's own host pid, its supervising jailer's pid or 0) for
+    /// each component process.
     #[zbus(property)]
-    fn components(&self) -> zbus::Result<Vec<(String, u32)>>;
+    fn components(&self) -> zbus::Result<Vec<(String, u32, u32)>>;
     /// Start-up phases, microseconds from the CreateSandbox call: `components_started`,
     /// `vmm_exec`, `agent_ready`.
     #[zbus(property)]

@@ -413,6 +413,15 @@ pub(crate) fn component_pid(e: &Env, sandbox: &str, name: &str) -> Result<u64> {
         .with_context(|| format!("no {name} pid for {sandbox}"))
 }
 
+/// The pid of the jailer that supervises one of a sandbox's components.
+pub(crate) fn supervisor_pid(e: &Env, sandbox: &str, name: &str) -> Result<u64> {
+    find(&ls_json(e)?, sandbox)
+        .and_then(|s| s["components"].as_array().cloned())
+        .and_then(|c| c.into_iter().find(|c| c["name"] == name))
+        .and_then(|c| c["supervisor_pid"].as_u64())
+        .with_context(|| format!("no supervisor pid for {sandbox}'s {name}"))
+}
+
 pub(crate) fn find<'a>(v: &'a [Value], id: &str) -> Option<&'a Value> {
     v.iter().find(|s| s["id"] == id)
 }

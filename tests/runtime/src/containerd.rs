@@ -258,13 +258,7 @@ fn snapshot_owners(e: &Env, c: &Containerd) -> Result<()> {
     std::fs::create_dir_all(&scratch)?;
     let host_can = bulkhead_jail::idmap::probe(&scratch, 1_999_200_000);
     let _ = std::fs::remove_dir_all(&scratch);
-    // bulkheadd supervises the jailer; virtiofsd is its child.
-    let jailer = component_pid(e, "t1", "virtiofsd")?;
-    let kids = std::fs::read_to_string(format!("/proc/{jailer}/task/{jailer}/children"))?;
-    let pid = kids
-        .split_whitespace()
-        .next()
-        .context("the jailer has no child")?;
+    let pid = component_pid(e, "t1", "virtiofsd")?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let uid = status
         .lines()

@@ -544,16 +544,9 @@ fn bus_monitor(e: &mut Env) -> Result<()> {
     Ok(())
 }
 
-/// The VMM's own process (the jailer's child when jailed).
+/// The VMM's own process.
 fn vmm_process(e: &Env, id: &str) -> Result<u32> {
-    let pid = component_pid(e, id, "vmm")? as u32;
-    let children =
-        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-    Ok(children
-        .split_whitespace()
-        .next()
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(pid))
+    Ok(component_pid(e, id, "vmm")? as u32)
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use serde_json::Value;
 
-use crate::cases::{component_pid, wait_for};
+use crate::cases::{component_pid, supervisor_pid, wait_for};
 use crate::net::{exec, pod, server_and_pod};
 use crate::Case;
 use bulkhead_runtime_tests::env::{every_thread_filtered, Env};
@@ -138,14 +138,22 @@ fn every_component_jailed(e: &mut Env) -> Result<()> {
         for c in &comps {
             let name = c["name"].as_str().unwrap_or("");
             ensure!(c["jailed"] == true, "{name} is not jailed: {c}");
-            // The pid bulkheadd supervises is the jailer; the component is its child.
-            let jailer = component_pid(e, "jl", name)?;
+            // `ls --json` gives the component's own process and, apart, the jailer that
+            // supervises it (its parent); Security() says the same.
+            let pid = component_pid(e, "jl", name)?;
+            let jailer = supervisor_pid(e, "jl", name)?;
             ensure!(c["jailer_pid"].as_u64() == Some(jailer), "{name}: {c}");
-            let pid = c["pid"].as_u64().context("no jailed pid")?;
+            ensure!(c["pid"].as_u64() == Some(pid), "{name}: ls says {pid}: {c}");
             let kids = std::fs::read_to_string(format!("/proc/{jailer}/task/{jailer}/children"))?;
             ensure!(
                 kids.split_whitespace().any(|k| k == pid.to_string()),
                 "{name}: {pid} is not the jailer's child ({kids})"
+            );
+            let exe = std::fs::read_link(format!("/proc/{pid}/exe"))?;
+            ensure!(
+                !exe.ends_with("bulkhead-jailer"),
+                "{name}: ls --json gives the jailer ({}) as the component",
+                exe.display()
             );
             // Read /proc here, not only what bulkheadd says.
             let uid = status_field(pid, "Uid");
@@ -289,7 +297,7 @@ fn every_component_jailed(e: &mut Env) -> Result<()> {
             status_field(spawner.into(), "PPid"),
             status_field(spawner.into(), "Seccomp")
         );
-        let jailer = component_pid(e, "jl", "vmm")?;
+        let jailer = supervisor_pid(e, "jl", "vmm")?;
         ensure!(
             status_field(jailer, "PPid") == spawner.to_string(),
             "the VMM's jailer is not the spawner's child"
@@ -363,10 +371,13 @@ fn sigsys_is_a_security_event(e: &mut Env) -> Result<()> {
         "600",
     ])?
     .ok()?;
-    let jailer = component_pid(e, "sx", "vhost-device-vsock")?;
-    // What the kernel does to a process whose seccomp filter kills it.
-    // SAFETY: kill(2) on a component's pid.
-    unsafe { libc::kill(jailer as i32, libc::SIGSYS) };
+    // What the kernel does to a process whose seccomp filter kills it, here to the
+    // component's supervisor (under its own filter since #38). The component itself is
+    // its PID namespace's init, which ignores a SIGSYS sent from outside; a filter's
+    // SIGSYS is forced, and the supervisor passes the status on.
+    let pid = supervisor_pid(e, "sx", "vhost-device-vsock")?;
+    // SAFETY: kill(2) on a component's supervisor.
+    unsafe { libc::kill(pid as i32, libc::SIGSYS) };
     let log = e.state().join("bulkheadd.log");
     let mut text = String::new();
     wait_for("the security event", Duration::from_secs(10), || {
