@@ -70,12 +70,21 @@ fn mount_at(
     Ok(())
 }
 
-/// A tmpfs of `size_mib` at `dir`, `nosuid,nodev`, its top owned by `owner` with `mode`:
-/// a bound on what a sandbox's guest can make its components or bulkheadd write to
-/// host memory. A write past it fails with ENOSPC in that sandbox alone.
+/// Files a bounded tmpfs holds per MiB of its size. Each costs host kernel memory that
+/// `size=` does not count (about 1 KiB of inode and dentry, measured: see
+/// docs/security.md), and a tmpfs's own default is half the host's RAM pages: without
+/// this a guest making empty files in a 64 MiB layer could take gigabytes. 64 per MiB
+/// keeps that under 1/16 of the size (131,072 files in the default 2 GiB of layers).
+pub const INODES_PER_MIB: u64 = 64;
+
+/// A tmpfs of `size_mib` at `dir`, `nosuid,nodev`, its top owned by `owner` with `mode`,
+/// holding at most `size_mib` x [`INODES_PER_MIB`] files: a bound on what a sandbox's
+/// guest can make its components or bulkheadd write to host memory. A write or a create
+/// past it fails with ENOSPC in that sandbox alone.
 pub fn bounded_tmpfs(dir: &Path, size_mib: u64, mode: u32, owner: u32) -> io::Result<()> {
+    let inodes = size_mib.saturating_mul(INODES_PER_MIB);
     let data = CString::new(format!(
-        "size={size_mib}m,mode={mode:o},uid={owner},gid={owner}"
+        "size={size_mib}m,nr_inodes={inodes},mode={mode:o},uid={owner},gid={owner}"
     ))
     .map_err(|_| io::Error::other("tmpfs options"))?;
     mount_at(

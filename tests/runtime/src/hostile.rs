@@ -809,8 +809,15 @@ fn guest_fills_host(e: &mut Env) -> Result<()> {
     std::fs::create_dir_all(&out)?;
     let state = e.state();
     let (free_before, _) = space(&state)?;
-    let script = r#"mknod /dev/ttyS0 c 4 64 && (cat /dev/zero > /dev/ttyS0 &)
-dd if=/dev/zero of=/big bs=1M count=200 2>/out/dd.err; echo dd=$? > /out/status
+    // First empty files without end: each costs host kernel memory (about 1 KiB) that a
+    // tmpfs's size does not count, so its inode count must be bounded too. (Before the
+    // console writer, which leaves a one-vCPU TCG guest little time for anything else.)
+    let script = r#"mkdir /many; i=0
+while [ $i -lt 10000 ] && echo -n 2>/out/files.err > /many/$i; do i=$((i+1)); done
+echo files=$i > /out/st; rm -rf /many
+mknod /dev/ttyS0 c 4 64 && (cat /dev/zero > /dev/ttyS0 &)
+dd if=/dev/zero of=/big bs=1M count=200 2>/out/dd.err; echo dd=$? >> /out/st
+mv /out/st /out/status
 "#;
     let mut spec = spec_with(&["sh", "-c", script], bind(&out, "/out"));
     let caps = json!(ALL_CAPS);
@@ -841,20 +848,32 @@ dd if=/dev/zero of=/big bs=1M count=200 2>/out/dd.err; echo dd=$? > /out/status
         })?;
         let status = std::fs::read_to_string(out.join("status"))?;
         let dd = std::fs::read_to_string(out.join("dd.err")).unwrap_or_default();
+        let files_err = std::fs::read_to_string(out.join("files.err")).unwrap_or_default();
+        let files: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("files="))
+            .and_then(|n| n.trim().parse().ok())
+            .context("no file count")?;
         let run = run_dir(e, "fill")?;
         let (_, vm_size) = space(&run.join("vm"))?;
         let (free_after, _) = space(&state)?;
         let calm = e.bh(&["exec", "calm", "echo", "still-here"])?;
         println!(
-            "       rootfs write: {} ({}); vm/ holds at most {} MiB; the state directory lost {} MiB",
-            status.trim(),
+            "       rootfs write: {} ({}); {files} empty files made ({}); vm/ holds at most {} MiB; the state directory lost {} MiB",
+            status.lines().last().unwrap_or(""),
             dd.lines().last().unwrap_or(""),
+            files_err.trim(),
             vm_size >> 20,
             free_before.saturating_sub(free_after) >> 20
         );
         ensure!(
-            status.trim() != "dd=0" && dd.contains("No space left"),
+            !status.contains("dd=0") && dd.contains("No space left"),
             "the guest wrote 200 MiB past its 64 MiB: {status} {dd}"
+        );
+        // 64 MiB of layers allow 64 x 64 inodes.
+        ensure!(
+            files <= 64 * 64 && files_err.contains("No space left"),
+            "the guest made {files} files in a 64 MiB layer: {files_err}"
         );
         ensure!(
             vm_size <= 64 << 20,
