@@ -7,7 +7,7 @@
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::net::{self, NetInterface, NetRoute};
 use crate::{
@@ -36,7 +36,7 @@ impl Endpoint {
     pub fn connect(&self, timeout: Duration) -> Result<UnixStream, ClientError> {
         match self {
             Endpoint::Unix(path) => {
-                UnixStream::connect(path).map_err(|source| ClientError::Connect {
+                connect_unix(path, timeout).map_err(|source| ClientError::Connect {
                     path: path.display().to_string(),
                     source,
                 })
@@ -103,13 +103,49 @@ pub enum ClientError {
     Frame(#[from] FrameError),
 }
 
-/// Open a stream to `port` in the guest through the VMM's hybrid vsock socket.
+/// Connect to the unix socket at `path`, giving up at `timeout`. A blocking connect
+/// waits for as long as the listener's backlog stays full, which is as long as the
+/// process behind it (a VMM's vsock back end a guest stalled) does not accept: here
+/// the socket is non-blocking, and a full backlog (EAGAIN) is tried again until the
+/// deadline.
+pub fn connect_unix(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let addr = SockAddr::unix(path)?;
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let s = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+        s.set_nonblocking(true)?;
+        match s.connect(&addr) {
+            Ok(()) => {
+                s.set_nonblocking(false)?;
+                return Ok(UnixStream::from(std::os::fd::OwnedFd::from(s)));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let now = Instant::now();
+                if now >= deadline {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("its listener accepted nothing for {timeout:?} (backlog full)"),
+                    ));
+                }
+                std::thread::sleep(pause.min(deadline - now));
+                pause = (pause * 2).min(Duration::from_millis(20));
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Open a stream to `port` in the guest through the VMM's hybrid vsock socket; every
+/// step (the connect included) is bounded by `timeout`.
 pub fn connect_hybrid_vsock(
     socket: &Path,
     port: u32,
     timeout: Duration,
 ) -> Result<UnixStream, ClientError> {
-    let mut s = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
+    let mut s = connect_unix(socket, timeout).map_err(|source| ClientError::Connect {
         path: socket.display().to_string(),
         source,
     })?;
@@ -431,6 +467,45 @@ impl<S: Read + Write> AgentClient<S> {
 mod tests {
     use super::*;
     use std::io::BufRead;
+
+    #[test]
+    fn a_listener_that_never_accepts_cannot_hang_the_connect() {
+        use socket2::{Domain, SockAddr, Socket, Type};
+        let dir = std::env::temp_dir().join(format!("bh-backlog-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("vsock.sock");
+        let _ = std::fs::remove_file(&path);
+        // A back end that stopped: it listens, with a backlog of one, and never accepts.
+        let l = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+        l.bind(&SockAddr::unix(&path).unwrap()).unwrap();
+        l.listen(1).unwrap();
+        // Fill the backlog (a blocking connect would now wait for an accept).
+        let mut held = vec![];
+        for _ in 0..16 {
+            let s = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+            s.set_nonblocking(true).unwrap();
+            if s.connect(&SockAddr::unix(&path).unwrap()).is_err() {
+                break;
+            }
+            held.push(s);
+        }
+        assert!(held.len() < 16, "the backlog never filled");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = path.clone();
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            let r = connect_hybrid_vsock(&p, 1024, Duration::from_millis(300));
+            let _ = tx.send((r.map(|_| ()), t.elapsed()));
+        });
+        let (r, took) = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("connect still blocked 10 s on a listener that never accepts");
+        let e = r.expect_err("connected to a full backlog");
+        assert!(e.to_string().contains("backlog full"), "{e}");
+        assert!(took >= Duration::from_millis(300), "{took:?}");
+        drop(held);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn a_silent_agent_cannot_hang_the_handshake() {
