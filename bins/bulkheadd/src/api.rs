@@ -15,28 +15,6 @@ use zbus::{interface, Connection};
 use crate::agent::Call;
 use crate::daemon::{Changed, Daemon, NewContainer, Sandbox, SandboxOptions};
 
-/// Calls that change something, or hand out a process's stdio, need uid 0 or the uid
-/// bulkheadd runs as.
-async fn require_admin(conn: &Connection, hdr: &Header<'_>) -> Result<(), Error> {
-    let sender = hdr
-        .sender()
-        .ok_or_else(|| Error::AccessDenied("the call has no sender".into()))?;
-    let dbus = zbus::fdo::DBusProxy::new(conn).await?;
-    let uid = dbus
-        .get_connection_unix_user(sender.clone().into())
-        .await
-        .map_err(|e| Error::AccessDenied(format!("cannot tell who {sender} is: {e}")))?;
-    // SAFETY: geteuid has no preconditions.
-    let me = unsafe { libc::geteuid() };
-    if uid == 0 || uid == me {
-        Ok(())
-    } else {
-        Err(Error::AccessDenied(format!(
-            "uid {uid} may not change sandboxes (root only)"
-        )))
-    }
-}
-
 pub struct ManagerIface {
     pub d: Arc<Daemon>,
 }
@@ -50,7 +28,7 @@ impl ManagerIface {
         id: String,
         options: HashMap<String, OwnedValue>,
     ) -> Result<OwnedObjectPath, Error> {
-        require_admin(conn, &hdr).await?;
+        self.d.callers.require_admin(conn, &hdr).await?;
         known_options(
             &options,
             &[
@@ -101,7 +79,7 @@ impl ManagerIface {
         id: String,
         force: bool,
     ) -> Result<(), Error> {
-        require_admin(conn, &hdr).await?;
+        self.d.callers.require_admin(conn, &hdr).await?;
         self.d.remove_sandbox(&id, force).await
     }
 
@@ -166,7 +144,7 @@ impl SandboxIface {
         rootfs: String,
         options: HashMap<String, OwnedValue>,
     ) -> Result<u32, Error> {
-        require_admin(conn, &hdr).await?;
+        self.d.callers.require_admin(conn, &hdr).await?;
         known_options(
             &options,
             &["stdin", "terminal", "overlay", "rootfs_overlay"],
@@ -196,7 +174,7 @@ impl SandboxIface {
         #[zbus(connection)] conn: &Connection,
         id: String,
     ) -> Result<(), Error> {
-        require_admin(conn, &hdr).await?;
+        self.d.callers.require_admin(conn, &hdr).await?;
         self.d.start_container(&self.sb.id, id).await
     }
 
@@ -209,7 +187,7 @@ impl SandboxIface {
         process_json: String,
         options: HashMap<String, OwnedValue>,
     ) -> Result<u32, Error> {
-        require_admin(conn, &hdr).await?;
+        self.d.callers.require_admin(conn, &hdr).await?;
         known_options(&options, &["stdin"])?;
         let stdin = option::<bool>(&options, "stdin")?.unwrap_or(false);
         self.d
@@ -226,7 +204,7 @@ impl SandboxIface {
         signal: i32,
         all: bool,
     ) -> Result<(), Error> {
-        require_admin(conn, &hdr).await?;
+        self.d.callers.require_admin(conn, &hdr).await?;
         if !(1..=64).contains(&signal) {
             return Err(Error::InvalidArgument(format!(
                 "signal {signal}: want 1 to 64"
@@ -249,7 +227,7 @@ impl SandboxIface {
         exec_id: String,
         stream: String,
     ) -> Result<zbus::zvariant::OwnedFd, Error> {
-        require_admin(conn, &hdr).await?;
+        self.d.callers.require_admin(conn, &hdr).await?;
         let s = self
             .d
             .attach(&self.sb.id, id, exec_id_opt(exec_id), &stream)
@@ -264,7 +242,7 @@ impl SandboxIface {
         id: String,
         force: bool,
     ) -> Result<(), Error> {
-        require_admin(conn, &hdr).await?;
+        self.d.callers.require_admin(conn, &hdr).await?;
         self.d.delete_container(&self.sb.id, id, force).await
     }
 
@@ -274,7 +252,7 @@ impl SandboxIface {
         #[zbus(connection)] conn: &Connection,
         id: String,
     ) -> Result<(), Error> {
-        require_admin(conn, &hdr).await?;
+        self.d.callers.require_admin(conn, &hdr).await?;
         self.d.pause(&self.sb.id, id, true).await
     }
 
@@ -284,7 +262,7 @@ impl SandboxIface {
         #[zbus(connection)] conn: &Connection,
         id: String,
     ) -> Result<(), Error> {
-        require_admin(conn, &hdr).await?;
+        self.d.callers.require_admin(conn, &hdr).await?;
         self.d.pause(&self.sb.id, id, false).await
     }
 
@@ -295,13 +273,19 @@ impl SandboxIface {
         id: String,
         resources_json: String,
     ) -> Result<(), Error> {
-        require_admin(conn, &hdr).await?;
+        self.d.callers.require_admin(conn, &hdr).await?;
         self.d
             .update_container(&self.sb.id, id, resources_json)
             .await
     }
 
-    async fn processes(&self, id: String) -> Result<Vec<u32>, Error> {
+    async fn processes(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        id: String,
+    ) -> Result<Vec<u32>, Error> {
+        self.d.callers.open_call(conn, &hdr, "Processes").await?;
         let cid = id.clone();
         self.d
             .container_call(&self.sb.id, &id, Call::Read, move |c| c.processes(&cid))
@@ -311,7 +295,12 @@ impl SandboxIface {
     /// Each pod interface's back end counters, by guest interface name (`eth0`...), read
     /// from its `bulkhead-net` over a peer connection. An interface whose back end is
     /// restarting at that moment is left out.
-    async fn network_stats(&self) -> Result<HashMap<String, HashMap<String, u64>>, Error> {
+    async fn network_stats(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<HashMap<String, HashMap<String, u64>>, Error> {
+        self.d.callers.open_call(conn, &hdr, "NetworkStats").await?;
         self.d.network_stats(&self.sb.id).await
     }
 
@@ -319,7 +308,12 @@ impl SandboxIface {
     /// `state` (s), `memory` (a{ss}: asked and got backing and pages, and why),
     /// `start_phases` (a(sdttdt)), with a balloon `balloon` (a{sv}), and with hot-plug
     /// memory `hotplug` (a{sv}).
-    async fn vm_status(&self) -> Result<HashMap<String, zbus::zvariant::OwnedValue>, Error> {
+    async fn vm_status(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<HashMap<String, zbus::zvariant::OwnedValue>, Error> {
+        self.d.callers.open_call(conn, &hdr, "VmStatus").await?;
         self.d.vm_status(&self.sb.id).await
     }
 
@@ -331,7 +325,7 @@ impl SandboxIface {
         #[zbus(connection)] conn: &Connection,
         mib: u64,
     ) -> Result<(), Error> {
-        require_admin(conn, &hdr).await?;
+        self.d.callers.require_admin(conn, &hdr).await?;
         self.d.set_balloon_target(&self.sb.id, mib).await
     }
 
@@ -344,13 +338,18 @@ impl SandboxIface {
         #[zbus(connection)] conn: &Connection,
         mib: u64,
     ) -> Result<(), Error> {
-        require_admin(conn, &hdr).await?;
+        self.d.callers.require_admin(conn, &hdr).await?;
         self.d.set_hotplug_memory(&self.sb.id, mib).await
     }
 
     /// Each component's jail as enforced and as seen live, as JSON (see
     /// docs/security.md): what `bulkhead inspect` prints.
-    async fn security(&self) -> Result<String, Error> {
+    async fn security(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<String, Error> {
+        self.d.callers.open_call(conn, &hdr, "Security").await?;
         // /proc reads of every component: off the runtime's thread, so a caller looping
         // on this open call holds up no other.
         let (d, id) = (self.d.clone(), self.sb.id.clone());
@@ -359,7 +358,13 @@ impl SandboxIface {
             .map_err(|e| Error::Failed(format!("security task: {e}")))?
     }
 
-    async fn stats(&self, id: String) -> Result<HashMap<String, u64>, Error> {
+    async fn stats(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        id: String,
+    ) -> Result<HashMap<String, u64>, Error> {
+        self.d.callers.open_call(conn, &hdr, "Stats").await?;
         let cid = id.clone();
         let s = self
             .d
@@ -392,7 +397,7 @@ impl SandboxIface {
         rows: u16,
         cols: u16,
     ) -> Result<(), Error> {
-        require_admin(conn, &hdr).await?;
+        self.d.callers.require_admin(conn, &hdr).await?;
         let cid = id.clone();
         let eid = exec_id_opt(exec_id);
         self.d
@@ -414,7 +419,7 @@ impl SandboxIface {
         id: String,
         exec_id: String,
     ) -> Result<(), Error> {
-        require_admin(conn, &hdr).await?;
+        self.d.callers.require_admin(conn, &hdr).await?;
         let cid = id.clone();
         let eid = exec_id_opt(exec_id);
         self.d

@@ -26,6 +26,8 @@ pub struct Daemon {
     pub backends: Vec<Backend>,
     /// QEMU runs on TCG here (no KVM that boots stock kernels).
     pub tcg: bool,
+    /// Who calls, and how often a caller who is not root may make the open calls.
+    pub callers: crate::limit::CallerLimit,
     sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
     conn: OnceLock<zbus::Connection>,
 }
@@ -311,6 +313,7 @@ impl Daemon {
         let tcg = bulkhead_host::check::qemu_accel(bulkhead_host::kvm_kind()) == "tcg";
         Ok(Arc::new(Daemon {
             store: Store::new(&state_dir)?,
+            callers: crate::limit::CallerLimit::new(&cfg.api),
             cfg,
             state_dir,
             backends,

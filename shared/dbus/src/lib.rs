@@ -58,6 +58,9 @@ pub enum Error {
     FailedPrecondition(String),
     /// The caller may not make this call (mutating calls need uid 0).
     AccessDenied(String),
+    /// The caller made more of the calls open to everyone than its rate allows (see
+    /// the config's `api` section); try again later.
+    LimitsExceeded(String),
     /// A host component (VMM, virtiofsd, a vhost-user back end) failed.
     Backend(String),
     /// The guest agent refused or failed the call.

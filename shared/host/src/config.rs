@@ -54,6 +54,32 @@ pub struct Config {
     pub jail: JailConfig,
     /// How long bulkheadd waits on a guest's agent, and how many calls it lets wait.
     pub agent: AgentConfig,
+    /// How often a caller who is not root may make the calls open to everyone.
+    pub api: ApiConfig,
+}
+
+/// The calls open to every local user that make bulkheadd work (`Stats`, `Processes`,
+/// `Security`, `NetworkStats`, `VmStatus`: an agent call, `/proc` reads or a peer
+/// call each) are held per caller uid to a token bucket: `open_calls_burst` at once,
+/// refilled at `open_calls_per_s`. Beyond it a call is refused at once with
+/// `LimitsExceeded`. Root, bulkheadd's own uid and `unlimited_uids` are not counted.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    pub open_calls_per_s: u32,
+    pub open_calls_burst: u32,
+    /// Uids not counted, such as a metrics exporter's that polls every container.
+    pub unlimited_uids: Vec<u32>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            open_calls_per_s: 20,
+            open_calls_burst: 100,
+            unlimited_uids: vec![],
+        }
+    }
 }
 
 /// Deadlines on calls to a guest's agent, by kind, and a cap on the calls in flight to
@@ -163,6 +189,7 @@ impl Default for Config {
             layers_mib: 2048,
             jail: JailConfig::default(),
             agent: AgentConfig::default(),
+            api: ApiConfig::default(),
         }
     }
 }
@@ -277,6 +304,14 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "agent.max_in_flight = {}: want 1 to 1024",
                 a.max_in_flight
+            )));
+        }
+        let api = &self.api;
+        if api.open_calls_per_s == 0 || api.open_calls_burst == 0 {
+            return Err(ConfigError::Invalid(format!(
+                "api.open_calls_per_s = {}, api.open_calls_burst = {}: want both above 0 \
+                 (list a uid in api.unlimited_uids to exempt it)",
+                api.open_calls_per_s, api.open_calls_burst
             )));
         }
         if let Some(b) = &self.default_backend {

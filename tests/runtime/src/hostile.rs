@@ -30,6 +30,10 @@ pub fn list() -> Vec<Case> {
             bus_monitor,
         ),
         (
+            "local user: a uid looping on the open calls over four connections is held to its rate; root is not",
+            open_call_flood,
+        ),
+        (
             "hostile guest: a guest that stops answering under 1,000 Stats calls holds up no other sandbox",
             silent_guest,
         ),
@@ -401,6 +405,139 @@ fn local_user(e: &mut Env) -> Result<()> {
 /// write one: dbus-monitor's way without `BecomeMonitor` (root's only), match rules with
 /// `eavesdrop='true'` for every kind of message. Prints one line per message received:
 /// its kind, member, number of descriptors, and its body's printable bytes.
+/// The flood of the open-call case, run by that case as another uid: `Security()` on
+/// `path` over four connections for `secs` seconds, as fast as answers come. Prints
+/// `ok=N limited=M other=K` and the first other error.
+pub fn flood(address: &str, path: &str, secs: u64) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let until = Instant::now() + Duration::from_secs(secs);
+        let mut tasks = vec![];
+        for _ in 0..4 {
+            let conn = zbus::connection::Builder::address(address)?.build().await?;
+            let path = path.to_string();
+            tasks.push(tokio::spawn(async move {
+                let (mut ok, mut limited, mut other, mut first) = (0u64, 0u64, 0u64, None);
+                while Instant::now() < until {
+                    let r = conn
+                        .call_method(
+                            Some("org.bulkhead.Manager1"),
+                            path.as_str(),
+                            Some("org.bulkhead.Sandbox1"),
+                            "Security",
+                            &(),
+                        )
+                        .await;
+                    match r {
+                        Ok(_) => ok += 1,
+                        Err(zbus::Error::MethodError(name, _, _))
+                            if name.as_str() == "org.bulkhead.Error.LimitsExceeded" =>
+                        {
+                            limited += 1
+                        }
+                        Err(e) => {
+                            other += 1;
+                            first.get_or_insert(e.to_string());
+                        }
+                    }
+                }
+                (ok, limited, other, first)
+            }));
+        }
+        let (mut ok, mut limited, mut other, mut first) = (0, 0, 0, None);
+        for t in tasks {
+            let (o, l, x, f) = t.await?;
+            (ok, limited, other) = (ok + o, limited + l, other + x);
+            first = first.or(f);
+        }
+        println!("ok={ok} limited={limited} other={other}");
+        if let Some(f) = first {
+            println!("first other error: {f}");
+        }
+        Ok(())
+    })
+}
+
+/// A local user looping on `Security()` (each one `/proc` reads of every component on
+/// bulkheadd's blocking pool) from four connections at once: its uid gets its burst and
+/// its rate (the defaults: 100, then 20 a second) and a quick `LimitsExceeded` for the
+/// rest, while root's calls all go through.
+fn open_call_flood(e: &mut Env) -> Result<()> {
+    let rootfs = e.rootfs.display().to_string();
+    e.bh(&[
+        "run", "-d", "--name", "rl", "--rootfs", &rootfs, "sleep", "600",
+    ])?
+    .ok()?;
+    let me = e.dir.join("flooder");
+    let r = (|| -> Result<()> {
+        std::fs::copy(std::env::current_exe()?, &me)?;
+        std::fs::set_permissions(&me, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        const SECS: u64 = 5;
+        let median_ms = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        // Root's calls alone first, for the figure to compare with.
+        let mut alone = vec![];
+        for _ in 0..20 {
+            let c = Instant::now();
+            sandbox_call(e, "rl", "Security", &[])?.ok()?;
+            alone.push(c.elapsed().as_secs_f64() * 1e3);
+        }
+        let flood = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&me)
+            .args(["--flood", &e.bus_address(), &sandbox_path("rl")])
+            .arg(SECS.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("the flooder")?;
+        // Root, meanwhile: every call answered.
+        let t = Instant::now();
+        let mut root_ms = vec![];
+        while t.elapsed() < Duration::from_secs(SECS - 1) {
+            let c = Instant::now();
+            sandbox_call(e, "rl", "Security", &[])?.ok()?;
+            root_ms.push(c.elapsed().as_secs_f64() * 1e3);
+        }
+        let out = flood.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let count = |k: &str| -> Option<u64> {
+            text.split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{k}=")))
+                .and_then(|n| n.parse().ok())
+        };
+        let (Some(ok), Some(limited), Some(other)) =
+            (count("ok"), count("limited"), count("other"))
+        else {
+            anyhow::bail!(
+                "the flooder said: {text} {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        println!(
+            "       uid 65534 over {SECS} s: {ok} answered, {limited} refused; root's {} calls meanwhile: median {:.1} ms ({:.1} ms alone)",
+            root_ms.len(),
+            median_ms(&mut root_ms),
+            median_ms(&mut alone)
+        );
+        ensure!(other == 0, "the flooder got other errors: {text}");
+        // The burst, the rate over the run, and room for a slow start.
+        let allowed = 100 + 20 * (SECS + 1);
+        ensure!(
+            ok <= allowed && limited > 0,
+            "uid 65534 got {ok} calls answered in {SECS} s (at most {allowed} allowed), {limited} refused"
+        );
+        Ok(())
+    })();
+    let _ = std::fs::remove_file(&me);
+    let _ = e.bh(&["rm", "-f", "rl"]);
+    r
+}
+
 pub fn eavesdrop(address: &str, secs: u64) -> Result<()> {
     use futures_util::StreamExt;
     let rt = tokio::runtime::Builder::new_current_thread()

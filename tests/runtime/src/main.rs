@@ -38,6 +38,18 @@ fn main() {
             }
         });
     }
+    // The flooder of the open-call case, run by that case as another uid.
+    if std::env::args().nth(1).as_deref() == Some("--flood") {
+        let a: Vec<String> = std::env::args().skip(2).collect();
+        let secs = a.get(2).and_then(|s| s.parse().ok()).unwrap_or(5);
+        std::process::exit(match hostile::flood(&a[0], &a[1], secs) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("flood: {e:#}");
+                1
+            }
+        });
+    }
     let mut bin = PathBuf::from("target/x86_64-unknown-linux-gnu/release");
     let mut guest = None;
     let mut only: Option<String> = None;
