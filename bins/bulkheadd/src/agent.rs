@@ -7,9 +7,11 @@
 //! by its [`Call`] kind (`agent.*_timeout_s` in the configuration): at the deadline its
 //! connection is shut, which frees the thread, and the sandbox is marked unhealthy
 //! ([`Agent::health`]) until the agent answers again. At most `agent.max_in_flight`
-//! calls wait on one sandbox's agent; the next is refused at once, so a guest that
-//! stopped answering while callers keep polling it (kubelet's stats, an exporter, any
-//! local user) holds a bounded share of bulkheadd's threads, and other sandboxes go on.
+//! calls wait on one sandbox's agent; the next is refused at once. Once the sandbox is
+//! unhealthy, one call at a time tries the agent, and the others are refused at once
+//! until it answers: a guest that stopped answering while callers keep polling it
+//! (kubelet's stats, an exporter, any local user) holds one of bulkheadd's threads,
+//! not `max_in_flight`, so even hundreds of such guests leave the pool to the others.
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -40,6 +42,8 @@ pub struct Agent {
     endpoint: Endpoint,
     limits: AgentConfig,
     in_flight: Arc<tokio::sync::Semaphore>,
+    /// The one call that may try an unhealthy agent.
+    probe: Arc<tokio::sync::Semaphore>,
     health: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
@@ -71,6 +75,7 @@ impl Agent {
         Agent {
             endpoint,
             in_flight: Arc::new(tokio::sync::Semaphore::new(limits.max_in_flight as usize)),
+            probe: Arc::new(tokio::sync::Semaphore::new(1)),
             limits,
             health: Arc::new(tokio::sync::watch::channel(true).0),
         }
@@ -95,6 +100,17 @@ impl Agent {
         T: Send + 'static,
         F: FnOnce(&mut AgentClient<UnixStream>) -> Result<T, ClientError> + Send + 'static,
     {
+        let probe = if *self.health.borrow() {
+            None
+        } else {
+            Some(self.probe.clone().try_acquire_owned().map_err(|_| {
+                Error::Agent(
+                    "the guest agent missed its last deadline (the sandbox is unhealthy): \
+                     one call at a time tries it until it answers, and one is under way"
+                        .into(),
+                )
+            })?)
+        };
         let permit = self.in_flight.clone().try_acquire_owned().map_err(|_| {
             Error::Agent(format!(
                 "the guest agent has {} calls in flight (agent.max_in_flight): it is slow \
@@ -109,7 +125,7 @@ impl Agent {
         let conn: Arc<std::sync::Mutex<Option<UnixStream>>> = Arc::default();
         let slot = conn.clone();
         let task = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
+            let _permits = (permit, probe);
             let mut c = ep.client(d.min(CONNECT_TIMEOUT))?;
             // A backstop a second past the deadline: the deadline below is what ends the
             // call (and says so), this only bounds the thread should that fail.
@@ -482,16 +498,30 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        // Unhealthy, it gets one call at a time: of four at once, one tries it (and
+        // ends at its deadline), three are refused at once.
+        let t1 = Instant::now();
         let calls: Vec<_> = (0..4)
             .map(|_| {
                 let a = agent.clone();
-                tokio::spawn(async move { a.call(Call::Read, |c| c.stats("c1")).await })
+                tokio::spawn(async move {
+                    let r = a.call(Call::Read, |c| c.stats("c1")).await;
+                    (r, t1.elapsed())
+                })
             })
             .collect();
+        let mut late = 0;
         for c in calls {
-            let e = c.await.unwrap().unwrap_err().to_string();
-            assert!(e.contains("did not answer within"), "{e}");
+            let (r, took) = c.await.unwrap();
+            let e = r.unwrap_err().to_string();
+            if e.contains("did not answer within") {
+                late += 1;
+            } else {
+                assert!(e.contains("one call at a time"), "{e}");
+                assert!(took < Duration::from_millis(500), "refused after {took:?}");
+            }
         }
+        assert_eq!(late, 1, "calls that tried the unhealthy agent");
     }
 
     /// An agent that is silent on its first connection and answers every later one (with

@@ -138,19 +138,24 @@ pub fn connect_unix(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
     }
 }
 
-/// Open a stream to `port` in the guest through the VMM's hybrid vsock socket; every
-/// step (the connect included) is bounded by `timeout`.
+/// Open a stream to `port` in the guest through the VMM's hybrid vsock socket, the
+/// whole of it (the connect, the `CONNECT` line, its answer) within `timeout`.
 pub fn connect_hybrid_vsock(
     socket: &Path,
     port: u32,
     timeout: Duration,
 ) -> Result<UnixStream, ClientError> {
+    let deadline = Instant::now() + timeout;
     let mut s = connect_unix(socket, timeout).map_err(|source| ClientError::Connect {
         path: socket.display().to_string(),
         source,
     })?;
-    s.set_read_timeout(Some(timeout))
-        .and_then(|_| s.set_write_timeout(Some(timeout)))
+    // What is left of the time (a zero timeout would mean none at all).
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1));
+    s.set_read_timeout(Some(left))
+        .and_then(|_| s.set_write_timeout(Some(left)))
         .map_err(|e| ClientError::Handshake(e.to_string()))?;
     s.write_all(format!("CONNECT {port}\n").as_bytes())
         .map_err(|e| ClientError::Handshake(e.to_string()))?;
