@@ -63,7 +63,7 @@ impl ManagerIface {
             .iter()
             .map(|sb| {
                 let r = sb.snapshot();
-                (r.id, r.state, r.backend, sb.path.clone())
+                (r.id, r.state.as_str().into(), r.backend, sb.path.clone())
             })
             .collect()
     }
@@ -439,7 +439,7 @@ impl SandboxIface {
 
     #[zbus(property)]
     async fn state(&self) -> String {
-        self.sb.snapshot().state
+        self.sb.snapshot().state.as_str().into()
     }
 
     #[zbus(property)]
@@ -474,7 +474,7 @@ impl SandboxIface {
             .snapshot()
             .containers
             .into_iter()
-            .map(|c| (c.id, c.state))
+            .map(|c| (c.id, c.state.as_str().into()))
             .collect()
     }
 
@@ -555,7 +555,9 @@ pub async fn notify(conn: &Connection, sb: &Arc<Sandbox>, what: Changed) {
         let _ = iface.state_changed(em).await;
         if let Ok(m) = SignalEmitter::new(conn, MANAGER_PATH) {
             let state = sb.snapshot().state;
-            let _ = ManagerIface::sandbox_state_changed(&m, &sb.id, sb.path.as_ref(), &state).await;
+            let _ =
+                ManagerIface::sandbox_state_changed(&m, &sb.id, sb.path.as_ref(), state.as_str())
+                    .await;
         }
     }
     if what.containers {

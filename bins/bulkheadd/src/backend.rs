@@ -8,6 +8,7 @@
 //! - `qemu`: virtiofsd and vhost-device-vsock (vhost-user back ends), then QEMU
 //!   `-M microvm,acpi=on` on KVM, or on TCG where KVM cannot boot a stock kernel.
 
+use crate::lifecycle::Role;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -64,9 +65,9 @@ pub struct Needs {
 }
 
 impl ComponentSpec {
-    fn new(name: &str, command: Command, ready_socket: Option<PathBuf>, needs: Needs) -> Self {
+    fn new(role: Role, command: Command, ready_socket: Option<PathBuf>, needs: Needs) -> Self {
         ComponentSpec {
-            name: name.into(),
+            name: role.name(),
             command,
             ready_socket,
             fds: vec![],
@@ -74,11 +75,6 @@ impl ComponentSpec {
             needs,
         }
     }
-}
-
-/// Name of the network back end component for the pod's interface `i`.
-pub fn net_component_name(i: usize) -> String {
-    format!("net{i}")
 }
 
 /// The vhost-user socket of interface `i`: the VMM listens, `bulkhead-net` connects.
@@ -112,7 +108,7 @@ pub fn bulkhead_net(cfg: &Config, rec: &SandboxRec, i: usize) -> Result<Componen
         .arg("--dbus-socket")
         .arg(net_dbus_socket(rec, i))
         .args(["--tap-fd", "3"]);
-    let mut spec = ComponentSpec::new(&net_component_name(i), c, None, Needs::default());
+    let mut spec = ComponentSpec::new(Role::Net(i as u32), c, None, Needs::default());
     spec.fds.push((tap, 3));
     Ok(spec)
 }
@@ -219,7 +215,7 @@ fn virtiofsd(cfg: &Config, rec: &SandboxRec) -> Result<ComponentSpec, PlanError>
             "--announce-submounts",
         ]);
     Ok(ComponentSpec::new(
-        "virtiofsd",
+        Role::Virtiofsd,
         c,
         Some(sock),
         Needs {
@@ -304,7 +300,7 @@ pub fn plan(cfg: &Config, rec: &SandboxRec, tcg: bool) -> Result<Vec<ComponentSp
                 ));
             }
             out.push(ComponentSpec::new(
-                "vmm",
+                Role::Vmm,
                 c,
                 None,
                 Needs {
@@ -331,7 +327,7 @@ pub fn plan(cfg: &Config, rec: &SandboxRec, tcg: bool) -> Result<Vec<ComponentSp
                 rec.vsock_socket().display()
             ));
             out.push(ComponentSpec::new(
-                "vhost-device-vsock",
+                Role::VsockBackend,
                 v,
                 Some(vu.clone()),
                 Needs {
@@ -351,7 +347,7 @@ pub fn plan(cfg: &Config, rec: &SandboxRec, tcg: bool) -> Result<Vec<ComponentSp
             let mut read_only = image;
             read_only.push(QEMU_FIRMWARE.into());
             let mut spec = ComponentSpec::new(
-                "vmm",
+                Role::Vmm,
                 qemu_command(cfg, rec, &kernel, &initrd, &serial, &vu, tcg)?,
                 None,
                 Needs {

@@ -2,6 +2,7 @@
 //! set-up), containers, teardown, and adoption of what a previous bulkheadd left running.
 //! The D-Bus interfaces (`api.rs`) are thin wrappers over this.
 
+use crate::lifecycle::{ContainerState, Role, SandboxState};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -292,7 +293,7 @@ impl Sandbox {
             .expect("rec lock")
             .components
             .iter()
-            .find(|c| c.name == "vmm")
+            .find(|c| Role::of(&c.name) == Some(Role::Vmm))
             .cloned()
     }
 }
@@ -493,7 +494,7 @@ impl Daemon {
             hotplug_mib,
             hotplug_floor_mib: 0,
             created_at_us: now_us(),
-            state: "creating".into(),
+            state: SandboxState::Creating,
             run_dir: run_dir.clone(),
             components: vec![],
             containers: vec![],
@@ -555,7 +556,9 @@ impl Daemon {
                         state: true,
                         ..Default::default()
                     },
-                    |r| r.state = "running".into(),
+                    |r| {
+                        r.move_to(SandboxState::Running);
+                    },
                 )
                 .await;
                 self.watch_oom(&sb);
@@ -587,7 +590,7 @@ impl Daemon {
         let mut gate: Option<std::fs::File> = None;
         for mut spec in specs {
             let log = rec.run_dir.join(format!("{}.log", spec.name));
-            if spec.name == "vmm" {
+            if Role::of(&spec.name) == Some(Role::Vmm) {
                 if rec.jail_uid.is_some() {
                     let (rd, wr) =
                         cloexec_pipe().map_err(|e| Error::Backend(format!("start gate: {e}")))?;
@@ -776,7 +779,8 @@ impl Daemon {
             }
             let rec = sb.snapshot();
             tracing::debug!(sandbox = %sb.id, "{} log: {}", comp.name, log_tail(&rec.run_dir.join(format!("{}.log", comp.name))));
-            let restartable = comp.name.starts_with("net") && rec.state == "running";
+            let restartable = Role::of(&comp.name).is_some_and(Role::restartable)
+                && rec.state == SandboxState::Running;
             if restartable {
                 match d.restart_component(&sb, &comp).await {
                     Ok(new) => {
@@ -816,11 +820,10 @@ impl Daemon {
         if crash_loop {
             tokio::time::sleep(Duration::from_millis(100 << tries.min(5))).await;
         }
-        let i: usize = old
-            .name
-            .strip_prefix("net")
-            .and_then(|n| n.parse().ok())
-            .ok_or_else(|| format!("{} is not a network back end", old.name))?;
+        let Some(Role::Net(i)) = Role::of(&old.name) else {
+            return Err(format!("{} is not a network back end", old.name));
+        };
+        let i = i as usize;
         let rec = sb.snapshot();
         let cfg = self.cfg.clone();
         let comp = tokio::task::spawn_blocking(move || {
@@ -856,7 +859,7 @@ impl Daemon {
                 .snapshot()
                 .containers
                 .iter()
-                .filter(|c| c.state == "running" || c.state == "paused")
+                .filter(|c| c.state.is_live())
                 .map(|c| c.id.clone())
                 .collect();
             if !running.is_empty() {
@@ -881,7 +884,9 @@ impl Daemon {
                 state: true,
                 ..Default::default()
             },
-            |r| r.state = "stopping".into(),
+            |r| {
+                r.move_to(SandboxState::Stopping);
+            },
         )
         .await;
         let vmm = sb.vmm();
@@ -954,8 +959,8 @@ impl Daemon {
                 api::add_sandbox(conn, self, &sb).await;
             }
             self.watch_health(&sb);
-            if !all_alive || rec.state != "running" {
-                let why = if rec.state != "running" {
+            if !all_alive || rec.state != SandboxState::Running {
+                let why = if rec.state != SandboxState::Running {
                     format!("the manager restarted while it was {}", rec.state)
                 } else {
                     "a component died while the manager was down".into()
@@ -967,11 +972,7 @@ impl Daemon {
             for c in &rec.components {
                 self.watch_component(&sb, c.clone());
             }
-            for c in rec
-                .containers
-                .iter()
-                .filter(|c| c.state == "running" || c.state == "paused")
-            {
+            for c in rec.containers.iter().filter(|c| c.state.is_live()) {
                 self.watch_exit(&sb, c.id.clone());
             }
             self.watch_oom(&sb);
@@ -1244,7 +1245,7 @@ impl Daemon {
     fn running(&self, id: &str) -> Result<Arc<Sandbox>, Error> {
         let sb = self.get(id)?;
         let state = sb.snapshot().state;
-        if state != "running" {
+        if state != SandboxState::Running {
             return Err(Error::FailedPrecondition(format!(
                 "sandbox {id} is {state}"
             )));
@@ -1252,10 +1253,10 @@ impl Daemon {
         Ok(sb)
     }
 
-    fn container_state(sb: &Sandbox, cid: &str) -> Result<String, Error> {
+    fn container_state(sb: &Sandbox, cid: &str) -> Result<ContainerState, Error> {
         sb.snapshot()
             .container(cid)
-            .map(|c| c.state.clone())
+            .map(|c| c.state)
             .ok_or_else(|| Error::NotFound(format!("no container {cid:?} in sandbox {}", sb.id)))
     }
 
@@ -1316,7 +1317,7 @@ impl Daemon {
             let mount = r.staging_dir().join(&cid).join("rootfs");
             r.containers.push(ContainerRec {
                 id: cid.clone(),
-                state: "creating".into(),
+                state: ContainerState::Creating,
                 rootfs_mount: mount.clone(),
                 exit_code: None,
                 memory_limit_mib: memory::Limit::of(&spec["linux"]["resources"]).mib(),
@@ -1396,7 +1397,7 @@ impl Daemon {
                     },
                     |r| {
                         if let Some(c) = r.container_mut(&cid) {
-                            c.state = "created".into();
+                            c.move_to(ContainerState::Created);
                         }
                     },
                 )
@@ -1426,7 +1427,8 @@ impl Daemon {
         Self::container_state(&sb, &cid)?;
         let id = cid.clone();
         sb.agent.call(Call::Change, move |c| c.start(&id)).await?;
-        self.set_container_state(&sb, &cid, "running", None).await;
+        self.set_container_state(&sb, &cid, ContainerState::Running, None)
+            .await;
         self.watch_exit(&sb, cid);
         Ok(())
     }
@@ -1435,7 +1437,7 @@ impl Daemon {
         &self,
         sb: &Arc<Sandbox>,
         cid: &str,
-        state: &str,
+        state: ContainerState,
         code: Option<i32>,
     ) {
         self.update(
@@ -1446,8 +1448,7 @@ impl Daemon {
             },
             |r| {
                 if let Some(c) = r.container_mut(cid) {
-                    c.state = state.into();
-                    if code.is_some() {
+                    if c.move_to(state) && code.is_some() {
                         c.exit_code = code;
                     }
                 }
@@ -1536,7 +1537,7 @@ impl Daemon {
         tokio::spawn(async move {
             match sb.agent.wait_exit(cid.clone(), None).await {
                 Ok(st) => {
-                    d.set_container_state(&sb, &cid, "stopped", Some(st.code))
+                    d.set_container_state(&sb, &cid, ContainerState::Stopped, Some(st.code))
                         .await;
                     if let Some(conn) = d.conn() {
                         api::container_exited(conn, &sb, &cid, st.code).await;
@@ -1605,8 +1606,17 @@ impl Daemon {
         })
         .await?;
         let sb = self.get(sid)?;
-        self.set_container_state(&sb, &cid, if pause { "paused" } else { "running" }, None)
-            .await;
+        self.set_container_state(
+            &sb,
+            &cid,
+            if pause {
+                ContainerState::Paused
+            } else {
+                ContainerState::Running
+            },
+            None,
+        )
+        .await;
         Ok(())
     }
 

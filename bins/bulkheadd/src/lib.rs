@@ -8,6 +8,7 @@ pub mod api;
 pub mod backend;
 pub mod daemon;
 pub mod jail;
+pub mod lifecycle;
 pub mod limit;
 pub mod memory;
 pub mod mounts;

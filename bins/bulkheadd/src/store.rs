@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use bulkhead_host::config::NetBackend;
 use serde::{Deserialize, Serialize};
 
+use crate::lifecycle::{ContainerState, SandboxState};
+
 /// A host process that belongs to a sandbox.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Component {
@@ -19,6 +21,19 @@ pub struct Component {
     /// Start time in clock ticks since boot (`/proc/<pid>/stat` field 22): with the pid,
     /// it names one process even after the pid is reused.
     pub start_time: u64,
+}
+
+impl ContainerRec {
+    /// Move to `next` where [`ContainerState::may_become`] allows it; otherwise stay
+    /// (a pause that completes after the init exited leaves it stopped) and say so.
+    pub fn move_to(&mut self, next: ContainerState) -> bool {
+        if self.state.may_become(next) {
+            self.state = next;
+            return true;
+        }
+        tracing::warn!(container = %self.id, "not moving a {} container to {next}", self.state);
+        false
+    }
 }
 
 impl Component {
@@ -40,8 +55,8 @@ impl Component {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContainerRec {
     pub id: String,
-    /// created, running, paused, stopped.
-    pub state: String,
+    /// Changed only through [`ContainerRec::move_to`].
+    pub state: ContainerState,
     /// Where its rootfs is bind-mounted in the shared directory.
     pub rootfs_mount: PathBuf,
     pub exit_code: Option<i32>,
@@ -66,8 +81,8 @@ pub struct SandboxRec {
     #[serde(default)]
     pub hotplug_floor_mib: u64,
     pub created_at_us: u64,
-    /// creating, running, stopping.
-    pub state: String,
+    /// Changed only through [`SandboxRec::move_to`].
+    pub state: SandboxState,
     /// Sockets, logs and the shared directory; short, so socket paths fit in 108 bytes.
     pub run_dir: PathBuf,
     pub components: Vec<Component>,
@@ -93,6 +108,17 @@ pub struct SandboxRec {
 }
 
 impl SandboxRec {
+    /// Move to `next` where [`SandboxState::may_become`] allows it; otherwise stay and
+    /// say so.
+    pub fn move_to(&mut self, next: SandboxState) -> bool {
+        if self.state.may_become(next) {
+            self.state = next;
+            return true;
+        }
+        tracing::warn!(sandbox = %self.id, "not moving a {} sandbox to {next}", self.state);
+        false
+    }
+
     /// What the jailed components may write: their sockets and the serial log. Owned
     /// by the sandbox's jail uid; the rest of the run directory is not theirs.
     pub fn vm_dir(&self) -> PathBuf {
@@ -192,7 +218,7 @@ mod tests {
             hotplug_mib: 0,
             hotplug_floor_mib: 0,
             created_at_us: 1,
-            state: "running".into(),
+            state: SandboxState::Running,
             run_dir: "/run/x".into(),
             jail_uid: None,
             fs_userns: false,
