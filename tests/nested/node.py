@@ -14,6 +14,9 @@ lines this harness parses.
                  round in its own shuffled order, same kernel and initramfs, at several memory
                  sizes, with and without virtio-fs (and bulkhead-vmm booting 128 MiB with the
                  rest hot-pluggable); prints a table of medians (start phases, faults, CPU, RSS) and ratios
+  node.py soak   #38's hostile-guest soak: five pods created and exec'd into for --minutes
+                 (10), then as long again beside a hostile pod; latency medians and p99,
+                 and every L1 file's hash and the mount table before and after
   node.py netbench  iperf3 and ping from a container in a VM to a server in L1, through
                  bulkhead-vmm + bulkhead-net, QEMU + bulkhead-net and QEMU + the kernel's
                  vhost-net, all three pods up at once and measured in turn; a table of
@@ -129,7 +132,7 @@ def busybox_rootfs(dest):
 
 
 def l1_initramfs(guest_dir, bins, with_qemu, workdir, with_podman=False, with_netbench=False,
-                 with_runc_shim=False, extra_bins=None):
+                 with_runc_shim=False, extra_bins=None, with_soak=False):
     """Build L1's initramfs; cached under .cache/nested by the hash of its inputs.
     `extra_bins` ({name: path}) go to /opt/bulkhead/<name> beside ours (ab.py's other VMM)."""
     extra_bins = extra_bins or {}
@@ -144,6 +147,8 @@ def l1_initramfs(guest_dir, bins, with_qemu, workdir, with_podman=False, with_ne
         inputs += ["runc-shim"] + [build.sha256_file(find_tool(t)) for t in RUNC_SHIM_TOOLS]
     if with_netbench:
         inputs += ["netbench", build.sha256_file(find_tool("iperf3"))]
+    if with_soak:
+        inputs += ["soak"] + [build.sha256_file(find_tool(t)) for t in SOAK_TOOLS]
     if with_netbench or with_runc_shim:
         inputs += [build.sha256_file(find_vsock_backend()), build.sha256_file(find_tool("qemu-system-x86_64"))]
     inputs += [build.sha256_file(find_tool(t)) for t in ("containerd", "ctr")]
@@ -223,6 +228,9 @@ def l1_initramfs(guest_dir, bins, with_qemu, workdir, with_podman=False, with_ne
         # containerd's runc shim and runc: the peer of our shim in the pod benchmark.
         for t in RUNC_SHIM_TOOLS:
             copy_with_libs(root, find_tool(t), f"/opt/bulkhead/{t}")
+    if with_soak:
+        for t in SOAK_TOOLS:
+            copy_with_libs(root, find_tool(t), f"/opt/bulkhead/{t}")
     if with_netbench or with_runc_shim:
         # The QEMU backend as bulkheadd runs it: QEMU where it looks for its firmware,
         # and vhost-device-vsock beside bulkheadd.
@@ -283,6 +291,9 @@ poweroff -f
 
 PODMAN_TOOLS = ("podman", "conmon", "runc")
 RUNC_SHIM_TOOLS = ("containerd-shim-runc-v2", "runc")
+# The soak's bus client (the hostile pod's privileged container, the floods of calls)
+# and its local user.
+SOAK_TOOLS = ("busctl", "setpriv")
 
 # `bulkhead run --rm` on bulkhead-vmm beside `podman run --rm --runtime runc`, the same
 # busybox image, interleaved, in one L1. Times from L1's /proc/uptime (10 ms steps).
@@ -1326,9 +1337,197 @@ def cmd_podbench(args):
     return 0 if "NESTED-EXIT 0" in out else 1
 
 
+
+# The soak's hostile pod: a container with every capability (these), in the guest's
+# PID namespace, so it reaches the share as the agent mounted it (through PID 1's root).
+SOAK_CAPS = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID",
+             "CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_NET_ADMIN", "CAP_NET_RAW",
+             "CAP_SYS_CHROOT", "CAP_SYS_ADMIN", "CAP_SYS_PTRACE", "CAP_MKNOD", "CAP_SETFCAP"]
+
+# What it does, round after round (#38's items 1, 5 and 6 from the guest's side):
+# plants links where bulkheadd makes the next containers' directories and mount points
+# (the host creates soak1, soak2, ... in this sandbox meanwhile), fills its 64 MiB layer
+# and frees it, writes to its console, makes files until refused and removes them.
+SOAK_ATTACK = r"""S=/proc/1/root/run/bulkhead/shared
+mknod /dev/ttyS0 c 4 64 2>/dev/null
+while :; do
+  c=1
+  while [ $c -le 300 ]; do
+    ln -sfn /etc $S/soak$c 2>/dev/null; mkdir -p $S/soak$c/mounts 2>/dev/null
+    ln -sfn /etc/passwd $S/soak$c/mounts/0 2>/dev/null; ln -sfn /opt $S/soak$c/rootfs 2>/dev/null
+    c=$((c+1))
+  done
+  dd if=/dev/zero of=/fill bs=1M count=100 2>/dev/null; rm -f /fill
+  head -c 2000000 /dev/zero > /dev/ttyS0 2>/dev/null
+  mkdir -p /many; n=0
+  while [ $n -lt 5000 ] && echo -n 2>/dev/null > /many/$n; do n=$((n+1)); done
+  rm -rf /many
+done
+"""
+
+
+def soak_spec(args, caps=None):
+    """An OCI spec for the soak's containers in the sandbox made over the bus."""
+    process = {"terminal": False, "user": {"uid": 0, "gid": 0}, "args": args, "cwd": "/",
+               "env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]}
+    namespaces = [{"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "network"}]
+    if caps:
+        process["capabilities"] = {"bounding": caps, "effective": caps, "permitted": caps}
+    else:
+        namespaces.append({"type": "pid"})
+    return {
+        "ociVersion": "1.0.2", "process": process, "hostname": "soak",
+        "root": {"path": "rootfs", "readonly": not caps},
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+        ],
+        "linux": {"namespaces": namespaces, "maskedPaths": [], "readonlyPaths": [],
+                  "resources": {"devices": [{"allow": True, "access": "rwm"}]}},
+    }
+
+
+# #38's soak in L1: five pods created and exec'd into for SECS seconds, then the same
+# for SECS seconds beside a hostile pod (the attacks above from its guest; from the host
+# side, containers made and removed in its sandbox while it plants links, its VMM
+# stopped for 15 s of every minute while 50 Stats calls wait on it, and uid 65534
+# looping on Security()). Before and after: every file's hash and the mount table.
+SOAK_SCRIPT = r"""
+export BULKHEAD_ROOT=/tmp/bhroot BULKHEAD_GUEST_DIR=/opt/guest BULKHEAD_DATA=/tmp/bhdata TMPDIR=/tmp
+mkdir -p /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup 2>/dev/null
+ms() { awk '{printf "%d", $1 * 1000}' /proc/uptime; }
+R=/opt/share/rootfs
+B="busctl --address=unix:path=/tmp/bhroot/bus/socket"
+M=org.bulkhead.Manager1
+H=/org/bulkhead/Manager1/sandbox/hostile
+S1=org.bulkhead.Sandbox1
+cat > /tmp/hostile.json <<'SPEC'
+HOSTILE_JSON
+SPEC
+cat > /tmp/plain.json <<'SPEC'
+PLAIN_JSON
+SPEC
+snapshot() {
+  find / -xdev -type f | sort > $1.list
+  xargs sha256sum < $1.list > $1.sha
+  sort /proc/mounts > $1.mounts
+}
+t0=$(ms); snapshot /tmp/before; echo "SOAK-INFO hashed $(wc -l < /tmp/before.list) files in $(( $(ms) - t0 )) ms"
+bulkhead ls >/dev/null 2>&1
+for n in 0 1 2 3 4; do
+  bulkhead run -d --name normal$n --rootfs $R sleep 1000000 >/dev/null 2>/tmp/n.err || echo "SOAK-ERR normal$n: $(tail -2 /tmp/n.err)"
+done
+phase() {
+  end=$(( $(ms) + $2 * 1000 )); i=0
+  while [ $(ms) -lt $end ]; do
+    i=$((i+1))
+    t0=$(ms); bulkhead run --rm --name $1$i --rootfs $R true >/dev/null 2>/tmp/c.err; rc=$?; t1=$(ms)
+    echo "SOAK $1 create rc=$rc ms=$((t1 - t0))"; [ $rc = 0 ] || echo "SOAK-ERR $1 create: $(tail -1 /tmp/c.err)"
+    t0=$(ms); bulkhead exec normal$((i % 5)) true >/dev/null 2>/tmp/e.err; rc=$?; t1=$(ms)
+    echo "SOAK $1 exec rc=$rc ms=$((t1 - t0))"; [ $rc = 0 ] || echo "SOAK-ERR $1 exec: $(tail -1 /tmp/e.err)"
+  done
+}
+phase calm SECS
+$B call $M /org/bulkhead/Manager1 $M CreateSandbox 'sa{sv}' hostile 1 layers_mib u 64 >/dev/null || echo "SOAK-ERR hostile sandbox"
+$B call $M $H $S1 CreateContainer 'sssa{sv}' attacker "$(cat /tmp/hostile.json)" $R 1 overlay b true >/dev/null || echo "SOAK-ERR attacker create"
+$B call $M $H $S1 StartContainer s attacker >/dev/null || echo "SOAK-ERR attacker start"
+rm -f /tmp/stop
+( j=0
+  while [ ! -e /tmp/stop ]; do
+    j=$((j+1))
+    if $B call $M $H $S1 CreateContainer 'sssa{sv}' soak$j "$(cat /tmp/plain.json)" $R 0 >/dev/null 2>/tmp/h.err; then
+      $B call $M $H $S1 DeleteContainer sb soak$j true >/dev/null 2>&1; echo "SOAK-HOSTILE create ok"
+    else echo "SOAK-HOSTILE create failed: $(tail -1 /tmp/h.err)"; fi
+    sleep 1
+  done ) &
+p1=$!
+( while [ ! -e /tmp/stop ]; do
+    sleep 45; [ -e /tmp/stop ] && break
+    vmm=$($B get-property $M $H $S1 Components | awk '{for (i = 1; i <= NF; i++) if ($i == "\"vmm\"") print $(i + 1)}')
+    kill -STOP $vmm
+    k=0; while [ $k -lt 50 ]; do $B call $M $H $S1 Stats s attacker >/dev/null 2>&1 & k=$((k+1)); done
+    sleep 15; kill -CONT $vmm; echo "SOAK-HOSTILE stopped vmm $vmm for 15 s"
+  done ) &
+p2=$!
+( n=0; while [ ! -e /tmp/stop ]; do
+    setpriv --reuid=65534 --regid=65534 --clear-groups $B call $M $H $S1 Security >/dev/null 2>&1; n=$((n+1))
+  done; echo "SOAK-HOSTILE uid 65534 made $n Security calls" ) &
+p3=$!
+phase hostile SECS
+touch /tmp/stop; wait $p1 $p2 $p3
+$B call $M $H $S1 Stats s attacker >/dev/null 2>&1 && echo "SOAK-INFO the hostile pod answers at the end" || echo "SOAK-INFO the hostile pod does not answer at the end"
+$B call $M /org/bulkhead/Manager1 $M RemoveSandbox sb hostile true >/dev/null || echo "SOAK-ERR hostile remove"
+for n in 0 1 2 3 4; do bulkhead rm -f normal$n >/dev/null 2>&1 || echo "SOAK-ERR rm normal$n"; done
+sleep 2
+snapshot /tmp/after
+if cmp -s /tmp/before.list /tmp/after.list && cmp -s /tmp/before.sha /tmp/after.sha; then
+  echo "SOAK-HASH same: $(wc -l < /tmp/after.list) files"
+else
+  echo "SOAK-HASH differs"; diff /tmp/before.sha /tmp/after.sha | head -20 | sed 's/^/SOAK-DIFF /'
+  diff /tmp/before.list /tmp/after.list | head -20 | sed 's/^/SOAK-DIFF /'
+fi
+if cmp -s /tmp/before.mounts /tmp/after.mounts; then echo "SOAK-MOUNTS same"; else
+  echo "SOAK-MOUNTS differ"; diff /tmp/before.mounts /tmp/after.mounts | head -20 | sed 's/^/SOAK-DIFF /'; fi
+"""
+
+
+def cmd_soak(args):
+    """#38's hostile-guest soak: latencies of five normal pods beside a hostile one."""
+    import json
+    secs = int(args.minutes * 60)
+    script = (SOAK_SCRIPT.replace("SECS", str(secs))
+              .replace("HOSTILE_JSON", json.dumps(soak_spec(["sh", "-c", SOAK_ATTACK], SOAK_CAPS)))
+              .replace("PLAIN_JSON", json.dumps(soak_spec(["true"]))))
+    out, took = bench_in_l1(f"soak: {secs} s calm, then {secs} s beside a hostile pod", script,
+                            2 * secs + args.timeout, mem_mib=4096, with_soak=True)
+    rows = {}
+    for phase, op, rc, ms in re.findall(r"^SOAK (calm|hostile) (create|exec) rc=(\d+) ms=(\d+)$", out, re.M):
+        r = rows.setdefault((op, phase), {"ok": [], "failed": 0})
+        if rc == "0":
+            r["ok"].append(int(ms))
+        else:
+            r["failed"] += 1
+    for line in re.findall(r"^(SOAK-(?:INFO|ERR|HASH|MOUNTS|DIFF).*)$", out, re.M):
+        print(line)
+    hostile = {}
+    for line in re.findall(r"^SOAK-HOSTILE (.*)$", out, re.M):
+        if line.startswith("uid"):
+            print(f"host side of the hostile pod: {line}")
+            continue
+        key = re.sub(r"\d+", "N", line)[:90]
+        hostile[key] = hostile.get(key, 0) + 1
+    for k, n in sorted(hostile.items()):
+        print(f"host side of the hostile pod: {k} x{n}")
+    if not rows:
+        print(out[-6000:])
+        print("soak FAILED: no results")
+        return 1
+    p99 = lambda xs: sorted(xs)[min(len(xs) - 1, int(len(xs) * 0.99))]
+    print(f"\nNested node (L1: QEMU TCG -cpu max -smp 1, kvm-amd, bulkhead-vmm). Five pods; each "
+          f"phase {secs} s of `bulkhead run --rm true` and `bulkhead exec` into them in turn, ms.")
+    print(f"{'op':<8}{'phase':<9}{'n':>5}{'failed':>8}{'median':>9}{'p99':>9}{'median vs calm':>16}")
+    for op in ("create", "exec"):
+        calm = rows.get((op, "calm"), {"ok": []})["ok"]
+        for phase in ("calm", "hostile"):
+            r = rows.get((op, phase))
+            if not r or not r["ok"]:
+                print(f"{op:<8}{phase:<9}{'-':>5}")
+                continue
+            med = statistics.median(r["ok"])
+            ratio = f"{med / statistics.median(calm):.2f}x" if calm else "-"
+            print(f"{op:<8}{phase:<9}{len(r['ok']):>5}{r['failed']:>8}{med:>9.0f}{p99(r['ok']):>9}{ratio:>16}")
+    print(f"(whole run {took:.0f} s)")
+    same = "SOAK-HASH same" in out and "SOAK-MOUNTS same" in out
+    failed = sum(r["failed"] for (op, phase), r in rows.items())
+    return 0 if same and failed == 0 and "NESTED-EXIT 0" in out else 1
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["test", "demo", "bench", "runbench", "netbench", "podbench"])
+    ap.add_argument("mode", choices=["test", "demo", "bench", "runbench", "netbench", "podbench", "soak"])
+    ap.add_argument("--minutes", type=float, default=10, help="soak: minutes of each phase")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--sizes", default="128,1024,2048", help="bench: guest MiB, comma-separated")
     ap.add_argument("--stream-mib", type=int, default=16,
@@ -1346,6 +1545,8 @@ def main():
         sys.exit(cmd_netbench(a))
     if a.mode == "podbench":
         sys.exit(cmd_podbench(a))
+    if a.mode == "soak":
+        sys.exit(cmd_soak(a))
     sys.exit(cmd_test(a, demo=a.mode == "demo"))
 
 

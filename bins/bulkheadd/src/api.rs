@@ -13,7 +13,8 @@ use zbus::zvariant::{ObjectPath, OwnedObjectPath, OwnedValue};
 use zbus::{interface, Connection};
 
 use crate::agent::Call;
-use crate::daemon::{Changed, Daemon, NewContainer, Sandbox, SandboxOptions};
+use crate::daemon::{Daemon, NewContainer, Sandbox, SandboxOptions};
+use crate::events::{Changed, Event, Sent};
 
 pub struct ManagerIface {
     pub d: Arc<Daemon>,
@@ -515,8 +516,29 @@ impl SandboxIface {
     async fn container_oom(e: &SignalEmitter<'_>, id: &str) -> zbus::Result<()>;
 }
 
+/// Publish the daemon's events on the bus, one at a time in the order sent, each
+/// acknowledged once out (the daemon waits for that).
+pub async fn publish(
+    conn: Connection,
+    d: Arc<Daemon>,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<Sent>,
+) {
+    while let Some((e, ack)) = events.recv().await {
+        match e {
+            Event::SandboxAdded(sb) => add_sandbox(&conn, &d, &sb).await,
+            Event::SandboxRemoved { sb, reason } => remove_sandbox(&conn, &sb, &reason).await,
+            Event::Changed { sb, what } => notify(&conn, &sb, what).await,
+            Event::ContainerExited { sb, id, status } => {
+                container_exited(&conn, &sb, &id, status).await
+            }
+            Event::ContainerOom { sb, id } => container_oom(&conn, &sb, &id).await,
+        }
+        let _ = ack.send(());
+    }
+}
+
 /// Put a sandbox's object on the bus and announce it.
-pub async fn add_sandbox(conn: &Connection, d: &Arc<Daemon>, sb: &Arc<Sandbox>) {
+async fn add_sandbox(conn: &Connection, d: &Arc<Daemon>, sb: &Arc<Sandbox>) {
     let iface = SandboxIface {
         d: d.clone(),
         sb: sb.clone(),
@@ -530,7 +552,7 @@ pub async fn add_sandbox(conn: &Connection, d: &Arc<Daemon>, sb: &Arc<Sandbox>) 
 }
 
 /// Take a sandbox's object off the bus and announce why.
-pub async fn remove_sandbox(conn: &Connection, sb: &Arc<Sandbox>, reason: &str) {
+async fn remove_sandbox(conn: &Connection, sb: &Arc<Sandbox>, reason: &str) {
     let _ = conn
         .object_server()
         .remove::<SandboxIface, _>(&sb.path)
@@ -541,7 +563,7 @@ pub async fn remove_sandbox(conn: &Connection, sb: &Arc<Sandbox>, reason: &str) 
 }
 
 /// Send PropertiesChanged for what changed (and the manager's state signal).
-pub async fn notify(conn: &Connection, sb: &Arc<Sandbox>, what: Changed) {
+async fn notify(conn: &Connection, sb: &Arc<Sandbox>, what: Changed) {
     let Ok(iref) = conn
         .object_server()
         .interface::<_, SandboxIface>(&sb.path)
@@ -571,13 +593,13 @@ pub async fn notify(conn: &Connection, sb: &Arc<Sandbox>, what: Changed) {
     }
 }
 
-pub async fn container_oom(conn: &Connection, sb: &Arc<Sandbox>, cid: &str) {
+async fn container_oom(conn: &Connection, sb: &Arc<Sandbox>, cid: &str) {
     if let Ok(em) = SignalEmitter::new(conn, sb.path.clone()) {
         let _ = SandboxIface::container_oom(&em, cid).await;
     }
 }
 
-pub async fn container_exited(conn: &Connection, sb: &Arc<Sandbox>, cid: &str, status: i32) {
+async fn container_exited(conn: &Connection, sb: &Arc<Sandbox>, cid: &str, status: i32) {
     if let Ok(em) = SignalEmitter::new(conn, sb.path.clone()) {
         let _ = SandboxIface::container_exited(&em, cid, status).await;
     }

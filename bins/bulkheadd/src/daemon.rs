@@ -2,11 +2,10 @@
 //! set-up), containers, teardown, and adoption of what a previous bulkheadd left running.
 //! The D-Bus interfaces (`api.rs`) are thin wrappers over this.
 
-use crate::lifecycle::{ContainerState, Role, SandboxState};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bulkhead_dbus::{random_id, sandbox_path, valid_id, Error};
@@ -16,8 +15,11 @@ use zbus::zvariant::{OwnedObjectPath, OwnedValue, Value};
 
 use crate::agent::{Agent, Call};
 use crate::backend::{self, GUEST_SHARED};
+pub use crate::events::Changed;
+use crate::events::{Event, Events};
+use crate::lifecycle::{ContainerState, Role, SandboxState};
 use crate::store::{Component, ContainerRec, SandboxRec, Store};
-use crate::{api, jail, memory, mounts, supervisor};
+use crate::{jail, memory, mounts, supervisor};
 
 pub struct Daemon {
     pub cfg: Config,
@@ -30,7 +32,8 @@ pub struct Daemon {
     /// Who calls, and how often a caller who is not root may make the open calls.
     pub callers: crate::limit::CallerLimit,
     sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
-    conn: OnceLock<zbus::Connection>,
+    /// What the D-Bus face publishes (objects, signals).
+    pub events: Events,
 }
 
 pub struct Sandbox {
@@ -97,15 +100,6 @@ pub struct NewContainer {
     /// The root as a snapshotter's overlay (containerd's), mounted here, in place of
     /// `rootfs`, so it can be idmapped layer by layer for virtiofsd's user namespace.
     pub layers: Option<mounts::SnapshotOverlay>,
-}
-
-/// Which sandbox properties changed, for the change signals.
-#[derive(Default, Clone, Copy)]
-pub struct Changed {
-    pub state: bool,
-    pub containers: bool,
-    pub components: bool,
-    pub health: bool,
 }
 
 fn now_us() -> u64 {
@@ -283,6 +277,12 @@ impl Sandbox {
         })
     }
 
+    /// A sandbox of [`crate::store::test_rec`]'s record, for tests.
+    #[cfg(test)]
+    pub(crate) fn for_tests(id: &str) -> Arc<Sandbox> {
+        Sandbox::new(crate::store::test_rec(id), None, &Config::default())
+    }
+
     pub fn snapshot(&self) -> SandboxRec {
         self.rec.lock().expect("rec lock").clone()
     }
@@ -320,16 +320,8 @@ impl Daemon {
             backends,
             tcg,
             sandboxes: Mutex::new(HashMap::new()),
-            conn: OnceLock::new(),
+            events: Events::default(),
         }))
-    }
-
-    pub fn set_connection(&self, conn: zbus::Connection) {
-        let _ = self.conn.set(conn);
-    }
-
-    fn conn(&self) -> Option<&zbus::Connection> {
-        self.conn.get()
     }
 
     pub fn get(&self, id: &str) -> Result<Arc<Sandbox>, Error> {
@@ -368,9 +360,12 @@ impl Daemon {
     }
 
     async fn notify(&self, sb: &Arc<Sandbox>, what: Changed) {
-        if let Some(conn) = self.conn() {
-            api::notify(conn, sb, what).await;
-        }
+        self.events
+            .emit(Event::Changed {
+                sb: sb.clone(),
+                what,
+            })
+            .await;
     }
 
     // ---- sandboxes ----
@@ -538,9 +533,7 @@ impl Daemon {
                 .and_then(|()| jail::own_shared_dir(&rec, &rec.staging_dir()))
                 .map_err(io_err("cannot create the sandbox's directories"))?;
             self.save(&sb);
-            if let Some(conn) = self.conn() {
-                api::add_sandbox(conn, self, &sb).await;
-            }
+            self.events.emit(Event::SandboxAdded(sb.clone())).await;
             self.watch_health(&sb);
             if let Some(ns) = netns {
                 self.plumb(&sb, PathBuf::from(ns)).await?;
@@ -930,9 +923,12 @@ impl Daemon {
             .lock()
             .expect("sandboxes lock")
             .remove(&sb.id);
-        if let Some(conn) = self.conn() {
-            api::remove_sandbox(conn, sb, reason).await;
-        }
+        self.events
+            .emit(Event::SandboxRemoved {
+                sb: sb.clone(),
+                reason: reason.into(),
+            })
+            .await;
         tracing::info!(sandbox = %sb.id, "sandbox removed: {reason}");
     }
 
@@ -955,9 +951,7 @@ impl Daemon {
                 .lock()
                 .expect("sandboxes lock")
                 .insert(id.clone(), sb.clone());
-            if let Some(conn) = self.conn() {
-                api::add_sandbox(conn, self, &sb).await;
-            }
+            self.events.emit(Event::SandboxAdded(sb.clone())).await;
             self.watch_health(&sb);
             if !all_alive || rec.state != SandboxState::Running {
                 let why = if rec.state != SandboxState::Running {
@@ -1512,9 +1506,12 @@ impl Daemon {
                     Ok(cid) => {
                         failures = 0;
                         tracing::info!(sandbox = %sb.id, container = %cid, "OOM kill in the guest");
-                        if let Some(conn) = d.conn() {
-                            api::container_oom(conn, &sb, &cid).await;
-                        }
+                        d.events
+                            .emit(Event::ContainerOom {
+                                sb: sb.clone(),
+                                id: cid,
+                            })
+                            .await;
                     }
                     Err(e) => {
                         failures += 1;
@@ -1539,9 +1536,13 @@ impl Daemon {
                 Ok(st) => {
                     d.set_container_state(&sb, &cid, ContainerState::Stopped, Some(st.code))
                         .await;
-                    if let Some(conn) = d.conn() {
-                        api::container_exited(conn, &sb, &cid, st.code).await;
-                    }
+                    d.events
+                        .emit(Event::ContainerExited {
+                            sb: sb.clone(),
+                            id: cid,
+                            status: st.code,
+                        })
+                        .await;
                 }
                 Err(e) if !sb.removing.load(Ordering::SeqCst) => {
                     tracing::warn!(sandbox = %sb.id, container = %cid, "lost the exit: {e}")

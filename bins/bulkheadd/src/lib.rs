@@ -7,6 +7,7 @@ pub mod agent;
 pub mod api;
 pub mod backend;
 pub mod daemon;
+pub mod events;
 pub mod jail;
 pub mod lifecycle;
 pub mod limit;
@@ -84,7 +85,8 @@ pub async fn serve(opts: Options) -> Result<()> {
         .build()
         .await
         .with_context(|| format!("cannot connect to the bus at {}", opts.bus_address))?;
-    d.set_connection(conn.clone());
+    let events = d.events.take().context("the daemon's events are taken")?;
+    tokio::spawn(api::publish(conn.clone(), d.clone(), events));
     d.adopt().await;
     conn.request_name(MANAGER_NAME)
         .await

@@ -205,34 +205,40 @@ impl Store {
     }
 }
 
+/// A running sandbox's record with one VMM, for tests.
+#[cfg(test)]
+pub(crate) fn test_rec(id: &str) -> SandboxRec {
+    SandboxRec {
+        id: id.into(),
+        backend: "qemu".into(),
+        cpus: 1,
+        memory_mib: 256,
+        hotplug_mib: 0,
+        hotplug_floor_mib: 0,
+        created_at_us: 1,
+        state: SandboxState::Running,
+        run_dir: "/run/x".into(),
+        jail_uid: None,
+        fs_userns: false,
+        net_backend: NetBackend::default(),
+        components: vec![Component {
+            name: "vmm".into(),
+            pid: 42,
+            start_time: 7,
+        }],
+        containers: vec![],
+        timings: BTreeMap::new(),
+        hostname: None,
+        network: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn rec(id: &str) -> SandboxRec {
-        SandboxRec {
-            id: id.into(),
-            backend: "qemu".into(),
-            cpus: 1,
-            memory_mib: 256,
-            hotplug_mib: 0,
-            hotplug_floor_mib: 0,
-            created_at_us: 1,
-            state: SandboxState::Running,
-            run_dir: "/run/x".into(),
-            jail_uid: None,
-            fs_userns: false,
-            net_backend: NetBackend::default(),
-            components: vec![Component {
-                name: "vmm".into(),
-                pid: 42,
-                start_time: 7,
-            }],
-            containers: vec![],
-            timings: BTreeMap::new(),
-            hostname: None,
-            network: None,
-        }
+        test_rec(id)
     }
 
     #[test]
