@@ -674,7 +674,7 @@ fn vms(o: &mut Out, list: &[Sandbox]) {
 mod tests {
     use super::*;
     use crate::snapshot::{Component, Container, Manager, Vm};
-    use bulkhead_jail::posture::Usage;
+    use bulkhead_proctree::Usage;
 
     fn sample() -> Snapshot {
         let mut stats = std::collections::BTreeMap::new();

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bulkhead_dbus::{Sandbox1Proxy, MANAGER_NAME, MANAGER_PATH};
-use bulkhead_jail::posture::{tree_usage, Usage};
+use bulkhead_proctree::{tree_usage, Usage};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use zbus::zvariant::{OwnedValue, Value};

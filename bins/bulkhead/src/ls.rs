@@ -54,9 +54,7 @@ pub async fn ls(a: LsArgs) -> Result<()> {
         let (cpu_ms, rss_kib) = components
             .iter()
             // The supervisor's tree holds the component: count both.
-            .map(|(_, pid, sup)| {
-                bulkhead_jail::posture::tree_usage(if *sup != 0 { *sup } else { *pid })
-            })
+            .map(|(_, pid, sup)| bulkhead_proctree::tree_usage(if *sup != 0 { *sup } else { *pid }))
             .fold((0, 0), |a, b| (a.0 + b.cpu_ms, a.1 + b.rss_kib));
         out.push(json!({
             "id": id,
