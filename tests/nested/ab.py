@@ -5,7 +5,7 @@
 
 Boots the same 128 MiB guest (vmlinux, the agent's initramfs, a virtio-blk disk of
 --disk-mib MiB) under each binary in turn, the order alternating by round, in one L1.
-Each boot is a `bulkhead probe`: exec to the agent's first answer, L1 KVM's exit counts
+Each boot is a `bulkhead-probe`: exec to the agent's first answer, L1 KVM's exit counts
 for the VM by then, then the disk read through the agent (/dev/vda, --stream-mib MiB,
 virtio-blk and vsock) and the agent's own /init read the same way (vsock alone), each
 with its rate and exits per MiB. Prints medians per binary. Exit counts move little from
@@ -24,7 +24,7 @@ mount -t debugfs none /sys/kernel/debug 2>/dev/null
 one() {  # label binary
   rm -f /tmp/v.sock
   echo "AB $1 round $i"
-  bulkhead probe --socket /tmp/v.sock --timeout 240 --guest-mib 128 \
+  bulkhead-probe --socket /tmp/v.sock --timeout 240 --guest-mib 128 \
     --stream /dev/vda:STREAM_MIB --stream /init:STREAM_MIB --shutdown -- \
     $2 --kernel /opt/guest/vmlinux --initrd /opt/guest/initramfs.cpio --cmdline 'L2CMD' \
     --cpus 1 --memory 128 --vsock cid=3,socket=/tmp/v.sock --serial none \

@@ -46,7 +46,7 @@ def release_bins():
     out = os.path.join(ROOT, "target", "x86_64-unknown-linux-gnu", "release")
     bins = {b: os.path.join(out, b) for b in ("bulkhead-vmm", "bulkhead", "bulkheadd", "bulkhead-agent", "agent-api-tests",
                                               "containerd-shim-bulkhead-v2", "bulkhead-net", "bulkhead-jailer",
-                                              "bulkhead-metrics")}
+                                              "bulkhead-metrics", "bulkhead-probe")}
     for b, p in bins.items():
         if not os.path.exists(p):
             sys.exit(f"nested: {p} missing: run cargo build --release first")
@@ -164,7 +164,7 @@ def l1_initramfs(guest_dir, bins, with_qemu, workdir, with_podman=False, with_ne
     busybox = shutil.which("busybox") or "/bin/busybox"
     shutil.copy(busybox, os.path.join(root, "bin", "busybox"))
     for b in ("bulkhead-vmm", "bulkhead", "bulkheadd", "agent-api-tests", "containerd-shim-bulkhead-v2",
-              "bulkhead-net", "bulkhead-jailer", "bulkhead-metrics"):
+              "bulkhead-net", "bulkhead-jailer", "bulkhead-metrics", "bulkhead-probe"):
         copy_with_libs(root, bins[b], f"/opt/bulkhead/{b}")
     for n, p in extra_bins.items():
         copy_with_libs(root, p, f"/opt/bulkhead/{n}")
@@ -424,21 +424,21 @@ TEST_SCRIPT = r"""
 virtiofsd --socket-path=/tmp/fs.sock --shared-dir=/opt/share --sandbox=none --cache=never >/tmp/virtiofsd.log 2>&1 &
 fs1=$!
 for i in $(seq 1 100); do [ -S /tmp/fs.sock ] && break; sleep 0.1; done
-bulkhead probe --socket /tmp/v.sock --timeout 240 --mount share:/mnt/share \
+bulkhead-probe --socket /tmp/v.sock --timeout 240 --mount share:/mnt/share \
   --read /dev/vda:BULKHEAD-DISK-OK --read /mnt/share/hello.txt:BULKHEAD-VIRTIOFS-OK --shutdown \
   -- env VMMCMD --disk path=/opt/data/disk.img,readonly --rng --fs tag=share,socket=/tmp/fs.sock
 rc=$?
 echo "NESTED-CASE vmlinux rc=$rc"
 # The same ELF kernel through its PVH note, for kernels without the 64-bit entry.
 rm -f /tmp/v.sock
-timeout 300 bulkhead probe --socket /tmp/v.sock --timeout 240 --shutdown \
+timeout 300 bulkhead-probe --socket /tmp/v.sock --timeout 240 --shutdown \
   -- env BULKHEAD_LOG=info VMMCMD --boot pvh >/tmp/case-pvh.log 2>&1
 rcp=$?
 grep -q "Pvh" /tmp/case-pvh.log || rcp=1  # the start log's entry field
 echo "NESTED-CASE pvh-vmlinux rc=$rcp"
 [ $rcp = 0 ] || { cat /tmp/case-pvh.log; rc=1; }
 # The 64-bit bzImage path, two vCPUs, more memory, the virtio console.
-timeout 300 bulkhead probe --socket /tmp/v.sock --timeout 240 --read /sys/class/tty/hvc0/dev:229 --shutdown \
+timeout 300 bulkhead-probe --socket /tmp/v.sock --timeout 240 --read /sys/class/tty/hvc0/dev:229 --shutdown \
   -- env BULKHEAD_LOG=info VMMCMD2 --console /tmp/l2-hvc.log >/tmp/case2.log 2>&1
 rc2=$?
 cat /tmp/case2.log
@@ -735,7 +735,7 @@ vmm() {  # label mib fs=yes|no [jailed|hotplug]
     pre="/opt/bulkhead/bulkhead-jailer --sandbox bench --name vmm --root /tmp/jroot --uid 1000000000 --gid 1000000000 --ro /lib --ro /lib64 --ro /opt/bulkhead/bulkhead-vmm --ro /opt/guest --ro /sys/kernel/mm/transparent_hugepage --rw /tmp/jvm --dev kvm --dev null --dev urandom --"
   fi
   memstat > /tmp/vmstat0
-  NO_COLOR=1 BULKHEAD_LOG=info bulkhead probe --socket $sock --timeout 240 --guest-mib $boot --stream /init:STREAM_MIB --shutdown -- \
+  NO_COLOR=1 BULKHEAD_LOG=info bulkhead-probe --socket $sock --timeout 240 --guest-mib $boot --stream /init:STREAM_MIB --shutdown -- \
     $pre /opt/bulkhead/bulkhead-vmm --kernel /opt/guest/vmlinux --initrd /opt/guest/initramfs.cpio \
     --cmdline 'L2CMD' --cpus 1 --memory $boot --vsock cid=3,socket=$sock --serial none $extra 2>/tmp/vmm.err
   grep -h "guest init reached" /tmp/vmm.err | tail -1 | sed 's/^/BENCH-PHASES /'
@@ -756,7 +756,7 @@ qemu() {  # mib fs=yes|no
     mach=$mach,memory-backend=mem
     extra="-object memory-backend-memfd,id=mem,size=$1M,share=on -chardev socket,id=fs0,path=/tmp/qfs.sock -device vhost-user-fs-device,chardev=fs0,tag=share"
   fi
-  bulkhead probe --cid 3 --timeout 240 --guest-mib $1 --stream /init:STREAM_MIB -- \
+  bulkhead-probe --cid 3 --timeout 240 --guest-mib $1 --stream /init:STREAM_MIB -- \
     /opt/qemu/qemu-system-x86_64 -M $mach -accel kvm -cpu host -m $1 -smp 1 \
     -nodefaults -no-user-config -nographic -no-reboot -serial none -bios /opt/qemu/qboot.rom \
     -kernel /opt/guest/vmlinux -initrd /opt/guest/initramfs.cpio -append 'L2CMD' \

@@ -4,7 +4,6 @@
 //! - `bulkhead check [--json]`: what this host can run, and why not.
 //! - the runc-compatible OCI runtime commands (`create`, `start`, `state`, `kill`,
 //!   `delete`, ...), so podman and dockerd can use bulkhead as their runtime.
-//! - `bulkhead probe`: talk to a guest agent directly (test node, benchmarks).
 
 mod attach;
 mod auth;
@@ -16,7 +15,6 @@ mod inspect;
 mod ls;
 mod monitor;
 mod oci;
-mod probe;
 mod registry;
 mod run;
 mod stdio;
@@ -103,11 +101,6 @@ enum Cmd {
     Features,
     #[command(name = "__monitor", hide = true)]
     Monitor(monitor::MonitorArgs),
-    /// Talk to a guest agent directly (tests and benchmarks).
-    Probe {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
-    },
 }
 
 fn main() {
@@ -149,7 +142,6 @@ fn main() {
         Cmd::Vm(a) => rt.block_on(vm::vm(a)),
         Cmd::Rm(a) => rt.block_on(ls::rm(a)),
         Cmd::Check(a) => check::check(a),
-        Cmd::Probe { args } => probe::run(&args).map(|_| 0),
     };
     match r {
         Ok(code) => std::process::exit(code),

@@ -1,4 +1,6 @@
-//! Spawn a VMM (optional), wait for the agent's health answer, run checks, report.
+//! `bulkhead-probe`: spawn a VMM (optional), wait for the agent's health answer, run
+//! checks, report. Test and benchmark tooling (the nested node, ab.py), not part of the
+//! user's CLI: it talks to a guest agent directly, past bulkheadd.
 
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -9,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use bulkhead_protocol::client::{connect_hybrid_vsock, AgentClient, ClientError};
 use bulkhead_protocol::{Request, AGENT_VSOCK_PORT};
 
-pub const USAGE: &str = "probe options:
+pub const USAGE: &str = "bulkhead-probe [options] [-- VMM ARGS...]:
   --socket PATH          the VMM's hybrid vsock socket
   --cid N                AF_VSOCK cid instead (kernel vhost-vsock, e.g. QEMU)
   --timeout SECS         give up waiting for the agent (default 120)
@@ -390,4 +392,16 @@ fn kvm_exits(pid: u32) -> Option<Vec<(&'static str, u64)>> {
         })
         .collect();
     (!counts.is_empty()).then_some(counts)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        println!("{USAGE}");
+        return;
+    }
+    if let Err(e) = run(&args) {
+        eprintln!("bulkhead-probe: {e:#}");
+        std::process::exit(1);
+    }
 }
