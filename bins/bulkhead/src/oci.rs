@@ -12,6 +12,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
+use bulkhead_dbus::{ContainerOptions, SandboxOptions};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use zbus::zvariant::Value as V;
@@ -221,20 +222,17 @@ async fn create_in(g: &Global, a: &CreateArgs, mut spec: Value, rootfs: PathBuf)
             owner.sandbox.clone()
         }
         None => {
-            let mut sopts: HashMap<&str, V<'_>> = HashMap::new();
-            // podman (netavark, CNI) hands the container a network namespace it made:
-            // the pod's network, mirrored into the VM.
-            let netns = bulkhead_host::pod::network_namespace(&spec);
-            if let Some(n) = &netns {
-                sopts.insert("netns", V::from(n.as_str()));
-            }
-            // The pod's hostname, which containers that join later see too.
-            if let Some(h) = spec["hostname"].as_str() {
-                sopts.insert("hostname", V::from(h.to_owned()));
-            }
+            let sopts = SandboxOptions {
+                // podman (netavark, CNI) hands the container a network namespace it
+                // made: the pod's network, mirrored into the VM.
+                netns: bulkhead_host::pod::network_namespace(&spec),
+                // The pod's hostname, which containers that join later see too.
+                hostname: spec["hostname"].as_str().map(str::to_owned),
+                ..Default::default()
+            };
             client
                 .manager
-                .create_sandbox(&a.id, sopts)
+                .create_sandbox(&a.id, sopts.to_dict())
                 .await
                 .map_err(explain)?;
             a.id.clone()
@@ -242,13 +240,15 @@ async fn create_in(g: &Global, a: &CreateArgs, mut spec: Value, rootfs: PathBuf)
     };
     let made = async {
         let sb = client.sandbox(&sandbox).await?;
-        let mut opts: HashMap<&str, V<'_>> = HashMap::new();
-        opts.insert("stdin", V::from(true));
+        let opts = ContainerOptions {
+            stdin: true,
+            ..Default::default()
+        };
         sb.create_container(
             &a.id,
             &spec.to_string(),
             &rootfs.display().to_string(),
-            opts,
+            opts.to_dict(),
         )
         .await
         .map_err(explain)?;

@@ -1,13 +1,12 @@
 //! `bulkhead run`: one container in its own VM (or in an existing sandbox), from an
 //! image or a root directory, with the container's exit status as ours.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use bulkhead_dbus::{ContainerOptions, SandboxOptions};
 use serde_json::{json, Value};
-use zbus::zvariant::Value as V;
 
 use crate::attach;
 use crate::client::{explain, Client};
@@ -220,19 +219,6 @@ pub async fn run(a: RunArgs) -> Result<i32> {
     let sandbox_id = match &a.sandbox {
         Some(s) => s.clone(),
         None => {
-            let mut opts: HashMap<&str, V<'_>> = HashMap::new();
-            if let Some(b) = &a.backend {
-                opts.insert("backend", V::from(b.as_str()));
-            }
-            if let Some(c) = a.cpus {
-                opts.insert("cpus", V::from(c));
-            }
-            if let Some(m) = a.memory {
-                opts.insert("memory_mib", V::from(m));
-            }
-            if let Some(m) = a.hotplug {
-                opts.insert("hotplug_mib", V::from(m));
-            }
             let netns = match &a.netns {
                 Some(p) => Some(
                     std::path::absolute(p)
@@ -242,15 +228,19 @@ pub async fn run(a: RunArgs) -> Result<i32> {
                 ),
                 None => None,
             };
-            if let Some(n) = &netns {
-                opts.insert("netns", V::from(n.as_str()));
+            let opts = SandboxOptions {
+                backend: a.backend.clone(),
+                cpus: a.cpus,
+                memory_mib: a.memory,
+                hotplug_mib: a.hotplug,
+                netns,
+                net_backend: a.net_backend.clone(),
+                // An image's layer or a plain directory can be idmapped; an overlay
+                // mount (a root file system another tool mounted) cannot.
+                virtiofsd_userns: Some(!overlay_mounted(&rootfs)),
+                ..Default::default()
             }
-            if let Some(n) = &a.net_backend {
-                opts.insert("net_backend", V::from(n.as_str()));
-            }
-            // An image's layer or a plain directory can be idmapped; an overlay mount
-            // (a root file system another tool mounted) cannot.
-            opts.insert("virtiofsd_userns", V::from(!overlay_mounted(&rootfs)));
+            .to_dict();
             client
                 .manager
                 .create_sandbox(&id, opts)
@@ -265,11 +255,18 @@ pub async fn run(a: RunArgs) -> Result<i32> {
         for (host, ctr, ro) in &volumes {
             add_volume(&mut spec, host, ctr, *ro)?;
         }
-        let mut opts: HashMap<&str, V<'_>> = HashMap::new();
-        opts.insert("stdin", V::from(a.interactive));
-        opts.insert("terminal", V::from(a.tty));
-        opts.insert("overlay", V::from(overlay));
-        sb.create_container(&id, &spec.to_string(), &rootfs.display().to_string(), opts)
+        let opts = ContainerOptions {
+            stdin: a.interactive,
+            terminal: Some(a.tty),
+            overlay,
+            ..Default::default()
+        };
+        sb.create_container(
+            &id,
+            &spec.to_string(),
+            &rootfs.display().to_string(),
+            opts.to_dict(),
+        )
             .await
             .map_err(explain)?;
         if a.detach {

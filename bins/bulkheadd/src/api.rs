@@ -6,14 +6,16 @@ use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
-use bulkhead_dbus::{known_options, option, Error, SandboxRow, MANAGER_PATH};
+use bulkhead_dbus::{
+    known_options, option, ContainerOptions, Error, SandboxOptions, SandboxRow, MANAGER_PATH,
+};
 use zbus::message::Header;
 use zbus::object_server::SignalEmitter;
 use zbus::zvariant::{ObjectPath, OwnedObjectPath, OwnedValue};
 use zbus::{interface, Connection};
 
 use crate::agent::Call;
-use crate::daemon::{Daemon, NewContainer, Sandbox, SandboxOptions};
+use crate::daemon::{Daemon, NewContainer, Sandbox};
 use crate::events::{Changed, Event, Sent};
 
 pub struct ManagerIface {
@@ -30,31 +32,7 @@ impl ManagerIface {
         options: HashMap<String, OwnedValue>,
     ) -> Result<OwnedObjectPath, Error> {
         self.d.callers.require_admin(conn, &hdr).await?;
-        known_options(
-            &options,
-            &[
-                "backend",
-                "cpus",
-                "memory_mib",
-                "hotplug_mib",
-                "hostname",
-                "netns",
-                "net_backend",
-                "virtiofsd_userns",
-                "layers_mib",
-            ],
-        )?;
-        let opts = SandboxOptions {
-            backend: option::<String>(&options, "backend")?,
-            cpus: option::<u32>(&options, "cpus")?,
-            memory_mib: option::<u32>(&options, "memory_mib")?,
-            hotplug_mib: option::<u32>(&options, "hotplug_mib")?,
-            hostname: option::<String>(&options, "hostname")?,
-            netns: option::<String>(&options, "netns")?,
-            net_backend: option::<String>(&options, "net_backend")?,
-            virtiofsd_userns: option::<bool>(&options, "virtiofsd_userns")?,
-            layers_mib: option::<u32>(&options, "layers_mib")?.map(u64::from),
-        };
+        let opts = SandboxOptions::from_dict(&options)?;
         self.d.create_sandbox(id, opts).await
     }
 
@@ -146,14 +124,13 @@ impl SandboxIface {
         options: HashMap<String, OwnedValue>,
     ) -> Result<u32, Error> {
         self.d.callers.require_admin(conn, &hdr).await?;
-        known_options(
-            &options,
-            &["stdin", "terminal", "overlay", "rootfs_overlay"],
-        )?;
-        let stdin = option::<bool>(&options, "stdin")?.unwrap_or(false);
-        let terminal = option::<bool>(&options, "terminal")?;
-        let overlay = option::<bool>(&options, "overlay")?.unwrap_or(false);
-        let layers = option::<String>(&options, "rootfs_overlay")?
+        let ContainerOptions {
+            stdin,
+            terminal,
+            overlay,
+            rootfs_overlay,
+        } = ContainerOptions::from_dict(&options)?;
+        let layers = rootfs_overlay
             .map(|o| crate::mounts::SnapshotOverlay::parse(&o))
             .transpose()
             .map_err(|e| Error::InvalidArgument(format!("rootfs_overlay: {e}")))?;

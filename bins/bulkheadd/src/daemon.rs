@@ -51,31 +51,7 @@ pub struct Sandbox {
     memory_fit: tokio::sync::Mutex<Option<u64>>,
 }
 
-/// What `CreateSandbox` may ask for beyond the id; `None` takes the configured default.
-#[derive(Debug, Default)]
-pub struct SandboxOptions {
-    /// What the guest may write into its containers' writable layers, MiB (the config's
-    /// `layers_mib` when unset).
-    pub layers_mib: Option<u64>,
-    pub backend: Option<String>,
-    pub cpus: Option<u32>,
-    pub memory_mib: Option<u32>,
-    /// A virtio-mem region of this many MiB (bulkhead-vmm only; a multiple of 128).
-    pub hotplug_mib: Option<u32>,
-    /// The pod's hostname (its UTS namespace, shared by its containers); the sandbox id
-    /// when unset.
-    pub hostname: Option<String>,
-    /// The pod's network namespace (a path, as CNI makes them): its interfaces are
-    /// mirrored into the VM. `None`: the pod has loopback only.
-    pub netns: Option<String>,
-    /// `bulkhead-net` (default) or `vhost-net` (the QEMU backend only).
-    pub net_backend: Option<String>,
-    /// The creator's word that every file system it will share is one the kernel can
-    /// idmap (directories, images; not overlay mounts, which containerd, podman and
-    /// docker hand over): virtiofsd may then run in the sandbox's user namespace
-    /// (`jail.virtiofsd_userns = auto`).
-    pub virtiofsd_userns: Option<bool>,
-}
+pub use bulkhead_dbus::SandboxOptions;
 
 /// At most this many restarts of one sandbox's network back ends within
 /// [`NET_RESTART_WINDOW`]; one more tears the sandbox down.
@@ -386,7 +362,7 @@ impl Daemon {
             virtiofsd_userns,
             layers_mib,
         } = opts;
-        let layers_mib = layers_mib.unwrap_or(self.cfg.layers_mib);
+        let layers_mib = layers_mib.map_or(self.cfg.layers_mib, u64::from);
         if !(16..=1 << 20).contains(&layers_mib) {
             return Err(Error::InvalidArgument(format!(
                 "layers_mib {layers_mib}: want 16 to 1048576"

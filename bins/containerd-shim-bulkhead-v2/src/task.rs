@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use bulkhead_client::{explain, Client};
-use bulkhead_dbus::Sandbox1Proxy;
+use bulkhead_dbus::{ContainerOptions, Sandbox1Proxy, SandboxOptions};
 use containerd_shim::api::{
     CloseIORequest, ConnectRequest, ConnectResponse, CreateTaskRequest, CreateTaskResponse,
     DeleteRequest, DeleteResponse, Empty, ExecProcessRequest, KillRequest, PauseRequest,
@@ -254,22 +254,20 @@ impl Service {
         if role == Role::Sandbox {
             let (cpus, mem) =
                 pod::size_with_floor(&spec, bulkhead_host::config::Config::load().ok());
-            let mut opts: HashMap<&str, V<'_>> = HashMap::new();
-            if let Some(c) = cpus {
-                opts.insert("cpus", c.into());
-            }
-            if let Some(m) = mem {
-                opts.insert("memory_mib", m.into());
-            }
-            if let Some(h) = &hostname {
-                opts.insert("hostname", h.as_str().into());
-            }
-            if let Some(n) = &netns {
-                opts.insert("netns", n.as_str().into());
-            }
-            opts.insert("virtiofsd_userns", layers.is_some().into());
+            let opts = SandboxOptions {
+                cpus,
+                memory_mib: mem,
+                hostname: hostname.clone(),
+                netns: netns.clone(),
+                virtiofsd_userns: Some(layers.is_some()),
+                ..Default::default()
+            };
             called = unix_us();
-            if let Err(e) = client.manager.create_sandbox(&sandbox, opts).await {
+            if let Err(e) = client
+                .manager
+                .create_sandbox(&sandbox, opts.to_dict())
+                .await
+            {
                 undo_mount(&mounted);
                 return Err(from_dbus(e));
             }
@@ -281,12 +279,13 @@ impl Service {
                     .await;
                 self.forward_oom(sb.clone()).await;
             }
-            let mut opts: HashMap<&str, V<'_>> = HashMap::new();
-            opts.insert("stdin", (!req.stdin.is_empty()).into());
-            opts.insert("terminal", req.terminal.into());
-            if let Some(l) = &layers {
-                opts.insert("rootfs_overlay", l.as_str().into());
+            let opts = ContainerOptions {
+                stdin: !req.stdin.is_empty(),
+                terminal: Some(req.terminal),
+                rootfs_overlay: layers.clone(),
+                ..Default::default()
             }
+            .to_dict();
             let pid = sb
                 .create_container(
                     &req.id,

@@ -19,6 +19,7 @@
 
 pub mod bus;
 pub mod net;
+pub mod options;
 pub mod p2p;
 mod path;
 pub mod vmm;
@@ -27,6 +28,7 @@ use std::collections::HashMap;
 
 use zbus::zvariant::{OwnedObjectPath, OwnedValue};
 
+pub use options::{ContainerOptions, SandboxOptions};
 pub use path::{escape_id, sandbox_path, unescape_id};
 
 /// The manager's well-known name.
