@@ -91,6 +91,34 @@ impl fmt::Display for ContainerState {
     }
 }
 
+/// A state with its allowed moves.
+pub trait Lifecycle: Copy + PartialEq + fmt::Display {
+    fn may_become(self, next: Self) -> bool;
+}
+
+impl Lifecycle for SandboxState {
+    fn may_become(self, next: Self) -> bool {
+        SandboxState::may_become(self, next)
+    }
+}
+
+impl Lifecycle for ContainerState {
+    fn may_become(self, next: Self) -> bool {
+        ContainerState::may_become(self, next)
+    }
+}
+
+/// Move `state` to `next` where that is allowed; otherwise leave it, say so (of the
+/// sandbox or container `id`) and return false.
+pub fn step<S: Lifecycle>(state: &mut S, next: S, id: &str) -> bool {
+    if state.may_become(next) {
+        *state = next;
+        return true;
+    }
+    tracing::warn!(id, "not moving from {state} to {next}: not an allowed move");
+    false
+}
+
 /// What a host process of a sandbox is for. Its name (the record's, the log's, the
 /// D-Bus `Components` entry's) is [`Role::name`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -212,6 +240,19 @@ mod tests {
             assert_eq!(serde_json::from_str::<ContainerState>(&j).unwrap(), s);
         }
         assert!(serde_json::from_str::<SandboxState>("\"Running\"").is_err());
+    }
+
+    #[test]
+    fn a_forbidden_move_leaves_the_state() {
+        let mut s = ContainerState::Stopped;
+        assert!(!step(&mut s, ContainerState::Paused, "c"));
+        assert_eq!(s, ContainerState::Stopped);
+        let mut s = ContainerState::Running;
+        assert!(step(&mut s, ContainerState::Paused, "c"));
+        assert_eq!(s, ContainerState::Paused);
+        let mut s = SandboxState::Stopping;
+        assert!(!step(&mut s, SandboxState::Running, "p"));
+        assert_eq!(s, SandboxState::Stopping);
     }
 
     #[test]

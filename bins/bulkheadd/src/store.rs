@@ -27,12 +27,7 @@ impl ContainerRec {
     /// Move to `next` where [`ContainerState::may_become`] allows it; otherwise stay
     /// (a pause that completes after the init exited leaves it stopped) and say so.
     pub fn move_to(&mut self, next: ContainerState) -> bool {
-        if self.state.may_become(next) {
-            self.state = next;
-            return true;
-        }
-        tracing::warn!(container = %self.id, "not moving a {} container to {next}", self.state);
-        false
+        crate::lifecycle::step(&mut self.state, next, &self.id)
     }
 }
 
@@ -111,12 +106,7 @@ impl SandboxRec {
     /// Move to `next` where [`SandboxState::may_become`] allows it; otherwise stay and
     /// say so.
     pub fn move_to(&mut self, next: SandboxState) -> bool {
-        if self.state.may_become(next) {
-            self.state = next;
-            return true;
-        }
-        tracing::warn!(sandbox = %self.id, "not moving a {} sandbox to {next}", self.state);
-        false
+        crate::lifecycle::step(&mut self.state, next, &self.id)
     }
 
     /// What the jailed components may write: their sockets and the serial log. Owned

@@ -406,20 +406,21 @@ pub(crate) fn ls_json(e: &Env) -> Result<Vec<Value>> {
 
 /// The host pid of one of a sandbox's components (`vmm`, `virtiofsd`, ...).
 pub(crate) fn component_pid(e: &Env, sandbox: &str, name: &str) -> Result<u64> {
-    find(&ls_json(e)?, sandbox)
-        .and_then(|s| s["components"].as_array().cloned())
-        .and_then(|c| c.into_iter().find(|c| c["name"] == name))
-        .and_then(|c| c["pid"].as_u64())
-        .with_context(|| format!("no {name} pid for {sandbox}"))
+    component_field(e, sandbox, name, "pid")
 }
 
 /// The pid of the jailer that supervises one of a sandbox's components.
 pub(crate) fn supervisor_pid(e: &Env, sandbox: &str, name: &str) -> Result<u64> {
+    component_field(e, sandbox, name, "supervisor_pid")
+}
+
+/// A number of one component's entry in `ls --json`.
+fn component_field(e: &Env, sandbox: &str, name: &str, field: &str) -> Result<u64> {
     find(&ls_json(e)?, sandbox)
         .and_then(|s| s["components"].as_array().cloned())
         .and_then(|c| c.into_iter().find(|c| c["name"] == name))
-        .and_then(|c| c["supervisor_pid"].as_u64())
-        .with_context(|| format!("no supervisor pid for {sandbox}'s {name}"))
+        .and_then(|c| c[field].as_u64())
+        .with_context(|| format!("no {field} of {sandbox}'s {name}"))
 }
 
 pub(crate) fn find<'a>(v: &'a [Value], id: &str) -> Option<&'a Value> {
