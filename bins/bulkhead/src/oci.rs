@@ -12,6 +12,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
+use bulkhead_client::NewPod;
 use bulkhead_dbus::{ContainerOptions, SandboxOptions};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -214,12 +215,12 @@ async fn create_in(g: &Global, a: &CreateArgs, mut spec: Value, rootfs: PathBuf)
     // A podman pod's member names its infra container's namespaces by the pid podman
     // knows for it, which is that container's monitor: it joins that container's VM.
     let joined = pod_owner(g, &spec);
-    let sandbox = match &joined {
+    let (sandbox, own) = match &joined {
         Some(owner) => {
             tracing::info!(container = %a.id, sandbox = %owner.sandbox, "joining the pod's VM");
             bulkhead_host::pod::host_paths_to_guest(&mut spec);
             bulkhead_host::pod::join_pod_namespaces(&mut spec);
-            owner.sandbox.clone()
+            (owner.sandbox.clone(), None)
         }
         None => {
             let sopts = SandboxOptions {
@@ -230,28 +231,24 @@ async fn create_in(g: &Global, a: &CreateArgs, mut spec: Value, rootfs: PathBuf)
                 hostname: spec["hostname"].as_str().map(str::to_owned),
                 ..Default::default()
             };
-            client
-                .manager
-                .create_sandbox(&a.id, sopts.to_dict())
-                .await
-                .map_err(explain)?;
-            a.id.clone()
+            (a.id.clone(), Some(sopts))
         }
     };
-    let made = async {
-        let sb = client.sandbox(&sandbox).await?;
-        let opts = ContainerOptions {
-            stdin: true,
-            ..Default::default()
-        };
-        sb.create_container(
-            &a.id,
-            &spec.to_string(),
-            &rootfs.display().to_string(),
-            opts.to_dict(),
-        )
+    let pod = client
+        .create_pod(NewPod {
+            sandbox: &sandbox,
+            own,
+            container: &a.id,
+            spec_json: &spec.to_string(),
+            rootfs: &rootfs.display().to_string(),
+            options: ContainerOptions {
+                stdin: true,
+                ..Default::default()
+            },
+        })
         .await
         .map_err(explain)?;
+    let made = async {
         let mut margs = vec![
             "--sandbox".to_string(),
             sandbox.clone(),
@@ -288,13 +285,7 @@ async fn create_in(g: &Global, a: &CreateArgs, mut spec: Value, rootfs: PathBuf)
     .await;
     if let Err(e) = made {
         // Undo what this create made: its own sandbox, or only its container in a pod's.
-        if joined.is_some() {
-            if let Ok(sb) = client.sandbox(&sandbox).await {
-                let _ = sb.delete_container(&a.id, true).await;
-            }
-        } else {
-            let _ = client.manager.remove_sandbox(&a.id, true).await;
-        }
+        client.undo(&pod).await;
         return Err(e);
     }
     Ok(0)

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use bulkhead_client::NewPod;
 use bulkhead_dbus::{ContainerOptions, SandboxOptions};
 use serde_json::{json, Value};
 
@@ -216,8 +217,11 @@ pub async fn run(a: RunArgs) -> Result<i32> {
     }
     let client = Client::connect().await?;
     let t_bus = t0.elapsed();
-    let sandbox_id = match &a.sandbox {
-        Some(s) => s.clone(),
+    for (host, ctr, ro) in &volumes {
+        add_volume(&mut spec, host, ctr, *ro)?;
+    }
+    let own = match &a.sandbox {
+        Some(_) => None,
         None => {
             let netns = match &a.netns {
                 Some(p) => Some(
@@ -228,7 +232,7 @@ pub async fn run(a: RunArgs) -> Result<i32> {
                 ),
                 None => None,
             };
-            let opts = SandboxOptions {
+            Some(SandboxOptions {
                 backend: a.backend.clone(),
                 cpus: a.cpus,
                 memory_mib: a.memory,
@@ -239,36 +243,29 @@ pub async fn run(a: RunArgs) -> Result<i32> {
                 // mount (a root file system another tool mounted) cannot.
                 virtiofsd_userns: Some(!overlay_mounted(&rootfs)),
                 ..Default::default()
-            }
-            .to_dict();
-            client
-                .manager
-                .create_sandbox(&id, opts)
-                .await
-                .map_err(explain)?;
-            id.clone()
+            })
         }
     };
+    let sandbox_id = a.sandbox.clone().unwrap_or_else(|| id.clone());
+    let pod = client
+        .create_pod(NewPod {
+            sandbox: &sandbox_id,
+            own,
+            container: &id,
+            spec_json: &spec.to_string(),
+            rootfs: &rootfs.display().to_string(),
+            options: ContainerOptions {
+                stdin: a.interactive,
+                terminal: Some(a.tty),
+                overlay,
+                ..Default::default()
+            },
+        })
+        .await
+        .map_err(explain)?;
     let t_sandbox = t0.elapsed();
-    let sb = client.sandbox(&sandbox_id).await?;
+    let sb = pod.sandbox.clone();
     let result = async {
-        for (host, ctr, ro) in &volumes {
-            add_volume(&mut spec, host, ctr, *ro)?;
-        }
-        let opts = ContainerOptions {
-            stdin: a.interactive,
-            terminal: Some(a.tty),
-            overlay,
-            ..Default::default()
-        };
-        sb.create_container(
-            &id,
-            &spec.to_string(),
-            &rootfs.display().to_string(),
-            opts.to_dict(),
-        )
-            .await
-            .map_err(explain)?;
         if a.detach {
             // Nobody reads a detached container's output: a monitor keeps it in a log
             // (<state>/logs/<sandbox>/<container>.log), so it never blocks on a full pipe.
@@ -305,7 +302,7 @@ pub async fn run(a: RunArgs) -> Result<i32> {
         if std::env::var_os("BULKHEAD_TIMINGS").is_some() {
             let timings = sb.timings().await.unwrap_or_default();
             eprintln!(
-                "bulkhead: timings ms: bus+manager {:.1}, sandbox ready {:.1} (manager: vmm exec {:.1}, back ends ready {:.1}, agent ready {:.1}), started {:.1}, exited {:.1}",
+                "bulkhead: timings ms: bus+manager {:.1}, sandbox and container made {:.1} (manager: vmm exec {:.1}, back ends ready {:.1}, agent ready {:.1}), started {:.1}, exited {:.1}",
                 t_bus.as_secs_f64() * 1e3,
                 t_sandbox.as_secs_f64() * 1e3,
                 timings.get("vmm_exec").copied().unwrap_or(0) as f64 / 1e3,

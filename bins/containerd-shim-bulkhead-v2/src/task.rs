@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use bulkhead_client::{explain, Client};
+use bulkhead_client::{explain, Client, NewPod};
 use bulkhead_dbus::{ContainerOptions, Sandbox1Proxy, SandboxOptions};
 use containerd_shim::api::{
     CloseIORequest, ConnectRequest, ConnectResponse, CreateTaskRequest, CreateTaskResponse,
@@ -120,14 +120,6 @@ impl Service {
             .get_or_try_init(Client::connect_started)
             .await
             .map_err(|e| status(Code::UNAVAILABLE, format!("cannot reach bulkheadd: {e:#}")))
-    }
-
-    async fn sandbox(&self, id: &str) -> TResult<Sandbox1Proxy<'static>> {
-        self.client()
-            .await?
-            .sandbox(id)
-            .await
-            .map_err(|e| status(Code::NOT_FOUND, format!("{e:#}")))
     }
 
     fn with<T>(&self, id: &str, f: impl FnOnce(&mut Task) -> TResult<T>) -> TResult<T> {
@@ -250,64 +242,47 @@ impl Service {
             }
         };
         let client = self.client().await?;
-        let mut called = 0;
-        if role == Role::Sandbox {
+        let own = (role == Role::Sandbox).then(|| {
             let (cpus, mem) =
                 pod::size_with_floor(&spec, bulkhead_host::config::Config::load().ok());
-            let opts = SandboxOptions {
+            SandboxOptions {
                 cpus,
                 memory_mib: mem,
                 hostname: hostname.clone(),
                 netns: netns.clone(),
                 virtiofsd_userns: Some(layers.is_some()),
                 ..Default::default()
-            };
-            called = unix_us();
-            if let Err(e) = client
-                .manager
-                .create_sandbox(&sandbox, opts.to_dict())
-                .await
-            {
+            }
+        });
+        let called = unix_us();
+        let made = client
+            .create_pod(NewPod {
+                sandbox: &sandbox,
+                own,
+                container: &req.id,
+                spec_json: &spec.to_string(),
+                rootfs: &rootfs.display().to_string(),
+                options: ContainerOptions {
+                    stdin: !req.stdin.is_empty(),
+                    terminal: Some(req.terminal),
+                    rootfs_overlay: layers.clone(),
+                    ..Default::default()
+                },
+            })
+            .await;
+        let made = match made {
+            Ok(p) => p,
+            Err(e) => {
                 undo_mount(&mounted);
                 return Err(from_dbus(e));
             }
-        }
-        let created = async {
-            let sb = self.sandbox(&sandbox).await?;
-            if role == Role::Sandbox {
-                self.log_sandbox_timings(&sb, &sandbox, received, called)
-                    .await;
-                self.forward_oom(sb.clone()).await;
-            }
-            let opts = ContainerOptions {
-                stdin: !req.stdin.is_empty(),
-                terminal: Some(req.terminal),
-                rootfs_overlay: layers.clone(),
-                ..Default::default()
-            }
-            .to_dict();
-            let pid = sb
-                .create_container(
-                    &req.id,
-                    &spec.to_string(),
-                    &rootfs.display().to_string(),
-                    opts,
-                )
-                .await
-                .map_err(from_dbus)?;
-            Ok((sb, pid))
-        }
-        .await;
-        let (sb, pid) = match created {
-            Ok(r) => r,
-            Err(e) => {
-                if role == Role::Sandbox {
-                    let _ = client.manager.remove_sandbox(&sandbox, true).await;
-                }
-                undo_mount(&mounted);
-                return Err(e);
-            }
         };
+        let (sb, pid) = (made.sandbox.clone(), made.pid);
+        if made.own {
+            self.log_sandbox_timings(&sb, &sandbox, received, called)
+                .await;
+            self.forward_oom(sb.clone()).await;
+        }
         let io = Stdio {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),

@@ -3,6 +3,7 @@
 //! and following one process through the file descriptors `Sandbox1.Attach` hands out.
 
 pub mod follow;
+pub mod pod;
 
 use std::path::PathBuf;
 
@@ -10,6 +11,7 @@ use anyhow::{anyhow, Context, Result};
 use bulkhead_dbus::{Manager1Proxy, Sandbox1Proxy};
 
 pub use follow::{pump, Attached, SandboxLost};
+pub use pod::{NewPod, Pod};
 
 /// The manager's state directory: `$BULKHEAD_ROOT`, else /run/bulkhead.
 pub fn state_dir() -> PathBuf {
