@@ -82,22 +82,6 @@ pub fn size(spec: &Value) -> (Option<u32>, Option<u32>) {
     (cpus, mem)
 }
 
-/// [`size`], never below the configured defaults: a pod's VM is at least as big as a
-/// VM the manager would make unasked.
-pub fn size_with_floor(
-    spec: &Value,
-    cfg: Option<bulkhead_host::config::Config>,
-) -> (Option<u32>, Option<u32>) {
-    let (cpus, mem) = size(spec);
-    match cfg {
-        Some(c) => (
-            cpus.map(|n| n.max(c.cpus)),
-            mem.map(|m| m.max(c.memory_mib)),
-        ),
-        None => (cpus, mem),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,23 +134,5 @@ mod tests {
         // Past the manager's bounds: clamped, not refused.
         let huge = json!({"annotations": {SANDBOX_MEMORY: "18446744073709551615"}});
         assert_eq!(size(&huge).1, Some(65536));
-    }
-
-    #[test]
-    fn vm_never_smaller_than_the_default() {
-        let cfg = bulkhead_host::config::Config::default();
-        let (floor_cpus, floor_mib) = (cfg.cpus, cfg.memory_mib);
-        let tiny = json!({"linux": {"resources": {"memory": {"limit": 16 << 20}}}});
-        assert_eq!(size(&tiny).1, Some(16 + 64));
-        assert_eq!(
-            size_with_floor(&tiny, Some(cfg.clone())).1,
-            Some(floor_mib.max(80))
-        );
-        let big = json!({"linux": {"resources": {
-            "cpu": {"quota": 400000, "period": 100000}, "memory": {"limit": 4096u64 << 20}}}});
-        assert_eq!(
-            size_with_floor(&big, Some(cfg)),
-            (Some(4u32.max(floor_cpus)), Some(4096 + 64))
-        );
     }
 }

@@ -243,11 +243,12 @@ impl Service {
         };
         let client = self.client().await?;
         let own = (role == Role::Sandbox).then(|| {
-            let (cpus, mem) =
-                pod::size_with_floor(&spec, bulkhead_host::config::Config::load().ok());
+            // Sized by the pod's limits; bulkheadd raises that to its defaults.
+            let (cpus, mem) = pod::size(&spec);
             SandboxOptions {
                 cpus,
                 memory_mib: mem,
+                at_least_defaults: Some(true),
                 hostname: hostname.clone(),
                 netns: netns.clone(),
                 virtiofsd_userns: Some(layers.is_some()),

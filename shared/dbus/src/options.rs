@@ -35,6 +35,10 @@ pub struct SandboxOptions {
     pub virtiofsd_userns: Option<bool>,
     /// What the guest may write into its containers' writable layers, MiB.
     pub layers_mib: Option<u32>,
+    /// `cpus` and `memory_mib` are raised to bulkheadd's configured defaults where they
+    /// are below them: a pod sized by its containers' limits (the shim) is never smaller
+    /// than a VM made unasked, without the client reading bulkheadd's configuration.
+    pub at_least_defaults: Option<bool>,
 }
 
 impl SandboxOptions {
@@ -48,6 +52,7 @@ impl SandboxOptions {
         "net_backend",
         "virtiofsd_userns",
         "layers_mib",
+        "at_least_defaults",
     ];
 
     /// The dictionary a client sends: only the options that are set.
@@ -62,6 +67,7 @@ impl SandboxOptions {
         put(&mut d, "net_backend", self.net_backend.clone());
         put(&mut d, "virtiofsd_userns", self.virtiofsd_userns);
         put(&mut d, "layers_mib", self.layers_mib);
+        put(&mut d, "at_least_defaults", self.at_least_defaults);
         d
     }
 
@@ -78,6 +84,7 @@ impl SandboxOptions {
             net_backend: option(d, "net_backend")?,
             virtiofsd_userns: option(d, "virtiofsd_userns")?,
             layers_mib: option(d, "layers_mib")?,
+            at_least_defaults: option(d, "at_least_defaults")?,
         })
     }
 }
@@ -148,6 +155,7 @@ mod tests {
             net_backend: Some("vhost-net".into()),
             virtiofsd_userns: Some(true),
             layers_mib: Some(64),
+            at_least_defaults: Some(true),
         };
         let d = all.to_dict();
         assert_eq!(d.len(), SandboxOptions::KEYS.len(), "every key is sent");

@@ -34,6 +34,16 @@ pub(super) async fn wait_sockets(
     Ok(())
 }
 
+/// A VM's size: what its creator asked, else the configured `default`; with `floor`,
+/// never below the default.
+fn sized(asked: Option<u32>, default: u32, floor: bool) -> u32 {
+    match asked {
+        Some(n) if floor => n.max(default),
+        Some(n) => n,
+        None => default,
+    }
+}
+
 impl Daemon {
     pub async fn create_sandbox(
         self: &Arc<Self>,
@@ -50,6 +60,7 @@ impl Daemon {
             net_backend,
             virtiofsd_userns,
             layers_mib,
+            at_least_defaults,
         } = opts;
         let layers_mib = layers_mib.map_or(self.cfg.layers_mib, u64::from);
         if !(16..=1 << 20).contains(&layers_mib) {
@@ -119,8 +130,9 @@ impl Daemon {
                 )));
             }
         }
-        let cpus = cpus.unwrap_or(self.cfg.cpus);
-        let memory_mib = memory_mib.unwrap_or(self.cfg.memory_mib);
+        let floor = at_least_defaults.unwrap_or(false);
+        let cpus = sized(cpus, self.cfg.cpus, floor);
+        let memory_mib = sized(memory_mib, self.cfg.memory_mib, floor);
         if !(1..=64).contains(&cpus) {
             return Err(Error::InvalidArgument(format!("cpus {cpus}: want 1 to 64")));
         }
@@ -536,5 +548,22 @@ impl Daemon {
             self.watch_oom(&sb);
             tracing::info!(sandbox = %id, "adopted ({} components)", rec.components.len());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sized;
+
+    #[test]
+    fn a_vm_sized_at_least_to_the_defaults_is_never_smaller() {
+        // Asked for, unasked, and raised to the default only where the floor is asked.
+        assert_eq!(sized(Some(1), 2, false), 1);
+        assert_eq!(sized(Some(1), 2, true), 2);
+        assert_eq!(sized(Some(4), 2, true), 4);
+        assert_eq!(sized(None, 2, true), 2);
+        assert_eq!(sized(None, 256, false), 256);
+        // A pod's 16 MiB limit plus the guest's 64 against a 256 MiB default.
+        assert_eq!(sized(Some(80), 256, true), 256);
     }
 }
