@@ -124,24 +124,11 @@ impl SandboxIface {
         options: HashMap<String, OwnedValue>,
     ) -> Result<u32, Error> {
         self.d.callers.require_admin(conn, &hdr).await?;
-        let ContainerOptions {
-            stdin,
-            terminal,
-            overlay,
-            rootfs_overlay,
-        } = ContainerOptions::from_dict(&options)?;
-        let layers = rootfs_overlay
-            .map(|o| crate::mounts::SnapshotOverlay::parse(&o))
-            .transpose()
-            .map_err(|e| Error::InvalidArgument(format!("rootfs_overlay: {e}")))?;
         let n = NewContainer {
             id,
             spec_json,
             rootfs,
-            stdin,
-            terminal,
-            overlay,
-            layers,
+            options: ContainerOptions::from_dict(&options)?,
         };
         self.d.create_container(&self.sb.id, n).await
     }

@@ -179,7 +179,7 @@ pub fn fs_userns_fd(rec: &SandboxRec) -> std::io::Result<Option<std::os::fd::Own
         .components
         .iter()
         .find(|c| crate::lifecycle::Role::of(&c.name) == Some(crate::lifecycle::Role::Virtiofsd))
-        .and_then(|c| bulkhead_jail::posture::jailed_child(c.pid))
+        .and_then(|c| c.pids().0)
         .ok_or_else(|| std::io::Error::other("the sandbox's virtiofsd is not running"))?;
     bulkhead_jail::idmap::userns_of(pid, uid, IDS_PER_SANDBOX).map(Some)
 }

@@ -99,11 +99,18 @@ impl Daemon {
             id: cid,
             spec_json,
             rootfs,
-            stdin,
-            terminal,
-            overlay,
-            layers,
+            options:
+                ContainerOptions {
+                    stdin,
+                    terminal,
+                    overlay,
+                    rootfs_overlay,
+                },
         } = n;
+        let layers = rootfs_overlay
+            .map(|o| mounts::SnapshotOverlay::parse(&o))
+            .transpose()
+            .map_err(|e| Error::InvalidArgument(format!("rootfs_overlay: {e}")))?;
         let sb = self.running(sid)?;
         valid_id(&cid).map_err(Error::InvalidArgument)?;
         check_json_size("spec", &spec_json)?;

@@ -21,7 +21,7 @@ use zbus::zvariant::{OwnedObjectPath, OwnedValue, Value};
 
 use crate::agent::{Agent, Call};
 use crate::backend::{self, GUEST_SHARED};
-pub use crate::events::Changed;
+use crate::events::Changed;
 use crate::events::{Event, Events};
 use crate::lifecycle::{ContainerState, Role, SandboxState};
 use crate::store::{Component, ContainerRec, SandboxRec, Store};
@@ -63,7 +63,7 @@ pub struct Sandbox {
     memory_fit: tokio::sync::Mutex<Option<u64>>,
 }
 
-pub use bulkhead_dbus::SandboxOptions;
+use bulkhead_dbus::{ContainerOptions, SandboxOptions};
 
 /// What `CreateContainer` asks for.
 pub struct NewContainer {
@@ -71,14 +71,7 @@ pub struct NewContainer {
     pub spec_json: String,
     /// A host directory.
     pub rootfs: String,
-    pub stdin: bool,
-    /// Overrides the spec's `process.terminal`.
-    pub terminal: Option<bool>,
-    /// Keep `rootfs` read-only under a private overlay layer.
-    pub overlay: bool,
-    /// The root as a snapshotter's overlay (containerd's), mounted here, in place of
-    /// `rootfs`, so it can be idmapped layer by layer for virtiofsd's user namespace.
-    pub layers: Option<mounts::SnapshotOverlay>,
+    pub options: ContainerOptions,
 }
 
 fn now_us() -> u64 {
@@ -237,6 +230,18 @@ impl Daemon {
         f(&mut sb.rec.lock().expect("rec lock"));
         self.save(sb);
         self.notify(sb, what).await;
+    }
+
+    /// Move the sandbox to `next` (where allowed), save it and publish the change.
+    async fn move_sandbox(&self, sb: &Arc<Sandbox>, next: SandboxState) {
+        let what = Changed {
+            state: true,
+            ..Default::default()
+        };
+        self.update(sb, what, |r| {
+            r.move_to(next);
+        })
+        .await;
     }
 
     async fn notify(&self, sb: &Arc<Sandbox>, what: Changed) {

@@ -220,17 +220,7 @@ impl Daemon {
         .await;
         match created {
             Ok(()) => {
-                self.update(
-                    &sb,
-                    Changed {
-                        state: true,
-                        ..Default::default()
-                    },
-                    |r| {
-                        r.move_to(SandboxState::Running);
-                    },
-                )
-                .await;
+                self.move_sandbox(&sb, SandboxState::Running).await;
                 self.watch_oom(&sb);
                 tracing::info!(sandbox = %id, backend = backend.as_str(), "sandbox running in {:?}", t0.elapsed());
                 Ok(sb.path.clone())
@@ -447,17 +437,7 @@ impl Daemon {
         if sb.removing.swap(true, Ordering::SeqCst) {
             return;
         }
-        self.update(
-            sb,
-            Changed {
-                state: true,
-                ..Default::default()
-            },
-            |r| {
-                r.move_to(SandboxState::Stopping);
-            },
-        )
-        .await;
+        self.move_sandbox(sb, SandboxState::Stopping).await;
         let vmm = sb.vmm();
         if graceful && vmm.as_ref().is_some_and(supervisor::alive) {
             let agent = sb.agent.clone();
